@@ -1,0 +1,215 @@
+"""The ``recsketch`` command (DESIGN §5)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from recsketch.config import BACKBONES, Settings
+from recsketch.errors import ConfigError, InvalidModelId, RecsketchError, UnknownModel
+
+log = logging.getLogger("recsketch")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return number
+
+
+def _rate(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be a probability between 0 and 1")
+    return number
+
+
+def _moment(value: str) -> datetime:
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _pipeline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", choices=BACKBONES, help="feature backbone (RECSKETCH_BACKBONE)")
+    parser.add_argument("--top-k", type=_positive, help="recommendations per model (default 10)")
+    parser.add_argument("--min-likes", type=_non_negative,
+                        help="like threshold for users and models (default 5; 0 keeps all)")
+    parser.add_argument("--chunk-size", type=_positive, help="models per feature chunk (default 256)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsketch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve-sketchfab", help="serve a rec-a-sketch data folder as the Sketchfab API")
+    serve.add_argument("folder", type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--fault-429", type=_rate, default=0.0, help="share of API requests answered 429")
+    serve.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with 429s")
+    serve.add_argument("--fault-5xx", type=_rate, default=0.0, help="share of API requests answered 503")
+    serve.add_argument("--latency-ms", type=float, default=0.0, help="added latency per API request")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
+
+    run = commands.add_parser("run", help="the whole pipeline, without Airflow")
+    _pipeline_options(run)
+    run.add_argument("--run-id", help="run id (default manual__<UTC time>)")
+    run.add_argument("--published-since", type=_moment, help="crawl only models published since (ISO 8601)")
+
+    similar = commands.add_parser("similar", help="recommendations for one model")
+    similar.add_argument("mid")
+    similar.add_argument("--top-k", type=_positive)
+    similar.add_argument("--json", action="store_true", help="print a JSON list, best first")
+
+    for name, help_text in (("crawl", "stage 1: crawl the API into the catalogue"),
+                            ("threshold", "stage 2: the like threshold"),
+                            ("plan", "stage 3a: plan feature chunks"),
+                            ("extract", "stage 3b: extract planned chunks"),
+                            ("similarity", "stage 4: top-k cosine similarity"),
+                            ("load", "stage 5: load recommendations into the DB")):
+        stage = commands.add_parser(name, help=help_text)
+        _pipeline_options(stage)
+        stage.add_argument("--run-id", required=True, help="the run whose folder the stages share")
+        if name == "crawl":
+            stage.add_argument("--published-since", type=_moment)
+            stage.add_argument("--published-before", type=_moment)
+        if name == "extract":
+            stage.add_argument("--chunk", action="append", help="chunk id (default: every planned chunk)")
+
+    demo = commands.add_parser("demo-catalog", help="build the demo catalogue from offline photos")
+    demo.add_argument("folder", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+
+    show = commands.add_parser("show", help="print some models with their top recommendations")
+    show.add_argument("--models", type=_positive, default=5)
+    show.add_argument("--top-k", type=_positive, default=3)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env().with_overrides(
+        backbone=getattr(args, "backbone", None), top_k=getattr(args, "top_k", None),
+        min_likes=getattr(args, "min_likes", None), chunk_size=getattr(args, "chunk_size", None))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from recsketch.sketchfab.server import Catalog, Faults, SketchfabServer
+
+    faults = Faults(rate_429=args.fault_429, retry_after=args.retry_after, rate_5xx=args.fault_5xx,
+                    latency_s=args.latency_ms / 1000.0, seed=args.seed)
+    catalog = Catalog(args.folder)
+    server = SketchfabServer(catalog, (args.host, args.port), faults)
+    print(f"serving {len(catalog.models)} models from {args.folder} at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _similar(args: argparse.Namespace, settings: Settings) -> int:
+    from recsketch.db import store
+
+    engine = store.connect(settings.resolved_database_url)
+    results = store.similar(engine, args.mid, args.top_k)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for row in results:
+            print(f"{row['rank']:3d}  {row['score']:.4f}  {row['mid']}  {row['name']}")
+    return 0
+
+
+def _show(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import text
+
+    from recsketch.db import store
+
+    engine = store.connect(settings.resolved_database_url)
+    run = store.live_run(engine)
+    if run is None:
+        raise RecsketchError("no recommendations are loaded yet: run `recsketch run` first")
+    print(f"live run {run['run_id']} ({run['backbone']}, {run['n_models']} models)")
+    with engine.connect() as conn:
+        query = text("SELECT DISTINCT r.mid, m.name FROM recommendations r JOIN models m ON m.mid = r.mid "
+                     "ORDER BY m.name LIMIT :n")
+        picked = conn.execute(query, {"n": args.models}).all()
+    for mid, name in picked:
+        print(f"\n{name}  [{mid}]")
+        for row in store.similar(engine, mid, args.top_k):
+            print(f"  {row['rank']}. {row['score']:.3f}  {row['name']}")
+    return 0
+
+
+def _stage(args: argparse.Namespace, settings: Settings) -> int:
+    from recsketch import pipeline
+
+    folder = pipeline.run_dir(settings, args.run_id)
+    if args.command == "crawl":
+        result: object = pipeline.crawl_stage(settings, folder, published_since=args.published_since,
+                                              published_before=args.published_before)
+    elif args.command == "threshold":
+        result = pipeline.threshold_stage(settings, folder)
+    elif args.command == "plan":
+        result = pipeline.plan_stage(settings, folder)
+    elif args.command == "extract":
+        chunk_ids = args.chunk or json.loads((folder / pipeline.PLAN_FILE).read_text())["chunks"]
+        result = [pipeline.extract_stage(settings, folder, c) for c in sorted(chunk_ids)]
+    elif args.command == "similarity":
+        result = pipeline.similarity_stage(settings, folder)
+    else:
+        result = pipeline.load_stage(settings, folder, args.run_id)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "serve-sketchfab":
+            return _serve(args)
+        if args.command == "demo-catalog":
+            from recsketch.demo import build_demo_catalog
+
+            groups = build_demo_catalog(args.folder, seed=args.seed)
+            print(f"demo catalogue: {len(groups)} models in {len(set(groups.values()))} groups at {args.folder}")
+            return 0
+        settings = _settings(args)
+        if args.command == "similar":
+            return _similar(args, settings)
+        if args.command == "show":
+            return _show(args, settings)
+        if args.command == "run":
+            from recsketch.pipeline import run_pipeline
+
+            summary = run_pipeline(settings, args.run_id)
+            print(json.dumps(summary["load"]))
+            return 0
+        return _stage(args, settings)
+    except (UnknownModel, InvalidModelId, ConfigError) as exc:
+        print(f"recsketch: {exc}", file=sys.stderr)
+        return 2
+    except RecsketchError as exc:
+        print(f"recsketch: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

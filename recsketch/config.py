@@ -1,0 +1,112 @@
+"""One Settings object, read from the environment (``RECSKETCH_*``) and overridden by flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from recsketch.errors import ConfigError
+
+SKETCHFAB_API_URL = "https://api.sketchfab.com"
+SKETCHFAB_WEB_URL = "https://sketchfab.com"
+BACKBONES = ("efficientnet_lite0", "vgg16")
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a stage needs to know about where things live and how to run."""
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    sketchfab_url: str = SKETCHFAB_API_URL
+    sketchfab_web_url: str | None = None
+    sketchfab_token: str | None = field(default=None, repr=False)
+    backbone: str = "efficientnet_lite0"
+    vgg16_weights: str = "imagenet"
+    vgg16_pooling: str = "flatten"
+    vgg16_precision: str = "float32"
+    top_k: int = 10
+    min_likes: int = 5
+    chunk_size: int = 256
+    batch_size: int = 32
+    crawl_workers: int = 8
+    http_retries: int = 5
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone {self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        if self.vgg16_pooling not in ("flatten", "avg"):
+            raise ConfigError(f"vgg16 pooling {self.vgg16_pooling!r} must be 'flatten' or 'avg'")
+        if self.vgg16_precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"vgg16 precision {self.vgg16_precision!r} must be 'float32' or 'bfloat16'")
+        for name in ("top_k", "chunk_size", "batch_size", "crawl_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.min_likes < 0:
+            raise ConfigError(f"min_likes={self.min_likes} must be at least 0")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            data_dir=Path(env.get("RECSKETCH_DATA_DIR") or "data"),
+            database_url=env.get("RECSKETCH_DATABASE_URL") or None,
+            sketchfab_url=(env.get("RECSKETCH_SKETCHFAB_URL") or SKETCHFAB_API_URL).rstrip("/"),
+            sketchfab_web_url=(env.get("RECSKETCH_SKETCHFAB_WEB_URL") or "").rstrip("/") or None,
+            sketchfab_token=env.get("RECSKETCH_SKETCHFAB_TOKEN") or None,
+            backbone=env.get("RECSKETCH_BACKBONE") or "efficientnet_lite0",
+            vgg16_weights=env.get("RECSKETCH_VGG16_WEIGHTS") or "imagenet",
+            vgg16_pooling=env.get("RECSKETCH_VGG16_POOLING") or "flatten",
+            vgg16_precision=env.get("RECSKETCH_VGG16_PRECISION") or "float32",
+            top_k=_int(env, "RECSKETCH_TOP_K", 10, 1),
+            min_likes=_int(env, "RECSKETCH_MIN_LIKES", 5, 0),
+            chunk_size=_int(env, "RECSKETCH_CHUNK_SIZE", 256, 1),
+            batch_size=_int(env, "RECSKETCH_BATCH_SIZE", 32, 1),
+            crawl_workers=_int(env, "RECSKETCH_CRAWL_WORKERS", 8, 1),
+            http_retries=_int(env, "RECSKETCH_HTTP_RETRIES", 5, 0),
+        )
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """A copy with the given fields replaced; ``None`` values are ignored."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The recommendations DB; by default an SQLite file inside the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'recsketch.sqlite').resolve()}"
+
+    @property
+    def likes_base_url(self) -> str:
+        """Where ``/i/likes`` lives: sketchfab.com for the real API, else the API host itself."""
+        if self.sketchfab_web_url:
+            return self.sketchfab_web_url
+        if self.sketchfab_url == SKETCHFAB_API_URL:
+            return SKETCHFAB_WEB_URL
+        return self.sketchfab_url
+
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.data_dir / "thumbs"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.data_dir / "features"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.data_dir / "runs" / run_id

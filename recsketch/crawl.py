@@ -1,0 +1,203 @@
+"""Crawl stage: models, their likers and thumbnails from the Sketchfab API into the catalogue.
+
+HTTP runs on a bounded thread pool; every DB write happens on the calling thread, so the
+embedded SQLite DB sees one writer. A model whose likes or thumbnail fail is recorded with
+the reason and the crawl goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from recsketch.config import Settings
+from recsketch.db import store
+from recsketch.db.schema import models as models_table
+from recsketch.errors import RecsketchError
+from recsketch.features.images import check_image
+from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
+
+log = logging.getLogger(__name__)
+
+MAX_THUMBNAIL_BYTES = 5 * 1024 * 1024
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class CrawlStats:
+    pages: int = 0
+    models: int = 0
+    models_outside_window: int = 0
+    bad_model_entries: int = 0
+    likes: int = 0
+    likes_failed: int = 0
+    thumbnails_ok: int = 0
+    thumbnails_skipped: int = 0
+    thumbnails_missing: int = 0
+    thumbnails_failed: Counter = field(default_factory=Counter)
+    http: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["thumbnails_failed"] = dict(self.thumbnails_failed)
+        data["problems"] = self.problems[:100]
+        data["problem_count"] = len(self.problems)
+        return data
+
+
+def thumbnail_path(settings: Settings, mid: str) -> Path:
+    """Where a model's thumbnail lives; ``mid`` is already validated, so no path tricks."""
+    return settings.thumbs_dir / f"{mid}.jpg"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelInfo) -> tuple[str, str]:
+    """Download, verify and store one thumbnail: returns (status, reason)."""
+    assert model.thumbnail_url
+    try:
+        body, content_type = client.download(model.thumbnail_url, MAX_THUMBNAIL_BYTES)
+        if content_type and not content_type.startswith("image/"):
+            return "failed", f"content type {content_type!r} is not an image"
+        check_image(body, model.thumbnail_url)
+    except RecsketchError as exc:
+        return "failed", str(exc)
+    _write_atomically(thumbnail_path(settings, model.mid), body)
+    return "ok", ""
+
+
+def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
+                 fetch_thumbnail: bool) -> dict:
+    """All the HTTP work for one model (runs on a worker thread)."""
+    result: dict = {"mid": model.mid}
+    try:
+        result["likers"] = client.likers(model.mid)
+    except RecsketchError as exc:
+        result["likes_error"] = str(exc)
+    if model.thumbnail_url is None:
+        result["thumbnail"] = ("missing", "the API lists no thumbnail")
+    elif fetch_thumbnail:
+        result["thumbnail"] = _fetch_thumbnail(client, settings, model)
+    return result
+
+
+def crawl(
+    settings: Settings,
+    engine: Engine,
+    client: SketchfabClient,
+    *,
+    published_since: datetime | None = None,
+    published_before: datetime | None = None,
+    run_dir: Path | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> CrawlStats:
+    """Crawl the models published in [since, before) (all models when no window is given)."""
+    started = time.monotonic()
+    stats = CrawlStats()
+    last_progress = started
+    with ThreadPoolExecutor(settings.crawl_workers, thread_name_prefix="crawl") as pool:
+        for page in client.model_pages(published_since=published_since):
+            stats.pages += 1
+            infos: list[ModelInfo] = []
+            for entry in page:
+                try:
+                    info = parse_model(entry)
+                except RecsketchError as exc:
+                    stats.bad_model_entries += 1
+                    stats.problems.append(str(exc))
+                    log.warning("skipping model entry: %s", exc)
+                    continue
+                if published_before and info.published_at and info.published_at >= published_before:
+                    stats.models_outside_window += 1
+                    continue
+                infos.append(info)
+            if infos:
+                _store_page(settings, engine, client, pool, infos, stats)
+            now = time.monotonic()
+            if now - last_progress >= PROGRESS_EVERY_S:
+                last_progress = now
+                progress(f"crawl: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
+                         f"{stats.thumbnails_ok} thumbnails ({stats.models / (now - started):.1f} models/s)")
+    stats.http = client.stats.as_dict()
+    stats.duration_s = round(time.monotonic() - started, 3)
+    summary = (f"crawl done: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
+               f"thumbnails ok={stats.thumbnails_ok} skipped={stats.thumbnails_skipped} "
+               f"missing={stats.thumbnails_missing} failed={sum(stats.thumbnails_failed.values())}, "
+               f"likes failed={stats.likes_failed}, retries={stats.http['retries']}, "
+               f"429s={stats.http['throttled_429']}, {stats.duration_s:.1f}s")
+    progress(summary)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "crawl_stats.json").write_text(json.dumps(stats.as_dict(), indent=2, default=str))
+    return stats
+
+
+def _store_page(settings: Settings, engine: Engine, client: SketchfabClient,
+                pool: ThreadPoolExecutor, infos: list[ModelInfo], stats: CrawlStats) -> None:
+    mids = [info.mid for info in infos]
+    with engine.connect() as conn:
+        stored = {
+            mid: (url, status)
+            for mid, url, status in conn.execute(
+                select(models_table.c.mid, models_table.c.thumbnail_url,
+                       models_table.c.thumbnail_status).where(models_table.c.mid.in_(mids))
+            )
+        }
+    now = datetime.now(UTC)
+
+    def is_current(info: ModelInfo) -> bool:
+        url, status = stored.get(info.mid, (None, None))
+        return (status == "ok" and url == info.thumbnail_url
+                and thumbnail_path(settings, info.mid).is_file())
+
+    fetch = {info.mid: not is_current(info) for info in infos}
+    results = list(pool.map(lambda i: _crawl_model(client, settings, i, fetch[i.mid]), infos))
+    rows = []
+    for info, result in zip(infos, results, strict=True):
+        row = {
+            "mid": info.mid, "name": info.name, "published_at": info.published_at,
+            "like_count": info.like_count, "viewer_url": info.viewer_url,
+            "thumbnail_url": info.thumbnail_url, "crawled_at": now,
+        }
+        if "thumbnail" in result:
+            status, reason = result["thumbnail"]
+            row["thumbnail_status"], row["thumbnail_reason"] = status, reason or None
+            if status == "ok":
+                stats.thumbnails_ok += 1
+            elif status == "missing":
+                stats.thumbnails_missing += 1
+            else:
+                stats.thumbnails_failed[reason.split(":")[-1].strip()[:60]] += 1
+                stats.problems.append(f"thumbnail of {info.mid}: {reason}")
+                log.warning("thumbnail of %s: %s", info.mid, reason)
+        else:
+            stats.thumbnails_skipped += 1
+        if "likes_error" in result:
+            row["likes_complete"] = False
+            stats.likes_failed += 1
+            stats.problems.append(f"likes of {info.mid}: {result['likes_error']}")
+            log.warning("likes of %s: %s", info.mid, result["likes_error"])
+        rows.append(row)
+    store.upsert_models(engine, rows)
+    likers = {result["mid"]: set(result["likers"]) for result in results if "likers" in result}
+    store.replace_likes(engine, likers)
+    stats.likes += sum(len(uids) for uids in likers.values())
+    stats.models += len(infos)

@@ -1,0 +1,1 @@
+"""The catalogue and recommendations database (PostgreSQL, or SQLite as the embedded default)."""

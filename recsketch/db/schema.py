@@ -1,0 +1,94 @@
+"""Tables (SQLAlchemy Core) and the ``similar_models`` view that people query directly."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+models = Table(
+    "models",
+    metadata,
+    Column("mid", String(32), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("published_at", DateTime(timezone=True)),
+    Column("like_count", Integer),
+    Column("viewer_url", Text),
+    Column("thumbnail_url", Text),
+    # ok | missing | failed; the reason says why when it is not ok
+    Column("thumbnail_status", String(16)),
+    Column("thumbnail_reason", Text),
+    Column("likes_complete", Boolean, nullable=False, default=False),
+    Column("crawled_at", DateTime(timezone=True)),
+)
+
+likes = Table(
+    "likes",
+    metadata,
+    Column("mid", String(32), nullable=False),
+    Column("uid", String(64), nullable=False),
+    PrimaryKeyConstraint("mid", "uid", name="likes_pkey"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("backbone", String(64), nullable=False),
+    Column("top_k", Integer, nullable=False),
+    Column("n_models", Integer, nullable=False),
+    Column("loaded_at", DateTime(timezone=True), nullable=False),
+    Column("is_live", Boolean, nullable=False, default=False),
+)
+
+recommendations = Table(
+    "recommendations",
+    metadata,
+    Column("run_id", String(250), nullable=False),
+    Column("mid", String(32), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("similar_mid", String(32), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("backbone", String(64), nullable=False),
+    PrimaryKeyConstraint("run_id", "mid", "rank", name="recommendations_pkey"),
+)
+Index("recommendations_mid", recommendations.c.mid)
+
+SIMILAR_MODELS_VIEW = """
+CREATE VIEW similar_models AS
+SELECT r.mid, r.rank, r.similar_mid, m.name AS similar_name, r.score,
+       m.thumbnail_url AS similar_thumbnail_url, m.viewer_url AS similar_viewer_url,
+       r.backbone, r.run_id
+FROM recommendations r
+JOIN runs u ON u.run_id = r.run_id AND u.is_live
+LEFT JOIN models m ON m.mid = r.similar_mid
+"""
+
+
+def create_schema(engine: Engine) -> None:
+    """Create tables and the view if absent (idempotent, safe on every task start)."""
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))  # racing workers
+            exists = conn.execute(text("SELECT to_regclass('similar_models')")).scalar()
+        else:
+            exists = conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type='view' AND name='similar_models'")
+            ).scalar()
+        if not exists:
+            conn.execute(text(SIMILAR_MODELS_VIEW))

@@ -1,0 +1,176 @@
+"""Writes and reads of the catalogue DB: upserts, the atomic recommendations load, queries."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, delete, event, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from recsketch.db.schema import create_schema, likes, models, recommendations, runs
+from recsketch.errors import RecsketchError, UnknownModel
+from recsketch.ids import validate_model_id
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 1000
+
+
+def connect(url: str) -> Engine:
+    """An engine with the schema in place. SQLite gets WAL so readers never block a load."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    try:
+        create_schema(engine)
+    except Exception as exc:
+        raise RecsketchError(f"cannot open the recommendations DB at {engine.url!r}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    return engine
+
+
+def _insert(conn: Connection):  # type: ignore[no-untyped-def]
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
+
+
+def _batches(rows: Sequence[dict], size: int = BATCH_ROWS) -> Iterable[Sequence[dict]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def upsert_models(engine: Engine, rows: Sequence[dict]) -> None:
+    """Insert or update models by mid; columns absent from a row are left as stored."""
+    if not rows:
+        return
+    by_columns: dict[tuple[str, ...], list[dict]] = {}
+    for row in rows:  # a multi-row INSERT needs the same columns in every row
+        by_columns.setdefault(tuple(sorted(row)), []).append(row)
+    with engine.begin() as conn:
+        insert = _insert(conn)
+        for columns, group in by_columns.items():
+            for batch in _batches(group):
+                stmt = insert(models).values(list(batch))
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["mid"],
+                    set_={c: stmt.excluded[c] for c in columns if c != "mid"},
+                )
+                conn.execute(stmt)
+
+
+def replace_likes(engine: Engine, likers: dict[str, Iterable[str]]) -> None:
+    """Make the stored likers of each mid exactly the given uids and mark them complete.
+
+    One transaction for all of them: a crawl page costs one commit, not one per model.
+    """
+    if not likers:
+        return
+    mids = sorted(likers)
+    rows = [{"mid": mid, "uid": uid} for mid in mids for uid in sorted(set(likers[mid]))]
+    with engine.begin() as conn:
+        conn.execute(delete(likes).where(likes.c.mid.in_(mids)))
+        insert = _insert(conn)
+        for batch in _batches(rows):
+            conn.execute(insert(likes).values(list(batch)))
+        conn.execute(update(models).where(models.c.mid.in_(mids)).values(likes_complete=True))
+
+
+def read_likes(engine: Engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(likes.c.mid, likes.c.uid))]
+
+
+def models_with_thumbnails(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        stmt = select(models.c.mid).where(models.c.thumbnail_status == "ok").order_by(models.c.mid)
+        return list(conn.execute(stmt).scalars())
+
+
+def thumbnail_urls(engine: Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return {mid: url for mid, url in conn.execute(select(models.c.mid, models.c.thumbnail_url))}
+
+
+def load_recommendations(
+    engine: Engine, run_id: str, backbone: str, top_k: int, rows: Sequence[tuple[str, int, str, float]]
+) -> None:
+    """Replace the served recommendations with ``rows`` (mid, rank, similar_mid, score).
+
+    One transaction writes the new run's rows, marks it live and drops the old runs' rows,
+    so a reader sees the old set or the new one, never a mix, and a failure changes nothing.
+    On PostgreSQL the rows go in with COPY.
+    """
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(delete(recommendations).where(recommendations.c.run_id == run_id))
+        conn.execute(delete(runs).where(runs.c.run_id == run_id))
+        if conn.dialect.name == "postgresql":
+            _copy_rows(conn, run_id, backbone, rows)
+        else:
+            for start in range(0, len(rows), 10_000):
+                conn.execute(recommendations.insert(), [
+                    {"run_id": run_id, "mid": m, "rank": r, "similar_mid": s, "score": sc,
+                     "backbone": backbone}
+                    for m, r, s, sc in rows[start : start + 10_000]
+                ])
+        n_models = len({row[0] for row in rows})
+        conn.execute(runs.insert().values(run_id=run_id, backbone=backbone, top_k=top_k,
+                                          n_models=n_models, loaded_at=now, is_live=False))
+        conn.execute(update(runs).values(is_live=runs.c.run_id == run_id))
+        conn.execute(delete(recommendations).where(recommendations.c.run_id != run_id))
+
+
+def _copy_rows(conn: Connection, run_id: str, backbone: str,
+               rows: Sequence[tuple[str, int, str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for mid, rank, similar_mid, score in rows:
+        writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
+    buffer.seek(0)
+    cursor = conn.connection.dbapi_connection.cursor()
+    cursor.copy_expert(
+        "COPY recommendations (run_id, mid, rank, similar_mid, score, backbone) "
+        "FROM STDIN WITH (FORMAT csv)",
+        buffer,
+    )
+
+
+def live_run(engine: Engine) -> dict | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(runs).where(runs.c.is_live)).mappings().first()
+        return dict(row) if row else None
+
+
+def similar(engine: Engine, mid: str, top_k: int | None = None) -> list[dict]:
+    """The live run's recommendations for ``mid``, best first (bound parameters only)."""
+    validate_model_id(mid)
+    with engine.connect() as conn:
+        known = conn.execute(select(models.c.mid).where(models.c.mid == mid)).first()
+        query = text(
+            "SELECT rank, similar_mid, similar_name, score FROM similar_models "
+            "WHERE mid = :mid ORDER BY rank" + (" LIMIT :k" if top_k else "")
+        )
+        params: dict[str, object] = {"mid": mid}
+        if top_k:
+            params["k"] = top_k
+        found = conn.execute(query, params).all()
+    if not found:
+        if not known:
+            raise UnknownModel(f"unknown model id {mid!r}: not in the catalogue")
+        raise UnknownModel(f"model {mid!r} has no recommendations in the live run "
+                           "(filtered out by the like threshold, or no usable thumbnail)")
+    return [{"rank": r, "mid": s, "name": n, "score": round(float(sc), 6)} for r, s, n, sc in found]

@@ -1,0 +1,90 @@
+"""A small demo catalogue in rec-a-sketch format, built from real photos that ship offline.
+
+Each photo from ``skimage.data`` becomes a group of models (the photo, a crop, a mirror
+image, a colour-shifted copy), so every model has true visual neighbours to find. Likes are
+generated so the groups pass the 5/5 threshold, plus a few sparse models that the
+threshold must remove, and one model has no thumbnail, as happens on Sketchfab.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from recsketch.psv import write_psv
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "colorwheel", "logo", "camera", "coins", "moon", "page", "brick", "text",
+          "clock", "cell", "motorcycle")
+VARIANTS = ("photo", "crop", "mirror", "recolour")
+GROUPS_FILE = "groups.json"
+
+
+def load_photo(name: str) -> Image.Image:
+    import skimage.data
+
+    array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
+    from recsketch.features.images import to_rgb
+
+    return to_rgb(Image.fromarray(array))
+
+
+def variant(image: Image.Image, kind: str, rng: random.Random) -> Image.Image:
+    width, height = image.size
+    if kind == "crop":
+        scale = rng.uniform(0.7, 0.85)
+        w, h = int(width * scale), int(height * scale)
+        x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+        image = image.crop((x, y, x + w, y + h))
+    elif kind == "mirror":
+        image = ImageOps.mirror(image)
+    elif kind == "recolour":
+        image = ImageEnhance.Color(image).enhance(rng.uniform(0.4, 0.7))
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
+    return ImageOps.fit(image, (200, 200), Image.BICUBIC)
+
+
+def build_demo_catalog(folder: Path, photos: tuple[str, ...] = PHOTOS, seed: int = 0,
+                       start: datetime = datetime(2026, 11, 25, tzinfo=UTC)) -> dict[str, str]:
+    """Write the catalogue into ``folder``; returns mid -> group (also saved as groups.json)."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    thumbs = folder / "model_thumbs"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    models: list[tuple[str, str, str]] = []
+    groups: dict[str, str] = {}
+    day = 0
+    for photo in photos:
+        image = load_photo(photo)
+        for kind in VARIANTS:
+            mid = f"{rng.getrandbits(128):032x}"
+            published = start + timedelta(days=day % 3, hours=rng.randint(0, 23))
+            day += 1
+            variant(image, kind, rng).save(thumbs / f"{mid}_thumb200.jpg", quality=90)
+            models.append((f"{photo.replace('_', ' ').title()} ({kind})", mid, published.isoformat()))
+            groups[mid] = photo
+    users = [f"user{n:03d}" for n in range(40)]
+    likes: list[tuple[str, str, str]] = []
+    for name, mid, _ in models:
+        likes += [(name, mid, uid) for uid in rng.sample(users, 10)]
+    for n in range(3):  # sparse models: too few likes, removed by the 5/5 threshold
+        mid = f"{rng.getrandbits(128):032x}"
+        name = f"Rarely liked model {n + 1}"
+        variant(load_photo(photos[n]), "crop", rng).save(thumbs / f"{mid}_thumb200.jpg")
+        models.append((name, mid, start.isoformat()))
+        likes += [(name, mid, uid) for uid in rng.sample(users, 2)]
+    no_thumb = f"{rng.getrandbits(128):032x}"  # listed, liked, but without a thumbnail
+    models.append(("Model without a thumbnail", no_thumb, start.isoformat()))
+    likes += [("Model without a thumbnail", no_thumb, uid) for uid in rng.sample(users, 10)]
+    likes.append(likes[0])  # a duplicate row, as in the real data: must be counted once
+    write_psv(folder / "model_urls.psv", ("name", "mid", "published_at"), models)
+    write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid"), likes)
+    (folder / GROUPS_FILE).write_text(json.dumps(groups, indent=1))
+    return groups

@@ -1,0 +1,35 @@
+"""The project's own error types: every bad input ends in one of these, naming the input."""
+
+from __future__ import annotations
+
+
+class RecsketchError(Exception):
+    """Base class: a failure recsketch understood and can explain in one line."""
+
+
+class ConfigError(RecsketchError):
+    """A setting (environment variable or flag) is missing or out of range."""
+
+
+class BadInputError(RecsketchError):
+    """Input data (a PSV row, an API answer, an id) is malformed."""
+
+
+class InvalidModelId(BadInputError):
+    """A string is not a Sketchfab model id."""
+
+
+class BadImageError(BadInputError):
+    """A thumbnail is missing, undecodable or unsafe to decode."""
+
+
+class UnknownModel(RecsketchError):
+    """A model id that is not in the catalogue."""
+
+
+class ApiError(RecsketchError):
+    """The Sketchfab API failed after all retries, or answered something unusable."""
+
+
+class WeightsUnavailable(RecsketchError):
+    """Pretrained weights are neither cached nor downloadable."""

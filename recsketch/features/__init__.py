@@ -1,0 +1,1 @@
+"""Feature extraction: image decoding, backbones and the chunk store (checkpoints)."""

@@ -1,0 +1,134 @@
+"""Feature chunk store: one ``.npz`` file per chunk, written to a temp name then renamed.
+
+A chunk file that exists and reads back intact is done; that is the whole checkpoint
+protocol, so a killed run resumes with only the unfinished chunks. Chunk ids are derived
+from the chunk's mids, and plans split the sorted missing mids at fixed boundaries, so a
+rerun plans the same chunks for the same missing mids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    chunk_id: str
+    mids: list[str]  # mids with features, in row order of ``features``
+    features: np.ndarray  # float32 [len(mids), dim]
+    failed: dict[str, str] = field(default_factory=dict)  # mid -> reason
+    backbone_key: str = ""
+
+
+def chunk_id_for(mids: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(mids).encode()).hexdigest()[:16]
+
+
+class ChunkStore:
+    """The chunks of one backbone configuration, under ``features/<backbone key>/``."""
+
+    def __init__(self, root: Path, backbone_key: str) -> None:
+        self.backbone_key = backbone_key
+        self.root = Path(root) / backbone_key
+
+    def path(self, chunk_id: str) -> Path:
+        if not chunk_id.isalnum():
+            raise ValueError(f"chunk id {chunk_id!r} is not alphanumeric")
+        return self.root / f"chunk-{chunk_id}.npz"
+
+    def write(self, chunk: Chunk) -> Path:
+        """Write atomically: readers see the whole chunk or none of it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.path(chunk.chunk_id)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        failed = sorted(chunk.failed.items())
+        with tmp.open("wb") as handle:
+            np.savez(
+                handle,
+                mids=np.array(chunk.mids, dtype=str),
+                features=np.asarray(chunk.features, dtype=np.float32),
+                failed_mids=np.array([m for m, _ in failed], dtype=str),
+                failed_reasons=np.array([r for _, r in failed], dtype=str),
+                backbone_key=np.array(self.backbone_key),
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        return final
+
+    def read(self, chunk_id: str) -> Chunk | None:
+        """The chunk, or None if it is absent, partial, corrupt or from another backbone."""
+        path = self.path(chunk_id)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                key = str(data["backbone_key"])
+                mids = [str(m) for m in data["mids"]]
+                features = data["features"]
+                failed = dict(zip((str(m) for m in data["failed_mids"]),
+                                  (str(r) for r in data["failed_reasons"]), strict=True))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            log.warning("chunk %s is unreadable (%s: %s); it will be extracted again",
+                        path, type(exc).__name__, exc)
+            return None
+        if key != self.backbone_key or features.ndim != 2 or features.shape[0] != len(mids):
+            log.warning("chunk %s does not match backbone %s; it will be extracted again",
+                        path, self.backbone_key)
+            return None
+        return Chunk(chunk_id, mids, features, failed, key)
+
+    def chunk_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[len("chunk-"):-len(".npz")] for p in self.root.glob("chunk-*.npz"))
+
+    def chunks(self) -> Iterable[Chunk]:
+        for chunk_id in self.chunk_ids():
+            chunk = self.read(chunk_id)
+            if chunk is not None:
+                yield chunk
+
+    def done_mids(self) -> set[str]:
+        """Mids with features or a recorded failure in an intact chunk."""
+        done: set[str] = set()
+        for chunk in self.chunks():
+            done.update(chunk.mids)
+            done.update(chunk.failed)
+        return done
+
+    def plan(self, mids: Iterable[str], chunk_size: int) -> dict[str, list[str]]:
+        """Chunks (id -> mids) covering the given mids that no intact chunk holds yet."""
+        missing = sorted(set(mids) - self.done_mids())
+        plan: dict[str, list[str]] = {}
+        for start in range(0, len(missing), chunk_size):
+            part = missing[start : start + chunk_size]
+            plan[chunk_id_for(part)] = part
+        return plan
+
+    def load_features(self, mids: Iterable[str]) -> tuple[list[str], np.ndarray, dict[str, str]]:
+        """Features of the wanted mids (sorted), and the failures recorded for them."""
+        wanted = set(mids)
+        rows: dict[str, np.ndarray] = {}
+        failed: dict[str, str] = {}
+        dim = None
+        for chunk in self.chunks():
+            dim = chunk.features.shape[1]
+            for index, mid in enumerate(chunk.mids):
+                if mid in wanted:
+                    rows[mid] = chunk.features[index]
+            failed.update({m: r for m, r in chunk.failed.items() if m in wanted})
+        order = sorted(rows)
+        matrix = np.stack([rows[m] for m in order]) if order else np.zeros((0, dim or 0), np.float32)
+        return order, matrix.astype(np.float32, copy=False), failed

@@ -1,0 +1,95 @@
+"""Extraction of one chunk: decode on threads while the backbone runs, then checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recsketch.errors import BadImageError
+from recsketch.features.backbones import Backbone
+from recsketch.features.chunks import Chunk, ChunkStore
+from recsketch.features.images import load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    chunk_id: str
+    images: int
+    failed: int
+    seconds: float
+    skipped: bool
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def _decode_batch(paths: Sequence[tuple[str, Path]], size: int) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    mids: list[str] = []
+    images: list[np.ndarray] = []
+    failed: dict[str, str] = {}
+    for mid, path in paths:
+        try:
+            images.append(load_image(path, size))
+            mids.append(mid)
+        except BadImageError as exc:
+            failed[mid] = str(exc)
+    batch = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return mids, batch, failed
+
+
+def extract_chunk(
+    store: ChunkStore,
+    backbone: Backbone,
+    chunk_id: str,
+    mids: Sequence[str],
+    thumbnail: Callable[[str], Path],
+    batch_size: int = 32,
+    progress: Callable[[str], None] = log.info,
+) -> ChunkReport:
+    """Embed the thumbnails of ``mids`` and write the chunk; an intact chunk is not redone.
+
+    The next batch is decoded on a worker thread while the backbone embeds the current one,
+    so memory holds at most two uint8 batches, never a whole chunk of images.
+    """
+    if store.read(chunk_id) is not None:
+        progress(f"chunk {chunk_id}: already extracted, skipping")
+        return ChunkReport(chunk_id, 0, 0, 0.0, skipped=True)
+    started = time.monotonic()
+    batches = [[(m, thumbnail(m)) for m in mids[i : i + batch_size]]
+               for i in range(0, len(mids), batch_size)]
+    done_mids: list[str] = []
+    parts: list[np.ndarray] = []
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
+        pending: Future | None = decoder.submit(_decode_batch, batches[0], backbone.input_size) if batches else None
+        for index in range(len(batches)):
+            assert pending is not None
+            batch_mids, images, batch_failed = pending.result()
+            pending = (decoder.submit(_decode_batch, batches[index + 1], backbone.input_size)
+                       if index + 1 < len(batches) else None)
+            for mid, reason in batch_failed.items():
+                log.warning("quarantined %s: %s", mid, reason)
+            failed.update(batch_failed)
+            if len(batch_mids):
+                parts.append(backbone.embed(images))
+                done_mids.extend(batch_mids)
+            elapsed = time.monotonic() - started
+            seen = min(len(mids), (index + 1) * batch_size)
+            rate = seen / elapsed if elapsed else 0.0
+            eta = (len(mids) - seen) / rate if rate else 0.0
+            progress(f"chunk {chunk_id}: {seen}/{len(mids)} images, {rate:.1f} img/s, ETA {eta:.0f}s")
+    features = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
+    store.write(Chunk(chunk_id, done_mids, features, failed, store.backbone_key))
+    seconds = time.monotonic() - started
+    progress(f"chunk {chunk_id}: wrote {len(done_mids)} features, {len(failed)} quarantined, "
+             f"{len(mids) / seconds:.1f} img/s")
+    return ChunkReport(chunk_id, len(mids), len(failed), seconds, skipped=False)

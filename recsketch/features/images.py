@@ -1,0 +1,74 @@
+"""Thumbnail decoding: any common format to RGB uint8 at the backbone's input size.
+
+Every failure becomes a BadImageError with the reason, so the caller can quarantine the
+image and go on with the rest of the chunk.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from recsketch.errors import BadImageError
+
+# Sketchfab thumbnails are 200x200; anything above ~16 MP is a decompression bomb here.
+MAX_PIXELS = 16_000_000
+MIN_SIDE = 8
+
+
+def _open(data: bytes, source: str) -> Image.Image:
+    if not data:
+        raise BadImageError(f"{source}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise BadImageError(f"{source}: {width}x{height} pixels, above the "
+                                    f"{MAX_PIXELS} pixel limit (decompression bomb?)")
+            if min(width, height) < MIN_SIDE:
+                raise BadImageError(f"{source}: {width}x{height} is too small to embed")
+            image.load()
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(f"{source}: not a decodable image ({type(exc).__name__})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImageError(f"{source}: corrupt or truncated image ({exc})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white (as Sketchfab's viewer background would be)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def check_image(data: bytes, source: str) -> tuple[int, int]:
+    """Raise BadImageError unless ``data`` decodes as an image; return its size."""
+    return _open(data, source).size
+
+
+def decode_image(data: bytes, size: int, source: str = "image") -> np.ndarray:
+    """Decode to an RGB uint8 array of shape (size, size, 3), resized with bilinear filtering."""
+    image = to_rgb(_open(data, source))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: thumbnail file is missing") from None
+    return decode_image(data, size, str(path))

@@ -1,0 +1,23 @@
+"""Sketchfab model ids: validated before they touch a path, a URL or a query."""
+
+from __future__ import annotations
+
+import re
+
+from recsketch.errors import InvalidModelId
+
+# Current ids are 32 lowercase hex characters; the real catalogue also holds legacy
+# 26-27 character alphanumeric ids (954 of 28,824 rows in rec-a-sketch's model_urls.psv).
+_MODEL_ID = re.compile(r"[0-9a-f]{32}|[0-9A-Za-z]{26,27}")
+
+
+def is_model_id(value: object) -> bool:
+    return isinstance(value, str) and _MODEL_ID.fullmatch(value) is not None
+
+
+def validate_model_id(value: object, *, source: str = "model id") -> str:
+    """Return ``value`` if it is a model id, else raise naming where it came from."""
+    if not is_model_id(value):
+        raise InvalidModelId(f"{source}: {value!r} is not a Sketchfab model id "
+                             "(32 lowercase hex characters or a legacy 26-27 character id)")
+    return value  # type: ignore[return-value]

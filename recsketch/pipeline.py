@@ -1,0 +1,171 @@
+"""The pipeline's stages as plain functions: the CLI and the Airflow DAG both call these.
+
+Stages hand over through the catalogue DB and files in the run's folder
+(``<data dir>/runs/<run id>/``), so each stage can run in its own process or worker and be
+retried alone. Every stage is idempotent: rerunning it gives the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from recsketch.config import Settings
+from recsketch.crawl import crawl, thumbnail_path
+from recsketch.db import store
+from recsketch.errors import RecsketchError
+from recsketch.features.backbones import backbone_key, create_backbone
+from recsketch.features.chunks import ChunkStore
+from recsketch.features.extract import extract_chunk
+from recsketch.likes import threshold_likes
+from recsketch.similarity import top_k_cosine
+from recsketch.sketchfab.client import SketchfabClient
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+VALID_MODELS_FILE = "valid_models.json"
+PLAN_FILE = "chunk_plan.json"
+TOPK_FILE = "topk.npz"
+
+
+def new_run_id() -> str:
+    return "manual__" + datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def run_dir(settings: Settings, run_id: str) -> Path:
+    """The run's folder; the run id is reduced to characters that are safe in a path."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._") or "run"
+    path = settings.run_dir(safe)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json(path: Path, payload: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _read_json(path: Path, stage: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecsketchError(f"{path} is missing: run the {stage} stage first") from None
+
+
+def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime | None = None,
+                published_before: datetime | None = None, progress: Progress = log.info) -> dict:
+    """Crawl the API into the catalogue DB and the thumbnail store."""
+    engine = store.connect(settings.resolved_database_url)
+    client = SketchfabClient(settings.sketchfab_url, settings.likes_base_url, settings.sketchfab_token,
+                             retries=settings.http_retries, pool_size=settings.crawl_workers * 2)
+    try:
+        stats = crawl(settings, engine, client, published_since=published_since,
+                      published_before=published_before, run_dir=folder, progress=progress)
+    finally:
+        client.close()
+    return {k: v for k, v in stats.as_dict().items() if k != "problems"}
+
+
+def threshold_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+    """Models that survive the like threshold and have a thumbnail: the run's item set."""
+    engine = store.connect(settings.resolved_database_url)
+    with_thumbnail = store.models_with_thumbnails(engine)
+    if settings.min_likes > 0:
+        result = threshold_likes(store.read_likes(engine), settings.min_likes)
+        progress(result.summary())
+        kept = set(result.models)
+        valid = [mid for mid in with_thumbnail if mid in kept]
+    else:
+        progress("threshold: min_likes=0, keeping every model with a thumbnail")
+        valid = with_thumbnail
+    progress(f"threshold: {len(valid)} models pass the threshold and have a thumbnail")
+    _write_json(folder / VALID_MODELS_FILE, valid)
+    return {"valid_models": len(valid), "with_thumbnail": len(with_thumbnail)}
+
+
+def plan_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
+    """Split the valid models that have no features yet into chunks; returns the chunk ids."""
+    valid = _read_json(folder / VALID_MODELS_FILE, "threshold")
+    chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
+    plan = chunk_store.plan(valid, settings.chunk_size)  # type: ignore[arg-type]
+    _write_json(folder / PLAN_FILE, {"backbone_key": chunk_store.backbone_key, "chunks": plan})
+    todo = sum(len(m) for m in plan.values())
+    progress(f"plan: {len(valid)} valid models, {todo} need features, {len(plan)} chunks "  # type: ignore[arg-type]
+             f"of up to {settings.chunk_size} for {chunk_store.backbone_key}")
+    return sorted(plan)
+
+
+def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Progress = log.info) -> dict:
+    """Extract one planned chunk (a no-op if the chunk is already written)."""
+    plan = _read_json(folder / PLAN_FILE, "plan")
+    chunks = plan["chunks"]  # type: ignore[index]
+    if chunk_id not in chunks:
+        raise RecsketchError(f"chunk {chunk_id!r} is not in the plan {folder / PLAN_FILE}")
+    chunk_store = ChunkStore(settings.features_dir, plan["backbone_key"])  # type: ignore[index]
+    if chunk_store.read(chunk_id) is not None:
+        progress(f"chunk {chunk_id}: already extracted, skipping")
+        return {"chunk_id": chunk_id, "skipped": True}
+    backbone = create_backbone(settings)
+    report = extract_chunk(chunk_store, backbone, chunk_id, chunks[chunk_id],
+                           lambda mid: thumbnail_path(settings, mid), settings.batch_size, progress)
+    return {"chunk_id": chunk_id, "images": report.images, "failed": report.failed,
+            "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
+
+
+def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+    """Exact cosine top-k over the valid models' features."""
+    valid = _read_json(folder / VALID_MODELS_FILE, "threshold")
+    chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
+    mids, features, failed = chunk_store.load_features(valid)  # type: ignore[arg-type]
+    missing = len(valid) - len(mids) - len(failed)  # type: ignore[arg-type]
+    if missing:
+        raise RecsketchError(f"{missing} valid models have no features yet: run the extract stage")
+    for mid, reason in sorted(failed.items()):
+        progress(f"no recommendations for {mid}: {reason}")
+    if len(mids) < 2:
+        raise RecsketchError(f"only {len(mids)} models have features; similarity needs at least 2")
+    indices, scores = top_k_cosine(features, settings.top_k)
+    np.savez(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
+             backbone=np.array(chunk_store.backbone_key))
+    progress(f"similarity: top-{indices.shape[1]} for {len(mids)} models "
+             f"({features.shape[1]}-d features, {len(failed)} quarantined)")
+    return {"models": len(mids), "dim": int(features.shape[1]), "k": int(indices.shape[1]),
+            "quarantined": len(failed)}
+
+
+def load_stage(settings: Settings, folder: Path, run_id: str, progress: Progress = log.info) -> dict:
+    """Replace the served recommendations with this run's, atomically."""
+    path = folder / TOPK_FILE
+    if not path.exists():
+        raise RecsketchError(f"{path} is missing: run the similarity stage first")
+    with np.load(path, allow_pickle=False) as data:
+        mids = [str(m) for m in data["mids"]]
+        indices, scores, backbone = data["indices"], data["scores"], str(data["backbone"])
+    rows = [(mids[i], rank + 1, mids[int(j)], float(s))
+            for i in range(len(mids))
+            for rank, (j, s) in enumerate(zip(indices[i], scores[i], strict=True))]
+    engine = store.connect(settings.resolved_database_url)
+    store.load_recommendations(engine, run_id, backbone, int(indices.shape[1]), rows)
+    progress(f"load: {len(rows)} recommendations for {len(mids)} models are live as run {run_id}")
+    return {"rows": len(rows), "models": len(mids), "run_id": run_id}
+
+
+def run_pipeline(settings: Settings, run_id: str | None = None, progress: Progress = log.info) -> dict:
+    """Every stage in order, in this process: ``recsketch run``."""
+    run_id = run_id or new_run_id()
+    folder = run_dir(settings, run_id)
+    summary: dict = {"run_id": run_id, "crawl": crawl_stage(settings, folder, progress=progress),
+                     "threshold": threshold_stage(settings, folder, progress)}
+    chunk_ids = plan_stage(settings, folder, progress)
+    summary["extract"] = [extract_stage(settings, folder, c, progress) for c in chunk_ids]
+    summary["similarity"] = similarity_stage(settings, folder, progress)
+    summary["load"] = load_stage(settings, folder, run_id, progress)
+    return summary

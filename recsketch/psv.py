@@ -1,0 +1,150 @@
+"""The rec-a-sketch PSV dialect (DESIGN §3): ``|`` separated, backslash as quote character.
+
+Readers never stop at a bad row: they return the good rows and a list of problems, each
+naming the file and line, so one malformed line costs one row and is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from recsketch.errors import BadInputError
+from recsketch.ids import is_model_id
+
+
+class RecASketchDialect(csv.Dialect):
+    delimiter = "|"
+    quotechar = "\\"
+    doublequote = False
+    escapechar = None
+    quoting = csv.QUOTE_MINIMAL
+    lineterminator = "\n"
+    skipinitialspace = False
+    strict = True
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    mid: str
+    name: str
+    published_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LikeRow:
+    mid: str
+    uid: str
+    modelname: str = ""
+
+
+@dataclass
+class ReadResult:
+    rows: list
+    problems: list[str]
+    duplicates: int = 0
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise BadInputError(f"{path}:{line}: not UTF-8 ({exc.reason})") from None
+
+
+def _records(path: Path, header: Sequence[str]) -> Iterable[tuple[int, list[str] | str]]:
+    """Yield (line number, fields) or (line number, problem) for each data row."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), RecASketchDialect)
+    try:
+        first = next(reader)
+    except StopIteration:
+        raise BadInputError(f"{path}: empty file, expected header {'|'.join(header)}") from None
+    if [f.strip() for f in first[: len(header)]] != list(header):
+        raise BadInputError(f"{path}:1: header {'|'.join(first)!r}, expected {'|'.join(header)}")
+    width = len(first)
+    while True:
+        line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, f"{path}:{line}: {exc}"
+            continue
+        if not fields:
+            continue
+        if len(fields) != width:
+            yield line, f"{path}:{line}: {len(fields)} fields, expected {width}"
+            continue
+        yield line, [f.strip("\r") for f in fields]
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def read_models(path: Path) -> ReadResult:
+    """``model_urls.psv``: ``name|mid`` with an optional ``published_at`` column."""
+    result = ReadResult([], [])
+    seen: set[str] = set()
+    for line, fields in _records(path, ("name", "mid")):
+        if isinstance(fields, str):
+            result.problems.append(fields)
+            continue
+        name, mid = fields[0], fields[1]
+        if not is_model_id(mid):
+            result.problems.append(f"{path}:{line}: {mid!r} is not a model id")
+            continue
+        published = None
+        if len(fields) > 2 and fields[2]:
+            try:
+                published = _parse_time(fields[2])
+            except ValueError:
+                result.problems.append(f"{path}:{line}: bad published_at {fields[2]!r}")
+                continue
+        if mid in seen:
+            result.duplicates += 1
+            continue
+        seen.add(mid)
+        result.rows.append(ModelRow(mid=mid, name=name, published_at=published))
+    return result
+
+
+def read_likes(path: Path) -> ReadResult:
+    """``model_likes_anon.psv``: ``modelname|mid|uid``; duplicate (mid, uid) pairs dropped."""
+    result = ReadResult([], [])
+    seen: set[tuple[str, str]] = set()
+    for line, fields in _records(path, ("modelname", "mid", "uid")):
+        if isinstance(fields, str):
+            result.problems.append(fields)
+            continue
+        modelname, mid, uid = fields
+        if not is_model_id(mid):
+            result.problems.append(f"{path}:{line}: {mid!r} is not a model id")
+            continue
+        if not uid:
+            result.problems.append(f"{path}:{line}: empty uid")
+            continue
+        if (mid, uid) in seen:
+            result.duplicates += 1
+            continue
+        seen.add((mid, uid))
+        result.rows.append(LikeRow(mid=mid, uid=uid, modelname=modelname))
+    return result
+
+
+def write_psv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write rows in the rec-a-sketch dialect (used by the demo and test catalogues)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, RecASketchDialect)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -1,0 +1,55 @@
+"""Exact cosine top-k, one row block at a time: memory grows with block×N, never N×N."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024
+
+
+def normalise(features: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 rows; all-zero rows stay zero (cosine 0 with everything)."""
+    matrix = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def block_rows_for(n_items: int, budget_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Rows per block so that a block's float32 score matrix (plus sort scratch) fits the budget."""
+    return max(1, min(n_items, budget_bytes // max(1, n_items * 4 * 3)))
+
+
+def top_k_cosine(
+    features: np.ndarray, k: int, block_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the ``k`` most cosine-similar other rows, best first.
+
+    Returns (indices int64 [n, k'], scores float32 [n, k']) with k' = min(k, n - 1). A row is
+    never its own neighbour; ties are broken by the lower index, so results are deterministic.
+    """
+    unit = normalise(features)
+    n = unit.shape[0]
+    kk = min(k, n - 1)
+    indices = np.zeros((n, max(kk, 0)), dtype=np.int64)
+    scores = np.zeros((n, max(kk, 0)), dtype=np.float32)
+    if kk <= 0:
+        return indices, scores
+    step = block_rows or block_rows_for(n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = unit[start:stop] @ unit.T  # [rows, n]
+        rows = np.arange(stop - start)
+        block[rows, rows + start] = -np.inf  # never recommend a model to itself
+        candidates = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+        candidate_scores = np.take_along_axis(block, candidates, axis=1)
+        order = np.lexsort((candidates, -candidate_scores), axis=1)
+        best = np.take_along_axis(candidates, order, axis=1)
+        best_scores = np.take_along_axis(candidate_scores, order, axis=1)
+        # argpartition picks arbitrarily among values tied with the k-th: redo those rows exactly
+        kth = best_scores[:, -1:]
+        tied = np.flatnonzero((block >= kth).sum(axis=1) > kk)
+        for row in tied:
+            exact = np.lexsort((np.arange(n), -block[row]))[:kk]
+            best[row], best_scores[row] = exact, block[row, exact]
+        indices[start:stop], scores[start:stop] = best, best_scores
+    return indices, scores

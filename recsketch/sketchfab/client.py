@@ -1,0 +1,270 @@
+"""Sketchfab API client: pooled connections, retries with backoff, a shared rate limit.
+
+The same code talks to api.sketchfab.com and to the local server. The token travels only
+in the ``Authorization`` header; log lines and errors carry URLs, never headers.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from recsketch.errors import ApiError, BadInputError
+from recsketch.ids import validate_model_id
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+USER_AGENT = "recsketch/0.1 (+https://github.com/recsketch)"
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for key, value in counts.items():
+                setattr(self, key, getattr(self, key) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "retries": self.retries, "throttled_429": self.throttled}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One entry of ``/v3/models``, validated."""
+
+    mid: str
+    name: str
+    published_at: datetime | None
+    like_count: int | None
+    viewer_url: str | None
+    thumbnail_url: str | None
+
+
+class RateLimiter:
+    """At most ``rate`` request starts per second across all threads (None: unlimited)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds, from either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def pick_thumbnail(images: list[dict[str, Any]], target: int = 200) -> str | None:
+    """The 200×200 image, else the one whose size is nearest to it."""
+    best: tuple[int, str] | None = None
+    for image in images or []:
+        url, width, height = image.get("url"), image.get("width"), image.get("height")
+        if not isinstance(url, str) or not isinstance(width, int) or not isinstance(height, int):
+            continue
+        distance = abs(width - target) + abs(height - target)
+        if best is None or distance < best[0]:
+            best = (distance, url)
+    return best[1] if best else None
+
+
+def parse_model(entry: object) -> ModelInfo:
+    """Validate one ``ModelList`` JSON object; a bad one raises naming what is wrong."""
+    if not isinstance(entry, dict):
+        raise BadInputError(f"model entry is {type(entry).__name__}, expected an object")
+    mid = validate_model_id(entry.get("uid"), source="model entry uid")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise BadInputError(f"model {mid}: name is {name!r}, expected a string")
+    published_at = None
+    raw_date = entry.get("publishedAt")
+    if isinstance(raw_date, str) and raw_date:
+        try:
+            published_at = datetime.fromisoformat(raw_date.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadInputError(f"model {mid}: publishedAt {raw_date!r} is not ISO 8601") from None
+        if published_at.tzinfo is None:
+            published_at = published_at.replace(tzinfo=UTC)
+    like_count = entry.get("likeCount")
+    thumbnails = entry.get("thumbnails") or {}
+    images = thumbnails.get("images") if isinstance(thumbnails, dict) else None
+    return ModelInfo(
+        mid=mid,
+        name=name,
+        published_at=published_at,
+        like_count=like_count if isinstance(like_count, int) else None,
+        viewer_url=entry.get("viewerUrl") if isinstance(entry.get("viewerUrl"), str) else None,
+        thumbnail_url=pick_thumbnail(images if isinstance(images, list) else []),
+    )
+
+
+class SketchfabClient:
+    """Thread-safe client for the parts of the Sketchfab API that recsketch uses."""
+
+    def __init__(
+        self,
+        api_url: str,
+        likes_url: str | None = None,
+        token: str | None = None,
+        *,
+        retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        timeout: float = 30.0,
+        rate_limit: float | None = None,
+        pool_size: int = 16,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.likes_url = (likes_url or api_url).rstrip("/")
+        self.retries = retries
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.timeout = timeout
+        self.stats = ClientStats()
+        self._limiter = RateLimiter(rate_limit)
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers["User-Agent"] = USER_AGENT
+        if token:
+            self._session.headers["Authorization"] = f"Token {token}"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+
+    def get(self, url: str, params: dict[str, Any] | None = None) -> requests.Response:
+        """GET with retries on 429, 5xx, connection errors and timeouts."""
+        for attempt in range(self.retries + 1):
+            self._limiter.wait()
+            self.stats.add(requests=1)
+            wait: float | None = None
+            try:
+                response = self._session.get(url, params=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem = f"{type(exc).__name__}"
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                problem = f"HTTP {response.status_code}"
+                if response.status_code == 429:
+                    self.stats.add(throttled=1)
+                    wait = _retry_after_seconds(response.headers.get("Retry-After"))
+                    if wait is not None:
+                        wait = min(wait, self.backoff_cap)
+            if attempt == self.retries:
+                raise ApiError(f"GET {url} failed after {self.retries + 1} attempts: {problem}")
+            wait = self._backoff(attempt) if wait is None else wait
+            self.stats.add(retries=1)
+            log.debug("GET %s: %s, retry %d in %.2fs", url, problem, attempt + 1, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def get_json(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """GET a JSON object; a truncated or malformed body is retried like a 5xx."""
+        for attempt in range(self.retries + 1):
+            response = self.get(url, params)
+            if response.status_code != 200:
+                raise ApiError(f"GET {response.url}: HTTP {response.status_code}")
+            try:
+                payload = response.json()
+            except ValueError:
+                if attempt == self.retries:
+                    raise ApiError(f"GET {response.url}: body is not JSON") from None
+                self.stats.add(retries=1)
+                time.sleep(self._backoff(attempt))
+                continue
+            if not isinstance(payload, dict):
+                raise ApiError(f"GET {response.url}: expected a JSON object")
+            return payload
+        raise AssertionError("unreachable")
+
+    def model_pages(
+        self, published_since: datetime | None = None, count: int = 24
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the raw ``results`` of each ``/v3/models`` page, newest first."""
+        params: dict[str, Any] | None = {"count": count, "sort_by": "-publishedAt"}
+        if published_since is not None and params is not None:
+            params["published_since"] = published_since.astimezone(UTC).isoformat()
+        url: str | None = f"{self.api_url}/v3/models"
+        while url:
+            payload = self.get_json(url, params)
+            results = payload.get("results")
+            if not isinstance(results, list):
+                raise ApiError(f"GET {url}: 'results' is missing or not a list")
+            yield results
+            next_url = payload.get("next")
+            url, params = (next_url, None) if isinstance(next_url, str) and next_url else (None, None)
+
+    def likers(self, mid: str) -> list[str]:
+        """Every user who liked ``mid``, across all pages of ``/i/likes``."""
+        validate_model_id(mid)
+        uids: list[str] = []
+        url: str | None = f"{self.likes_url}/i/likes"
+        params: dict[str, Any] | None = {"model": mid, "count": 24, "offset": 0}
+        while url:
+            payload = self.get_json(url, params)
+            results = payload.get("results")
+            if not isinstance(results, list):
+                raise ApiError(f"likes of {mid}: 'results' is missing or not a list")
+            for entry in results:
+                uid = entry.get("uid") if isinstance(entry, dict) else None
+                if not isinstance(uid, str) or not uid:
+                    raise ApiError(f"likes of {mid}: liker entry without a uid: {entry!r:.80}")
+                uids.append(uid)
+            next_url = payload.get("next")
+            url, params = (next_url, None) if isinstance(next_url, str) and next_url else (None, None)
+        return uids
+
+    def download(self, url: str, max_bytes: int) -> tuple[bytes, str]:
+        """Fetch a thumbnail; returns (body, content type). Only http(s) URLs."""
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise BadInputError(f"thumbnail URL {url!r}: only http(s) is allowed")
+        response = self.get(url)
+        if response.status_code != 200:
+            raise ApiError(f"GET {url}: HTTP {response.status_code}")
+        body = response.content
+        if len(body) > max_bytes:
+            raise BadInputError(f"GET {url}: {len(body)} bytes, above the {max_bytes} byte limit")
+        return body, response.headers.get("Content-Type", "")
