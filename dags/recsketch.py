@@ -1,0 +1,104 @@
+"""recsketch: Sketchfab thumbnails -> visual "more like this" recommendations.
+
+crawl -> threshold -> plan_chunks -> extract (one mapped task per chunk) -> similarity -> load.
+Every task calls one function of ``recsketch.pipeline``; stages hand over through the
+catalogue DB and the run's folder, so any task can be retried alone. Heavy libraries
+(TensorFlow, torch) load inside the tasks, never when this file is parsed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+DEFAULT_ARGS = {
+    "owner": "recsketch",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+PARAMS = {
+    "backbone": Param("efficientnet_lite0", enum=["efficientnet_lite0", "vgg16"],
+                      description="feature backbone"),
+    "top_k": Param(10, type="integer", minimum=1, maximum=1000, description="recommendations per model"),
+    "min_likes": Param(5, type="integer", minimum=0, description="like threshold for users and models"),
+    "chunk_size": Param(256, type="integer", minimum=1, maximum=100_000, description="models per chunk"),
+}
+
+
+def _stage_inputs():  # type: ignore[no-untyped-def]
+    """Settings (environment + DAG params) and this run's folder."""
+    from recsketch.config import Settings
+    from recsketch.pipeline import run_dir
+
+    context = get_current_context()
+    params = context["params"]
+    settings = Settings.from_env().with_overrides(
+        backbone=params["backbone"], top_k=params["top_k"],
+        min_likes=params["min_likes"], chunk_size=params["chunk_size"])
+    return settings, run_dir(settings, context["run_id"]), context["run_id"]
+
+
+@dag(
+    dag_id="recsketch",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["recsketch", "sketchfab", "recommendations"],
+    doc_md=__doc__,
+)
+def recsketch() -> None:
+    @task
+    def crawl() -> dict:
+        from recsketch.pipeline import crawl_stage
+
+        settings, folder, _ = _stage_inputs()
+        return crawl_stage(settings, folder)
+
+    @task
+    def threshold() -> dict:
+        from recsketch.pipeline import threshold_stage
+
+        settings, folder, _ = _stage_inputs()
+        return threshold_stage(settings, folder)
+
+    @task
+    def plan_chunks() -> list[str]:
+        from recsketch.pipeline import plan_stage
+
+        settings, folder, _ = _stage_inputs()
+        return plan_stage(settings, folder)
+
+    @task(map_index_template="chunk {{ task.op_kwargs['chunk_id'] }}")
+    def extract(chunk_id: str) -> dict:
+        from recsketch.pipeline import extract_stage
+
+        settings, folder, _ = _stage_inputs()
+        return extract_stage(settings, folder, chunk_id)
+
+    @task(trigger_rule="none_failed")  # runs when every chunk was already done (no mapped task)
+    def similarity() -> dict:
+        from recsketch.pipeline import similarity_stage
+
+        settings, folder, _ = _stage_inputs()
+        return similarity_stage(settings, folder)
+
+    @task
+    def load() -> dict:
+        from recsketch.pipeline import load_stage
+
+        settings, folder, run_id = _stage_inputs()
+        return load_stage(settings, folder, run_id)
+
+    chunks = plan_chunks()
+    crawl() >> threshold() >> chunks
+    chunks >> extract.expand(chunk_id=chunks) >> similarity() >> load()
+
+
+recsketch()
