@@ -36,7 +36,9 @@ def _open(data: bytes, source: str) -> Image.Image:
             image.load()
     except BadImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImageError(f"{source}: too many pixels to decode safely (decompression bomb)") from None
+    except UnidentifiedImageError as exc:
         raise BadImageError(f"{source}: not a decodable image ({type(exc).__name__})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"{source}: corrupt or truncated image ({exc})") from None

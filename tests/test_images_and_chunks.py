@@ -1,0 +1,125 @@
+"""Decoding of awkward thumbnails, the chunk store's checkpoint protocol, and extraction."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recsketch.errors import BadImageError
+from recsketch.features.chunks import Chunk, ChunkStore, chunk_id_for
+from recsketch.features.extract import extract_chunk
+from recsketch.features.images import decode_image
+
+
+def encode(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kw)
+    return buffer.getvalue()
+
+
+RGB = Image.new("RGB", (200, 200), (200, 30, 30))
+
+
+@pytest.mark.parametrize("data", [
+    encode(RGB, "JPEG"),
+    encode(RGB.convert("L"), "JPEG"),
+    encode(RGB.convert("CMYK"), "JPEG"),
+    encode(RGB.convert("P"), "PNG"),
+    encode(Image.new("RGBA", (200, 200), (0, 0, 0, 0)), "PNG"),  # fully transparent -> white
+    encode(RGB, "PNG"),  # a PNG behind a .jpg name decodes by content
+    encode(RGB.resize((37, 1200)), "WEBP"),
+], ids=["jpeg", "grey", "cmyk", "palette", "alpha", "png", "webp-odd-shape"])
+def test_formats_decode_to_rgb_224(data: bytes) -> None:
+    array = decode_image(data, 224)
+    assert array.shape == (224, 224, 3) and array.dtype == np.uint8
+
+
+def test_transparency_is_composited_on_white() -> None:
+    array = decode_image(encode(Image.new("RGBA", (50, 50), (0, 0, 0, 0)), "PNG"), 224)
+    assert array.min() == 255
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "empty file"),
+    (b"<html>404</html>", "not a decodable image"),
+    (encode(RGB, "JPEG")[:400], "corrupt or truncated"),
+    (encode(Image.new("RGB", (4, 4)), "PNG"), "too small"),
+])
+def test_bad_images_raise_with_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(BadImageError, match=reason):
+        decode_image(data, 224, "thumbs/x.jpg")
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    bomb = encode(Image.new("1", (20_000, 20_000)), "PNG")  # tiny file, 400 MP
+    assert len(bomb) < 200_000
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        decode_image(bomb, 224)
+
+
+def test_chunk_store_round_trip_plan_and_corruption(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path, "test-key")
+    mids = [f"{i:032x}" for i in range(10)]
+    plan = store.plan(mids, 4)
+    assert [len(m) for m in plan.values()] == [4, 4, 2]
+    first_id, first_mids = next(iter(plan.items()))
+    assert first_id == chunk_id_for(first_mids)
+    store.write(Chunk(first_id, first_mids[:3], np.ones((3, 5), np.float32), {first_mids[3]: "bad"}, "test-key"))
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]  # no temp file left
+    replanned = store.plan(mids, 4)
+    assert list(replanned) == list(plan)[1:]  # same ids for the chunks still to do
+    loaded_mids, features, failed = store.load_features(mids)
+    assert loaded_mids == first_mids[:3] and features.shape == (3, 5) and failed == {first_mids[3]: "bad"}
+    # a truncated chunk file is not data: it is planned again
+    path = store.path(first_id)
+    path.write_bytes(path.read_bytes()[:100])
+    assert store.read(first_id) is None
+    assert list(store.plan(mids, 4)) == list(plan)
+    # a chunk written for another backbone is not read as this one's
+    other = ChunkStore(tmp_path, "other-key")
+    other.write(Chunk(first_id, first_mids, np.ones((4, 5), np.float32)))
+    os.replace(other.path(first_id), path)
+    assert store.read(first_id) is None
+
+
+class FakeBackbone:
+    """Deterministic stand-in with the Backbone interface: mean colour per image."""
+
+    name, input_size, dim, key = "fake", 32, 3, "fake"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return images.reshape(len(images), -1, 3).mean(axis=1).astype(np.float32)
+
+
+def test_extract_quarantines_bad_images_and_skips_done_chunks(tmp_path: Path) -> None:
+    thumbs = tmp_path / "thumbs"
+    thumbs.mkdir()
+    mids = [f"{i:032x}" for i in range(7)]
+    for i, mid in enumerate(mids):
+        (thumbs / f"{mid}.jpg").write_bytes(encode(Image.new("RGB", (64, 64), (i * 30, 0, 0)), "PNG"))
+    (thumbs / f"{mids[2]}.jpg").write_bytes(b"garbage")
+    (thumbs / f"{mids[5]}.jpg").unlink()
+    store, backbone = ChunkStore(tmp_path / "features", "fake"), FakeBackbone()
+    lines: list[str] = []
+    report = extract_chunk(store, backbone, "c1", mids, lambda m: thumbs / f"{m}.jpg", batch_size=2,
+                           progress=lines.append)
+    assert report.images == 7 and report.failed == 2 and not report.skipped
+    chunk = store.read("c1")
+    assert chunk is not None
+    assert chunk.mids == [m for m in mids if m not in (mids[2], mids[5])]
+    assert "not a decodable image" in chunk.failed[mids[2]] and "missing" in chunk.failed[mids[5]]
+    assert np.allclose(chunk.features[:, 0], [0, 30, 90, 120, 180], atol=0.5)
+    assert any("img/s" in line and "ETA" in line for line in lines)
+    inode = store.path("c1").stat().st_ino
+    again = extract_chunk(store, backbone, "c1", mids, lambda m: thumbs / f"{m}.jpg", batch_size=2)
+    assert again.skipped and store.path("c1").stat().st_ino == inode
+    assert backbone.calls == 4  # the rerun embedded nothing

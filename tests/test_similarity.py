@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from recsketch.similarity import block_rows_for, top_k_cosine
+
+
+def reference(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense N×N, sorted by (-score, index): the definition the blocked version must meet."""
+    x = features.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    scores = unit @ unit.T
+    np.fill_diagonal(scores, -np.inf)
+    kk = min(k, len(x) - 1)
+    order = np.array([np.lexsort((np.arange(len(x)), -row))[:kk] for row in scores]).reshape(len(x), kk)
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.mark.parametrize(("n", "d", "k", "block"), [(1, 4, 5, None), (2, 3, 10, 1), (50, 16, 5, 7),
+                                                    (200, 64, 10, 33), (31, 8, 40, None)])
+def test_matches_dense_reference(n: int, d: int, k: int, block: int | None) -> None:
+    features = np.random.default_rng(n).normal(size=(n, d)).astype(np.float32)
+    indices, scores = top_k_cosine(features, k, block_rows=block)
+    ref_indices, ref_scores = reference(features, k)
+    assert indices.shape == (n, min(k, n - 1))
+    assert (indices == ref_indices).all()
+    assert np.allclose(scores, ref_scores, atol=1e-5)
+    assert not (indices == np.arange(n)[:, None]).any()  # never itself
+
+
+def test_ties_are_broken_by_lower_index_in_every_block_size() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 8)).astype(np.float32)
+    features = np.repeat(base, 5, axis=0)  # groups of 5 identical rows: many exact ties
+    features[7] = 0  # and a zero vector
+    ref_indices, _ = reference(features, 3)
+    for block in (1, 4, 30):
+        indices, scores = top_k_cosine(features, 3, block_rows=block)
+        assert (indices == ref_indices).all()
+    assert np.allclose(top_k_cosine(features, 3)[1][0], 1.0, atol=1e-6)  # identical rows score 1
+    assert np.allclose(top_k_cosine(features, 3)[1][7], 0.0)  # zero vector: cosine 0
+
+
+def test_block_size_follows_the_memory_budget() -> None:
+    assert block_rows_for(25_655, 256 * 2**20) == 256 * 2**20 // (25_655 * 12)
+    assert block_rows_for(10, 10**9) == 10
+    assert block_rows_for(10**7, 1) == 1
