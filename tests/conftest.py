@@ -53,8 +53,8 @@ def serve():  # type: ignore[no-untyped-def]
     """Start servers with chosen folders and faults; all are stopped after the test."""
     servers: list[SketchfabServer] = []
 
-    def start(folder: Path, faults: Faults = Faults()) -> SketchfabServer:
-        server = start_in_thread(folder, faults=faults)
+    def start(folder: Path, faults: Faults | None = None) -> SketchfabServer:
+        server = start_in_thread(folder, faults=faults or Faults())
         servers.append(server)
         return server
 

@@ -42,7 +42,7 @@ def test_a_failed_load_leaves_the_served_set(db_url: str) -> None:
     seed_models(engine)
     store.load_recommendations(engine, "run-1", "bb", 2, rows_for(0.9))
     broken = [*rows_for(0.1), (A, 1, B, 0.1)]  # duplicate (run, mid, rank): the load must fail
-    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
         store.load_recommendations(engine, "run-2", "bb", 2, broken)
     assert store.live_run(engine)["run_id"] == "run-1"
     assert store.similar(engine, A)[0]["score"] == 0.9
