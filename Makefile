@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 lock:
-	uv pip compile requirements.in --python-version 3.11 --quiet -o - | $(PYTHON) tools/strip_gpu_pins.py > requirements.txt
+	uv pip compile requirements.in --python-version 3.11 --quiet | $(PYTHON) tools/strip_gpu_pins.py > requirements.txt
 
 demo: venv
 	rm -rf $(DEMO_DIR) && mkdir -p .airflow
