@@ -87,6 +87,11 @@ def threshold_stage(settings: Settings, folder: Path, progress: Progress = log.i
         progress("threshold: min_likes=0, keeping every model with a thumbnail")
         valid = with_thumbnail
     progress(f"threshold: {len(valid)} models pass the threshold and have a thumbnail")
+    if len(valid) < 2:
+        raise RecsketchError(
+            f"only {len(valid)} of {len(with_thumbnail)} models with a thumbnail have >= {settings.min_likes} "
+            "likes from users with as many: nothing to recommend. Lower the threshold with --min-likes "
+            "(RECSKETCH_MIN_LIKES; 0 keeps every model)")
     _write_json(folder / VALID_MODELS_FILE, valid)
     return {"valid_models": len(valid), "with_thumbnail": len(with_thumbnail)}
 

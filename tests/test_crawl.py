@@ -81,3 +81,26 @@ def test_malformed_catalogue_rows_do_not_stop_the_server(tmp_path: Path, serve, 
     settings = settings_for(server, min_likes=0)
     stats = crawl(settings, store.connect(settings.resolved_database_url), _client(server))
     assert stats.models == 1 and stats.thumbnails_missing == 1
+
+
+def test_a_catalogue_without_enough_likes_gets_a_clear_error(tmp_path: Path, serve, settings_for) -> None:
+    import pytest
+
+    from recsketch.errors import RecsketchError
+    from recsketch.pipeline import crawl_stage, run_dir, threshold_stage
+
+    folder = tmp_path / "catalog"
+    (folder / "model_thumbs").mkdir(parents=True)
+    from PIL import Image
+
+    mids = ["a" * 32, "b" * 32, "c" * 32]
+    for mid in mids:
+        Image.new("RGB", (200, 200), "red").save(folder / "model_thumbs" / f"{mid}_thumb200.jpg")
+    (folder / "model_urls.psv").write_text("name|mid\n" + "".join(f"m|{mid}\n" for mid in mids))
+    server = serve(folder)
+    settings = settings_for(server)
+    run = run_dir(settings, "r1")
+    crawl_stage(settings, run)
+    with pytest.raises(RecsketchError, match=r"only 0 of 3 models .* --min-likes"):
+        threshold_stage(settings, run)
+    assert threshold_stage(settings_for(server, min_likes=0), run)["valid_models"] == 3
