@@ -26,16 +26,20 @@ lock:
 	uv pip compile requirements.in --python-version 3.11 --quiet | $(PYTHON) tools/strip_gpu_pins.py > requirements.txt
 
 demo: venv
-	rm -rf $(DEMO_DIR) && mkdir -p .airflow
-	$(BIN)/recsketch demo-catalog $(DEMO_DIR)/catalog
-	$(AIRFLOW_ENV) $(BIN)/airflow db migrate > .airflow/migrate.log 2>&1 || (cat .airflow/migrate.log; exit 1)
-	set -e; $(BIN)/recsketch serve-sketchfab $(DEMO_DIR)/catalog --port $(DEMO_PORT) & server=$$!; \
-	trap "kill $$server" EXIT; sleep 2; \
+	@rm -rf $(DEMO_DIR) && mkdir -p .airflow $(DEMO_DIR)
+	@$(BIN)/recsketch demo-catalog $(DEMO_DIR)/catalog
+	@$(AIRFLOW_ENV) $(BIN)/airflow db migrate > .airflow/migrate.log 2>&1 || (cat .airflow/migrate.log; exit 1)
+	@set -e; $(BIN)/recsketch serve-sketchfab $(DEMO_DIR)/catalog --port $(DEMO_PORT) > $(DEMO_DIR)/server.log 2>&1 & \
+	server=$$!; trap "kill $$server" EXIT; \
+	for i in $$(seq 50); do curl -sf -o /dev/null http://127.0.0.1:$(DEMO_PORT)/v3/models?count=1 && break; \
+	    kill -0 $$server 2>/dev/null || { cat $(DEMO_DIR)/server.log; exit 1; }; sleep 0.2; done; \
+	echo "local Sketchfab API on http://127.0.0.1:$(DEMO_PORT); running the DAG with airflow dags test ..."; \
 	export RECSKETCH_SKETCHFAB_URL=http://127.0.0.1:$(DEMO_PORT) RECSKETCH_DATA_DIR=$(CURDIR)/$(DEMO_DIR)/data \
 	       RECSKETCH_BACKBONE=efficientnet_lite0; \
 	$(AIRFLOW_ENV) $(BIN)/airflow dags test recsketch > $(DEMO_DIR)/dags-test.log 2>&1 \
-	    || (grep -E "ERROR|Error|recsketch" $(DEMO_DIR)/dags-test.log | tail -40; exit 1); \
-	grep -E "\] (crawl done|threshold|plan|similarity|load):" $(DEMO_DIR)/dags-test.log | sed 's/ *\[recsketch.*//'; \
+	    || { grep -E "ERROR|Error|recsketch" $(DEMO_DIR)/dags-test.log | tail -40; exit 1; }; \
+	grep -E "\] (crawl done|threshold|plan|similarity|load):" $(DEMO_DIR)/dags-test.log | sed -E 's/^[^]]*\] //; s/ +\[recsketch.*//'; \
+	echo "task logs: $(DEMO_DIR)/dags-test.log"; \
 	$(BIN)/recsketch show --models 6 --top-k 3
 
 test: venv

@@ -147,7 +147,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"live run {run['run_id']} ({run['backbone']}, {run['n_models']} models)")
     with engine.connect() as conn:
         query = text("SELECT DISTINCT r.mid, m.name FROM recommendations r JOIN models m ON m.mid = r.mid "
-                     "ORDER BY m.name LIMIT :n")
+                     "ORDER BY r.mid LIMIT :n")  # mids are random: a spread of models
         picked = conn.execute(query, {"n": args.models}).all()
     for mid, name in picked:
         print(f"\n{name}  [{mid}]")
