@@ -1,6 +1,8 @@
 """recsketch: Sketchfab thumbnails -> visual "more like this" recommendations.
 
 crawl -> threshold -> plan_chunks -> extract (one mapped task per chunk) -> similarity -> load.
+Scheduled and backfilled runs crawl the models published in their day (data interval);
+manual runs crawl the whole catalogue.
 Every task calls one function of ``recsketch.pipeline``; stages hand over through the
 catalogue DB and the run's folder, so any task can be retried alone. Heavy libraries
 (TensorFlow, torch) load inside the tasks, never when this file is parsed.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 DEFAULT_ARGS = {
     "owner": "recsketch",
@@ -44,7 +46,8 @@ def _stage_inputs():  # type: ignore[no-untyped-def]
 
 @dag(
     dag_id="recsketch",
-    schedule="@daily",
+    # daily intervals: a scheduled or backfilled run crawls the models published in its day
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -56,9 +59,15 @@ def _stage_inputs():  # type: ignore[no-untyped-def]
 def recsketch() -> None:
     @task
     def crawl() -> dict:
+        """Scheduled and backfill runs crawl their data interval; manual runs the whole catalogue."""
         from recsketch.pipeline import crawl_stage
 
         settings, folder, _ = _stage_inputs()
+        context = get_current_context()
+        run_type = context["dag_run"].run_type
+        if getattr(run_type, "value", run_type) in ("scheduled", "backfill"):
+            return crawl_stage(settings, folder, published_since=context["data_interval_start"],
+                               published_before=context["data_interval_end"])
         return crawl_stage(settings, folder)
 
     @task

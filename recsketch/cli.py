@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fault-429", type=_rate, default=0.0, help="share of API requests answered 429")
     serve.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with 429s")
     serve.add_argument("--fault-5xx", type=_rate, default=0.0, help="share of API requests answered 503")
+    serve.add_argument("--fault-truncate", type=_rate, default=0.0,
+                       help="share of responses cut off before their Content-Length")
+    serve.add_argument("--fault-bad-json", type=_rate, default=0.0, help="share of API answers with broken JSON")
     serve.add_argument("--latency-ms", type=float, default=0.0, help="added latency per API request")
     serve.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
 
@@ -109,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     from recsketch.sketchfab.server import Catalog, Faults, SketchfabServer
 
     faults = Faults(rate_429=args.fault_429, retry_after=args.retry_after, rate_5xx=args.fault_5xx,
+                    rate_truncate=args.fault_truncate, rate_bad_json=args.fault_bad_json,
                     latency_s=args.latency_ms / 1000.0, seed=args.seed)
     catalog = Catalog(args.folder)
     server = SketchfabServer(catalog, (args.host, args.port), faults)

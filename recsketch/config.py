@@ -11,6 +11,8 @@ from recsketch.errors import ConfigError
 SKETCHFAB_API_URL = "https://api.sketchfab.com"
 SKETCHFAB_WEB_URL = "https://sketchfab.com"
 BACKBONES = ("efficientnet_lite0", "vgg16")
+SKETCHFAB_MEDIA_HOSTS = ("media.sketchfab.com",)
+REAL_API_RATE_LIMIT = 10.0
 
 
 def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
@@ -23,6 +25,19 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
     if value < minimum:
         raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: dict[str, str], name: str) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={value} must not be negative")
     return value
 
 
@@ -45,6 +60,9 @@ class Settings:
     batch_size: int = 32
     crawl_workers: int = 8
     http_retries: int = 5
+    rate_limit: float | None = None  # requests/s shared by all threads; None: the default below
+    thumbnail_hosts: tuple[str, ...] = ()  # beside the API's own hosts
+    max_thumbnail_bytes: int = 5 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -78,6 +96,10 @@ class Settings:
             batch_size=_int(env, "RECSKETCH_BATCH_SIZE", 32, 1),
             crawl_workers=_int(env, "RECSKETCH_CRAWL_WORKERS", 8, 1),
             http_retries=_int(env, "RECSKETCH_HTTP_RETRIES", 5, 0),
+            rate_limit=_float(env, "RECSKETCH_RATE_LIMIT"),
+            thumbnail_hosts=tuple(h.strip() for h in (env.get("RECSKETCH_THUMBNAIL_HOSTS") or "").split(",")
+                                  if h.strip()),
+            max_thumbnail_bytes=_int(env, "RECSKETCH_MAX_THUMBNAIL_BYTES", 5 * 1024 * 1024, 1024),
         )
 
     def with_overrides(self, **overrides: object) -> Settings:
@@ -99,6 +121,19 @@ class Settings:
         if self.sketchfab_url == SKETCHFAB_API_URL:
             return SKETCHFAB_WEB_URL
         return self.sketchfab_url
+
+    @property
+    def effective_rate_limit(self) -> float | None:
+        """Requests/s: 10 against the real Sketchfab API unless set; 0 means unlimited."""
+        if self.rate_limit is None:
+            return REAL_API_RATE_LIMIT if self.sketchfab_url == SKETCHFAB_API_URL else None
+        return self.rate_limit or None
+
+    @property
+    def allowed_thumbnail_hosts(self) -> tuple[str, ...]:
+        if self.thumbnail_hosts:
+            return self.thumbnail_hosts
+        return SKETCHFAB_MEDIA_HOSTS if self.sketchfab_url == SKETCHFAB_API_URL else ()
 
     @property
     def thumbs_dir(self) -> Path:

@@ -30,7 +30,6 @@ from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
 
 log = logging.getLogger(__name__)
 
-MAX_THUMBNAIL_BYTES = 5 * 1024 * 1024
 PROGRESS_EVERY_S = 10.0
 
 
@@ -39,6 +38,8 @@ class CrawlStats:
     pages: int = 0
     models: int = 0
     models_outside_window: int = 0
+    models_repaired: int = 0
+    resumed_at_page: int = 0
     bad_model_entries: int = 0
     likes: int = 0
     likes_failed: int = 0
@@ -74,7 +75,7 @@ def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelIn
     """Download, verify and store one thumbnail: returns (status, reason)."""
     assert model.thumbnail_url
     try:
-        body, content_type = client.download(model.thumbnail_url, MAX_THUMBNAIL_BYTES)
+        body, content_type = client.download(model.thumbnail_url, settings.max_thumbnail_bytes)
         if content_type and not content_type.startswith("image/"):
             return "failed", f"content type {content_type!r} is not an image"
         check_image(body, model.thumbnail_url)
@@ -99,6 +100,14 @@ def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
     return result
 
 
+def window_key(published_since: datetime | None, published_before: datetime | None) -> str:
+    """Names a publication window; the resume position is kept per window."""
+    def fmt(moment: datetime | None) -> str:
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "*"
+
+    return f"{fmt(published_since)}..{fmt(published_before)}"
+
+
 def crawl(
     settings: Settings,
     engine: Engine,
@@ -109,12 +118,25 @@ def crawl(
     run_dir: Path | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> CrawlStats:
-    """Crawl the models published in [since, before) (all models when no window is given)."""
+    """Crawl the models published in [since, before) (all models when no window is given).
+
+    After each page is stored, the next page's URL is saved, so a crawl killed mid-way goes
+    on from the page it was on. Models of the window whose likes or thumbnail failed in an
+    earlier crawl are retried at the end.
+    """
     started = time.monotonic()
     stats = CrawlStats()
     last_progress = started
+    window = window_key(published_since, published_before)
+    saved = store.saved_crawl_position(engine, window)
+    if saved:
+        progress(f"crawl: resuming window {window} at page {saved[1] + 1}")
+        stats.resumed_at_page = saved[1] + 1
+    pages_done = saved[1] if saved else 0
+    seen: set[str] = set()
     with ThreadPoolExecutor(settings.crawl_workers, thread_name_prefix="crawl") as pool:
-        for page in client.model_pages(published_since=published_since):
+        pages = client.model_pages(published_since=published_since, start_url=saved[0] if saved else None)
+        for page, next_url in pages:
             stats.pages += 1
             infos: list[ModelInfo] = []
             for entry in page:
@@ -131,23 +153,50 @@ def crawl(
                 infos.append(info)
             if infos:
                 _store_page(settings, engine, client, pool, infos, stats)
+                seen.update(info.mid for info in infos)
+            pages_done += 1
+            store.save_crawl_position(engine, window, next_url, pages_done)
             now = time.monotonic()
             if now - last_progress >= PROGRESS_EVERY_S:
                 last_progress = now
                 progress(f"crawl: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
                          f"{stats.thumbnails_ok} thumbnails ({stats.models / (now - started):.1f} models/s)")
+        _repair(settings, engine, client, pool, published_since, published_before, seen, stats)
     stats.http = client.stats.as_dict()
     stats.duration_s = round(time.monotonic() - started, 3)
     summary = (f"crawl done: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
                f"thumbnails ok={stats.thumbnails_ok} skipped={stats.thumbnails_skipped} "
                f"missing={stats.thumbnails_missing} failed={sum(stats.thumbnails_failed.values())}, "
-               f"likes failed={stats.likes_failed}, retries={stats.http['retries']}, "
-               f"429s={stats.http['throttled_429']}, {stats.duration_s:.1f}s")
+               f"likes failed={stats.likes_failed}, repaired={stats.models_repaired}, "
+               f"retries={stats.http['retries']}, 429s={stats.http['throttled_429']}, {stats.duration_s:.1f}s")
     progress(summary)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "crawl_stats.json").write_text(json.dumps(stats.as_dict(), indent=2, default=str))
     return stats
+
+
+def _repair(settings: Settings, engine: Engine, client: SketchfabClient, pool: ThreadPoolExecutor,
+            since: datetime | None, before: datetime | None, seen: set[str], stats: CrawlStats) -> None:
+    """Retry the window's models whose likes or thumbnail failed before and were not seen now."""
+    query = select(models_table).where(
+        (models_table.c.likes_complete.is_(False)) | (models_table.c.thumbnail_status == "failed"))
+    if since is not None:
+        query = query.where(models_table.c.published_at >= since)
+    if before is not None:
+        query = query.where(models_table.c.published_at < before)
+    with engine.connect() as conn:
+        rows = [row for row in conn.execute(query).mappings() if row["mid"] not in seen]
+    if not rows:
+        return
+    infos = [ModelInfo(mid=row["mid"], name=row["name"], published_at=row["published_at"],
+                       like_count=row["like_count"], viewer_url=row["viewer_url"],
+                       thumbnail_url=row["thumbnail_url"]) for row in rows]
+    log.info("crawl: retrying %d models left incomplete by an earlier crawl", len(infos))
+    for start in range(0, len(infos), 24):
+        _store_page(settings, engine, client, pool, infos[start : start + 24], stats)
+    stats.models -= len(infos)
+    stats.models_repaired += len(infos)
 
 
 def _store_page(settings: Settings, engine: Engine, client: SketchfabClient,
@@ -191,7 +240,7 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient,
         else:
             stats.thumbnails_skipped += 1
         if "likes_error" in result:
-            row["likes_complete"] = False
+            row["likes_complete"], row["likes_reason"] = False, result["likes_error"]
             stats.likes_failed += 1
             stats.problems.append(f"likes of {info.mid}: {result['likes_error']}")
             log.warning("likes of %s: %s", info.mid, result["likes_error"])

@@ -92,7 +92,7 @@ def pg_url(pg_database: str) -> Iterator[str]:
     engine = create_engine(pg_database)
     with engine.begin() as conn:
         conn.execute(text("DROP VIEW IF EXISTS similar_models"))
-        for table in ("recommendations", "runs", "likes", "models"):
+        for table in ("recommendations", "runs", "likes", "models", "crawl_state"):
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     engine.dispose()
     yield pg_database

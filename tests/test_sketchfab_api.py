@@ -61,7 +61,7 @@ def test_one_model_likes_and_thumbnail(sketchfab, demo_catalog: Path, demo_group
 def test_client_survives_429_and_5xx(serve, demo_catalog: Path, demo_groups) -> None:
     faulty = serve(demo_catalog, Faults(rate_429=0.25, retry_after=0.01, rate_5xx=0.25, seed=3))
     client = SketchfabClient(faulty.url, retries=12, backoff_base=0.005)
-    mids = [m["uid"] for page in client.model_pages() for m in page]
+    mids = [m["uid"] for page, _ in client.model_pages() for m in page]
     assert len(mids) == len(demo_groups) + 4
     likers = {mid: client.likers(mid) for mid in mids}
     assert all(len(likers[mid]) == 10 for mid in demo_groups)  # nothing lost to the faults

@@ -33,6 +33,7 @@ models = Table(
     Column("thumbnail_status", String(16)),
     Column("thumbnail_reason", Text),
     Column("likes_complete", Boolean, nullable=False, default=False),
+    Column("likes_reason", Text),  # why the likers are incomplete, when they are
     Column("crawled_at", DateTime(timezone=True)),
 )
 
@@ -42,6 +43,16 @@ likes = Table(
     Column("mid", String(32), nullable=False),
     Column("uid", String(64), nullable=False),
     PrimaryKeyConstraint("mid", "uid", name="likes_pkey"),
+)
+
+# Where an interrupted crawl of a publication window resumes: the next page's URL.
+crawl_state = Table(
+    "crawl_state",
+    metadata,
+    Column("window", String(120), primary_key=True),
+    Column("next_url", Text, nullable=False),
+    Column("pages", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 runs = Table(

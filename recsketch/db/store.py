@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from recsketch.db.schema import create_schema, likes, models, recommendations, runs
+from recsketch.db.schema import crawl_state, create_schema, likes, models, recommendations, runs
 from recsketch.errors import RecsketchError, UnknownModel
 from recsketch.ids import validate_model_id
 
@@ -86,7 +86,24 @@ def replace_likes(engine: Engine, likers: dict[str, Iterable[str]]) -> None:
         insert = _insert(conn)
         for batch in _batches(rows):
             conn.execute(insert(likes).values(list(batch)))
-        conn.execute(update(models).where(models.c.mid.in_(mids)).values(likes_complete=True))
+        conn.execute(update(models).where(models.c.mid.in_(mids)).values(likes_complete=True, likes_reason=None))
+
+
+def saved_crawl_position(engine: Engine, window: str) -> tuple[str, int] | None:
+    """(next page URL, pages done) of an unfinished crawl of ``window``, if any."""
+    with engine.connect() as conn:
+        row = conn.execute(select(crawl_state.c.next_url, crawl_state.c.pages)
+                           .where(crawl_state.c.window == window)).first()
+    return (row.next_url, row.pages) if row else None
+
+
+def save_crawl_position(engine: Engine, window: str, next_url: str | None, pages: int) -> None:
+    """Remember where the crawl of ``window`` goes on; ``None`` marks it finished."""
+    with engine.begin() as conn:
+        conn.execute(delete(crawl_state).where(crawl_state.c.window == window))
+        if next_url is not None:
+            conn.execute(crawl_state.insert().values(window=window, next_url=next_url, pages=pages,
+                                                     updated_at=datetime.now(UTC)))
 
 
 def read_likes(engine: Engine) -> list[tuple[str, str]]:

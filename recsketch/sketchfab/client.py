@@ -151,9 +151,12 @@ class SketchfabClient:
         timeout: float = 30.0,
         rate_limit: float | None = None,
         pool_size: int = 16,
+        thumbnail_hosts: tuple[str, ...] | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.likes_url = (likes_url or api_url).rstrip("/")
+        own_hosts = {urlsplit(self.api_url).hostname, urlsplit(self.likes_url).hostname}
+        self.thumbnail_hosts = frozenset(thumbnail_hosts or ()) | {h for h in own_hosts if h}
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -174,15 +177,23 @@ class SketchfabClient:
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
 
-    def get(self, url: str, params: dict[str, Any] | None = None) -> requests.Response:
-        """GET with retries on 429, 5xx, connection errors and timeouts."""
+    def get(self, url: str, params: dict[str, Any] | None = None, *, max_bytes: int | None = None,
+            allow_redirects: bool = True) -> requests.Response:
+        """GET with retries on 429, 5xx, connection errors, timeouts and truncated bodies.
+
+        The body is read here (streamed, so ``max_bytes`` stops a huge one early) and is in
+        ``response.content`` afterwards.
+        """
         for attempt in range(self.retries + 1):
             self._limiter.wait()
             self.stats.add(requests=1)
             wait: float | None = None
             try:
-                response = self._session.get(url, params=params, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as exc:
+                response = self._session.get(url, params=params, timeout=self.timeout, stream=True,
+                                             allow_redirects=allow_redirects)
+                _read_body(response, max_bytes)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
                 problem = f"{type(exc).__name__}"
             else:
                 if response.status_code not in RETRY_STATUSES:
@@ -221,21 +232,27 @@ class SketchfabClient:
         raise AssertionError("unreachable")
 
     def model_pages(
-        self, published_since: datetime | None = None, count: int = 24
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Yield the raw ``results`` of each ``/v3/models`` page, newest first."""
+        self, published_since: datetime | None = None, count: int = 24, start_url: str | None = None
+    ) -> Iterator[tuple[list[dict[str, Any]], str | None]]:
+        """Yield (raw ``results``, next page URL) for each ``/v3/models`` page, newest first.
+
+        ``start_url`` resumes at a ``next`` URL saved by an earlier, interrupted crawl.
+        """
         params: dict[str, Any] | None = {"count": count, "sort_by": "-publishedAt"}
         if published_since is not None and params is not None:
             params["published_since"] = published_since.astimezone(UTC).isoformat()
         url: str | None = f"{self.api_url}/v3/models"
+        if start_url:
+            url, params = start_url, None
         while url:
             payload = self.get_json(url, params)
             results = payload.get("results")
             if not isinstance(results, list):
                 raise ApiError(f"GET {url}: 'results' is missing or not a list")
-            yield results
             next_url = payload.get("next")
-            url, params = (next_url, None) if isinstance(next_url, str) and next_url else (None, None)
+            next_url = next_url if isinstance(next_url, str) and next_url else None
+            yield results, next_url
+            url, params = next_url, None
 
     def likers(self, mid: str) -> list[str]:
         """Every user who liked ``mid``, across all pages of ``/i/likes``."""
@@ -258,13 +275,41 @@ class SketchfabClient:
         return uids
 
     def download(self, url: str, max_bytes: int) -> tuple[bytes, str]:
-        """Fetch a thumbnail; returns (body, content type). Only http(s) URLs."""
-        if urlsplit(url).scheme not in ("http", "https"):
+        """Fetch a thumbnail; returns (body, content type).
+
+        Only http(s) URLs on the allowed hosts; redirects are refused (they could lead to
+        another host), and a body above ``max_bytes`` is cut off and refused.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
             raise BadInputError(f"thumbnail URL {url!r}: only http(s) is allowed")
-        response = self.get(url)
+        if parts.hostname not in self.thumbnail_hosts:
+            raise BadInputError(f"thumbnail URL {url!r}: host {parts.hostname!r} is not allowed "
+                                f"(allowed: {', '.join(sorted(self.thumbnail_hosts))})")
+        response = self.get(url, max_bytes=max_bytes, allow_redirects=False)
+        if response.is_redirect:
+            raise BadInputError(f"GET {url}: redirect to {response.headers.get('Location')!r} refused")
         if response.status_code != 200:
             raise ApiError(f"GET {url}: HTTP {response.status_code}")
-        body = response.content
-        if len(body) > max_bytes:
-            raise BadInputError(f"GET {url}: {len(body)} bytes, above the {max_bytes} byte limit")
-        return body, response.headers.get("Content-Type", "")
+        return response.content, response.headers.get("Content-Type", "")
+
+
+class BodyTooLarge(BadInputError):
+    """A response body above the caller's byte limit."""
+
+
+def _read_body(response: requests.Response, max_bytes: int | None) -> None:
+    """Read a streamed body into ``response._content``, stopping past ``max_bytes``."""
+    declared = response.headers.get("Content-Length")
+    if max_bytes is not None and declared and declared.isdigit() and int(declared) > max_bytes:
+        response.close()
+        raise BodyTooLarge(f"GET {response.url}: {declared} bytes, above the {max_bytes} byte limit")
+    chunks, size = [], 0
+    for chunk in response.iter_content(64 * 1024):
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            response.close()
+            raise BodyTooLarge(f"GET {response.url}: more than {max_bytes} bytes, above the limit")
+        chunks.append(chunk)
+    response._content = b"".join(chunks)
+    response._content_consumed = True

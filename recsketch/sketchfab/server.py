@@ -38,6 +38,8 @@ class Faults:
     rate_429: float = 0.0
     retry_after: float | None = None  # seconds sent in Retry-After with a 429; None: no header
     rate_5xx: float = 0.0
+    rate_truncate: float = 0.0  # body cut off before its Content-Length, connection closed
+    rate_bad_json: float = 0.0  # 200 with a syntactically broken JSON body
     latency_s: float = 0.0
     seed: int = 0
 
@@ -119,17 +121,29 @@ class SketchfabHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:
+        truncate = self.server.faults.rate_truncate and self.server.roll() < self.server.faults.rate_truncate
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        if truncate:
+            self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        if truncate:  # promise the whole body, send half, hang up
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
 
     def _json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+        body = json.dumps(payload).encode()
+        if self.server.faults.rate_bad_json and self.server.roll() < self.server.faults.rate_bad_json:
+            body = body[: len(body) // 2]  # well-framed, but not JSON
+        self._send(status, body, "application/json", headers)
 
     def _error(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         self._json(status, {"detail": detail}, headers)
