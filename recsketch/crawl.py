@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from recsketch.db import store
 from recsketch.db.schema import models as models_table
 from recsketch.errors import RecsketchError
 from recsketch.features.images import check_image
+from recsketch.ids import is_model_id
 from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,35 @@ def thumbnail_path(settings: Settings, mid: str) -> Path:
     return settings.thumbs_dir / f"{mid}.jpg"
 
 
+class ThumbnailIndex:
+    """Which URL each stored thumbnail came from: ``thumbs/index.tsv``, one line per download.
+
+    A file is written before its model's page reaches the DB, so after a kill the DB may not
+    know a thumbnail that is on disk; this index does, and the resumed crawl skips it. The
+    index is append-only; a torn last line (killed mid-write) is ignored.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "index.tsv"
+        self._lock = threading.Lock()
+        self.urls: dict[str, str] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                mid, _, url = line.partition("\t")
+                if is_model_id(mid) and url.startswith(("http://", "https://")):
+                    self.urls[mid] = url
+
+    def add(self, mid: str, url: str) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(f"{mid}\t{url}\n")
+            self.urls[mid] = url
+
+    def has(self, mid: str, url: str | None, path: Path) -> bool:
+        return url is not None and self.urls.get(mid) == url and path.is_file()
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -71,7 +102,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelInfo) -> tuple[str, str]:
+def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelInfo,
+                     index: ThumbnailIndex) -> tuple[str, str]:
     """Download, verify and store one thumbnail: returns (status, reason)."""
     assert model.thumbnail_url
     try:
@@ -82,11 +114,12 @@ def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelIn
     except RecsketchError as exc:
         return "failed", str(exc)
     _write_atomically(thumbnail_path(settings, model.mid), body)
+    index.add(model.mid, model.thumbnail_url)
     return "ok", ""
 
 
 def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
-                 fetch_thumbnail: bool) -> dict:
+                 fetch_thumbnail: bool, index: ThumbnailIndex) -> dict:
     """All the HTTP work for one model (runs on a worker thread)."""
     result: dict = {"mid": model.mid}
     try:
@@ -96,7 +129,7 @@ def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
     if model.thumbnail_url is None:
         result["thumbnail"] = ("missing", "the API lists no thumbnail")
     elif fetch_thumbnail:
-        result["thumbnail"] = _fetch_thumbnail(client, settings, model)
+        result["thumbnail"] = _fetch_thumbnail(client, settings, model, index)
     return result
 
 
@@ -134,6 +167,7 @@ def crawl(
         stats.resumed_at_page = saved[1] + 1
     pages_done = saved[1] if saved else 0
     seen: set[str] = set()
+    index = ThumbnailIndex(settings.thumbs_dir)
     with ThreadPoolExecutor(settings.crawl_workers, thread_name_prefix="crawl") as pool:
         pages = client.model_pages(published_since=published_since, start_url=saved[0] if saved else None)
         for page, next_url in pages:
@@ -152,7 +186,7 @@ def crawl(
                     continue
                 infos.append(info)
             if infos:
-                _store_page(settings, engine, client, pool, infos, stats)
+                _store_page(settings, engine, client, pool, index, infos, stats)
                 seen.update(info.mid for info in infos)
             pages_done += 1
             store.save_crawl_position(engine, window, next_url, pages_done)
@@ -161,7 +195,7 @@ def crawl(
                 last_progress = now
                 progress(f"crawl: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
                          f"{stats.thumbnails_ok} thumbnails ({stats.models / (now - started):.1f} models/s)")
-        _repair(settings, engine, client, pool, published_since, published_before, seen, stats)
+        _repair(settings, engine, client, pool, index, published_since, published_before, seen, stats)
     stats.http = client.stats.as_dict()
     stats.duration_s = round(time.monotonic() - started, 3)
     summary = (f"crawl done: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
@@ -177,7 +211,8 @@ def crawl(
 
 
 def _repair(settings: Settings, engine: Engine, client: SketchfabClient, pool: ThreadPoolExecutor,
-            since: datetime | None, before: datetime | None, seen: set[str], stats: CrawlStats) -> None:
+            index: ThumbnailIndex, since: datetime | None, before: datetime | None, seen: set[str],
+            stats: CrawlStats) -> None:
     """Retry the window's models whose likes or thumbnail failed before and were not seen now."""
     query = select(models_table).where(
         (models_table.c.likes_complete.is_(False)) | (models_table.c.thumbnail_status == "failed"))
@@ -194,13 +229,13 @@ def _repair(settings: Settings, engine: Engine, client: SketchfabClient, pool: T
                        thumbnail_url=row["thumbnail_url"]) for row in rows]
     log.info("crawl: retrying %d models left incomplete by an earlier crawl", len(infos))
     for start in range(0, len(infos), 24):
-        _store_page(settings, engine, client, pool, infos[start : start + 24], stats)
+        _store_page(settings, engine, client, pool, index, infos[start : start + 24], stats)
     stats.models -= len(infos)
     stats.models_repaired += len(infos)
 
 
-def _store_page(settings: Settings, engine: Engine, client: SketchfabClient,
-                pool: ThreadPoolExecutor, infos: list[ModelInfo], stats: CrawlStats) -> None:
+def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, pool: ThreadPoolExecutor,
+                index: ThumbnailIndex, infos: list[ModelInfo], stats: CrawlStats) -> None:
     mids = [info.mid for info in infos]
     with engine.connect() as conn:
         stored = {
@@ -214,11 +249,13 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient,
 
     def is_current(info: ModelInfo) -> bool:
         url, status = stored.get(info.mid, (None, None))
-        return (status == "ok" and url == info.thumbnail_url
-                and thumbnail_path(settings, info.mid).is_file())
+        path = thumbnail_path(settings, info.mid)
+        if status == "ok" and url == info.thumbnail_url and path.is_file():
+            return True
+        return status != "failed" and index.has(info.mid, info.thumbnail_url, path)
 
     fetch = {info.mid: not is_current(info) for info in infos}
-    results = list(pool.map(lambda i: _crawl_model(client, settings, i, fetch[i.mid]), infos))
+    results = list(pool.map(lambda i: _crawl_model(client, settings, i, fetch[i.mid], index), infos))
     rows = []
     for info, result in zip(infos, results, strict=True):
         row = {
@@ -239,6 +276,7 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient,
                 log.warning("thumbnail of %s: %s", info.mid, reason)
         else:
             stats.thumbnails_skipped += 1
+            row["thumbnail_status"], row["thumbnail_reason"] = "ok", None
         if "likes_error" in result:
             row["likes_complete"], row["likes_reason"] = False, result["likes_error"]
             stats.likes_failed += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import (
     Boolean,
     Column,
@@ -17,6 +19,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 metadata = MetaData()
 
@@ -91,15 +94,26 @@ LEFT JOIN models m ON m.mid = r.similar_mid
 
 
 def create_schema(engine: Engine) -> None:
-    """Create tables and the view if absent (idempotent, safe on every task start)."""
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))  # racing workers
-            exists = conn.execute(text("SELECT to_regclass('similar_models')")).scalar()
-        else:
-            exists = conn.execute(
-                text("SELECT name FROM sqlite_master WHERE type='view' AND name='similar_models'")
-            ).scalar()
-        if not exists:
-            conn.execute(text(SIMILAR_MODELS_VIEW))
+    """Create tables and the view if absent: idempotent, and safe when workers start together.
+
+    PostgreSQL serialises creators with an advisory lock; SQLite has no such lock, so a
+    creator that loses the race ("already exists") simply checks again.
+    """
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+                metadata.create_all(conn)
+                if engine.dialect.name == "postgresql":
+                    exists = conn.execute(text("SELECT to_regclass('similar_models')")).scalar()
+                else:
+                    exists = conn.execute(text(
+                        "SELECT name FROM sqlite_master WHERE type='view' AND name='similar_models'")).scalar()
+                if not exists:
+                    conn.execute(text(SIMILAR_MODELS_VIEW))
+            return
+        except DBAPIError as exc:
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))

@@ -289,6 +289,15 @@ class SketchfabServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self.requests_served = 0
 
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """A client that hangs up (killed crawler, timeout) is routine here, not a traceback."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s disconnected", client_address)
+            return
+        super().handle_error(request, client_address)
+
     def roll(self) -> float:
         with self._lock:
             return self._random.random()
