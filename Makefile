@@ -10,7 +10,7 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURD
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	PATH=$(CURDIR)/$(BIN):$$PATH
 
-.PHONY: venv demo test lint lock clean
+.PHONY: venv demo test bench lint lock clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# speed goals, measured against the naive baseline in the same run (never asserted in tests)
+bench: venv
+	$(BIN)/python -m benchmarks.crawl_bench
 
 lint: venv
 	$(BIN)/ruff check .

@@ -13,11 +13,12 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -31,6 +32,7 @@ from recsketch.ids import is_model_id
 from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROGRESS_EVERY_S = 10.0
 
@@ -169,7 +171,8 @@ def crawl(
     seen: set[str] = set()
     index = ThumbnailIndex(settings.thumbs_dir)
     with ThreadPoolExecutor(settings.crawl_workers, thread_name_prefix="crawl") as pool:
-        pages = client.model_pages(published_since=published_since, start_url=saved[0] if saved else None)
+        pages = _prefetched(client.model_pages(published_since=published_since,
+                                               start_url=saved[0] if saved else None))
         for page, next_url in pages:
             stats.pages += 1
             infos: list[ModelInfo] = []
@@ -208,6 +211,15 @@ def crawl(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "crawl_stats.json").write_text(json.dumps(stats.as_dict(), indent=2, default=str))
     return stats
+
+
+def _prefetched(pages: Iterator[T]) -> Iterator[T]:
+    """Fetch the next listing page on a thread while the caller works on the current one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="listing") as fetcher:
+        upcoming = fetcher.submit(next, pages, None)
+        while (page := upcoming.result()) is not None:
+            upcoming = fetcher.submit(next, pages, None)
+            yield page
 
 
 def _repair(settings: Settings, engine: Engine, client: SketchfabClient, pool: ThreadPoolExecutor,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from recsketch.psv import write_psv
+from recsketch.psv import read_models, write_psv
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "colorwheel", "logo", "camera", "coins", "moon", "page", "brick", "text",
@@ -88,3 +88,32 @@ def build_demo_catalog(folder: Path, photos: tuple[str, ...] = PHOTOS, seed: int
     write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid"), likes)
     (folder / GROUPS_FILE).write_text(json.dumps(groups, indent=1))
     return groups
+
+
+def build_catalog_from_psv(folder: Path, source: Path, n_models: int, seed: int = 0, days: int = 3,
+                           start: datetime = datetime(2026, 11, 20, tzinfo=UTC)) -> dict[str, set[str]]:
+    """A catalogue with the real ids and names of ``source`` (legacy ids and quoted names
+    included) and generated likes, dates and solid-colour thumbnails; for crawler tests and
+    benchmarks. Returns mid -> its likers, the ground truth a crawl must reproduce."""
+    rng = random.Random(seed)
+    rows = read_models(source).rows
+    legacy = [r for r in rows if len(r.mid) != 32][:5]
+    quoted = [r for r in rows if "|" in r.name or "\n" in r.name][:5]
+    rest = rng.sample([r for r in rows if r not in legacy + quoted], n_models - len(legacy) - len(quoted))
+    chosen = legacy + quoted + rest
+    thumbs = folder / "model_thumbs"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    users = [f"user{n:04d}" for n in range(max(50, n_models // 2))]
+    likers: dict[str, set[str]] = {}
+    for index, row in enumerate(chosen):
+        if index % 17 != 5:  # a few models have no thumbnail, as on Sketchfab
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            Image.new("RGB", (200, 200), colour).save(thumbs / f"{row.mid}_thumb200.jpg", quality=80)
+        count = min(len(users), int(rng.paretovariate(1.2) * 2))  # a few popular models, many sparse
+        likers[row.mid] = set(rng.sample(users, count))
+    write_psv(folder / "model_urls.psv", ("name", "mid", "published_at"),
+              [(r.name, r.mid, (start + timedelta(seconds=rng.randrange(days * 86400))).isoformat())
+               for r in chosen])
+    write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid"),
+              [(r.name, r.mid, uid) for r in chosen for uid in sorted(likers[r.mid])])
+    return likers

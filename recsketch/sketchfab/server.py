@@ -150,8 +150,6 @@ class SketchfabHandler(BaseHTTPRequestHandler):
 
     def _inject_fault(self) -> bool:
         faults = self.server.faults
-        if faults.latency_s:
-            time.sleep(faults.latency_s)
         roll = self.server.roll()
         if roll < faults.rate_429:
             headers = {} if faults.retry_after is None else {"Retry-After": f"{faults.retry_after:g}"}
@@ -168,6 +166,8 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [p for p in url.path.split("/") if p]
         self.server.count_request()
+        if self.server.faults.latency_s:
+            time.sleep(self.server.faults.latency_s)
         if parts[:1] == ["thumbs"] and len(parts) == 2:
             return self._thumbnail(parts[1])
         if self._inject_fault():
