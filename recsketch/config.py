@@ -57,7 +57,7 @@ class Settings:
     top_k: int = 10
     min_likes: int = 5
     chunk_size: int = 256
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the backbone's own fastest batch
     crawl_workers: int = 8
     http_retries: int = 5
     rate_limit: float | None = None  # requests/s shared by all threads; None: the default below
@@ -72,7 +72,7 @@ class Settings:
         if self.vgg16_precision not in ("float32", "bfloat16"):
             raise ConfigError(f"vgg16 precision {self.vgg16_precision!r} must be 'float32' or 'bfloat16'")
         for name in ("top_k", "chunk_size", "batch_size", "crawl_workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.min_likes < 0:
             raise ConfigError(f"min_likes={self.min_likes} must be at least 0")
@@ -93,7 +93,7 @@ class Settings:
             top_k=_int(env, "RECSKETCH_TOP_K", 10, 1),
             min_likes=_int(env, "RECSKETCH_MIN_LIKES", 5, 0),
             chunk_size=_int(env, "RECSKETCH_CHUNK_SIZE", 256, 1),
-            batch_size=_int(env, "RECSKETCH_BATCH_SIZE", 32, 1),
+            batch_size=_int(env, "RECSKETCH_BATCH_SIZE", 0, 0) or None,
             crawl_workers=_int(env, "RECSKETCH_CRAWL_WORKERS", 8, 1),
             http_retries=_int(env, "RECSKETCH_HTTP_RETRIES", 5, 0),
             rate_limit=_float(env, "RECSKETCH_RATE_LIMIT"),

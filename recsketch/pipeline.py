@@ -122,7 +122,8 @@ def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Pro
         return {"chunk_id": chunk_id, "skipped": True}
     backbone = create_backbone(settings)
     report = extract_chunk(chunk_store, backbone, chunk_id, chunks[chunk_id],
-                           lambda mid: thumbnail_path(settings, mid), settings.batch_size, progress)
+                           lambda mid: thumbnail_path(settings, mid), settings.batch_size or backbone.batch_size,
+                           progress)
     return {"chunk_id": chunk_id, "images": report.images, "failed": report.failed,
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 

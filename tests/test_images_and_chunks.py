@@ -123,3 +123,14 @@ def test_extract_quarantines_bad_images_and_skips_done_chunks(tmp_path: Path) ->
     again = extract_chunk(store, backbone, "c1", mids, lambda m: thumbs / f"{m}.jpg", batch_size=2)
     assert again.skipped and store.path("c1").stat().st_ino == inode
     assert backbone.calls == 4  # the rerun embedded nothing
+
+
+def test_a_chunk_whose_bytes_changed_fails_its_checksum(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path, "k")
+    store.write(Chunk("c1", ["a" * 32, "b" * 32], np.ones((2, 3), np.float32), {}, "k"))
+    assert store.read("c1") is not None
+    with np.load(store.path("c1")) as data:
+        fields = {name: data[name] for name in data.files}
+    fields["features"] = fields["features"] * 2  # valid zip, valid arrays, wrong numbers
+    np.savez(store.path("c1"), **fields)
+    assert store.read("c1") is None

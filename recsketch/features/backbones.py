@@ -29,6 +29,7 @@ class Backbone(Protocol):
     name: str
     input_size: int
     dim: int
+    batch_size: int  # fastest batch on a small CPU: activations that fit in cache beat big batches
 
     @property
     def key(self) -> str:
@@ -51,6 +52,7 @@ class VGG16Backbone:
 
     name = "vgg16"
     input_size = 224
+    batch_size = 16
 
     def __init__(self, weights: str = "imagenet", pooling: str = "flatten",
                  precision: str = "float32", seed: int = 0) -> None:
@@ -120,6 +122,7 @@ class EfficientNetLite0Backbone:
     name = "efficientnet_lite0"
     input_size = 224
     dim = 1280
+    batch_size = 4
     key = "efficientnet_lite0-avg-float32-imagenet"
 
     def __init__(self) -> None:

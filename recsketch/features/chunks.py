@@ -31,6 +31,12 @@ class Chunk:
     backbone_key: str = ""
 
 
+def _checksum(mids: Sequence[str], features: np.ndarray) -> str:
+    digest = hashlib.sha256("\n".join(mids).encode())
+    digest.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def chunk_id_for(mids: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(mids).encode()).hexdigest()[:16]
 
@@ -53,11 +59,13 @@ class ChunkStore:
         final = self.path(chunk.chunk_id)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         failed = sorted(chunk.failed.items())
+        features = np.ascontiguousarray(chunk.features, dtype=np.float32)
         with tmp.open("wb") as handle:
             np.savez(
                 handle,
                 mids=np.array(chunk.mids, dtype=str),
-                features=np.asarray(chunk.features, dtype=np.float32),
+                features=features,
+                sha256=np.array(_checksum(chunk.mids, features)),
                 failed_mids=np.array([m for m, _ in failed], dtype=str),
                 failed_reasons=np.array([r for _, r in failed], dtype=str),
                 backbone_key=np.array(self.backbone_key),
@@ -77,11 +85,15 @@ class ChunkStore:
                 features = data["features"]
                 failed = dict(zip((str(m) for m in data["failed_mids"]),
                                   (str(r) for r in data["failed_reasons"]), strict=True))
+                checksum = str(data["sha256"])
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             log.warning("chunk %s is unreadable (%s: %s); it will be extracted again",
                         path, type(exc).__name__, exc)
+            return None
+        if checksum != _checksum(mids, features):
+            log.warning("chunk %s fails its checksum; it will be extracted again", path)
             return None
         if key != self.backbone_key or features.ndim != 2 or features.shape[0] != len(mids):
             log.warning("chunk %s does not match backbone %s; it will be extracted again",
