@@ -49,6 +49,7 @@ test: venv
 # speed goals, measured against the naive baseline in the same run (never asserted in tests)
 bench: venv
 	$(BIN)/python -m benchmarks.crawl_bench
+	$(BIN)/python -m benchmarks.extract_bench
 
 lint: venv
 	$(BIN)/ruff check .
