@@ -55,6 +55,7 @@ def build(backbone_name: str, precision: str):  # type: ignore[no-untyped-def]
 
 
 def measure(config: str, mode: str, folder: Path) -> dict:
+    from recsketch.config import Settings
     from recsketch.features.chunks import ChunkStore
     from recsketch.features.extract import extract_chunk
     from recsketch.features.images import load_image
@@ -74,8 +75,9 @@ def measure(config: str, mode: str, folder: Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             store = ChunkStore(Path(tmp), backbone.key)
             mids = [p.stem for p in paths]
-            for c in range(0, len(mids), 64):
-                extract_chunk(store, backbone, f"c{c}", mids[c : c + 64], lambda m: folder / f"{m}.jpg",
+            size = Settings().chunk_size  # the product's default chunk, each one fsync'ed
+            for c in range(0, len(mids), size):
+                extract_chunk(store, backbone, f"c{c}", mids[c : c + size], lambda m: folder / f"{m}.jpg",
                               batch, progress=lambda _: None)
     else:  # the seed: everything decoded into float64 first, then predict in batches of 32
         from PIL import Image

@@ -188,3 +188,23 @@ def test_thumbnail_safety(real_catalog, serve) -> None:
         client.download("file:///etc/passwd", 10**6)
     allowed = SketchfabClient(server.url, thumbnail_hosts=("media.sketchfab.com",))
     assert allowed.thumbnail_hosts == {"media.sketchfab.com", "127.0.0.1"}
+
+
+def test_token_goes_in_the_header_and_never_into_logs(real_catalog, serve, settings_for, caplog,
+                                                     tmp_path: Path) -> None:
+    folder, _ = real_catalog
+    server = serve(folder, Faults(rate_5xx=0.2, rate_429=0.1, seed=2))
+    settings = settings_for(server, sketchfab_token="tok-SECRET-123", http_retries=0)
+    from recsketch.errors import ApiError
+    from recsketch.pipeline import crawl_stage
+
+    caplog.set_level("DEBUG")
+    try:
+        crawl_stage(settings, tmp_path / "run")
+    except ApiError as exc:
+        assert "SECRET" not in str(exc)
+    assert server.authorizations == {"Token tok-SECRET-123"}
+    assert "SECRET" not in caplog.text and caplog.text  # debug logging was on, and clean
+    assert "SECRET" not in repr(settings)
+    stats = tmp_path / "run" / "crawl_stats.json"
+    assert not stats.exists() or "SECRET" not in stats.read_text()

@@ -165,7 +165,7 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [p for p in url.path.split("/") if p]
-        self.server.count_request()
+        self.server.count_request(self.headers.get("Authorization"))
         if self.server.faults.latency_s:
             time.sleep(self.server.faults.latency_s)
         if parts[:1] == ["thumbs"] and len(parts) == 2:
@@ -288,6 +288,7 @@ class SketchfabServer(ThreadingHTTPServer):
         self._random = random.Random(faults.seed)
         self._lock = threading.Lock()
         self.requests_served = 0
+        self.authorizations: set[str | None] = set()  # what clients sent, for tests
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         """A client that hangs up (killed crawler, timeout) is routine here, not a traceback."""
@@ -302,9 +303,10 @@ class SketchfabServer(ThreadingHTTPServer):
         with self._lock:
             return self._random.random()
 
-    def count_request(self) -> None:
+    def count_request(self, authorization: str | None = None) -> None:
         with self._lock:
             self.requests_served += 1
+            self.authorizations.add(authorization)
 
     @property
     def url(self) -> str:
