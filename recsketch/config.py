@@ -15,30 +15,26 @@ SKETCHFAB_MEDIA_HOSTS = ("media.sketchfab.com",)
 REAL_API_RATE_LIMIT = 10.0
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+def _number(env: dict[str, str], name: str, cast: type, default: float | None, minimum: float):
+    """A numeric variable; a value that is not a number or is below ``minimum`` names itself."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if cast is int else 'a number'}") from None
     if value < minimum:
         raise ConfigError(f"{name}={value} must be at least {minimum}")
     return value
 
 
+def _int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+    return _number(env, name, int, default, minimum)
+
+
 def _float(env: dict[str, str], name: str) -> float | None:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ConfigError(f"{name}={value} must not be negative")
-    return value
+    return _number(env, name, float, None, 0)
 
 
 @dataclass(frozen=True)
