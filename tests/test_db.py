@@ -66,3 +66,64 @@ def test_unknown_and_malformed_mids(db_url: str) -> None:
         store.similar(engine, C)
     with pytest.raises(InvalidModelId):
         store.similar(engine, "' OR 1=1 --")
+
+
+def test_readers_during_loads_always_see_exactly_one_complete_run(pg_url: str) -> None:
+    """A reader loops over the view while loads replace the served set: it never sees a mix."""
+    import threading
+
+    engine = store.connect(pg_url)
+    mids = [f"{i:032x}" for i in range(300)]
+    store.upsert_models(engine, [{"mid": m, "name": m[-4:]} for m in mids])
+
+    def rows(run: int) -> list[tuple[str, int, str, float]]:
+        return [(m, r, mids[(i + r) % len(mids)], run + r / 100) for i, m in enumerate(mids) for r in range(1, 11)]
+
+    store.load_recommendations(engine, "run-0", "bb", 10, rows(0))
+    seen: list[tuple[int, int, int]] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        with engine.connect() as conn:
+            while not stop.is_set():
+                query = "SELECT count(*), count(DISTINCT run_id), count(DISTINCT floor(score)) FROM similar_models"
+                seen.append(tuple(conn.execute(text(query)).one()))
+                conn.commit()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for run in range(1, 6):
+        store.load_recommendations(engine, f"run-{run}", "bb", 10, rows(run))
+    stop.set()
+    thread.join()
+    assert len(seen) > 5
+    assert set(seen) == {(3000, 1, 1)}, sorted(set(seen))
+
+
+def test_a_load_killed_inside_its_transaction_leaves_the_previous_run_served(pg_url: str, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    engine = store.connect(pg_url)
+    seed_models(engine)
+    store.load_recommendations(engine, "run-1", "bb", 2, rows_for(0.9))
+    code = (
+        "import sys\n"
+        "from recsketch.db import store\n"
+        f"engine = store.connect({pg_url!r})\n"
+        "rows = [('a' * 32, r, 'b' * 32, 0.1) for r in range(1, 3_000_001)]\n"
+        "print('loading', flush=True)\n"
+        "store.load_recommendations(engine, 'run-2', 'bb', 2, rows)\n"
+    )
+    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert victim.stdout.readline().strip() == "loading"
+    time.sleep(1.5)  # inside the transaction: old rows deleted, new ones being written
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL  # killed, not finished
+    assert store.live_run(engine)["run_id"] == "run-1"
+    assert store.similar(engine, A)[0]["score"] == 0.9
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM recommendations WHERE run_id = 'run-2'")).scalar() == 0
