@@ -27,6 +27,7 @@ def top_k_cosine(
     Returns (indices int64 [n, k'], scores float32 [n, k']) with k' = min(k, n - 1). A row is
     never its own neighbour; ties are broken by the lower index, so results are deterministic.
     """
+    features = np.asarray(features, dtype=np.float32)
     unit = normalise(features)
     n = unit.shape[0]
     kk = min(k, n - 1)
@@ -51,5 +52,14 @@ def top_k_cosine(
         for row in tied:
             exact = np.lexsort((np.arange(n), -block[row]))[:kk]
             best[row], best_scores[row] = exact, block[row, exact]
+        # float32 dot products of identical unit vectors land a hair off 1.0: rescore those exactly
+        rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
+        if len(rows_near_one):
+            a = features[start + rows_near_one].astype(np.float64)
+            b = features[best[rows_near_one, cols]].astype(np.float64)
+            exact = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
+            order = np.lexsort((best, -best_scores), axis=1)
+            best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
         indices[start:stop], scores[start:stop] = best, best_scores
     return indices, scores
