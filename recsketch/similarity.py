@@ -20,24 +20,27 @@ def block_rows_for(n_items: int, budget_bytes: int = DEFAULT_BLOCK_BYTES) -> int
 
 
 def top_k_cosine(
-    features: np.ndarray, k: int, block_rows: int | None = None
+    features: np.ndarray, k: int, block_rows: int | None = None, rows: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the ``k`` most cosine-similar other rows, best first.
 
-    Returns (indices int64 [n, k'], scores float32 [n, k']) with k' = min(k, n - 1). A row is
+    Returns (indices int64 [m, k'], scores float32 [m, k']) with k' = min(k, n - 1). A row is
     never its own neighbour; ties are broken by the lower index, so results are deterministic.
+    ``rows=(first, last)`` computes only those query rows against all items (m = last - first):
+    a shard, independent of the others.
     """
     features = np.asarray(features, dtype=np.float32)
     unit = normalise(features)
     n = unit.shape[0]
+    first, last = rows or (0, n)
     kk = min(k, n - 1)
-    indices = np.zeros((n, max(kk, 0)), dtype=np.int64)
-    scores = np.zeros((n, max(kk, 0)), dtype=np.float32)
+    indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
+    scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
     if kk <= 0:
         return indices, scores
     step = block_rows or block_rows_for(n)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    for start in range(first, last, step):
+        stop = min(last, start + step)
         block = unit[start:stop] @ unit.T  # [rows, n]
         rows = np.arange(stop - start)
         block[rows, rows + start] = -np.inf  # never recommend a model to itself
@@ -61,5 +64,5 @@ def top_k_cosine(
             best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
             order = np.lexsort((best, -best_scores), axis=1)
             best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
-        indices[start:stop], scores[start:stop] = best, best_scores
+        indices[start - first : stop - first], scores[start - first : stop - first] = best, best_scores
     return indices, scores

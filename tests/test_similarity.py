@@ -45,3 +45,11 @@ def test_block_size_follows_the_memory_budget() -> None:
     assert block_rows_for(25_655, 256 * 2**20) == 256 * 2**20 // (25_655 * 12)
     assert block_rows_for(10, 10**9) == 10
     assert block_rows_for(10**7, 1) == 1
+
+
+def test_row_shards_concatenate_to_the_whole() -> None:
+    features = np.random.default_rng(5).normal(size=(97, 12)).astype(np.float32)
+    whole_i, whole_s = top_k_cosine(features, 6)
+    parts = [top_k_cosine(features, 6, block_rows=9, rows=(a, min(97, a + 30))) for a in range(0, 97, 30)]
+    assert (np.concatenate([p[0] for p in parts]) == whole_i).all()
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole_s, atol=1e-6)  # BLAS edge paths
