@@ -50,6 +50,7 @@ test: venv
 bench: venv
 	$(BIN)/python -m benchmarks.crawl_bench
 	$(BIN)/python -m benchmarks.extract_bench
+	$(BIN)/python -m benchmarks.similarity_bench
 
 lint: venv
 	$(BIN)/ruff check .

@@ -117,11 +117,6 @@ def models_with_thumbnails(engine: Engine) -> list[str]:
         return list(conn.execute(stmt).scalars())
 
 
-def thumbnail_urls(engine: Engine) -> dict[str, str]:
-    with engine.connect() as conn:
-        return {mid: url for mid, url in conn.execute(select(models.c.mid, models.c.thumbnail_url))}
-
-
 def load_recommendations(
     engine: Engine, run_id: str, backbone: str, top_k: int, rows: Sequence[tuple[str, int, str, float]]
 ) -> None:
