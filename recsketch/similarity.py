@@ -44,25 +44,61 @@ def top_k_cosine(
         block = unit[start:stop] @ unit.T  # [rows, n]
         rows = np.arange(stop - start)
         block[rows, rows + start] = -np.inf  # never recommend a model to itself
-        candidates = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
-        candidate_scores = np.take_along_axis(block, candidates, axis=1)
-        order = np.lexsort((candidates, -candidate_scores), axis=1)
-        best = np.take_along_axis(candidates, order, axis=1)
-        best_scores = np.take_along_axis(candidate_scores, order, axis=1)
-        # argpartition picks arbitrarily among values tied with the k-th: redo those rows exactly
-        kth = best_scores[:, -1:]
-        tied = np.flatnonzero((block >= kth).sum(axis=1) > kk)
-        for row in tied:
-            exact = np.lexsort((np.arange(n), -block[row]))[:kk]
-            best[row], best_scores[row] = exact, block[row, exact]
-        # float32 dot products of identical unit vectors land a hair off 1.0: rescore those exactly
-        rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
-        if len(rows_near_one):
-            a = features[start + rows_near_one].astype(np.float64)
-            b = features[best[rows_near_one, cols]].astype(np.float64)
-            exact = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
-            order = np.lexsort((best, -best_scores), axis=1)
-            best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
-        indices[start - first : stop - first], scores[start - first : stop - first] = best, best_scores
+        out = slice(start - first, stop - first)
+        indices[out], scores[out] = _select(block, kk, features, start)
+    return indices, scores
+
+
+def _select(block: np.ndarray, kk: int, features: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``kk`` best columns of each row of ``block`` (scores of rows start.. vs all items),
+    ordered by (-score, index); identical vectors rescored to exactly 1.0."""
+    n = block.shape[1]
+    candidates = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+    candidate_scores = np.take_along_axis(block, candidates, axis=1)
+    order = np.lexsort((candidates, -candidate_scores), axis=1)
+    best = np.take_along_axis(candidates, order, axis=1)
+    best_scores = np.take_along_axis(candidate_scores, order, axis=1)
+    # argpartition picks arbitrarily among values tied with the k-th: redo those rows exactly
+    kth = best_scores[:, -1:]
+    for row in np.flatnonzero((block >= kth).sum(axis=1) > kk):
+        exact = np.lexsort((np.arange(n), -block[row]))[:kk]
+        best[row], best_scores[row] = exact, block[row, exact]
+    # float32 dot products of identical unit vectors land a hair off 1.0: rescore those exactly
+    rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
+    if len(rows_near_one):
+        a = features[start + rows_near_one].astype(np.float64)
+        b = features[best[rows_near_one, cols]].astype(np.float64)
+        exact = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
+        order = np.lexsort((best, -best_scores), axis=1)
+        best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
+    return best, best_scores
+
+
+def merge_new_items(
+    features: np.ndarray, old_count: int, old_indices: np.ndarray, old_scores: np.ndarray, k: int,
+    block_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k for all rows when rows ``old_count:`` are new and the old rows' top-k is known.
+
+    New rows are scored against everything; old rows only against the new items, merged
+    with their known lists (exact: an old row's best old neighbours are already in its list).
+    Costs (new × all) instead of (all × all).
+    """
+    features = np.asarray(features, dtype=np.float32)
+    n = len(features)
+    kk = min(k, n - 1)
+    if old_count == 0 or kk <= 0:
+        return top_k_cosine(features, k, block_rows)
+    unit = normalise(features)
+    indices = np.zeros((n, kk), dtype=np.int64)
+    scores = np.zeros((n, kk), dtype=np.float32)
+    indices[old_count:], scores[old_count:] = top_k_cosine(features, k, block_rows, rows=(old_count, n))
+    step = block_rows or block_rows_for(n)
+    for start in range(0, old_count, step):
+        stop = min(old_count, start + step)
+        block = np.full((stop - start, n), -np.inf, dtype=np.float32)  # only known candidates compete
+        np.put_along_axis(block, old_indices[start:stop], old_scores[start:stop], axis=1)
+        block[:, old_count:] = unit[start:stop] @ unit[old_count:].T
+        indices[start:stop], scores[start:stop] = _select(block, kk, features, start)
     return indices, scores

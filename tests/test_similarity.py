@@ -53,3 +53,26 @@ def test_row_shards_concatenate_to_the_whole() -> None:
     parts = [top_k_cosine(features, 6, block_rows=9, rows=(a, min(97, a + 30))) for a in range(0, 97, 30)]
     assert (np.concatenate([p[0] for p in parts]) == whole_i).all()
     np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole_s, atol=1e-6)  # BLAS edge paths
+
+
+@pytest.mark.parametrize(("n_old", "n_new", "k"), [(80, 20, 5), (3, 40, 10), (50, 1, 7), (1, 1, 5), (60, 0, 4)])
+def test_incremental_equals_full_recompute(n_old: int, n_new: int, k: int) -> None:
+    from recsketch.similarity import merge_new_items
+
+    features = np.random.default_rng(n_old * 100 + n_new).normal(size=(n_old + n_new, 16)).astype(np.float32)
+    old_indices, old_scores = top_k_cosine(features[:n_old], k)
+    merged_i, merged_s = merge_new_items(features, n_old, old_indices, old_scores, k, block_rows=7)
+    full_i, full_s = top_k_cosine(features, k)
+    assert (merged_i == full_i).all()
+    np.testing.assert_allclose(merged_s, full_s, atol=1e-6)
+
+
+def test_incremental_keeps_identical_items_at_one() -> None:
+    from recsketch.similarity import merge_new_items
+
+    base = np.random.default_rng(1).normal(size=(30, 8)).astype(np.float32)
+    features = np.concatenate([base, base[:5]])  # five new models repeat old thumbnails exactly
+    old_i, old_s = top_k_cosine(base, 3)
+    merged_i, merged_s = merge_new_items(features, 30, old_i, old_s, 3)
+    assert (merged_s[30:35, 0] == 1.0).all() and (merged_i[30:35, 0] == np.arange(5)).all()
+    assert (merged_s[:5, 0] == 1.0).all() and (merged_i[:5, 0] == np.arange(30, 35)).all()
