@@ -24,7 +24,7 @@ from recsketch.features.backbones import backbone_key, create_backbone
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.extract import extract_chunk
 from recsketch.likes import threshold_likes
-from recsketch.similarity import top_k_cosine
+from recsketch.similarity import merge_new_items, top_k_cosine
 from recsketch.sketchfab.client import SketchfabClient
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ Progress = Callable[[str], None]
 VALID_MODELS_FILE = "valid_models.json"
 PLAN_FILE = "chunk_plan.json"
 TOPK_FILE = "topk.npz"
+LATEST_TOPK_FILE = "topk-latest.npz"  # beside the backbone's chunks
 
 
 def new_run_id() -> str:
@@ -140,13 +141,50 @@ def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.
         progress(f"no recommendations for {mid}: {reason}")
     if len(mids) < 2:
         raise RecsketchError(f"only {len(mids)} models have features; similarity needs at least 2")
-    indices, scores = top_k_cosine(features, settings.top_k)
+    mids, indices, scores, mode = _top_k(chunk_store.root / LATEST_TOPK_FILE, mids, features, settings.top_k)
     np.savez(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
              backbone=np.array(chunk_store.backbone_key))
-    progress(f"similarity: top-{indices.shape[1]} for {len(mids)} models "
+    _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, settings.top_k)
+    progress(f"similarity: top-{indices.shape[1]} for {len(mids)} models, {mode} "
              f"({features.shape[1]}-d features, {len(failed)} quarantined)")
     return {"models": len(mids), "dim": int(features.shape[1]), "k": int(indices.shape[1]),
-            "quarantined": len(failed)}
+            "quarantined": len(failed), "mode": mode}
+
+
+def _top_k(latest: Path, mids: list[str], features: np.ndarray, k: int
+           ) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+    """Full top-k, or only new×all merged into the last result when that one still holds."""
+    previous = _load_latest(latest)
+    if previous is not None:
+        old_mids, old_indices, old_scores, old_k = previous
+        current = set(mids)
+        if old_k == k and set(old_mids) <= current and len(old_mids) >= 2:
+            new = sorted(current - set(old_mids))
+            if not new:
+                return old_mids, old_indices, old_scores, "unchanged (reused)"
+            row = {mid: i for i, mid in enumerate(mids)}
+            order = old_mids + new
+            indices, scores = merge_new_items(features[[row[m] for m in order]], len(old_mids),
+                                              old_indices, old_scores, k)
+            return order, indices, scores, f"incremental ({len(new)} new x {len(order)})"
+    indices, scores = top_k_cosine(features, k)
+    return mids, indices, scores, "full"
+
+
+def _load_latest(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int] | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return [str(m) for m in data["mids"]], data["indices"], data["scores"], int(data["k"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _save_latest(path: Path, mids: list[str], indices: np.ndarray, scores: np.ndarray, k: int) -> None:
+    """The newest top-k of this backbone, the base of the next incremental run (atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        np.savez(handle, mids=np.array(mids), indices=indices, scores=scores, k=np.array(k))
+    tmp.replace(path)
 
 
 def load_stage(settings: Settings, folder: Path, run_id: str, progress: Progress = log.info) -> dict:

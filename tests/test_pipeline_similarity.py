@@ -1,0 +1,45 @@
+"""The similarity stage: full, then incremental when models are added, then reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from recsketch.config import Settings
+from recsketch.features.backbones import backbone_key
+from recsketch.features.chunks import Chunk, ChunkStore
+from recsketch.pipeline import TOPK_FILE, run_dir, similarity_stage
+from recsketch.similarity import top_k_cosine
+
+
+def test_new_models_cost_new_x_all_and_equal_a_full_run(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, top_k=5)
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    rng = np.random.default_rng(0)
+    mids = [f"{i:032x}" for i in range(60)]
+    vectors = {m: rng.normal(size=8).astype(np.float32) for m in mids}
+
+    def run(run_id: str, valid: list[str]) -> tuple[dict, list[str], np.ndarray]:
+        folder = run_dir(settings, run_id)
+        (folder / "valid_models.json").write_text(json.dumps(valid))
+        summary = similarity_stage(settings, folder)
+        with np.load(folder / TOPK_FILE) as data:
+            return summary, [str(m) for m in data["mids"]], data["indices"]
+
+    store.write(Chunk("first", mids[:40], np.stack([vectors[m] for m in mids[:40]]), {}, store.backbone_key))
+    first, _, _ = run("r1", mids[:40])
+    assert first["mode"] == "full"
+
+    store.write(Chunk("second", mids[40:], np.stack([vectors[m] for m in mids[40:]]), {}, store.backbone_key))
+    second, order, indices = run("r2", mids)
+    assert second["mode"] == "incremental (20 new x 60)"
+    full, _ = top_k_cosine(np.stack([vectors[m] for m in order]), 5)
+    assert (indices == full).all()
+
+    third, order3, indices3 = run("r3", mids)
+    assert third["mode"] == "unchanged (reused)" and order3 == order and (indices3 == indices).all()
+
+    fewer, _, _ = run("r4", mids[5:])  # a model left the valid set: the old lists no longer hold
+    assert fewer["mode"] == "full"
