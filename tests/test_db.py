@@ -80,23 +80,31 @@ def test_readers_during_loads_always_see_exactly_one_complete_run(pg_url: str) -
         return [(m, r, mids[(i + r) % len(mids)], run + r / 100) for i, m in enumerate(mids) for r in range(1, 11)]
 
     store.load_recommendations(engine, "run-0", "bb", 10, rows(0))
-    seen: list[tuple[int, int, int]] = []
+    seen: list[tuple[int, int, int]] = []  # list.append is atomic under the GIL
     stop = threading.Event()
 
-    def reader() -> None:
-        with engine.connect() as conn:
-            while not stop.is_set():
-                query = "SELECT count(*), count(DISTINCT run_id), count(DISTINCT floor(score)) FROM similar_models"
-                seen.append(tuple(conn.execute(text(query)).one()))
-                conn.commit()
+    errors: list[BaseException] = []
 
-    thread = threading.Thread(target=reader)
-    thread.start()
-    for run in range(1, 6):
+    def reader() -> None:
+        try:
+            with engine.connect() as conn:
+                while not stop.is_set():
+                    query = "SELECT count(*), count(DISTINCT run_id), count(DISTINCT floor(score)) FROM similar_models"
+                    seen.append(tuple(conn.execute(text(query)).one()))
+                    conn.commit()
+        except BaseException as exc:  # a reader that fails is a failed test, not a silent thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for run in range(1, 11):
         store.load_recommendations(engine, f"run-{run}", "bb", 10, rows(run))
     stop.set()
-    thread.join()
-    assert len(seen) > 5
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(seen) > 30
     assert set(seen) == {(3000, 1, 1)}, sorted(set(seen))
 
 

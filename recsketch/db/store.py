@@ -13,7 +13,15 @@ from sqlalchemy import create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from recsketch.db.schema import crawl_state, create_schema, likes, models, recommendations, runs
+from recsketch.db.schema import (
+    SIMILAR_MODELS_VIEW,
+    crawl_state,
+    create_schema,
+    likes,
+    models,
+    recommendations,
+    runs,
+)
 from recsketch.errors import RecsketchError, UnknownModel
 from recsketch.ids import validate_model_id
 
@@ -122,32 +130,55 @@ def load_recommendations(
 ) -> None:
     """Replace the served recommendations with ``rows`` (mid, rank, similar_mid, score).
 
-    One transaction writes the new run's rows, marks it live and drops the old runs' rows,
-    so a reader sees the old set or the new one, never a mix, and a failure changes nothing.
-    On PostgreSQL the rows go in with COPY.
+    One transaction, so a reader sees the old set or the new one, never a mix, and a failure
+    (or a kill) changes nothing. On PostgreSQL: COPY into a staging table, build its indexes,
+    then swap it in; the old table stays served until the swap commits. On SQLite the new
+    rows are inserted and the old ones deleted in the same transaction.
     """
     now = datetime.now(UTC)
+    n_models = len({row[0] for row in rows})
     with engine.begin() as conn:
-        conn.execute(delete(recommendations).where(recommendations.c.run_id == run_id))
-        conn.execute(delete(runs).where(runs.c.run_id == run_id))
         if conn.dialect.name == "postgresql":
-            _copy_rows(conn, run_id, backbone, rows)
+            _swap_in_postgres(conn, run_id, backbone, rows)
         else:
+            conn.execute(delete(recommendations).where(recommendations.c.run_id == run_id))
             for start in range(0, len(rows), 10_000):
                 conn.execute(recommendations.insert(), [
-                    {"run_id": run_id, "mid": m, "rank": r, "similar_mid": s, "score": sc,
-                     "backbone": backbone}
+                    {"run_id": run_id, "mid": m, "rank": r, "similar_mid": s, "score": sc, "backbone": backbone}
                     for m, r, s, sc in rows[start : start + 10_000]
                 ])
-        n_models = len({row[0] for row in rows})
+            conn.execute(delete(recommendations).where(recommendations.c.run_id != run_id))
+        conn.execute(delete(runs).where(runs.c.run_id == run_id))
         conn.execute(runs.insert().values(run_id=run_id, backbone=backbone, top_k=top_k,
                                           n_models=n_models, loaded_at=now, is_live=False))
         conn.execute(update(runs).values(is_live=runs.c.run_id == run_id))
-        conn.execute(delete(recommendations).where(recommendations.c.run_id != run_id))
 
 
-def _copy_rows(conn: Connection, run_id: str, backbone: str,
-               rows: Sequence[tuple[str, int, str, float]]) -> None:
+def _swap_in_postgres(conn: Connection, run_id: str, backbone: str,
+                      rows: Sequence[tuple[str, int, str, float]]) -> None:
+    """Staging table, COPY, indexes, then the swap; readers wait only for the renames."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(727275)"))  # one load at a time
+    conn.execute(text("DROP TABLE IF EXISTS recommendations_staging"))
+    conn.execute(text("CREATE TABLE recommendations_staging (LIKE recommendations INCLUDING DEFAULTS)"))
+    copy_rows(conn, "recommendations_staging", run_id, backbone, rows)
+    conn.execute(text("ALTER TABLE recommendations_staging ADD CONSTRAINT recommendations_staging_pkey "
+                      "PRIMARY KEY (run_id, mid, rank)"))
+    conn.execute(text("CREATE INDEX recommendations_staging_mid ON recommendations_staging (mid)"))
+    conn.execute(text("ANALYZE recommendations_staging"))
+    # readers lock the view, then its tables: take the locks in that order, or deadlock
+    conn.execute(text("LOCK TABLE similar_models IN ACCESS EXCLUSIVE MODE"))
+    conn.execute(text("DROP VIEW similar_models"))
+    conn.execute(text("DROP TABLE recommendations"))
+    conn.execute(text("ALTER TABLE recommendations_staging RENAME TO recommendations"))
+    conn.execute(text("ALTER TABLE recommendations RENAME CONSTRAINT recommendations_staging_pkey "
+                      "TO recommendations_pkey"))
+    conn.execute(text("ALTER INDEX recommendations_staging_mid RENAME TO recommendations_mid"))
+    conn.execute(text(SIMILAR_MODELS_VIEW))
+
+
+def copy_rows(conn: Connection, table: str, run_id: str, backbone: str,
+              rows: Sequence[tuple[str, int, str, float]]) -> None:
+    """COPY rows into ``table`` (a fixed name of ours, never user input)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     for mid, rank, similar_mid, score in rows:
@@ -155,10 +186,7 @@ def _copy_rows(conn: Connection, run_id: str, backbone: str,
     buffer.seek(0)
     cursor = conn.connection.dbapi_connection.cursor()
     cursor.copy_expert(
-        "COPY recommendations (run_id, mid, rank, similar_mid, score, backbone) "
-        "FROM STDIN WITH (FORMAT csv)",
-        buffer,
-    )
+        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT csv)", buffer)
 
 
 def live_run(engine: Engine) -> dict | None:
