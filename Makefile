@@ -51,6 +51,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.crawl_bench
 	$(BIN)/python -m benchmarks.extract_bench
 	$(BIN)/python -m benchmarks.similarity_bench
+	$(BIN)/python -m benchmarks.load_bench
 
 lint: venv
 	$(BIN)/ruff check .
