@@ -1,6 +1,7 @@
 """recsketch: Sketchfab thumbnails -> visual "more like this" recommendations.
 
-crawl -> threshold -> plan_chunks -> extract (one mapped task per chunk) -> similarity -> load.
+crawl -> threshold -> plan_chunks -> extract (one mapped task per chunk) -> plan_similarity ->
+similarity_shard (one mapped task per row block, full runs only) -> merge_similarity -> load.
 Scheduled and backfilled runs crawl the models published in their day (data interval);
 manual runs crawl the whole catalogue.
 Every task calls one function of ``recsketch.pipeline``; stages hand over through the
@@ -92,11 +93,26 @@ def recsketch() -> None:
         return extract_stage(settings, folder, chunk_id)
 
     @task(trigger_rule="none_failed")  # runs when every chunk was already done (no mapped task)
-    def similarity() -> dict:
-        from recsketch.pipeline import similarity_stage
+    def plan_similarity() -> list[str]:
+        """Incremental or unchanged runs finish here; full runs return their row-block shards."""
+        from recsketch.pipeline import plan_similarity_stage
 
         settings, folder, _ = _stage_inputs()
-        return similarity_stage(settings, folder)
+        return plan_similarity_stage(settings, folder)
+
+    @task(map_index_template="rows {{ task.op_kwargs['shard'] }}")
+    def similarity_shard(shard: str) -> dict:
+        from recsketch.pipeline import similarity_shard_stage
+
+        settings, folder, _ = _stage_inputs()
+        return similarity_shard_stage(settings, folder, shard)
+
+    @task(trigger_rule="none_failed")  # runs when no shard was needed
+    def merge_similarity() -> dict:
+        from recsketch.pipeline import merge_similarity_stage
+
+        settings, folder, _ = _stage_inputs()
+        return merge_similarity_stage(settings, folder)
 
     @task
     def load() -> dict:
@@ -107,7 +123,9 @@ def recsketch() -> None:
 
     chunks = plan_chunks()
     crawl() >> threshold() >> chunks
-    chunks >> extract.expand(chunk_id=chunks) >> similarity() >> load()
+    shards = plan_similarity()
+    chunks >> extract.expand(chunk_id=chunks) >> shards
+    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> load()
 
 
 recsketch()

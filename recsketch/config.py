@@ -59,6 +59,7 @@ class Settings:
     rate_limit: float | None = None  # requests/s shared by all threads; None: the default below
     thumbnail_hosts: tuple[str, ...] = ()  # beside the API's own hosts
     max_thumbnail_bytes: int = 5 * 1024 * 1024
+    similarity_shard_rows: int = 50_000  # query rows per similarity shard (one mapped task each)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -67,7 +68,7 @@ class Settings:
             raise ConfigError(f"vgg16 pooling {self.vgg16_pooling!r} must be 'flatten' or 'avg'")
         if self.vgg16_precision not in ("float32", "bfloat16"):
             raise ConfigError(f"vgg16 precision {self.vgg16_precision!r} must be 'float32' or 'bfloat16'")
-        for name in ("top_k", "chunk_size", "batch_size", "crawl_workers"):
+        for name in ("top_k", "chunk_size", "batch_size", "crawl_workers", "similarity_shard_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.min_likes < 0:
@@ -96,6 +97,7 @@ class Settings:
             thumbnail_hosts=tuple(h.strip() for h in (env.get("RECSKETCH_THUMBNAIL_HOSTS") or "").split(",")
                                   if h.strip()),
             max_thumbnail_bytes=_int(env, "RECSKETCH_MAX_THUMBNAIL_BYTES", 5 * 1024 * 1024, 1024),
+            similarity_shard_rows=_int(env, "RECSKETCH_SIMILARITY_SHARD_ROWS", 50_000, 1),
         )
 
     def with_overrides(self, **overrides: object) -> Settings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,8 @@ VALID_MODELS_FILE = "valid_models.json"
 PLAN_FILE = "chunk_plan.json"
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest.npz"  # beside the backbone's chunks
+SIMILARITY_PLAN_FILE = "similarity_plan.json"
+SHARD_PREFIX = "similarity-shard-"
 
 
 def new_run_id() -> str:
@@ -129,8 +132,7 @@ def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Pro
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 
 
-def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
-    """Exact cosine top-k over the valid models' features."""
+def _valid_features(settings: Settings, folder: Path, progress: Progress) -> tuple[ChunkStore, list[str], np.ndarray]:
     valid = _read_json(folder / VALID_MODELS_FILE, "threshold")
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
     mids, features, failed = chunk_store.load_features(valid)  # type: ignore[arg-type]
@@ -141,34 +143,105 @@ def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.
         progress(f"no recommendations for {mid}: {reason}")
     if len(mids) < 2:
         raise RecsketchError(f"only {len(mids)} models have features; similarity needs at least 2")
-    mids, indices, scores, mode = _top_k(chunk_store.root / LATEST_TOPK_FILE, mids, features, settings.top_k)
+    return chunk_store, mids, features
+
+
+def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
+    """Incremental or unchanged: computed here, no shards. Full: the row-block shards to map."""
+    chunk_store, mids, features = _valid_features(settings, folder, progress)
+    latest = chunk_store.root / LATEST_TOPK_FILE
+    for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
+        stale.unlink()
+    increment = _incremental_top_k(latest, mids, features, settings.top_k)
+    if increment is not None:
+        order, indices, scores, mode = increment
+        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k)
+        _write_json(folder / SIMILARITY_PLAN_FILE, {"mode": mode, "mids": None})
+        progress(f"similarity: top-{indices.shape[1]} for {len(order)} models, {mode}")
+        return []
+    _write_json(folder / SIMILARITY_PLAN_FILE, {"mode": "full", "mids": mids})
+    step = settings.similarity_shard_rows
+    shards = [f"{first}-{min(len(mids), first + step)}" for first in range(0, len(mids), step)]
+    progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
+             f"in {len(shards)} shards of up to {step} rows")
+    return shards
+
+
+def similarity_shard_stage(settings: Settings, folder: Path, shard: str, progress: Progress = log.info) -> dict:
+    """One row block of the full top-k: rows first..last against every model."""
+    first, last = (int(part) for part in shard.split("-"))
+    order = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")["mids"]  # type: ignore[index]
+    _, mids, features = _valid_features(settings, folder, lambda _: None)  # the plan task said it all
+    if mids != order:
+        raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
+    started = time.monotonic()
+    indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last))
+    path = folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        np.savez(handle, indices=indices, scores=scores)
+    tmp.replace(path)
+    progress(f"similarity shard {shard}: {last - first} rows x {len(mids)} models in {time.monotonic() - started:.1f}s")
+    return {"shard": shard, "rows": last - first}
+
+
+def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+    """Join the shards (if the run was full) into the run's top-k and the backbone's latest."""
+    shards = sorted(folder.glob(f"{SHARD_PREFIX}*.npz"))
+    chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
+    plan = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
+    mode = plan["mode"]  # type: ignore[index]
+    if mode == "full":
+        order = plan["mids"]  # type: ignore[index]
+        if not shards:
+            raise RecsketchError(f"no similarity shard results in {folder}: run the similarity shards first")
+        index_parts, score_parts = [], []
+        for path in shards:
+            with np.load(path) as part:
+                index_parts.append(part["indices"])
+                score_parts.append(part["scores"])
+        indices, scores = np.concatenate(index_parts), np.concatenate(score_parts)
+        if len(indices) != len(order):  # type: ignore[arg-type]
+            raise RecsketchError(f"{len(shards)} shards cover {len(indices)} of {len(order)} rows: "  # type: ignore[arg-type]
+                                 "a shard is missing, run the similarity shards again")
+        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k)  # type: ignore[arg-type]
+    with np.load(folder / TOPK_FILE) as data:
+        n, k = data["indices"].shape
+    progress(f"similarity: top-{k} for {n} models ready ({mode}{f', {len(shards)} shards' if shards else ''})")
+    return {"models": int(n), "k": int(k), "mode": mode, "shards": len(shards)}
+
+
+def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+    """The whole similarity step in this process (``recsketch run`` / ``recsketch similarity``)."""
+    for shard in plan_similarity_stage(settings, folder, progress):
+        similarity_shard_stage(settings, folder, shard, progress)
+    return merge_similarity_stage(settings, folder, progress)
+
+
+def _finish_similarity(chunk_store: ChunkStore, folder: Path, mids: list[str], indices: np.ndarray,
+                       scores: np.ndarray, k: int) -> None:
     np.savez(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
              backbone=np.array(chunk_store.backbone_key))
-    _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, settings.top_k)
-    progress(f"similarity: top-{indices.shape[1]} for {len(mids)} models, {mode} "
-             f"({features.shape[1]}-d features, {len(failed)} quarantined)")
-    return {"models": len(mids), "dim": int(features.shape[1]), "k": int(indices.shape[1]),
-            "quarantined": len(failed), "mode": mode}
+    _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, k)
 
 
-def _top_k(latest: Path, mids: list[str], features: np.ndarray, k: int
-           ) -> tuple[list[str], np.ndarray, np.ndarray, str]:
-    """Full top-k, or only new×all merged into the last result when that one still holds."""
+def _incremental_top_k(latest: Path, mids: list[str], features: np.ndarray, k: int
+                       ) -> tuple[list[str], np.ndarray, np.ndarray, str] | None:
+    """New×all merged into the backbone's last result when that one still holds, else None."""
     previous = _load_latest(latest)
-    if previous is not None:
-        old_mids, old_indices, old_scores, old_k = previous
-        current = set(mids)
-        if old_k == k and set(old_mids) <= current and len(old_mids) >= 2:
-            new = sorted(current - set(old_mids))
-            if not new:
-                return old_mids, old_indices, old_scores, "unchanged (reused)"
-            row = {mid: i for i, mid in enumerate(mids)}
-            order = old_mids + new
-            indices, scores = merge_new_items(features[[row[m] for m in order]], len(old_mids),
-                                              old_indices, old_scores, k)
-            return order, indices, scores, f"incremental ({len(new)} new x {len(order)})"
-    indices, scores = top_k_cosine(features, k)
-    return mids, indices, scores, "full"
+    if previous is None:
+        return None
+    old_mids, old_indices, old_scores, old_k = previous
+    current = set(mids)
+    if old_k != k or not set(old_mids) <= current or len(old_mids) < 2:
+        return None
+    new = sorted(current - set(old_mids))
+    if not new:
+        return old_mids, old_indices, old_scores, "unchanged (reused)"
+    row = {mid: i for i, mid in enumerate(mids)}
+    order = old_mids + new
+    indices, scores = merge_new_items(features[[row[m] for m in order]], len(old_mids), old_indices, old_scores, k)
+    return order, indices, scores, f"incremental ({len(new)} new x {len(order)})"
 
 
 def _load_latest(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int] | None:

@@ -28,14 +28,17 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     bag = DagBag(str(DAG_FILE.parent))
     assert bag.import_errors == {}
     dag = bag.dags["recsketch"]
-    assert {t.task_id for t in dag.tasks} == {"crawl", "threshold", "plan_chunks", "extract", "similarity", "load"}
+    assert {t.task_id for t in dag.tasks} == {"crawl", "threshold", "plan_chunks", "extract", "plan_similarity",
+                                             "similarity_shard", "merge_similarity", "load"}
     assert dag.catchup is False and "recsketch" in dag.tags
     for task in dag.tasks:
         assert task.retries >= 1, task.task_id
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
     assert isinstance(dag.get_task("extract"), MappedOperator)
-    assert dag.get_task("similarity").trigger_rule == "none_failed"
+    assert isinstance(dag.get_task("similarity_shard"), MappedOperator)
+    assert dag.get_task("plan_similarity").trigger_rule == "none_failed"
+    assert dag.get_task("merge_similarity").trigger_rule == "none_failed"
     assert set(dag.params.keys()) == {"backbone", "top_k", "min_likes", "chunk_size"}
 
 
@@ -65,6 +68,7 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     monkeypatch.setenv("RECSKETCH_SKETCHFAB_URL", sketchfab.url)
     monkeypatch.setenv("RECSKETCH_DATABASE_URL", pg_url)
     monkeypatch.setenv("RECSKETCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RECSKETCH_SIMILARITY_SHARD_ROWS", "25")  # 72 models: three mapped shards
     dag = DagBag(str(DAG_FILE.parent)).dags["recsketch"]
     run = dag.test(run_conf={"top_k": 5, "chunk_size": 30})
     assert run.state == "success"
@@ -82,6 +86,7 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     # three chunks of at most 30 models, each a checkpoint file
     chunk_files = list((tmp_path / "data" / "features").rglob("chunk-*.npz"))
     assert len(chunk_files) == 3
+    assert len(list((tmp_path / "data" / "runs").glob("*/similarity-shard-*.npz"))) == 3
     # the sparse models were removed by the threshold, the model without thumbnail never planned
     valid = json.loads(next((tmp_path / "data" / "runs").glob("*/valid_models.json")).read_text())
     assert sorted(valid) == sorted(demo_groups)

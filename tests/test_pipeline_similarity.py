@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from recsketch.config import Settings
 from recsketch.features.backbones import backbone_key
@@ -43,3 +44,27 @@ def test_new_models_cost_new_x_all_and_equal_a_full_run(tmp_path: Path) -> None:
 
     fewer, _, _ = run("r4", mids[5:])  # a model left the valid set: the old lists no longer hold
     assert fewer["mode"] == "full"
+
+
+def test_sharded_full_run_equals_one_block(tmp_path: Path) -> None:
+    from recsketch.errors import RecsketchError
+    from recsketch.pipeline import merge_similarity_stage, plan_similarity_stage, similarity_shard_stage
+
+    settings = Settings(data_dir=tmp_path, top_k=4, similarity_shard_rows=7)
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    mids = [f"{i:032x}" for i in range(30)]
+    features = np.random.default_rng(3).normal(size=(30, 6)).astype(np.float32)
+    store.write(Chunk("only", mids, features, {}, store.backbone_key))
+    folder = run_dir(settings, "sharded")
+    (folder / "valid_models.json").write_text(json.dumps(mids))
+    shards = plan_similarity_stage(settings, folder)
+    assert shards == ["0-7", "7-14", "14-21", "21-28", "28-30"]
+    for shard in reversed(shards[1:]):  # any order, on any worker
+        similarity_shard_stage(settings, folder, shard)
+    with pytest.raises(RecsketchError, match="shards cover 23 of 30 rows"):  # one shard still missing
+        merge_similarity_stage(settings, folder)
+    similarity_shard_stage(settings, folder, shards[0])
+    summary = merge_similarity_stage(settings, folder)
+    assert summary == {"models": 30, "k": 4, "mode": "full", "shards": 5}
+    with np.load(folder / TOPK_FILE) as data:
+        assert (data["indices"] == top_k_cosine(features, 4)[0]).all()
