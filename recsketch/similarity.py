@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 
 DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024
 
 
-def normalise(features: np.ndarray) -> np.ndarray:
-    """L2-normalised float32 rows; all-zero rows stay zero (cosine 0 with everything)."""
+def normalise(features):  # type: ignore[no-untyped-def]
+    """L2-normalised float32 rows, dense or scipy.sparse; all-zero rows stay zero (cosine 0)."""
+    if sparse.issparse(features):
+        matrix = sparse.csr_matrix(features, dtype=np.float32)
+        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+        scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        return sparse.diags(scale.astype(np.float32)) @ matrix
     matrix = np.asarray(features, dtype=np.float32)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def _dense_rows(features, rows: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    picked = features[rows]
+    return picked.toarray() if sparse.issparse(picked) else np.asarray(picked)
+
+
+def _scores(unit, start: int, stop: int, columns: slice = slice(None)) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Cosine scores of rows start..stop against the given columns, as a dense float32 block."""
+    block = unit[start:stop] @ unit[columns].T
+    return (block.toarray() if sparse.issparse(block) else block).astype(np.float32, copy=False)
 
 
 def block_rows_for(n_items: int, budget_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
@@ -29,7 +46,7 @@ def top_k_cosine(
     ``rows=(first, last)`` computes only those query rows against all items (m = last - first):
     a shard, independent of the others.
     """
-    features = np.asarray(features, dtype=np.float32)
+    features = features if sparse.issparse(features) else np.asarray(features, dtype=np.float32)
     unit = normalise(features)
     n = unit.shape[0]
     first, last = rows or (0, n)
@@ -41,7 +58,7 @@ def top_k_cosine(
     step = block_rows or block_rows_for(n)
     for start in range(first, last, step):
         stop = min(last, start + step)
-        block = unit[start:stop] @ unit.T  # [rows, n]
+        block = _scores(unit, start, stop)  # [rows, n]
         rows = np.arange(stop - start)
         block[rows, rows + start] = -np.inf  # never recommend a model to itself
         out = slice(start - first, stop - first)
@@ -65,8 +82,8 @@ def _select(block: np.ndarray, kk: int, features: np.ndarray, start: int) -> tup
     # float32 dot products of identical unit vectors land a hair off 1.0: rescore those exactly
     rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
     if len(rows_near_one):
-        a = features[start + rows_near_one].astype(np.float64)
-        b = features[best[rows_near_one, cols]].astype(np.float64)
+        a = _dense_rows(features, start + rows_near_one).astype(np.float64)
+        b = _dense_rows(features, best[rows_near_one, cols]).astype(np.float64)
         exact = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
         order = np.lexsort((best, -best_scores), axis=1)
@@ -96,8 +113,8 @@ def merge_new_items(
     with their known lists (exact: an old row's best old neighbours are already in its list).
     Costs (new × all) instead of (all × all).
     """
-    features = np.asarray(features, dtype=np.float32)
-    n = len(features)
+    features = features if sparse.issparse(features) else np.asarray(features, dtype=np.float32)
+    n = features.shape[0]
     kk = min(k, n - 1)
     if old_count == 0 or kk <= 0:
         return top_k_cosine(features, k, block_rows)
@@ -110,6 +127,30 @@ def merge_new_items(
         stop = min(old_count, start + step)
         block = np.full((stop - start, n), -np.inf, dtype=np.float32)  # only known candidates compete
         np.put_along_axis(block, old_indices[start:stop], old_scores[start:stop], axis=1)
-        block[:, old_count:] = unit[start:stop] @ unit[old_count:].T
+        block[:, old_count:] = _scores(unit, start, stop, slice(old_count, None))
         indices[start:stop], scores[start:stop] = _select(block, kk, features, start)
     return indices, scores
+
+
+def reduce_dimensions(features: np.ndarray, dim: int, seed: int = 0, power_iterations: int = 2) -> np.ndarray:
+    """Project the L2-normalised features on their top ``dim`` right singular vectors.
+
+    A truncated SVD without centring (centring would change the cosines even at full rank),
+    by a randomised SVD (Halko et al.): O(n·d·dim), not O(d³). Cosine top-k on the result
+    approximates the exact one; recall_at_k says how well.
+    """
+    unit = normalise(np.asarray(features, dtype=np.float32))
+    if dim >= min(unit.shape):
+        return unit
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(unit @ rng.standard_normal((unit.shape[1], dim + 10), dtype=np.float32))
+    for _ in range(power_iterations):
+        basis, _ = np.linalg.qr(unit @ (unit.T @ basis))
+    _, _, components = np.linalg.svd(basis.T @ unit, full_matrices=False)
+    return unit @ components[:dim].T
+
+
+def recall_at_k(exact: np.ndarray, approximate: np.ndarray) -> float:
+    """Share of the exact top-k neighbours that the approximate top-k also found."""
+    hits = sum(len(set(a) & set(b)) for a, b in zip(exact, approximate, strict=True))
+    return hits / exact.size if exact.size else 1.0

@@ -76,3 +76,39 @@ def test_incremental_keeps_identical_items_at_one() -> None:
     merged_i, merged_s = merge_new_items(features, 30, old_i, old_s, 3)
     assert (merged_s[30:35, 0] == 1.0).all() and (merged_i[30:35, 0] == np.arange(5)).all()
     assert (merged_s[:5, 0] == 1.0).all() and (merged_i[:5, 0] == np.arange(30, 35)).all()
+
+
+def test_sparse_features_give_the_same_neighbours() -> None:
+    from scipy import sparse
+
+    from recsketch.similarity import merge_new_items
+
+    rng = np.random.default_rng(4)
+    dense = np.maximum(rng.normal(size=(120, 300)), 0).astype(np.float32)  # ReLU output: about half zeros
+    dense[rng.random(dense.shape) < 0.6] = 0
+    dense[9] = 0  # an all-zero row
+    matrix = sparse.csr_matrix(dense)
+    dense_i, dense_s = top_k_cosine(dense, 8, block_rows=50)
+    sparse_i, sparse_s = top_k_cosine(matrix, 8, block_rows=50)
+    assert (sparse_i == dense_i).all()
+    np.testing.assert_allclose(sparse_s, dense_s, atol=1e-5)
+    old_i, old_s = top_k_cosine(matrix[:100], 8)
+    merged_i, _ = merge_new_items(matrix, 100, old_i, old_s, 8)
+    assert (merged_i == dense_i).all()
+
+
+def test_pca_keeps_most_neighbours_and_recall_is_measured() -> None:
+    from recsketch.similarity import recall_at_k, reduce_dimensions
+
+    rng = np.random.default_rng(6)
+    latent = rng.normal(size=(600, 24)).astype(np.float32)
+    features = latent @ rng.normal(size=(24, 512)).astype(np.float32) + 0.05 * rng.normal(size=(600, 512))
+    exact, _ = top_k_cosine(features, 10)
+    reduced = reduce_dimensions(features, 32)
+    assert reduced.shape == (600, 32)
+    recall = recall_at_k(exact, top_k_cosine(reduced, 10)[0])
+    assert recall >= 0.9, recall
+    assert recall_at_k(exact, top_k_cosine(reduce_dimensions(features, 2), 10)[0]) < recall  # too few: worse
+    assert recall_at_k(exact, exact) == 1.0
+    assert reduce_dimensions(features, 600).shape == (600, 512)  # asking for more than there is: all kept
+    assert recall_at_k(exact, top_k_cosine(reduce_dimensions(features, 599), 10)[0]) == 1.0  # full rank: exact
