@@ -60,6 +60,7 @@ class Settings:
     thumbnail_hosts: tuple[str, ...] = ()  # beside the API's own hosts
     max_thumbnail_bytes: int = 5 * 1024 * 1024
     similarity_shard_rows: int = 50_000  # query rows per similarity shard (one mapped task each)
+    pca_dim: int = 0  # reduce features to this many dimensions before top-k; 0: exact, no reduction
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -98,6 +99,7 @@ class Settings:
                                   if h.strip()),
             max_thumbnail_bytes=_int(env, "RECSKETCH_MAX_THUMBNAIL_BYTES", 5 * 1024 * 1024, 1024),
             similarity_shard_rows=_int(env, "RECSKETCH_SIMILARITY_SHARD_ROWS", 50_000, 1),
+            pca_dim=_int(env, "RECSKETCH_PCA_DIM", 0, 0),
         )
 
     def with_overrides(self, **overrides: object) -> Settings:

@@ -25,7 +25,7 @@ from recsketch.features.backbones import backbone_key, create_backbone
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.extract import extract_chunk
 from recsketch.likes import threshold_likes
-from recsketch.similarity import merge_new_items, top_k_cosine
+from recsketch.similarity import merge_new_items, normalise, recall_at_k, reduce_dimensions, top_k_cosine
 from recsketch.sketchfab.client import SketchfabClient
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest.npz"  # beside the backbone's chunks
 SIMILARITY_PLAN_FILE = "similarity_plan.json"
 SHARD_PREFIX = "similarity-shard-"
+REDUCED_FEATURES_FILE = "similarity_features.npy"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
 
 
 def new_run_id() -> str:
@@ -152,14 +153,24 @@ def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress =
     latest = chunk_store.root / LATEST_TOPK_FILE
     for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
         stale.unlink()
-    increment = _incremental_top_k(latest, mids, features, settings.top_k)
+    increment = None if settings.pca_dim else _incremental_top_k(latest, mids, features, settings.top_k)
     if increment is not None:
         order, indices, scores, mode = increment
         _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k)
         _write_json(folder / SIMILARITY_PLAN_FILE, {"mode": mode, "mids": None})
         progress(f"similarity: top-{indices.shape[1]} for {len(order)} models, {mode}")
         return []
-    _write_json(folder / SIMILARITY_PLAN_FILE, {"mode": "full", "mids": mids})
+    plan: dict = {"mode": "full", "mids": mids}
+    if settings.pca_dim:  # one projection for every shard: computed here, stored with the run
+        reduced = reduce_dimensions(features, settings.pca_dim)
+        sample = (0, min(len(mids), 500))
+        recall = recall_at_k(top_k_cosine(features, settings.top_k, rows=sample)[0],
+                             top_k_cosine(reduced, settings.top_k, rows=sample)[0])
+        np.save(folder / REDUCED_FEATURES_FILE, reduced)
+        plan.update(mode=f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", recall_at_k=round(recall, 4))
+        progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
+                 f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
+    _write_json(folder / SIMILARITY_PLAN_FILE, plan)
     step = settings.similarity_shard_rows
     shards = [f"{first}-{min(len(mids), first + step)}" for first in range(0, len(mids), step)]
     progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
@@ -170,12 +181,16 @@ def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress =
 def similarity_shard_stage(settings: Settings, folder: Path, shard: str, progress: Progress = log.info) -> dict:
     """One row block of the full top-k: rows first..last against every model."""
     first, last = (int(part) for part in shard.split("-"))
-    order = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")["mids"]  # type: ignore[index]
+    plan = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
+    order = plan["mids"]  # type: ignore[index]
     _, mids, features = _valid_features(settings, folder, lambda _: None)  # the plan task said it all
     if mids != order:
         raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
+    if "recall_at_k" in plan:  # type: ignore[operator]
+        features = np.load(folder / REDUCED_FEATURES_FILE)
     started = time.monotonic()
-    indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last))
+    features = normalise(features, copy=False)  # a fresh matrix: no need for a second one
+    indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last), normalised=True)
     path = folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz"
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as handle:
@@ -191,7 +206,7 @@ def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress 
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
     plan = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
     mode = plan["mode"]  # type: ignore[index]
-    if mode == "full":
+    if mode.startswith("full"):
         order = plan["mids"]  # type: ignore[index]
         if not shards:
             raise RecsketchError(f"no similarity shard results in {folder}: run the similarity shards first")
@@ -208,7 +223,10 @@ def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress 
     with np.load(folder / TOPK_FILE) as data:
         n, k = data["indices"].shape
     progress(f"similarity: top-{k} for {n} models ready ({mode}{f', {len(shards)} shards' if shards else ''})")
-    return {"models": int(n), "k": int(k), "mode": mode, "shards": len(shards)}
+    summary = {"models": int(n), "k": int(k), "mode": mode, "shards": len(shards)}
+    if "recall_at_k" in plan:  # type: ignore[operator]
+        summary["recall_at_k"] = plan["recall_at_k"]  # type: ignore[index]
+    return summary
 
 
 def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:

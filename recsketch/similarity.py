@@ -8,8 +8,10 @@ from scipy import sparse
 DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024
 
 
-def normalise(features):  # type: ignore[no-untyped-def]
-    """L2-normalised float32 rows, dense or scipy.sparse; all-zero rows stay zero (cosine 0)."""
+def normalise(features, copy: bool = True):  # type: ignore[no-untyped-def]
+    """L2-normalised float32 rows, dense or scipy.sparse; all-zero rows stay zero (cosine 0).
+
+    ``copy=False`` divides a float32 dense matrix in place (no second matrix in memory)."""
     if sparse.issparse(features):
         matrix = sparse.csr_matrix(features, dtype=np.float32)
         norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
@@ -17,6 +19,9 @@ def normalise(features):  # type: ignore[no-untyped-def]
         return sparse.diags(scale.astype(np.float32)) @ matrix
     matrix = np.asarray(features, dtype=np.float32)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    if not copy:
+        norms[norms == 0] = 1.0  # zero rows divided by 1 stay zero
+        return np.divide(matrix, norms, out=matrix)
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
 
 
@@ -37,17 +42,19 @@ def block_rows_for(n_items: int, budget_bytes: int = DEFAULT_BLOCK_BYTES) -> int
 
 
 def top_k_cosine(
-    features: np.ndarray, k: int, block_rows: int | None = None, rows: tuple[int, int] | None = None
+    features: np.ndarray, k: int, block_rows: int | None = None, rows: tuple[int, int] | None = None,
+    normalised: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the ``k`` most cosine-similar other rows, best first.
 
     Returns (indices int64 [m, k'], scores float32 [m, k']) with k' = min(k, n - 1). A row is
     never its own neighbour; ties are broken by the lower index, so results are deterministic.
     ``rows=(first, last)`` computes only those query rows against all items (m = last - first):
-    a shard, independent of the others.
+    a shard, independent of the others. ``normalised=True`` trusts that rows are unit vectors
+    (or zero) and skips the normalised copy: half the memory for wide features.
     """
     features = features if sparse.issparse(features) else np.asarray(features, dtype=np.float32)
-    unit = normalise(features)
+    unit = features if normalised else normalise(features)
     n = unit.shape[0]
     first, last = rows or (0, n)
     kk = min(k, n - 1)

@@ -68,3 +68,25 @@ def test_sharded_full_run_equals_one_block(tmp_path: Path) -> None:
     assert summary == {"models": 30, "k": 4, "mode": "full", "shards": 5}
     with np.load(folder / TOPK_FILE) as data:
         assert (data["indices"] == top_k_cosine(features, 4)[0]).all()
+
+
+def test_pca_option_reports_recall_and_every_shard_uses_one_projection(tmp_path: Path) -> None:
+    from recsketch.pipeline import similarity_stage
+    from recsketch.similarity import reduce_dimensions
+
+    settings = Settings(data_dir=tmp_path, top_k=4, similarity_shard_rows=8, pca_dim=3)
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    mids = [f"{i:032x}" for i in range(30)]
+    features = np.random.default_rng(8).normal(size=(30, 6)).astype(np.float32)
+    store.write(Chunk("only", mids, features, {}, store.backbone_key))
+    folder = run_dir(settings, "pca")
+    (folder / "valid_models.json").write_text(json.dumps(mids))
+    summary = similarity_stage(settings, folder)
+    assert summary["mode"] == "full, PCA 6->3-d" and summary["shards"] == 4
+    assert 0.0 < summary["recall_at_k"] < 1.0  # 3 of 6 dimensions: approximate, and it says how much
+    with np.load(folder / TOPK_FILE) as data:
+        assert (data["indices"] == top_k_cosine(reduce_dimensions(features, 3), 4)[0]).all()
+    second = run_dir(settings, "pca-2")
+    (second / "valid_models.json").write_text(json.dumps(mids))
+    again = similarity_stage(settings, second)  # no incremental shortcut with PCA
+    assert again["mode"].startswith("full")

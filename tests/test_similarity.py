@@ -112,3 +112,14 @@ def test_pca_keeps_most_neighbours_and_recall_is_measured() -> None:
     assert recall_at_k(exact, exact) == 1.0
     assert reduce_dimensions(features, 600).shape == (600, 512)  # asking for more than there is: all kept
     assert recall_at_k(exact, top_k_cosine(reduce_dimensions(features, 599), 10)[0]) == 1.0  # full rank: exact
+
+
+def test_normalised_input_skips_the_copy_and_gives_the_same_result() -> None:
+    from recsketch.similarity import normalise
+
+    features = np.random.default_rng(2).normal(size=(40, 9)).astype(np.float32)
+    features[3] = 0
+    unit = normalise(features)
+    assert (top_k_cosine(unit, 5, normalised=True)[0] == top_k_cosine(features, 5)[0]).all()
+    in_place = features.copy()
+    assert normalise(in_place, copy=False) is in_place and np.allclose(in_place, unit) and not in_place[3].any()
