@@ -32,17 +32,19 @@ PARAMS = {
 }
 
 
-def _stage_inputs():  # type: ignore[no-untyped-def]
-    """Settings (environment + DAG params) and this run's folder."""
+def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+    """Call ``recsketch.pipeline.<stage>`` with settings (environment + DAG params) and this
+    run's folder; the library is imported here, at run time, never when the file is parsed."""
+    from recsketch import pipeline
     from recsketch.config import Settings
-    from recsketch.pipeline import run_dir
 
     context = get_current_context()
     params = context["params"]
     settings = Settings.from_env().with_overrides(
         backbone=params["backbone"], top_k=params["top_k"],
         min_likes=params["min_likes"], chunk_size=params["chunk_size"])
-    return settings, run_dir(settings, context["run_id"]), context["run_id"]
+    folder = pipeline.run_dir(settings, context["run_id"])
+    return getattr(pipeline, stage)(settings, folder, *args, **kwargs)
 
 
 @dag(
@@ -61,65 +63,41 @@ def recsketch() -> None:
     @task
     def crawl() -> dict:
         """Scheduled and backfill runs crawl their data interval; manual runs the whole catalogue."""
-        from recsketch.pipeline import crawl_stage
-
-        settings, folder, _ = _stage_inputs()
         context = get_current_context()
         run_type = context["dag_run"].run_type
         if getattr(run_type, "value", run_type) in ("scheduled", "backfill"):
-            return crawl_stage(settings, folder, published_since=context["data_interval_start"],
-                               published_before=context["data_interval_end"])
-        return crawl_stage(settings, folder)
+            return _run_stage("crawl_stage", published_since=context["data_interval_start"],
+                              published_before=context["data_interval_end"])
+        return _run_stage("crawl_stage")
 
     @task
     def threshold() -> dict:
-        from recsketch.pipeline import threshold_stage
-
-        settings, folder, _ = _stage_inputs()
-        return threshold_stage(settings, folder)
+        return _run_stage("threshold_stage")
 
     @task
     def plan_chunks() -> list[str]:
-        from recsketch.pipeline import plan_stage
-
-        settings, folder, _ = _stage_inputs()
-        return plan_stage(settings, folder)
+        return _run_stage("plan_stage")
 
     @task(map_index_template="chunk {{ task.op_kwargs['chunk_id'] }}")
     def extract(chunk_id: str) -> dict:
-        from recsketch.pipeline import extract_stage
-
-        settings, folder, _ = _stage_inputs()
-        return extract_stage(settings, folder, chunk_id)
+        return _run_stage("extract_stage", chunk_id)
 
     @task(trigger_rule="none_failed")  # runs when every chunk was already done (no mapped task)
     def plan_similarity() -> list[str]:
         """Incremental or unchanged runs finish here; full runs return their row-block shards."""
-        from recsketch.pipeline import plan_similarity_stage
-
-        settings, folder, _ = _stage_inputs()
-        return plan_similarity_stage(settings, folder)
+        return _run_stage("plan_similarity_stage")
 
     @task(map_index_template="rows {{ task.op_kwargs['shard'] }}")
     def similarity_shard(shard: str) -> dict:
-        from recsketch.pipeline import similarity_shard_stage
-
-        settings, folder, _ = _stage_inputs()
-        return similarity_shard_stage(settings, folder, shard)
+        return _run_stage("similarity_shard_stage", shard)
 
     @task(trigger_rule="none_failed")  # runs when no shard was needed
     def merge_similarity() -> dict:
-        from recsketch.pipeline import merge_similarity_stage
-
-        settings, folder, _ = _stage_inputs()
-        return merge_similarity_stage(settings, folder)
+        return _run_stage("merge_similarity_stage")
 
     @task
     def load() -> dict:
-        from recsketch.pipeline import load_stage
-
-        settings, folder, run_id = _stage_inputs()
-        return load_stage(settings, folder, run_id)
+        return _run_stage("load_stage", get_current_context()["run_id"])
 
     chunks = plan_chunks()
     crawl() >> threshold() >> chunks

@@ -46,17 +46,23 @@ def test_new_models_cost_new_x_all_and_equal_a_full_run(tmp_path: Path) -> None:
     assert fewer["mode"] == "full"
 
 
+def one_chunk_run(settings: Settings, run_id: str, seed: int) -> tuple[Path, np.ndarray]:
+    """30 models with 6-d features in one chunk, all valid; returns the run folder."""
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    mids = [f"{i:032x}" for i in range(30)]
+    features = np.random.default_rng(seed).normal(size=(30, 6)).astype(np.float32)
+    store.write(Chunk("only", mids, features, {}, store.backbone_key))
+    folder = run_dir(settings, run_id)
+    (folder / "valid_models.json").write_text(json.dumps(mids))
+    return folder, features
+
+
 def test_sharded_full_run_equals_one_block(tmp_path: Path) -> None:
     from recsketch.errors import RecsketchError
     from recsketch.pipeline import merge_similarity_stage, plan_similarity_stage, similarity_shard_stage
 
     settings = Settings(data_dir=tmp_path, top_k=4, similarity_shard_rows=7)
-    store = ChunkStore(settings.features_dir, backbone_key(settings))
-    mids = [f"{i:032x}" for i in range(30)]
-    features = np.random.default_rng(3).normal(size=(30, 6)).astype(np.float32)
-    store.write(Chunk("only", mids, features, {}, store.backbone_key))
-    folder = run_dir(settings, "sharded")
-    (folder / "valid_models.json").write_text(json.dumps(mids))
+    folder, features = one_chunk_run(settings, "sharded", seed=3)
     shards = plan_similarity_stage(settings, folder)
     assert shards == ["0-7", "7-14", "14-21", "21-28", "28-30"]
     for shard in reversed(shards[1:]):  # any order, on any worker
@@ -75,18 +81,12 @@ def test_pca_option_reports_recall_and_every_shard_uses_one_projection(tmp_path:
     from recsketch.similarity import reduce_dimensions
 
     settings = Settings(data_dir=tmp_path, top_k=4, similarity_shard_rows=8, pca_dim=3)
-    store = ChunkStore(settings.features_dir, backbone_key(settings))
-    mids = [f"{i:032x}" for i in range(30)]
-    features = np.random.default_rng(8).normal(size=(30, 6)).astype(np.float32)
-    store.write(Chunk("only", mids, features, {}, store.backbone_key))
-    folder = run_dir(settings, "pca")
-    (folder / "valid_models.json").write_text(json.dumps(mids))
+    folder, features = one_chunk_run(settings, "pca", seed=8)
     summary = similarity_stage(settings, folder)
     assert summary["mode"] == "full, PCA 6->3-d" and summary["shards"] == 4
     assert 0.0 < summary["recall_at_k"] < 1.0  # 3 of 6 dimensions: approximate, and it says how much
     with np.load(folder / TOPK_FILE) as data:
         assert (data["indices"] == top_k_cosine(reduce_dimensions(features, 3), 4)[0]).all()
-    second = run_dir(settings, "pca-2")
-    (second / "valid_models.json").write_text(json.dumps(mids))
+    second, _ = one_chunk_run(settings, "pca-2", seed=8)
     again = similarity_stage(settings, second)  # no incremental shortcut with PCA
     assert again["mode"].startswith("full")
