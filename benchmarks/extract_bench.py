@@ -26,10 +26,11 @@ import numpy as np
 
 CONFIGS = {
     "efficientnet_lite0-float32": ("efficientnet_lite0", "float32"),
+    "efficientnet_lite0-bfloat16": ("efficientnet_lite0", "bfloat16"),
     "vgg16-float32": ("vgg16", "float32"),
     "vgg16-bfloat16": ("vgg16", "bfloat16"),
 }
-GOALS = {"efficientnet_lite0-float32": 100.0, "vgg16-float32": 14.0}
+GOALS = {"efficientnet_lite0-float32": 100.0, "efficientnet_lite0-bfloat16": 100.0, "vgg16-float32": 14.0}
 
 
 def make_thumbnails(folder: Path, count: int) -> list[Path]:
@@ -51,7 +52,7 @@ def build(backbone_name: str, precision: str):  # type: ignore[no-untyped-def]
 
     if backbone_name == "vgg16":  # speed does not depend on the weights' values
         return VGG16Backbone(weights="random", pooling="flatten", precision=precision)
-    return EfficientNetLite0Backbone()
+    return EfficientNetLite0Backbone(precision=precision)
 
 
 def measure(config: str, mode: str, folder: Path) -> dict:

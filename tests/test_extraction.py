@@ -76,3 +76,21 @@ def test_vgg16_bfloat16_finds_the_same_neighbours_as_float32(sketchfab, demo_gro
     top_bf16, _ = top_k_cosine(bf16, 10)
     shared = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_fp32, top_bf16, strict=True)])
     assert shared >= 0.95, f"only {shared:.1%} of top-10 neighbours agree"
+
+
+def test_lite0_bfloat16_keeps_the_neighbours(sketchfab, demo_groups, tmp_path: Path) -> None:
+    from recsketch.features.backbones import EfficientNetLite0Backbone
+
+    settings = Settings(data_dir=tmp_path / "data", sketchfab_url=sketchfab.url)
+    crawl_stage(settings, run_dir(settings, "r"))
+    mids = sorted(demo_groups)
+    images = np.stack([load_image(thumbnail_path(settings, m), 224) for m in mids])
+    fp32 = EfficientNetLite0Backbone().embed(images)
+    bf16_backbone = EfficientNetLite0Backbone(precision="bfloat16")
+    bf16 = np.concatenate([bf16_backbone.embed(images[i : i + 4]) for i in range(0, len(images), 4)])
+    assert bf16.dtype == np.float32 and bf16_backbone.key == "efficientnet_lite0-avg-bfloat16-imagenet"
+    top_fp32, _ = top_k_cosine(fp32, 10)
+    top_bf16, _ = top_k_cosine(bf16, 10)
+    shared = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_fp32, top_bf16, strict=True)])
+    assert shared >= 0.95, f"only {shared:.1%} of top-10 neighbours agree"
+    assert all(demo_groups[mids[top_bf16[i, 0]]] == demo_groups[m] for i, m in enumerate(mids))

