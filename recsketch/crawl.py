@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from recsketch import files
 from recsketch.config import Settings
 from recsketch.db import store
 from recsketch.db.schema import models as models_table
@@ -97,13 +97,6 @@ class ThumbnailIndex:
         return url is not None and self.urls.get(mid) == url and path.is_file()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelInfo,
                      index: ThumbnailIndex) -> tuple[str, str]:
     """Download, verify and store one thumbnail: returns (status, reason)."""
@@ -115,7 +108,7 @@ def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelIn
         check_image(body, model.thumbnail_url)
     except RecsketchError as exc:
         return "failed", str(exc)
-    _write_atomically(thumbnail_path(settings, model.mid), body)
+    files.write_bytes(thumbnail_path(settings, model.mid), body)
     index.add(model.mid, model.thumbnail_url)
     return "ok", ""
 
@@ -209,7 +202,7 @@ def crawl(
     progress(summary)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "crawl_stats.json").write_text(json.dumps(stats.as_dict(), indent=2, default=str))
+        files.write_text(run_dir / "crawl_stats.json", json.dumps(stats.as_dict(), indent=2, default=str))
     return stats
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsketch import files
 from recsketch.config import Settings
 from recsketch.crawl import crawl, thumbnail_path
 from recsketch.db import store
@@ -53,9 +54,7 @@ def run_dir(settings: Settings, run_id: str) -> Path:
 
 
 def _write_json(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
+    files.write_text(path, json.dumps(payload, indent=1, default=str))
 
 
 def _read_json(path: Path, stage: str) -> object:
@@ -166,7 +165,7 @@ def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress =
         sample = (0, min(len(mids), 500))
         recall = recall_at_k(top_k_cosine(features, settings.top_k, rows=sample)[0],
                              top_k_cosine(reduced, settings.top_k, rows=sample)[0])
-        np.save(folder / REDUCED_FEATURES_FILE, reduced)
+        files.save_npy(folder / REDUCED_FEATURES_FILE, reduced)
         plan.update(mode=f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", recall_at_k=round(recall, 4))
         progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
                  f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
@@ -183,20 +182,18 @@ def similarity_shard_stage(settings: Settings, folder: Path, shard: str, progres
     first, last = (int(part) for part in shard.split("-"))
     plan = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
     order = plan["mids"]  # type: ignore[index]
-    _, mids, features = _valid_features(settings, folder, lambda _: None)  # the plan task said it all
-    if mids != order:
-        raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
-    if "recall_at_k" in plan:  # type: ignore[operator]
+    if "recall_at_k" in plan:  # type: ignore[operator]  # PCA: the plan's snapshot is self-contained
         features = np.load(folder / REDUCED_FEATURES_FILE)
+    else:
+        _, mids, features = _valid_features(settings, folder, lambda _: None)  # the plan task said it all
+        if mids != order:
+            raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
     started = time.monotonic()
     features = normalise(features, copy=False)  # a fresh matrix: no need for a second one
     indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last), normalised=True)
-    path = folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        np.savez(handle, indices=indices, scores=scores)
-    tmp.replace(path)
-    progress(f"similarity shard {shard}: {last - first} rows x {len(mids)} models in {time.monotonic() - started:.1f}s")
+    files.save_npz(folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz", indices=indices, scores=scores)
+    progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "  # type: ignore[arg-type]
+             f"in {time.monotonic() - started:.1f}s")
     return {"shard": shard, "rows": last - first}
 
 
@@ -238,8 +235,8 @@ def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.
 
 def _finish_similarity(chunk_store: ChunkStore, folder: Path, mids: list[str], indices: np.ndarray,
                        scores: np.ndarray, k: int) -> None:
-    np.savez(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
-             backbone=np.array(chunk_store.backbone_key))
+    files.save_npz(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
+                   backbone=np.array(chunk_store.backbone_key))
     _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, k)
 
 
@@ -272,10 +269,7 @@ def _load_latest(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int] | 
 
 def _save_latest(path: Path, mids: list[str], indices: np.ndarray, scores: np.ndarray, k: int) -> None:
     """The newest top-k of this backbone, the base of the next incremental run (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        np.savez(handle, mids=np.array(mids), indices=indices, scores=scores, k=np.array(k))
-    tmp.replace(path)
+    files.save_npz(path, mids=np.array(mids), indices=indices, scores=scores, k=np.array(k))
 
 
 def load_stage(settings: Settings, folder: Path, run_id: str, progress: Progress = log.info) -> dict:

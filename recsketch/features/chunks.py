@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from recsketch import files
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,19 @@ class ChunkStore:
 
     def write(self, chunk: Chunk) -> Path:
         """Write atomically: readers see the whole chunk or none of it."""
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(chunk.chunk_id)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         failed = sorted(chunk.failed.items())
         features = np.ascontiguousarray(chunk.features, dtype=np.float32)
-        with tmp.open("wb") as handle:
-            np.savez(
-                handle,
-                mids=np.array(chunk.mids, dtype=str),
-                features=features,
-                sha256=np.array(_checksum(chunk.mids, features)),
-                failed_mids=np.array([m for m, _ in failed], dtype=str),
-                failed_reasons=np.array([r for _, r in failed], dtype=str),
-                backbone_key=np.array(self.backbone_key),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        files.save_npz(
+            final,
+            fsync=True,
+            mids=np.array(chunk.mids, dtype=str),
+            features=features,
+            sha256=np.array(_checksum(chunk.mids, features)),
+            failed_mids=np.array([m for m, _ in failed], dtype=str),
+            failed_reasons=np.array([r for _, r in failed], dtype=str),
+            backbone_key=np.array(self.backbone_key),
+        )
         return final
 
     def read(self, chunk_id: str) -> Chunk | None:

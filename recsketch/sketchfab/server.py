@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -292,8 +293,6 @@ class SketchfabServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         """A client that hangs up (killed crawler, timeout) is routine here, not a traceback."""
-        import sys
-
         if isinstance(sys.exc_info()[1], ConnectionError):
             log.debug("client %s disconnected", client_address)
             return
