@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := demo-data
 DEMO_PORT ?= 8765
+AIRFLOW_PORT ?= 8080
 AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	PATH=$(CURDIR)/$(BIN):$$PATH
 
-.PHONY: venv demo test bench lint lock clean
+.PHONY: venv demo airflow test bench lint lock clean
 
 venv: $(STAMP)
 
@@ -33,14 +34,24 @@ demo: venv
 	server=$$!; trap "kill $$server" EXIT; \
 	for i in $$(seq 50); do curl -sf -o /dev/null http://127.0.0.1:$(DEMO_PORT)/v3/models?count=1 && break; \
 	    kill -0 $$server 2>/dev/null || { cat $(DEMO_DIR)/server.log; exit 1; }; sleep 0.2; done; \
-	echo "local Sketchfab API on http://127.0.0.1:$(DEMO_PORT); running the DAG with airflow dags test ..."; \
+	echo "local Sketchfab API on http://127.0.0.1:$(DEMO_PORT); running the DAGs recsketch (crawl) and recsketch_recommendations with airflow dags test ..."; \
 	export RECSKETCH_SKETCHFAB_URL=http://127.0.0.1:$(DEMO_PORT) RECSKETCH_DATA_DIR=$(CURDIR)/$(DEMO_DIR)/data \
 	       RECSKETCH_BACKBONE=efficientnet_lite0; \
-	$(AIRFLOW_ENV) $(BIN)/airflow dags test recsketch > $(DEMO_DIR)/dags-test.log 2>&1 \
-	    || { grep -E "ERROR|Error|recsketch" $(DEMO_DIR)/dags-test.log | tail -40; exit 1; }; \
+	for dag in recsketch recsketch_recommendations; do \
+	    $(AIRFLOW_ENV) $(BIN)/airflow dags test $$dag >> $(DEMO_DIR)/dags-test.log 2>&1 \
+	        || { grep -E "ERROR|Error|recsketch" $(DEMO_DIR)/dags-test.log | tail -40; exit 1; }; done; \
 	grep -E "\] (crawl done|threshold|plan|similarity|load):" $(DEMO_DIR)/dags-test.log | sed -E 's/^[^]]*\] //; s/ +\[recsketch.*//'; \
 	echo "task logs: $(DEMO_DIR)/dags-test.log"; \
 	$(BIN)/recsketch show --models 6 --top-k 3
+
+# a real local Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor, PostgreSQL
+# metadata) with dags/ and plugins/, crawling the demo catalogue served on DEMO_PORT. Ctrl-C stops it.
+airflow: venv
+	@mkdir -p .airflow $(DEMO_DIR) && test -d $(DEMO_DIR)/catalog || $(BIN)/recsketch demo-catalog $(DEMO_DIR)/catalog
+	@$(BIN)/recsketch serve-sketchfab $(DEMO_DIR)/catalog --port $(DEMO_PORT) > $(DEMO_DIR)/server.log 2>&1 & \
+	server=$$!; trap "kill $$server" EXIT; \
+	RECSKETCH_DATA_DIR=$(CURDIR)/$(DEMO_DIR)/airflow-data $(BIN)/python -m tools.local_airflow \
+	    --port $(AIRFLOW_PORT) --sketchfab-url http://127.0.0.1:$(DEMO_PORT)
 
 test: venv
 	$(BIN)/ruff check .

@@ -1,19 +1,31 @@
-"""recsketch: Sketchfab thumbnails -> visual "more like this" recommendations.
+"""recsketch: Sketchfab thumbnails -> visual "more like this" recommendations, as two DAGs.
 
-crawl -> threshold -> plan_chunks -> extract (one mapped task per chunk) -> plan_similarity ->
-similarity_shard (one mapped task per row block, full runs only) -> merge_similarity -> load.
-Scheduled and backfilled runs crawl the models published in their day (data interval);
-manual runs crawl the whole catalogue.
+``recsketch`` (daily): crawl the models published in the run's day (data interval) and
+their likes and thumbnails; manual runs crawl the whole catalogue. ``airflow backfill create
+--dag-id recsketch`` fills past days. When a crawl brings something new it updates the
+catalogue Asset, and that, not a clock, starts
+
+``recsketch_recommendations``: threshold -> plan_chunks -> extract (one mapped task per
+chunk) -> plan_similarity -> similarity_shard (one mapped task per row block, full runs
+only) -> merge_similarity -> load, which updates the recommendations Asset. Asset events
+that arrive while it runs are queued into one next run, so crawls close together coalesce.
+
 Every task calls one function of ``recsketch.pipeline``; stages hand over through the
-catalogue DB and the run's folder, so any task can be retried alone. Heavy libraries
-(TensorFlow, torch) load inside the tasks, never when this file is parsed.
+catalogue DB and the run's folder, so any task can be retried alone. Settings come from the
+environment, the ``sketchfab_default`` and ``recsketch_db`` Connections, then the DAG params.
+Heavy libraries (TensorFlow, torch) load inside the tasks, never when this file is parsed.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+CATALOGUE = Asset("recsketch://catalogue", extra={"holds": "models, likes, thumbnails"})
+RECOMMENDATIONS = Asset("recsketch://recommendations", extra={"holds": "top-k similar models per model"})
+SKETCHFAB_POOL = "sketchfab_api"  # caps concurrent API tasks; `make airflow` and the stack create it
 
 DEFAULT_ARGS = {
     "owner": "recsketch",
@@ -33,18 +45,18 @@ PARAMS = {
 
 
 def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-    """Call ``recsketch.pipeline.<stage>`` with settings (environment + DAG params) and this
-    run's folder; the library is imported here, at run time, never when the file is parsed."""
+    """Call ``recsketch.pipeline.<stage>`` with this run's settings and folder; the library is
+    imported here, at run time, never when the file is parsed."""
     from recsketch import pipeline
-    from recsketch.config import Settings
+    from recsketch.hooks import airflow_settings
 
     context = get_current_context()
     params = context["params"]
-    settings = Settings.from_env().with_overrides(
-        backbone=params["backbone"], top_k=params["top_k"],
-        min_likes=params["min_likes"], chunk_size=params["chunk_size"])
+    settings = airflow_settings(**{name: params.get(name) for name in PARAMS})
     folder = pipeline.run_dir(settings, context["run_id"])
-    return getattr(pipeline, stage)(settings, folder, *args, **kwargs)
+    summary = getattr(pipeline, stage)(settings, folder, *args, **kwargs)
+    pipeline.log.info("%s summary: %s", stage.removesuffix("_stage"), summary)
+    return summary
 
 
 @dag(
@@ -55,12 +67,11 @@ def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params=PARAMS,
-    tags=["recsketch", "sketchfab", "recommendations"],
+    tags=["recsketch", "sketchfab", "crawl"],
     doc_md=__doc__,
 )
 def recsketch() -> None:
-    @task
+    @task(pool=SKETCHFAB_POOL)
     def crawl() -> dict:
         """Scheduled and backfill runs crawl their data interval; manual runs the whole catalogue."""
         context = get_current_context()
@@ -70,6 +81,31 @@ def recsketch() -> None:
                               published_before=context["data_interval_end"])
         return _run_stage("crawl_stage")
 
+    @task(outlets=[CATALOGUE])
+    def publish_catalogue(stats: dict) -> dict:
+        """Update the catalogue Asset (which starts recsketch_recommendations) only when the
+        crawl stored models; an empty day is skipped and starts nothing."""
+        changed = stats["models"] + stats["models_repaired"]
+        if not changed:
+            raise AirflowSkipException("the crawl stored no model: the catalogue is unchanged")
+        summary = {key: stats[key] for key in ("models", "models_repaired", "likes", "thumbnails_ok")}
+        get_current_context()["outlet_events"][CATALOGUE].extra = summary
+        return summary
+
+    publish_catalogue(crawl())
+
+
+@dag(
+    dag_id="recsketch_recommendations",
+    schedule=[CATALOGUE],  # runs when the catalogue changes; events queued meanwhile make one run
+    start_date=datetime(2026, 1, 1),
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["recsketch", "features", "recommendations"],
+    doc_md=__doc__,
+)
+def recsketch_recommendations() -> None:
     @task
     def threshold() -> dict:
         return _run_stage("threshold_stage")
@@ -95,15 +131,16 @@ def recsketch() -> None:
     def merge_similarity() -> dict:
         return _run_stage("merge_similarity_stage")
 
-    @task
+    @task(outlets=[RECOMMENDATIONS])
     def load() -> dict:
         return _run_stage("load_stage", get_current_context()["run_id"])
 
     chunks = plan_chunks()
-    crawl() >> threshold() >> chunks
+    threshold() >> chunks
     shards = plan_similarity()
     chunks >> extract.expand(chunk_id=chunks) >> shards
     shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> load()
 
 
 recsketch()
+recsketch_recommendations()

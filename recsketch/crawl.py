@@ -28,7 +28,7 @@ from recsketch.db import store
 from recsketch.db.schema import models as models_table
 from recsketch.errors import RecsketchError
 from recsketch.features.images import check_image
-from recsketch.ids import is_model_id
+from recsketch.ids import is_model_id, validate_model_id
 from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ class CrawlStats:
 
 
 def thumbnail_path(settings: Settings, mid: str) -> Path:
-    """Where a model's thumbnail lives; ``mid`` is already validated, so no path tricks."""
-    return settings.thumbs_dir / f"{mid}.jpg"
+    """Where a model's thumbnail lives; ``mid`` is validated first, so no path tricks."""
+    return settings.thumbs_dir / f"{validate_model_id(mid, source='thumbnail')}.jpg"
 
 
 class ThumbnailIndex:

@@ -24,22 +24,42 @@ def airflow_db() -> None:
 
 def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
 
     bag = DagBag(str(DAG_FILE.parent))
     assert bag.import_errors == {}
-    dag = bag.dags["recsketch"]
-    assert {t.task_id for t in dag.tasks} == {"crawl", "threshold", "plan_chunks", "extract", "plan_similarity",
-                                             "similarity_shard", "merge_similarity", "load"}
-    assert dag.catchup is False and "recsketch" in dag.tags
-    for task in dag.tasks:
-        assert task.retries >= 1, task.task_id
-    from airflow.sdk.definitions.mappedoperator import MappedOperator
+    assert set(bag.dags) == {"recsketch", "recsketch_recommendations"}
+    crawl_dag, recs_dag = bag.dags["recsketch"], bag.dags["recsketch_recommendations"]
+    assert {t.task_id for t in crawl_dag.tasks} == {"crawl", "publish_catalogue"}
+    assert {t.task_id for t in recs_dag.tasks} == {"threshold", "plan_chunks", "extract", "plan_similarity",
+                                                  "similarity_shard", "merge_similarity", "load"}
+    for dag in (crawl_dag, recs_dag):
+        assert "recsketch" in dag.tags and dag.max_active_runs == 1
+        for task in dag.tasks:
+            assert task.retries >= 1 and task.retry_exponential_backoff, task.task_id
+    # the crawl is on a clock and holds the API pool; the rest runs when the catalogue changes
+    assert crawl_dag.catchup is False and type(crawl_dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert crawl_dag.get_task("crawl").pool == "sketchfab_api"
+    assert [a.uri for a in crawl_dag.get_task("publish_catalogue").outlets] == ["recsketch://catalogue/"]
+    assert type(recs_dag.timetable).__name__ == "AssetTriggeredTimetable"
+    assert [a.uri for a in recs_dag.get_task("load").outlets] == ["recsketch://recommendations/"]
+    assert isinstance(recs_dag.get_task("extract"), MappedOperator)
+    assert isinstance(recs_dag.get_task("similarity_shard"), MappedOperator)
+    assert recs_dag.get_task("plan_similarity").trigger_rule == "none_failed"
+    assert recs_dag.get_task("merge_similarity").trigger_rule == "none_failed"
+    assert set(recs_dag.params.keys()) == {"backbone", "top_k", "min_likes", "chunk_size"}
 
-    assert isinstance(dag.get_task("extract"), MappedOperator)
-    assert isinstance(dag.get_task("similarity_shard"), MappedOperator)
-    assert dag.get_task("plan_similarity").trigger_rule == "none_failed"
-    assert dag.get_task("merge_similarity").trigger_rule == "none_failed"
-    assert set(dag.params.keys()) == {"backbone", "top_k", "min_likes", "chunk_size"}
+
+def test_params_are_validated() -> None:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = DagBag(str(DAG_FILE.parent)).dags["recsketch_recommendations"]
+    ParamsDict(dag.params).update({"top_k": 3, "backbone": "vgg16", "chunk_size": 8, "min_likes": 0})
+    for bad in ({"top_k": 0}, {"backbone": "resnet"}, {"chunk_size": "many"}, {"min_likes": -1}):
+        with pytest.raises(ParamValidationError, match=f"param {next(iter(bad))}"):
+            ParamsDict(dag.params).update(bad)
 
 
 def test_parsing_the_dag_is_fast_and_loads_no_heavy_library() -> None:
@@ -65,11 +85,18 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
 
     from recsketch.db import store
 
-    monkeypatch.setenv("RECSKETCH_SKETCHFAB_URL", sketchfab.url)
-    monkeypatch.setenv("RECSKETCH_DATABASE_URL", pg_url)
+    # the API and the DB come from Airflow Connections; the environment holds neither
+    monkeypatch.setenv("AIRFLOW_CONN_SKETCHFAB_DEFAULT", json.dumps(
+        {"conn_type": "http", "host": sketchfab.url, "password": "tok-secret-123"}))
+    monkeypatch.setenv("AIRFLOW_CONN_RECSKETCH_DB", json.dumps({"conn_type": "postgres", "extra": {
+        "sqlalchemy_url": pg_url}}))
     monkeypatch.setenv("RECSKETCH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RECSKETCH_SIMILARITY_SHARD_ROWS", "25")  # 72 models: three mapped shards
-    dag = DagBag(str(DAG_FILE.parent)).dags["recsketch"]
+    bag = DagBag(str(DAG_FILE.parent))
+    crawl_run = bag.dags["recsketch"].test()
+    assert crawl_run.state == "success"
+    assert sketchfab.authorizations == {"Token tok-secret-123"}  # the connection's password was the token
+    dag = bag.dags["recsketch_recommendations"]
     run = dag.test(run_conf={"top_k": 5, "chunk_size": 30})
     assert run.state == "success"
 

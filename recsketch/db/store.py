@@ -195,6 +195,23 @@ def live_run(engine: Engine) -> dict | None:
         return dict(row) if row else None
 
 
+def models_with_recommendations(engine: Engine, limit: int) -> list[dict]:
+    """Some models of the live run (mid, name), to start browsing from."""
+    query = text("SELECT DISTINCT s.mid, m.name FROM similar_models s JOIN models m ON m.mid = s.mid "
+                 "ORDER BY s.mid LIMIT :limit")
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query, {"limit": limit}).mappings()]
+
+
+def viewer_urls(engine: Engine, mids: Sequence[str]) -> dict[str, str]:
+    """Each model's Sketchfab page, where the catalogue has one."""
+    if not mids:
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(select(models.c.mid, models.c.viewer_url).where(models.c.mid.in_(list(mids))))
+        return {mid: url for mid, url in rows if url}
+
+
 def similar(engine: Engine, mid: str, top_k: int | None = None) -> list[dict]:
     """The live run's recommendations for ``mid``, best first (bound parameters only)."""
     validate_model_id(mid)

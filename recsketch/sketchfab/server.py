@@ -14,6 +14,7 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -170,6 +171,7 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         if self.server.faults.latency_s:
             time.sleep(self.server.faults.latency_s)
         if parts[:1] == ["thumbs"] and len(parts) == 2:
+            self.server.count_fetch(parts[1])
             return self._thumbnail(parts[1])
         if self._inject_fault():
             return None
@@ -181,6 +183,7 @@ class SketchfabHandler(BaseHTTPRequestHandler):
                 return self._error(HTTPStatus.NOT_FOUND, "Not found.")
             return self._json(HTTPStatus.OK, self._model_json(model))
         if parts == ["i", "likes"]:
+            self.server.count_fetch(f"likes {query.get('model')} {query.get('offset', '0')}")
             return self._likes(query)
         return self._error(HTTPStatus.NOT_FOUND, "Not found.")
 
@@ -290,6 +293,7 @@ class SketchfabServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self.requests_served = 0
         self.authorizations: set[str | None] = set()  # what clients sent, for tests
+        self.fetches: Counter[str] = Counter()  # thumbnail files and likes pages served, for tests
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         """A client that hangs up (killed crawler, timeout) is routine here, not a traceback."""
@@ -306,6 +310,10 @@ class SketchfabServer(ThreadingHTTPServer):
         with self._lock:
             self.requests_served += 1
             self.authorizations.add(authorization)
+
+    def count_fetch(self, what: str) -> None:
+        with self._lock:
+            self.fetches[what] += 1
 
     @property
     def url(self) -> str:
