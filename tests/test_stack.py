@@ -38,6 +38,20 @@ def test_workers_share_the_data_volume(compose: dict) -> None:
         assert compose["services"][name]["environment"]["RECSKETCH_DATA_DIR"] == "/data"
 
 
+def test_connections_and_the_api_pool_are_configured(compose: dict) -> None:
+    env = compose["x-airflow-common"]["environment"]
+    assert env["AIRFLOW_CONN_RECSKETCH_DB"].startswith("postgres://airflow:${POSTGRES_PASSWORD")
+    assert '"password": "${RECSKETCH_SKETCHFAB_TOKEN:-}"' in env["AIRFLOW_CONN_SKETCHFAB_DEFAULT"]
+    assert "RECSKETCH_SKETCHFAB_TOKEN" not in env and "RECSKETCH_DATABASE_URL" not in env  # connections only
+    assert "airflow pools set sketchfab_api" in compose["services"]["airflow-init"]["command"][1]
+
+
+def test_the_image_prefetches_vgg16_weights() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in dockerfile
+    assert "pip install -r requirements.txt" in dockerfile
+
+
 def test_no_hard_coded_secrets() -> None:
     text = COMPOSE.read_text()
     for line in text.splitlines():

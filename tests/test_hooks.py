@@ -1,0 +1,62 @@
+"""Settings from Airflow Connections, with the environment as the fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from recsketch.errors import ConfigError
+from recsketch.hooks import RecsketchDbHook, SketchfabHook, airflow_settings
+from tests.test_stack import COMPOSE
+
+
+def test_without_connections_the_environment_decides(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_SKETCHFAB_DEFAULT", raising=False)
+    monkeypatch.delenv("AIRFLOW_CONN_RECSKETCH_DB", raising=False)
+    monkeypatch.setenv("RECSKETCH_SKETCHFAB_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("RECSKETCH_SKETCHFAB_TOKEN", "env-token")
+    monkeypatch.setenv("RECSKETCH_DATABASE_URL", f"sqlite:///{tmp_path}/x.sqlite")
+    settings = airflow_settings(top_k=3)
+    assert (settings.sketchfab_url, settings.sketchfab_token, settings.top_k) == ("http://127.0.0.1:9", "env-token", 3)
+    assert settings.database_url == f"sqlite:///{tmp_path}/x.sqlite"
+
+
+def test_connections_win_over_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("RECSKETCH_SKETCHFAB_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("RECSKETCH_DATABASE_URL", "sqlite:///ignored.sqlite")
+    monkeypatch.setenv("AIRFLOW_CONN_SKETCHFAB_DEFAULT", json.dumps(
+        {"conn_type": "http", "host": "api.example.org", "schema": "https", "password": "conn-token",
+         "extra": {"web_url": "https://www.example.org/"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_RECSKETCH_DB", "postgres://airflow:p%40ss@db.internal:5433/recsketch")
+    settings = airflow_settings()
+    assert settings.sketchfab_url == "https://api.example.org" and settings.sketchfab_token == "conn-token"
+    assert settings.likes_base_url == "https://www.example.org"
+    assert settings.database_url == "postgresql+psycopg2://airflow:p%40ss@db.internal:5433/recsketch"
+    assert "conn-token" not in repr(settings)
+
+
+def test_the_compose_files_connections_parse(monkeypatch) -> None:
+    """The stack's AIRFLOW_CONN_* values, with its variables filled in, give the right settings."""
+    env = yaml.safe_load(COMPOSE.read_text())["x-airflow-common"]["environment"]
+    filled = {name: value.replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}", "pw")
+              .replace("${RECSKETCH_SKETCHFAB_URL:-https://api.sketchfab.com}", "https://api.sketchfab.com")
+              .replace("${RECSKETCH_SKETCHFAB_TOKEN:-}", "tok") for name, value in env.items()
+              if name.startswith("AIRFLOW_CONN_")}
+    assert set(filled) == {"AIRFLOW_CONN_RECSKETCH_DB", "AIRFLOW_CONN_SKETCHFAB_DEFAULT"}
+    for name, value in filled.items():
+        monkeypatch.setenv(name, value)
+    assert RecsketchDbHook().sqlalchemy_url() == "postgresql+psycopg2://airflow:pw@postgres:5432/recsketch"
+    assert SketchfabHook().settings_overrides() == {"sketchfab_url": "https://api.sketchfab.com",
+                                                    "sketchfab_token": "tok"}
+
+
+def test_a_connection_of_the_wrong_kind_is_named(monkeypatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_RECSKETCH_DB", json.dumps({"conn_type": "mongo", "host": "x"}))
+    with pytest.raises(ConfigError, match="recsketch_db: type 'mongo'"):
+        RecsketchDbHook().sqlalchemy_url()
+    monkeypatch.setenv("AIRFLOW_CONN_SKETCHFAB_DEFAULT", json.dumps({"conn_type": "http", "host": "h",
+                                                                     "schema": "ftp"}))
+    with pytest.raises(ConfigError, match="scheme 'ftp'"):
+        SketchfabHook().settings_overrides()
