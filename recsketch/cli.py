@@ -162,7 +162,10 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _stage(args: argparse.Namespace, settings: Settings) -> int:
     from recsketch import pipeline
+    from recsketch.db import store
 
+    if args.command in ("crawl", "threshold", "load"):
+        store.connect(settings.resolved_database_url)  # an unreachable DB fails here, before any state
     folder = pipeline.run_dir(settings, args.run_id)
     if args.command == "crawl":
         result: object = pipeline.crawl_stage(settings, folder, published_since=args.published_since,
@@ -201,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args, settings)
         if args.command == "run":
+            from recsketch.db import store
             from recsketch.pipeline import run_pipeline
 
+            store.connect(settings.resolved_database_url)  # an unreachable DB fails here, before any state
             summary = run_pipeline(settings, args.run_id)
             print(json.dumps(summary["load"]))
             return 0

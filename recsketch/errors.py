@@ -33,3 +33,11 @@ class ApiError(RecsketchError):
 
 class WeightsUnavailable(RecsketchError):
     """Pretrained weights are neither cached nor downloadable."""
+
+
+class DatabaseUnavailable(RecsketchError):
+    """The recommendations DB cannot be reached, or went away mid-transaction."""
+
+
+class StorageFull(RecsketchError):
+    """The disk filled up while a file was written; the half-written file was removed."""

@@ -64,10 +64,18 @@ def _read_json(path: Path, stage: str) -> object:
         raise RecsketchError(f"{path} is missing: run the {stage} stage first") from None
 
 
+def _sweep(progress: Progress, *folders: Path) -> None:
+    """Drop temp files a killed process left behind (their targets are intact)."""
+    for folder in folders:
+        if folder.is_dir() and (removed := files.sweep_stale_temps(folder)):
+            progress(f"removed {removed} temp files left by a killed process in {folder}")
+
+
 def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime | None = None,
                 published_before: datetime | None = None, progress: Progress = log.info) -> dict:
     """Crawl the API into the catalogue DB and the thumbnail store."""
     engine = store.connect(settings.resolved_database_url)
+    _sweep(progress, settings.thumbs_dir, folder)
     client = SketchfabClient(settings.sketchfab_url, settings.likes_base_url, settings.sketchfab_token,
                              retries=settings.http_retries, pool_size=settings.crawl_workers * 2,
                              rate_limit=settings.effective_rate_limit,
@@ -121,6 +129,7 @@ def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Pro
     if chunk_id not in chunks:
         raise RecsketchError(f"chunk {chunk_id!r} is not in the plan {folder / PLAN_FILE}")
     chunk_store = ChunkStore(settings.features_dir, plan["backbone_key"])  # type: ignore[index]
+    _sweep(progress, chunk_store.root)
     if chunk_store.read(chunk_id) is not None:
         progress(f"chunk {chunk_id}: already extracted, skipping")
         return {"chunk_id": chunk_id, "skipped": True}
@@ -149,6 +158,7 @@ def _valid_features(settings: Settings, folder: Path, progress: Progress) -> tup
 def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
     """Incremental or unchanged: computed here, no shards. Full: the row-block shards to map."""
     chunk_store, mids, features = _valid_features(settings, folder, progress)
+    _sweep(progress, chunk_store.root, folder)
     latest = chunk_store.root / LATEST_TOPK_FILE
     for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
         stale.unlink()

@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from recsketch.db.schema import (
     SIMILAR_MODELS_VIEW,
@@ -22,7 +23,7 @@ from recsketch.db.schema import (
     recommendations,
     runs,
 )
-from recsketch.errors import RecsketchError, UnknownModel
+from recsketch.errors import DatabaseUnavailable, UnknownModel
 from recsketch.ids import validate_model_id
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def connect(url: str) -> Engine:
     try:
         create_schema(engine)
     except Exception as exc:
-        raise RecsketchError(f"cannot open the recommendations DB at {engine.url!r}: "
+        raise DatabaseUnavailable(f"cannot open the recommendations DB at {engine.url!r}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     return engine
 
@@ -135,6 +136,19 @@ def load_recommendations(
     then swap it in; the old table stays served until the swap commits. On SQLite the new
     rows are inserted and the old ones deleted in the same transaction.
     """
+    try:
+        _load(engine, run_id, backbone, top_k, rows)
+    except DBAPIError as exc:
+        if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+            raise
+        raise DatabaseUnavailable(
+            f"lost the recommendations DB at {engine.url!r} while loading run {run_id}: nothing of it was "
+            f"committed and the previous run stays served; rerun the load ({str(exc.orig).splitlines()[0]})"
+        ) from exc
+
+
+def _load(engine: Engine, run_id: str, backbone: str, top_k: int,
+          rows: Sequence[tuple[str, int, str, float]]) -> None:
     now = datetime.now(UTC)
     n_models = len({row[0] for row in rows})
     with engine.begin() as conn:
