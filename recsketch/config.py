@@ -64,14 +64,18 @@ class Settings:
     pca_dim: int = 0  # reduce features to this many dimensions before top-k; 0: exact, no reduction
 
     def __post_init__(self) -> None:
+        """Choices are checked here, for flags and environment alike; each error names its setting."""
         if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone {self.backbone!r} is not one of {', '.join(BACKBONES)}")
+            raise ConfigError(f"backbone {self.backbone!r} is not one of {', '.join(BACKBONES)} "
+                              "(RECSKETCH_BACKBONE / --backbone)")
         if self.vgg16_pooling not in ("flatten", "avg"):
-            raise ConfigError(f"vgg16 pooling {self.vgg16_pooling!r} must be 'flatten' or 'avg'")
+            raise ConfigError(f"vgg16 pooling {self.vgg16_pooling!r} must be 'flatten' or 'avg' "
+                              "(RECSKETCH_VGG16_POOLING)")
         for name in ("vgg16_precision", "lite0_precision"):
             value = getattr(self, name)
             if value not in ("float32", "bfloat16"):
-                raise ConfigError(f"{name.replace('_', ' ', 1)} {value!r} must be 'float32' or 'bfloat16'")
+                raise ConfigError(f"{name.replace('_', ' ', 1)} {value!r} must be 'float32' or 'bfloat16' "
+                                  f"(RECSKETCH_{name.upper()})")
         for name in ("top_k", "chunk_size", "batch_size", "crawl_workers", "similarity_shard_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")

@@ -38,8 +38,12 @@ def model_id_from_input(text: str) -> str:
     text = text.strip()
     if is_model_id(text):
         return text
-    parts = urlsplit(text if "://" in text else "https://" + text)
-    if parts.hostname in SKETCHFAB_HOSTS:
+    try:
+        parts = urlsplit(text if "://" in text else "https://" + text)
+        host = parts.hostname
+    except ValueError:  # e.g. an unbalanced "[" reads as a broken IPv6 host
+        host = None
+    if host in SKETCHFAB_HOSTS:
         segments = [s for s in parts.path.split("/") if s]
         # /3d-models/<slug>-<mid>, /models/<mid>, /models/<mid>/embed
         for segment in reversed(segments):

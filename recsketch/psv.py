@@ -66,6 +66,8 @@ def _records(path: Path, header: Sequence[str]) -> Iterable[tuple[int, list[str]
         first = next(reader)
     except StopIteration:
         raise BadInputError(f"{path}: empty file, expected header {'|'.join(header)}") from None
+    except csv.Error as exc:
+        raise BadInputError(f"{path}:1: unreadable header ({exc}), expected {'|'.join(header)}") from None
     if [f.strip() for f in first[: len(header)]] != list(header):
         raise BadInputError(f"{path}:1: header {'|'.join(first)!r}, expected {'|'.join(header)}")
     width = len(first)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from recsketch import files
+from recsketch.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ class ChunkStore:
         failed: dict[str, str] = {}
         dim = None
         for chunk in self.chunks():
+            if dim is not None and chunk.features.shape[1] != dim:
+                raise BadInputError(f"{self.path(chunk.chunk_id)} holds {chunk.features.shape[1]}-d features, the "
+                                    f"other chunks of {self.backbone_key} {dim}-d: move it away and extract it again")
             dim = chunk.features.shape[1]
             for index, mid in enumerate(chunk.mids):
                 if mid in wanted:

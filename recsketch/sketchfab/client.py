@@ -97,6 +97,8 @@ def pick_thumbnail(images: list[dict[str, Any]], target: int = 200) -> str | Non
     """The 200×200 image, else the one whose size is nearest to it."""
     best: tuple[int, str] | None = None
     for image in images or []:
+        if not isinstance(image, dict):
+            continue
         url, width, height = image.get("url"), image.get("width"), image.get("height")
         if not isinstance(url, str) or not isinstance(width, int) or not isinstance(height, int):
             continue
@@ -134,6 +136,29 @@ def parse_model(entry: object) -> ModelInfo:
         viewer_url=entry.get("viewerUrl") if isinstance(entry.get("viewerUrl"), str) else None,
         thumbnail_url=pick_thumbnail(images if isinstance(images, list) else []),
     )
+
+
+def parse_page(payload: object, source: str) -> tuple[list[Any], str | None]:
+    """A paged answer's ``results`` list and ``next`` URL (None on the last page)."""
+    if not isinstance(payload, dict):
+        raise ApiError(f"{source}: expected a JSON object, got {type(payload).__name__}")
+    results = payload.get("results")
+    if not isinstance(results, list):
+        raise ApiError(f"{source}: 'results' is missing or not a list")
+    next_url = payload.get("next")
+    return results, next_url if isinstance(next_url, str) and next_url else None
+
+
+def parse_likes_page(payload: object, mid: str) -> tuple[list[str], str | None]:
+    """The liker uids of one ``/i/likes`` page and the next page's URL."""
+    results, next_url = parse_page(payload, f"likes of {mid}")
+    uids = []
+    for entry in results:
+        uid = entry.get("uid") if isinstance(entry, dict) else None
+        if not isinstance(uid, str) or not uid:
+            raise ApiError(f"likes of {mid}: liker entry without a uid: {entry!r:.80}")
+        uids.append(uid)
+    return uids, next_url
 
 
 class SketchfabClient:
@@ -245,12 +270,7 @@ class SketchfabClient:
         if start_url:
             url, params = start_url, None
         while url:
-            payload = self.get_json(url, params)
-            results = payload.get("results")
-            if not isinstance(results, list):
-                raise ApiError(f"GET {url}: 'results' is missing or not a list")
-            next_url = payload.get("next")
-            next_url = next_url if isinstance(next_url, str) and next_url else None
+            results, next_url = parse_page(self.get_json(url, params), f"GET {url}")
             yield results, next_url
             url, params = next_url, None
 
@@ -261,17 +281,9 @@ class SketchfabClient:
         url: str | None = f"{self.likes_url}/i/likes"
         params: dict[str, Any] | None = {"model": mid, "count": 24, "offset": 0}
         while url:
-            payload = self.get_json(url, params)
-            results = payload.get("results")
-            if not isinstance(results, list):
-                raise ApiError(f"likes of {mid}: 'results' is missing or not a list")
-            for entry in results:
-                uid = entry.get("uid") if isinstance(entry, dict) else None
-                if not isinstance(uid, str) or not uid:
-                    raise ApiError(f"likes of {mid}: liker entry without a uid: {entry!r:.80}")
-                uids.append(uid)
-            next_url = payload.get("next")
-            url, params = (next_url, None) if isinstance(next_url, str) and next_url else (None, None)
+            page, url = parse_likes_page(self.get_json(url, params), mid)
+            uids += page
+            params = None
         return uids
 
     def download(self, url: str, max_bytes: int) -> tuple[bytes, str]:
