@@ -59,6 +59,7 @@ class Settings:
     http_retries: int = 5
     rate_limit: float | None = None  # requests/s shared by all threads; None: the default below
     thumbnail_hosts: tuple[str, ...] = ()  # beside the API's own hosts
+    allow_private_addresses: bool = False  # thumbnail hosts may resolve to private/loopback addresses
     max_thumbnail_bytes: int = 5 * 1024 * 1024
     similarity_shard_rows: int = 50_000  # query rows per similarity shard (one mapped task each)
     pca_dim: int = 0  # reduce features to this many dimensions before top-k; 0: exact, no reduction
@@ -105,6 +106,8 @@ class Settings:
             rate_limit=_float(env, "RECSKETCH_RATE_LIMIT"),
             thumbnail_hosts=tuple(h.strip() for h in (env.get("RECSKETCH_THUMBNAIL_HOSTS") or "").split(",")
                                   if h.strip()),
+            allow_private_addresses=(env.get("RECSKETCH_ALLOW_PRIVATE_ADDRESSES") or "").lower() in ("1", "true",
+                                                                                                   "yes"),
             max_thumbnail_bytes=_int(env, "RECSKETCH_MAX_THUMBNAIL_BYTES", 5 * 1024 * 1024, 1024),
             similarity_shard_rows=_int(env, "RECSKETCH_SIMILARITY_SHARD_ROWS", 50_000, 1),
             pca_dim=_int(env, "RECSKETCH_PCA_DIM", 0, 0),

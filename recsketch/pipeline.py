@@ -79,7 +79,8 @@ def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime |
     client = SketchfabClient(settings.sketchfab_url, settings.likes_base_url, settings.sketchfab_token,
                              retries=settings.http_retries, pool_size=settings.crawl_workers * 2,
                              rate_limit=settings.effective_rate_limit,
-                             thumbnail_hosts=settings.allowed_thumbnail_hosts)
+                             thumbnail_hosts=settings.allowed_thumbnail_hosts,
+                             allow_private_addresses=settings.allow_private_addresses)
     try:
         stats = crawl(settings, engine, client, published_since=published_since,
                       published_before=published_before, run_dir=folder, progress=progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -51,8 +52,8 @@ class ChunkStore:
         self.root = Path(root) / backbone_key
 
     def path(self, chunk_id: str) -> Path:
-        if not chunk_id.isalnum():
-            raise ValueError(f"chunk id {chunk_id!r} is not alphanumeric")
+        if not re.fullmatch(r"[0-9A-Za-z]+", chunk_id):
+            raise BadInputError(f"chunk id {chunk_id!r} is not alphanumeric")
         return self.root / f"chunk-{chunk_id}.npz"
 
     def write(self, chunk: Chunk) -> Path:

@@ -7,8 +7,10 @@ in the ``Authorization`` header; log lines and errors carry URLs, never headers.
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -177,11 +179,15 @@ class SketchfabClient:
         rate_limit: float | None = None,
         pool_size: int = 16,
         thumbnail_hosts: tuple[str, ...] | None = None,
+        allow_private_addresses: bool = False,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.likes_url = (likes_url or api_url).rstrip("/")
-        own_hosts = {urlsplit(self.api_url).hostname, urlsplit(self.likes_url).hostname}
-        self.thumbnail_hosts = frozenset(thumbnail_hosts or ()) | {h for h in own_hosts if h}
+        # the API's own hosts were configured by the operator: they may be private (a local server)
+        self.own_hosts = frozenset(h for h in (urlsplit(self.api_url).hostname, urlsplit(self.likes_url).hostname)
+                                   if h)
+        self.thumbnail_hosts = frozenset(thumbnail_hosts or ()) | self.own_hosts
+        self.allow_private_addresses = allow_private_addresses
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -298,12 +304,28 @@ class SketchfabClient:
         if parts.hostname not in self.thumbnail_hosts:
             raise BadInputError(f"thumbnail URL {url!r}: host {parts.hostname!r} is not allowed "
                                 f"(allowed: {', '.join(sorted(self.thumbnail_hosts))})")
+        if parts.hostname not in self.own_hosts and not self.allow_private_addresses:
+            _refuse_private_address(url, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         response = self.get(url, max_bytes=max_bytes, allow_redirects=False)
         if response.is_redirect:
             raise BadInputError(f"GET {url}: redirect to {response.headers.get('Location')!r} refused")
         if response.status_code != 200:
             raise ApiError(f"GET {url}: HTTP {response.status_code}")
         return response.content, response.headers.get("Content-Type", "")
+
+
+def _refuse_private_address(url: str, host: str, port: int) -> None:
+    """A thumbnail host that resolves to a loopback, private, link-local or reserved address is
+    refused (SSRF), unless RECSKETCH_ALLOW_PRIVATE_ADDRESSES is set or it is the API's own host."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError as exc:
+        raise ApiError(f"thumbnail URL {url!r}: cannot resolve {host!r} ({exc})") from None
+    for address in sorted(addresses):
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global:
+            raise BadInputError(f"thumbnail URL {url!r}: {host!r} resolves to the non-public address {address}; "
+                                "set RECSKETCH_ALLOW_PRIVATE_ADDRESSES=1 to allow it")
 
 
 class BodyTooLarge(BadInputError):
