@@ -11,7 +11,7 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURD
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	PATH=$(CURDIR)/$(BIN):$$PATH
 
-.PHONY: venv demo airflow test bench lint lock clean
+.PHONY: venv demo airflow test faults bench lint lock clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,14 @@ airflow: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# the long fault suite (~40 min): 20 seeded SIGKILLs per stage, PostgreSQL stopped and
+# unreachable, a full disk, 2-minute API outages per fault mode, 50 clients for 60 s.
+# `make test` runs the short variants of the same code.
+faults: venv
+	$(BIN)/python -m tests.fault_suite --kills 20
+	RECSKETCH_OUTAGE_S=120 $(BIN)/pytest -q -p no:cacheprovider tests/test_service_faults.py
+	$(BIN)/python -m tests.load_suite --clients 50 --seconds 60
 
 # speed goals, measured against the naive baseline in the same run (never asserted in tests)
 bench: venv
