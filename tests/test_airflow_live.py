@@ -4,6 +4,7 @@ through the CLI, and the gallery plugin in headless Chromium behind Airflow's lo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -256,6 +257,11 @@ def test_backfill_over_three_days_processes_each_days_models_once(tmp_path: Path
             with np.load(chunk) as data:
                 chunk_mids += [str(m) for m in data["mids"]]
         assert sorted(chunk_mids) == sorted(set(chunk_mids)) and set(demo_groups) <= set(chunk_mids)
+        # the asset-driven recommendation runs never overlapped: events that came meanwhile waited
+        recs_runs = sorted(airflow.dag_runs("recsketch_recommendations"), key=lambda r: r["start_date"])
+        assert 1 <= len(recs_runs) <= 3
+        for earlier, later in itertools.pairwise(recs_runs):
+            assert earlier["end_date"] <= later["start_date"], (earlier, later)
         # and the asset-driven runs end with recommendations for all of them
         engine = store.connect(deployment.db_url)
         assert live["n_models"] == len(demo_groups)
