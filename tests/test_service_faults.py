@@ -80,10 +80,11 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
         shutil.rmtree(server.folder, ignore_errors=True)
 
 
-def _synthetic_topk(folder: Path, n: int = 20_000, k: int = 10) -> None:
+def _synthetic_topk(folder: Path, n: int = 50_000, k: int = 10) -> None:
+    """500,000 rows: a load that lasts seconds, so PostgreSQL can be stopped in the middle of it."""
     rng = np.random.default_rng(3)
     mids = np.array([f"{i:032x}" for i in range(n)])
-    indices = np.stack([rng.choice(n, k, replace=False) for _ in range(n)]).astype(np.int32)
+    indices = rng.integers(0, n, size=(n, k)).astype(np.int32)
     scores = np.sort(rng.random((n, k)).astype(np.float32), axis=1)[:, ::-1]
     for run in ("previous", "r"):
         (folder / "runs" / run).mkdir(parents=True, exist_ok=True)
