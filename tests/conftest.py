@@ -16,8 +16,8 @@ _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="recsketch-airflow-"))
 os.environ.setdefault("AIRFLOW_HOME", str(_AIRFLOW_HOME))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).parents[1] / "dags"))
-for _name in [n for n in os.environ if n.startswith("RECSKETCH_")]:
-    del os.environ[_name]  # the tests choose every setting themselves
+for _name in [n for n in os.environ if n.startswith("RECSKETCH_") and not n.startswith("RECSKETCH_TEST_")]:
+    del os.environ[_name]  # the tests choose every setting themselves (RECSKETCH_TEST_* tune the tests)
 
 from recsketch.config import Settings  # noqa: E402
 from recsketch.demo import GROUPS_FILE, build_demo_catalog  # noqa: E402

@@ -10,13 +10,13 @@ import pytest
 
 from tests.fault_suite import STAGES, FaultSuite
 
-KILLS = int(os.environ.get("RECSKETCH_FAULT_KILLS", "3"))
+KILLS = int(os.environ.get("RECSKETCH_TEST_FAULT_KILLS", "3"))
 pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultSuite]:
-    suite = FaultSuite(tmp_path_factory.mktemp("faults"), seed=int(os.environ.get("RECSKETCH_FAULT_SEED", "0")))
+    suite = FaultSuite(tmp_path_factory.mktemp("faults"), seed=int(os.environ.get("RECSKETCH_TEST_FAULT_SEED", "0")))
     try:
         suite.setup()
         yield suite

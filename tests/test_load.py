@@ -15,7 +15,7 @@ pytestmark = pytest.mark.faults
 
 
 def test_fifty_clients_get_answers_and_no_errors(tmp_path: Path) -> None:
-    report = run_load(tmp_path, clients=50, seconds=float(os.environ.get("RECSKETCH_LOAD_S", "5")))
+    report = run_load(tmp_path, clients=50, seconds=float(os.environ.get("RECSKETCH_TEST_LOAD_S", "5")))
     print(describe(report))
     for name, result in report.items():
         assert result["errors"] == 0, describe(report)

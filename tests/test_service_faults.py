@@ -2,7 +2,7 @@
 
 PostgreSQL is stopped and started for real: a private cluster (initdb as the ``postgres``
 user, its own port and socket dir), so the machine's shared server is never touched. The
-API outages last ``RECSKETCH_OUTAGE_S`` seconds per fault mode (5 here; ``make faults``: 120).
+API outages last ``RECSKETCH_TEST_OUTAGE_S`` seconds per fault mode (5 here; ``make faults``: 120).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tests.fault_suite import FaultSuite
 
 PG_BIN = Path("/usr/lib/postgresql") / (os.listdir("/usr/lib/postgresql")[0] if Path("/usr/lib/postgresql").is_dir()
                                         else "none") / "bin"
-OUTAGE_S = float(os.environ.get("RECSKETCH_OUTAGE_S", "5"))
+OUTAGE_S = float(os.environ.get("RECSKETCH_TEST_OUTAGE_S", "5"))
 pytestmark = pytest.mark.faults
 
 
