@@ -142,11 +142,14 @@ class FaultSuite:
         return time.monotonic() - started
 
     def kill_during(self, stage: str, env: dict[str, str], delay: float) -> bool:
-        """Start the stage, SIGKILL it after ``delay``; False if it had already finished."""
+        """Start the stage, SIGKILL it after ``delay``; False if it had already finished (then
+        the stage's reference time shrinks to what it took, so later delays land inside it)."""
+        started = time.monotonic()
         victim = subprocess.Popen(self.command(stage), env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
             victim.wait(delay)
+            self.reference[stage] = min(self.reference[stage], time.monotonic() - started)
             return False
         except subprocess.TimeoutExpired:
             victim.send_signal(signal.SIGKILL)
