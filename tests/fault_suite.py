@@ -53,12 +53,15 @@ class StageReport:
     mid_work: int = 0  # kills after the stage had produced something (a file, a row)
     redone: int = 0  # finished items produced again by the rerun
     leftovers: int = 0  # temp files or staging tables left after recovery
+    in_transaction: int = 0  # load: kills while the load held its lock, inside its transaction
     reference_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"{self.stage}: {self.kills} kills, {self.recoveries} recoveries, {self.differences} differences "
-                f"({self.mid_work} after first output, {self.redone} finished items redone, "
+                f"({self.mid_work} after first output, "
+                + (f"{self.in_transaction} inside the load's transaction, " if self.stage == "load" else "")
+                + f"{self.redone} finished items redone, "
                 f"{self.leftovers} leftovers; uninterrupted {self.reference_s:.1f}s)")
 
 
@@ -141,20 +144,32 @@ class FaultSuite:
             raise RuntimeError(f"recsketch {stage} failed: {done.stderr[-3000:]}")
         return time.monotonic() - started
 
-    def kill_during(self, stage: str, env: dict[str, str], delay: float) -> bool:
-        """Start the stage, SIGKILL it after ``delay``; False if it had already finished (then
-        the stage's reference time shrinks to what it took, so later delays land inside it)."""
+    def kill_during(self, stage: str, env: dict[str, str], delay: float) -> tuple[bool, bool]:
+        """Start the stage, SIGKILL it after ``delay``: (killed, inside the load's transaction).
+        Not killed: it had finished, and the stage's reference time shrinks to what it took,
+        so later delays land inside it."""
         started = time.monotonic()
         victim = subprocess.Popen(self.command(stage), env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
             victim.wait(delay)
             self.reference[stage] = min(self.reference[stage], time.monotonic() - started)
-            return False
+            return False, False
         except subprocess.TimeoutExpired:
+            in_transaction = stage == "load" and self._load_lock_held(env["RECSKETCH_DATABASE_URL"])
             victim.send_signal(signal.SIGKILL)
             victim.wait()
-            return True
+            return True, in_transaction
+
+    @staticmethod
+    def _load_lock_held(db_url: str) -> bool:
+        """Whether a load holds its advisory lock, i.e. is inside its transaction, right now."""
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            held = conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                     "AND objid = 727275 AND granted")).scalar()
+        engine.dispose()
+        return bool(held)
 
     # --- setup: the uninterrupted reference of every stage --------------------------------------
     def setup(self) -> None:
@@ -245,10 +260,12 @@ class FaultSuite:
             delay = self.rng.uniform(0, self.reference[stage])
             round_dir = self.workdir / f"{stage}-{attempts}"
             env = getattr(self, f"_prepare_{stage}")(round_dir)
-            if not self.kill_during(stage, env, delay):
+            killed, in_transaction = self.kill_during(stage, env, delay)
+            if not killed:
                 shutil.rmtree(round_dir, ignore_errors=True)
                 continue
             report.kills += 1
+            report.in_transaction += in_transaction
             try:
                 getattr(self, f"_recover_{stage}")(round_dir, env, report)
                 report.recoveries += 1
