@@ -28,31 +28,36 @@ _DRIVERS = {"postgres": "postgresql+psycopg2", "postgresql": "postgresql+psycopg
             "mysql": "mysql+pymysql"}
 
 
-def _connection(conn_id: str) -> Any | None:
-    """The connection, or None when it is not defined (the environment is then the fallback)."""
-    try:
-        return BaseHook.get_connection(conn_id)
-    except Exception as exc:  # AirflowNotFoundException moved between modules across Airflow 3 releases
-        if type(exc).__name__ != "AirflowNotFoundException":
-            raise
-        return None
+class _OptionalConnectionHook(BaseHook):
+    """A hook whose connection may be absent: the environment then stays in charge."""
+
+    conn_name_attr = "conn_id"
+    default_conn_name = ""
+
+    def __init__(self, conn_id: str | None = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id or self.default_conn_name
+
+    def connection(self) -> Any | None:
+        """The connection, or None when it is not defined."""
+        try:
+            return self.get_connection(self.conn_id)
+        except Exception as exc:  # AirflowNotFoundException moved between modules across Airflow 3 releases
+            if type(exc).__name__ != "AirflowNotFoundException":
+                raise
+            return None
 
 
-class SketchfabHook(BaseHook):
+class SketchfabHook(_OptionalConnectionHook):
     """The Sketchfab API's base URL and token, from the ``sketchfab_default`` connection."""
 
-    conn_name_attr = "sketchfab_conn_id"
     default_conn_name = SKETCHFAB_CONN_ID
     conn_type = "http"
     hook_name = "Sketchfab API"
 
-    def __init__(self, sketchfab_conn_id: str = SKETCHFAB_CONN_ID) -> None:
-        super().__init__()
-        self.sketchfab_conn_id = sketchfab_conn_id
-
     def settings_overrides(self) -> dict[str, Any]:
         """Fields for :class:`Settings`; empty when the connection is not defined."""
-        conn = _connection(self.sketchfab_conn_id)
+        conn = self.connection()
         if conn is None:
             return {}
         overrides: dict[str, Any] = {"sketchfab_token": conn.password or None}
@@ -73,21 +78,16 @@ def sketchfab_url_of(host: str, scheme: str | None, port: int | None) -> str:
     return f"{scheme or 'https'}://{host}{f':{port}' if port else ''}"
 
 
-class RecsketchDbHook(BaseHook):
+class RecsketchDbHook(_OptionalConnectionHook):
     """The recommendations DB's SQLAlchemy URL, from the ``recsketch_db`` connection."""
 
-    conn_name_attr = "recsketch_db_conn_id"
     default_conn_name = RECSKETCH_DB_CONN_ID
     conn_type = "postgres"
     hook_name = "recsketch recommendations DB"
 
-    def __init__(self, recsketch_db_conn_id: str = RECSKETCH_DB_CONN_ID) -> None:
-        super().__init__()
-        self.recsketch_db_conn_id = recsketch_db_conn_id
-
     def sqlalchemy_url(self) -> str | None:
         """The URL (password included: never log it), or None when the connection is not defined."""
-        conn = _connection(self.recsketch_db_conn_id)
+        conn = self.connection()
         if conn is None:
             return None
         extra = conn.extra_dejson or {}
@@ -95,7 +95,7 @@ class RecsketchDbHook(BaseHook):
             return str(extra["sqlalchemy_url"])
         driver = _DRIVERS.get(conn.conn_type or "")
         if driver is None:
-            raise ConfigError(f"connection {self.recsketch_db_conn_id}: type {conn.conn_type!r} is not one of "
+            raise ConfigError(f"connection {self.conn_id}: type {conn.conn_type!r} is not one of "
                               f"{', '.join(sorted(_DRIVERS))}")
         if driver == "sqlite":
             return f"sqlite:///{conn.host}"
