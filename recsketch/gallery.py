@@ -11,8 +11,8 @@ queried with bound parameters only; a model id is validated before it becomes a 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
+from functools import cached_property
 from html import escape
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -58,24 +58,18 @@ class Gallery:
 
     def __init__(self, settings_factory: Callable[[], Settings]) -> None:
         self._settings_factory = settings_factory
-        self._settings: Settings | None = None
-        self._engine: Engine | None = None
 
-    @property
+    @cached_property
     def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = self._settings_factory()
-        return self._settings
+        return self._settings_factory()
 
-    @property
+    @cached_property
     def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = store.connect(self.settings.resolved_database_url)
-        return self._engine
+        return store.connect(self.settings.resolved_database_url)
 
     def model(self, mid: str) -> dict | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(models.c.mid, models.c.name, models.c.viewer_url, models.c.like_count)
+            row = conn.execute(select(models.c.name, models.c.viewer_url)
                                .where(models.c.mid == mid)).mappings().first()
         return dict(row) if row else None
 
@@ -86,12 +80,10 @@ class Gallery:
 
     def sample_models(self, limit: int = 12) -> list[dict]:
         """Models of the live run, to start browsing from."""
-        return [{"mid": r["mid"], "name": r["name"]} for r in store.models_with_recommendations(self.engine, limit)]
+        return store.models_with_recommendations(self.engine, limit)
 
     def similar(self, mid: str, top_k: int) -> list[dict]:
-        rows = store.similar(self.engine, mid, top_k)
-        viewer = store.viewer_urls(self.engine, [r["mid"] for r in rows])
-        return [{**r, "viewer_url": viewer.get(r["mid"])} for r in rows]
+        return store.similar(self.engine, mid, top_k, links=True)
 
 
 def _page(title: str, body: str) -> str:
@@ -190,7 +182,7 @@ def create_app(settings_factory: Callable[[], Settings], authenticate: Callable[
 
     @app.get("/thumbs/{name}")
     async def thumbnail(name: str) -> FileResponse:
-        mid = re.sub(r"\.jpg$", "", name)
+        mid = name.removesuffix(".jpg")
         try:
             path = thumbnail_path(gallery.settings, validate_model_id(mid, source="thumbnail name"))
         except InvalidModelId as exc:

@@ -54,7 +54,6 @@ def test_injection_strings_are_stored_and_queried_as_data(db_url: str) -> None:
         with pytest.raises(InvalidModelId, match="is not a Sketchfab model id"):
             store.similar(engine, text_)
         assert store.saved_crawl_position(engine, text_) is None
-        assert store.viewer_urls(engine, [text_]) == {}
     with engine.connect() as conn:  # every table still there, nothing deleted
         assert conn.execute(select(func.count()).select_from(models)).scalar() == 3
         assert conn.execute(select(func.count()).select_from(likes)).scalar() == 4

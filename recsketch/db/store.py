@@ -217,31 +217,26 @@ def models_with_recommendations(engine: Engine, limit: int) -> list[dict]:
         return [dict(row) for row in conn.execute(query, {"limit": limit}).mappings()]
 
 
-def viewer_urls(engine: Engine, mids: Sequence[str]) -> dict[str, str]:
-    """Each model's Sketchfab page, where the catalogue has one."""
-    if not mids:
-        return {}
-    with engine.connect() as conn:
-        rows = conn.execute(select(models.c.mid, models.c.viewer_url).where(models.c.mid.in_(list(mids))))
-        return {mid: url for mid, url in rows if url}
-
-
-def similar(engine: Engine, mid: str, top_k: int | None = None) -> list[dict]:
-    """The live run's recommendations for ``mid``, best first (bound parameters only)."""
+def similar(engine: Engine, mid: str, top_k: int | None = None, *, links: bool = False) -> list[dict]:
+    """The live run's recommendations for ``mid``, best first (bound parameters only); with
+    ``links``, each also carries its Sketchfab page as ``viewer_url`` (the gallery)."""
     validate_model_id(mid)
+    query = text(
+        "SELECT rank, similar_mid, similar_name, score, similar_viewer_url FROM similar_models "
+        "WHERE mid = :mid ORDER BY rank" + (" LIMIT :k" if top_k else "")
+    )
+    params: dict[str, object] = {"mid": mid}
+    if top_k:
+        params["k"] = top_k
     with engine.connect() as conn:
-        known = conn.execute(select(models.c.mid).where(models.c.mid == mid)).first()
-        query = text(
-            "SELECT rank, similar_mid, similar_name, score FROM similar_models "
-            "WHERE mid = :mid ORDER BY rank" + (" LIMIT :k" if top_k else "")
-        )
-        params: dict[str, object] = {"mid": mid}
-        if top_k:
-            params["k"] = top_k
         found = conn.execute(query, params).all()
-    if not found:
-        if not known:
-            raise UnknownModel(f"unknown model id {mid!r}: not in the catalogue")
-        raise UnknownModel(f"model {mid!r} has no recommendations in the live run "
-                           "(filtered out by the like threshold, or no usable thumbnail)")
-    return [{"rank": r, "mid": s, "name": n, "score": round(float(sc), 6)} for r, s, n, sc in found]
+        if not found:
+            if not conn.execute(select(models.c.mid).where(models.c.mid == mid)).first():
+                raise UnknownModel(f"unknown model id {mid!r}: not in the catalogue")
+            raise UnknownModel(f"model {mid!r} has no recommendations in the live run "
+                               "(filtered out by the like threshold, or no usable thumbnail)")
+    results = [{"rank": r, "mid": s, "name": n, "score": round(float(sc), 6)} for r, s, n, sc, _ in found]
+    if links:
+        for result, row in zip(results, found, strict=True):
+            result["viewer_url"] = row[4]
+    return results
