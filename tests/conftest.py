@@ -48,9 +48,8 @@ def sketchfab(demo_catalog: Path) -> Iterator[SketchfabServer]:
     server.server_close()
 
 
-@pytest.fixture
-def serve():  # type: ignore[no-untyped-def]
-    """Start servers with chosen folders and faults; all are stopped after the test."""
+def _serving() -> Iterator:  # type: ignore[type-arg]
+    """A ``start(folder, faults)`` that starts servers; all are stopped when the generator ends."""
     servers: list[SketchfabServer] = []
 
     def start(folder: Path, faults: Faults | None = None) -> SketchfabServer:
@@ -62,6 +61,18 @@ def serve():  # type: ignore[no-untyped-def]
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def serve():  # type: ignore[no-untyped-def]
+    """Start servers with chosen folders and faults; all are stopped after the test."""
+    yield from _serving()
+
+
+@pytest.fixture(scope="module")
+def module_serve():  # type: ignore[no-untyped-def]
+    """``serve`` for module-scoped fixtures."""
+    yield from _serving()
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,7 @@ def _hammer(target, args: tuple, clients: int, seconds: float) -> dict:  # type:
 
 def run_load(workdir: Path, clients: int, seconds: float) -> dict[str, dict]:
     """Load the recommendations for N_MODELS, start Airflow with the gallery, hammer both."""
+    from benchmarks.load_bench import rows_for
     from recsketch.db import store
     from tests.fault_suite import Databases
     from tools.local_airflow import LocalAirflow, connection_env, free_port
@@ -96,13 +97,9 @@ def run_load(workdir: Path, clients: int, seconds: float) -> dict[str, dict]:
     try:
         _, recs_url = dbs.create()
         _, meta_url = dbs.create()
-        rng = np.random.default_rng(0)
-        mids = [f"{i:032x}" for i in range(N_MODELS)]
-        neighbours = rng.integers(0, N_MODELS, size=(N_MODELS, TOP_K))
-        rows = [(mids[i], r + 1, mids[neighbours[i, r]], 0.9 - r / 100) for i in range(N_MODELS) for r in range(TOP_K)]
         engine = store.connect(recs_url)
-        store.upsert_models(engine, [{"mid": m, "name": f"model {i}"} for i, m in enumerate(mids)])
-        store.load_recommendations(engine, "load-test", "synthetic", TOP_K, rows)
+        store.upsert_models(engine, [{"mid": f"{i:032x}", "name": f"model {i}"} for i in range(N_MODELS)])
+        store.load_recommendations(engine, "load-test", "synthetic", TOP_K, rows_for(N_MODELS, TOP_K))
         engine.dispose()
         env = {**connection_env("http://127.0.0.1:9", None, recs_url), "RECSKETCH_DATA_DIR": str(workdir / "data")}
         airflow = LocalAirflow(workdir / "airflow", port=free_port(), metadata_url=meta_url, env=env)

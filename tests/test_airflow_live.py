@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from sqlalchemy import create_engine, text
 
 from recsketch.db import store
 from recsketch.psv import read_models
-from tests.conftest import PG_ADMIN_URL
-from tools.local_airflow import LocalAirflow, connection_env, ensure_database, free_port
+from tests.fault_suite import Databases
+from tools.local_airflow import LocalAirflow, connection_env, free_port
 
 REPO = Path(__file__).parents[1]
 ARTIFACTS = Path(os.environ.get("RECSKETCH_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -64,9 +62,9 @@ class Deployment:
 
 def _deployment(tmp: Path, catalog: Path, serve) -> Iterator[Deployment]:  # type: ignore[no-untyped-def]
     """Start everything; on the way out stop Airflow and drop both databases."""
-    suffix = uuid.uuid4().hex[:8]
-    metadata_url = ensure_database(PG_ADMIN_URL, f"recsketch_live_meta_{suffix}", fresh=True)
-    db_url = ensure_database(PG_ADMIN_URL, f"recsketch_live_recs_{suffix}", fresh=True)
+    dbs = Databases()
+    _, metadata_url = dbs.create()
+    _, db_url = dbs.create()
     server = serve(catalog)
     token = "sf-" + secrets.token_hex(12)
     data_dir = tmp / "data"
@@ -78,27 +76,7 @@ def _deployment(tmp: Path, catalog: Path, serve) -> Iterator[Deployment]:  # typ
         yield Deployment(airflow, server, db_url, data_dir, token)
     finally:
         airflow.stop()
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            for name in (f"recsketch_live_meta_{suffix}", f"recsketch_live_recs_{suffix}"):
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(scope="module")
-def module_serve():  # type: ignore[no-untyped-def]
-    from recsketch.sketchfab.server import start_in_thread
-
-    servers = []
-
-    def start(folder: Path):  # type: ignore[no-untyped-def]
-        servers.append(start_in_thread(folder))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        dbs.drop_all()
 
 
 @pytest.fixture(scope="module")
