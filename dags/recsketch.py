@@ -1,9 +1,12 @@
 """recsketch: Sketchfab thumbnails -> visual "more like this" recommendations, as two DAGs.
 
-``recsketch`` (daily): crawl the models published in the run's day (data interval) and
-their likes and thumbnails; manual runs crawl the whole catalogue. ``airflow backfill create
---dag-id recsketch`` fills past days. When a crawl brings something new it updates the
-catalogue Asset, and that, not a clock, starts
+``recsketch`` (daily): scheduled and manual runs list the whole catalogue and fetch only
+what changed: new models, thumbnails with a new URL, and likers of models whose likeCount
+changed or whose stored likers are older than RECSKETCH_LIKES_MAX_AGE_DAYS. ``airflow
+backfill create --dag-id recsketch`` fills past days: a backfilled run lists only its own
+day (data interval). Every crawl, on any worker, shares one request budget
+(RECSKETCH_RATE_LIMIT). When a crawl brings something new it updates the catalogue Asset,
+and that, not a clock, starts
 
 ``recsketch_recommendations``: threshold -> plan_chunks -> extract (one mapped task per
 chunk) -> plan_similarity -> similarity_shard (one mapped task per row block, full runs
@@ -21,7 +24,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 CATALOGUE = Asset("recsketch://catalogue", extra={"holds": "models, likes, thumbnails"})
 RECOMMENDATIONS = Asset("recsketch://recommendations", extra={"holds": "top-k similar models per model"})
@@ -48,13 +51,17 @@ def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-
     """Call ``recsketch.pipeline.<stage>`` with this run's settings and folder; the library is
     imported here, at run time, never when the file is parsed."""
     from recsketch import pipeline
+    from recsketch.errors import ConfigError, PermanentApiError
     from recsketch.hooks import airflow_settings
 
     context = get_current_context()
     params = context["params"]
     settings = airflow_settings(**{name: params.get(name) for name in PARAMS})
     folder = pipeline.run_dir(settings, context["run_id"])
-    summary = getattr(pipeline, stage)(settings, folder, *args, **kwargs)
+    try:
+        summary = getattr(pipeline, stage)(settings, folder, *args, **kwargs)
+    except (PermanentApiError, ConfigError) as exc:  # a retry would fail the same way
+        raise AirflowFailException(str(exc)) from exc
     pipeline.log.info("%s summary: %s", stage.removesuffix("_stage"), summary)
     return summary
 
@@ -73,10 +80,11 @@ def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-
 def recsketch() -> None:
     @task(pool=SKETCHFAB_POOL)
     def crawl() -> dict:
-        """Scheduled and backfill runs crawl their data interval; manual runs the whole catalogue."""
+        """Backfill runs crawl their data interval; scheduled and manual runs the whole
+        catalogue, refetching only what changed (so likes stay fresh every day)."""
         context = get_current_context()
         run_type = context["dag_run"].run_type
-        if getattr(run_type, "value", run_type) in ("scheduled", "backfill"):
+        if getattr(run_type, "value", run_type) == "backfill":
             return _run_stage("crawl_stage", published_since=context["data_interval_start"],
                               published_before=context["data_interval_end"])
         return _run_stage("crawl_stage")
@@ -84,11 +92,12 @@ def recsketch() -> None:
     @task(outlets=[CATALOGUE])
     def publish_catalogue(stats: dict) -> dict:
         """Update the catalogue Asset (which starts recsketch_recommendations) only when the
-        crawl stored models; an empty day is skipped and starts nothing."""
-        changed = stats["models"] + stats["models_repaired"]
+        crawl changed likers or thumbnails; a day without change is skipped and starts nothing."""
+        changed = stats["likes_changed"] + stats["thumbnails_ok"]
         if not changed:
             raise AirflowSkipException("the crawl stored no model: the catalogue is unchanged")
-        summary = {key: stats[key] for key in ("models", "models_repaired", "likes", "thumbnails_ok")}
+        summary = {key: stats[key] for key in ("models", "models_repaired", "likes", "likes_changed",
+                                               "thumbnails_ok")}
         get_current_context()["outlet_events"][CATALOGUE].extra = summary
         return summary
 

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fault-bad-json", type=_rate, default=0.0, help="share of API answers with broken JSON")
     serve.add_argument("--latency-ms", type=float, default=0.0, help="added latency per API request")
     serve.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
+    serve.add_argument("--now", type=_moment, default=None,
+                       help="the server's clock: models and likes after it are hidden (POST /_clock?now= moves it)")
+    serve.add_argument("--thumbnail-url", default=None,
+                       help="base URL of another host that serves the thumbnails (e.g. a second serve-sketchfab)")
 
     run = commands.add_parser("run", help="the whole pipeline, without Airflow")
     _pipeline_options(run)
@@ -115,7 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
                     rate_truncate=args.fault_truncate, rate_bad_json=args.fault_bad_json,
                     latency_s=args.latency_ms / 1000.0, seed=args.seed)
     catalog = Catalog(args.folder)
-    server = SketchfabServer(catalog, (args.host, args.port), faults)
+    server = SketchfabServer(catalog, (args.host, args.port), faults, now=args.now,
+                             thumbnail_url=args.thumbnail_url.rstrip("/") if args.thumbnail_url else None)
     print(f"serving {len(catalog.models)} models from {args.folder} at {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -13,6 +13,8 @@ SKETCHFAB_WEB_URL = "https://sketchfab.com"
 BACKBONES = ("efficientnet_lite0", "vgg16")
 SKETCHFAB_MEDIA_HOSTS = ("media.sketchfab.com",)
 REAL_API_RATE_LIMIT = 10.0
+PREPROCESSING = ("crop", "seed")
+INPUT_SIZE = 224  # both backbones take 224×224 images
 
 
 def _number(env: dict[str, str], name: str, cast: type, default: float | None, minimum: float):
@@ -63,6 +65,9 @@ class Settings:
     max_thumbnail_bytes: int = 5 * 1024 * 1024
     similarity_shard_rows: int = 50_000  # query rows per similarity shard (one mapped task each)
     pca_dim: int = 0  # reduce features to this many dimensions before top-k; 0: exact, no reduction
+    likes_max_age_days: float = 7.0  # stored likers older than this are refetched
+    retry_after_max_s: float = 300.0  # a longer Retry-After fails the crawl (it resumes on the next try)
+    preprocess: str = "crop"  # crop: short side resized, centre crop; seed: stretched, nearest (Keras load_img)
 
     def __post_init__(self) -> None:
         """Choices are checked here, for flags and environment alike; each error names its setting."""
@@ -80,6 +85,9 @@ class Settings:
         for name in ("top_k", "chunk_size", "batch_size", "crawl_workers", "similarity_shard_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.preprocess not in PREPROCESSING:
+            raise ConfigError(f"preprocess {self.preprocess!r} must be one of {', '.join(PREPROCESSING)} "
+                              "(RECSKETCH_PREPROCESS)")
         if self.min_likes < 0:
             raise ConfigError(f"min_likes={self.min_likes} must be at least 0")
 
@@ -111,6 +119,9 @@ class Settings:
             max_thumbnail_bytes=_int(env, "RECSKETCH_MAX_THUMBNAIL_BYTES", 5 * 1024 * 1024, 1024),
             similarity_shard_rows=_int(env, "RECSKETCH_SIMILARITY_SHARD_ROWS", 50_000, 1),
             pca_dim=_int(env, "RECSKETCH_PCA_DIM", 0, 0),
+            likes_max_age_days=_number(env, "RECSKETCH_LIKES_MAX_AGE_DAYS", float, 7.0, 0),
+            retry_after_max_s=_number(env, "RECSKETCH_RETRY_AFTER_MAX_S", float, 300.0, 0),
+            preprocess=env.get("RECSKETCH_PREPROCESS") or "crop",
         )
 
     def with_overrides(self, **overrides: object) -> Settings:

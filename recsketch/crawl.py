@@ -1,5 +1,10 @@
 """Crawl stage: models, their likers and thumbnails from the Sketchfab API into the catalogue.
 
+A crawl lists a publication window (a backfilled day) or the whole catalogue (daily and
+manual runs), and spends requests only on what changed: a thumbnail is fetched when its URL
+is new, a model's likers when the model is new, its listed ``likeCount`` changed, its last
+fetch failed, or its stored likers are older than ``RECSKETCH_LIKES_MAX_AGE_DAYS``.
+
 HTTP runs on a bounded thread pool; every DB write happens on the calling thread, so the
 embedded SQLite DB sees one writer. A model whose likes or thumbnail fail is recorded with
 the reason and the crawl goes on.
@@ -15,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,6 +49,12 @@ class CrawlStats:
     models_outside_window: int = 0
     models_repaired: int = 0
     resumed_at_page: int = 0
+    stopped_at_window_end: bool = False
+    # why likers were fetched: new | incomplete | count_changed | stale; the rest were fresh
+    likes_refreshed: Counter = field(default_factory=Counter)
+    likes_fresh: int = 0
+    likes_changed: int = 0  # models whose stored likers differ after this crawl (new ones included)
+    likes_count_gaps: int = 0  # likers fetched far from the listed likeCount
     bad_model_entries: int = 0
     likes: int = 0
     likes_failed: int = 0
@@ -58,6 +69,7 @@ class CrawlStats:
     def as_dict(self) -> dict:
         data = asdict(self)
         data["thumbnails_failed"] = dict(self.thumbnails_failed)
+        data["likes_refreshed"] = dict(self.likes_refreshed)
         data["problems"] = self.problems[:100]
         data["problem_count"] = len(self.problems)
         return data
@@ -114,18 +126,25 @@ def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelIn
 
 
 def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
-                 fetch_thumbnail: bool, index: ThumbnailIndex) -> dict:
+                 fetch_likers: bool, fetch_thumbnail: bool, index: ThumbnailIndex) -> dict:
     """All the HTTP work for one model (runs on a worker thread)."""
     result: dict = {"mid": model.mid}
-    try:
-        result["likers"] = client.likers(model.mid)
-    except RecsketchError as exc:
-        result["likes_error"] = str(exc)
+    if fetch_likers:
+        try:
+            result["likers"] = client.likers(model.mid)
+        except RecsketchError as exc:
+            result["likes_error"] = str(exc)
     if model.thumbnail_url is None:
         result["thumbnail"] = ("missing", "the API lists no thumbnail")
     elif fetch_thumbnail:
         result["thumbnail"] = _fetch_thumbnail(client, settings, model, index)
     return result
+
+
+def likes_gap(fetched: int, listed: int | None) -> bool:
+    """Far fewer or more likers than the listing's ``likeCount``: worth a report (likes can
+    arrive between the listing and the fetch, so a small difference is normal)."""
+    return listed is not None and abs(fetched - listed) > max(5, listed // 10)
 
 
 def window_key(published_since: datetime | None, published_before: datetime | None) -> str:
@@ -145,14 +164,18 @@ def crawl(
     published_before: datetime | None = None,
     run_dir: Path | None = None,
     progress: Callable[[str], None] = log.info,
+    now: datetime | None = None,
 ) -> CrawlStats:
     """Crawl the models published in [since, before) (all models when no window is given).
 
-    After each page is stored, the next page's URL is saved, so a crawl killed mid-way goes
-    on from the page it was on. Models of the window whose likes or thumbnail failed in an
-    earlier crawl are retried at the end.
+    The listing runs in creation order and stops at the first page that passes the window's
+    end, so a past day costs its own models plus at most one page. After each page is stored,
+    the next page's URL is saved, so a crawl killed mid-way goes on from the page it was on.
+    Models of the window whose likes or thumbnail failed in an earlier crawl are retried at
+    the end. ``now`` (default: the clock) dates the fetched likers.
     """
     started = time.monotonic()
+    now = now or datetime.now(UTC)
     stats = CrawlStats()
     last_progress = started
     window = window_key(published_since, published_before)
@@ -163,41 +186,54 @@ def crawl(
     pages_done = saved[1] if saved else 0
     seen: set[str] = set()
     index = ThumbnailIndex(settings.thumbs_dir)
+
+    def past_window(page: list) -> bool:
+        return published_before is not None and any(_created_at(entry) >= published_before for entry in page)
+
     with ThreadPoolExecutor(settings.crawl_workers, thread_name_prefix="crawl") as pool:
         pages = _prefetched(client.model_pages(published_since=published_since,
-                                               start_url=saved[0] if saved else None))
+                                               start_url=saved[0] if saved else None),
+                            last=lambda item: past_window(item[0]))
         for page, next_url in pages:
             stats.pages += 1
             infos: list[ModelInfo] = []
             for entry in page:
                 try:
-                    info = parse_model(entry)
+                    info = parse_model(entry, client.thumbnail_min_side)
                 except RecsketchError as exc:
                     stats.bad_model_entries += 1
                     stats.problems.append(str(exc))
                     log.warning("skipping model entry: %s", exc)
                     continue
-                if published_before and info.published_at and info.published_at >= published_before:
+                if info.published_at and ((published_before and info.published_at >= published_before)
+                                          or (published_since and info.published_at < published_since)):
                     stats.models_outside_window += 1
                     continue
                 infos.append(info)
             if infos:
-                _store_page(settings, engine, client, pool, index, infos, stats)
+                _store_page(settings, engine, client, pool, index, infos, stats, now)
                 seen.update(info.mid for info in infos)
             pages_done += 1
+            if past_window(page):
+                stats.stopped_at_window_end, next_url = True, None
             store.save_crawl_position(engine, window, next_url, pages_done)
-            now = time.monotonic()
-            if now - last_progress >= PROGRESS_EVERY_S:
-                last_progress = now
+            current = time.monotonic()
+            if current - last_progress >= PROGRESS_EVERY_S:
+                last_progress = current
                 progress(f"crawl: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
-                         f"{stats.thumbnails_ok} thumbnails ({stats.models / (now - started):.1f} models/s)")
-        _repair(settings, engine, client, pool, index, published_since, published_before, seen, stats)
+                         f"{stats.thumbnails_ok} thumbnails ({stats.models / (current - started):.1f} models/s)")
+            if stats.stopped_at_window_end:
+                break
+        _repair(settings, engine, client, pool, index, published_since, published_before, seen, stats, now)
     stats.http = client.stats.as_dict()
     stats.duration_s = round(time.monotonic() - started, 3)
+    refreshed = ", ".join(f"{reason}={n}" for reason, n in sorted(stats.likes_refreshed.items())) or "none"
     summary = (f"crawl done: {stats.pages} pages, {stats.models} models, {stats.likes} likes, "
+               f"likers refetched ({refreshed}), fresh={stats.likes_fresh}, "
                f"thumbnails ok={stats.thumbnails_ok} skipped={stats.thumbnails_skipped} "
                f"missing={stats.thumbnails_missing} failed={sum(stats.thumbnails_failed.values())}, "
-               f"likes failed={stats.likes_failed}, repaired={stats.models_repaired}, "
+               f"likes failed={stats.likes_failed}, likeCount gaps={stats.likes_count_gaps}, "
+               f"repaired={stats.models_repaired}, requests={stats.http['requests']}, "
                f"retries={stats.http['retries']}, 429s={stats.http['throttled_429']}, {stats.duration_s:.1f}s")
     progress(summary)
     if run_dir is not None:
@@ -206,18 +242,34 @@ def crawl(
     return stats
 
 
-def _prefetched(pages: Iterator[T]) -> Iterator[T]:
-    """Fetch the next listing page on a thread while the caller works on the current one."""
+def _created_at(entry: object) -> datetime:
+    """An entry's ``createdAt`` for the window-end check (unparsable: treated as inside)."""
+    raw = entry.get("createdAt") if isinstance(entry, dict) else None
+    try:
+        moment = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _prefetched(pages: Iterator[T], last: Callable[[T], bool] = lambda _: False) -> Iterator[T]:
+    """Fetch the next listing page on a thread while the caller works on the current one;
+    nothing is fetched past a page for which ``last`` is true."""
     with ThreadPoolExecutor(1, thread_name_prefix="listing") as fetcher:
         upcoming = fetcher.submit(next, pages, None)
         while (page := upcoming.result()) is not None:
+            if last(page):
+                yield page
+                return
             upcoming = fetcher.submit(next, pages, None)
             yield page
 
 
 def _repair(settings: Settings, engine: Engine, client: SketchfabClient, pool: ThreadPoolExecutor,
             index: ThumbnailIndex, since: datetime | None, before: datetime | None, seen: set[str],
-            stats: CrawlStats) -> None:
+            stats: CrawlStats, now: datetime) -> None:
     """Retry the window's models whose likes or thumbnail failed before and were not seen now."""
     query = select(models_table).where(
         (models_table.c.likes_complete.is_(False)) | (models_table.c.thumbnail_status == "failed"))
@@ -231,40 +283,59 @@ def _repair(settings: Settings, engine: Engine, client: SketchfabClient, pool: T
         return
     infos = [ModelInfo(mid=row["mid"], name=row["name"], published_at=row["published_at"],
                        like_count=row["like_count"], viewer_url=row["viewer_url"],
-                       thumbnail_url=row["thumbnail_url"]) for row in rows]
+                       thumbnail_url=row["thumbnail_url"], created_at=row["created_at"]) for row in rows]
     log.info("crawl: retrying %d models left incomplete by an earlier crawl", len(infos))
     for start in range(0, len(infos), 24):
-        _store_page(settings, engine, client, pool, index, infos[start : start + 24], stats)
+        _store_page(settings, engine, client, pool, index, infos[start : start + 24], stats, now)
     stats.models -= len(infos)
     stats.models_repaired += len(infos)
 
 
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back without their zone; they were stored as UTC."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def likers_refresh_reason(stored: dict | None, info: ModelInfo, now: datetime, max_age: timedelta) -> str | None:
+    """Why a model's likers must be fetched, or None when the stored ones are fresh."""
+    if stored is None:
+        return "new"
+    if not stored["likes_complete"]:
+        return "incomplete"
+    if info.like_count is not None and stored["like_count"] != info.like_count:
+        return "count_changed"
+    fetched_at = _aware(stored["likes_fetched_at"])
+    if fetched_at is None or now - fetched_at >= max_age:
+        return "stale"
+    return None
+
+
 def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, pool: ThreadPoolExecutor,
-                index: ThumbnailIndex, infos: list[ModelInfo], stats: CrawlStats) -> None:
+                index: ThumbnailIndex, infos: list[ModelInfo], stats: CrawlStats, now: datetime) -> None:
     mids = [info.mid for info in infos]
+    columns = [models_table.c[name] for name in ("mid", "thumbnail_url", "thumbnail_status", "like_count",
+                                                 "likes_complete", "likes_fetched_at")]
     with engine.connect() as conn:
-        stored = {
-            mid: (url, status)
-            for mid, url, status in conn.execute(
-                select(models_table.c.mid, models_table.c.thumbnail_url,
-                       models_table.c.thumbnail_status).where(models_table.c.mid.in_(mids))
-            )
-        }
-    now = datetime.now(UTC)
+        stored = {row["mid"]: dict(row) for row in
+                  conn.execute(select(*columns).where(models_table.c.mid.in_(mids))).mappings()}
+    max_age = timedelta(days=settings.likes_max_age_days)
 
     def is_current(info: ModelInfo) -> bool:
-        url, status = stored.get(info.mid, (None, None))
+        row = stored.get(info.mid) or {}
+        url, status = row.get("thumbnail_url"), row.get("thumbnail_status")
         path = thumbnail_path(settings, info.mid)
         if status == "ok" and url == info.thumbnail_url and path.is_file():
             return True
         return status != "failed" and index.has(info.mid, info.thumbnail_url, path)
 
+    reasons = {info.mid: likers_refresh_reason(stored.get(info.mid), info, now, max_age) for info in infos}
     fetch = {info.mid: not is_current(info) for info in infos}
-    results = list(pool.map(lambda i: _crawl_model(client, settings, i, fetch[i.mid], index), infos))
+    results = list(pool.map(
+        lambda i: _crawl_model(client, settings, i, reasons[i.mid] is not None, fetch[i.mid], index), infos))
     rows = []
     for info, result in zip(infos, results, strict=True):
         row = {
-            "mid": info.mid, "name": info.name, "published_at": info.published_at,
+            "mid": info.mid, "name": info.name, "published_at": info.published_at, "created_at": info.created_at,
             "like_count": info.like_count, "viewer_url": info.viewer_url,
             "thumbnail_url": info.thumbnail_url, "crawled_at": now,
         }
@@ -282,14 +353,30 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
         else:
             stats.thumbnails_skipped += 1
             row["thumbnail_status"], row["thumbnail_reason"] = "ok", None
+        refresh = reasons[info.mid]
+        if refresh is None:
+            stats.likes_fresh += 1
+        else:
+            stats.likes_refreshed[refresh] += 1
         if "likes_error" in result:
             row["likes_complete"], row["likes_reason"] = False, result["likes_error"]
             stats.likes_failed += 1
             stats.problems.append(f"likes of {info.mid}: {result['likes_error']}")
             log.warning("likes of %s: %s", info.mid, result["likes_error"])
+        elif "likers" in result:  # like_count is written with the likers, in one transaction
+            del row["like_count"]
+            if likes_gap(len(set(result["likers"])), info.like_count):
+                stats.likes_count_gaps += 1
+                message = (f"likes of {info.mid}: {len(set(result['likers']))} likers fetched, "
+                           f"likeCount says {info.like_count}")
+                stats.problems.append(message)
+                log.warning(message)
         rows.append(row)
     store.upsert_models(engine, rows)
     likers = {result["mid"]: set(result["likers"]) for result in results if "likers" in result}
-    store.replace_likes(engine, likers)
+    before = store.likers_of(engine, likers)
+    stats.likes_changed += sum(before.get(mid, set()) != uids or stored.get(mid) is None
+                               for mid, uids in likers.items())
+    store.replace_likes(engine, likers, {info.mid: (info.like_count, now) for info in infos if info.mid in likers})
     stats.likes += sum(len(uids) for uids in likers.values())
     stats.models += len(infos)

@@ -41,3 +41,11 @@ class DatabaseUnavailable(RecsketchError):
 
 class StorageFull(RecsketchError):
     """The disk filled up while a file was written; the half-written file was removed."""
+
+
+class PermanentApiError(ApiError):
+    """The API refused the request itself (a 4xx other than 429): retrying cannot help."""
+
+
+class RetryAfterTooLong(ApiError):
+    """The API asked to wait longer than RECSKETCH_RETRY_AFTER_MAX_S allows."""

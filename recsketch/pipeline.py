@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from recsketch import files
-from recsketch.config import Settings
+from recsketch.config import INPUT_SIZE, Settings
 from recsketch.crawl import crawl, thumbnail_path
 from recsketch.db import store
 from recsketch.errors import RecsketchError
@@ -26,6 +26,7 @@ from recsketch.features.backbones import backbone_key, create_backbone
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.extract import extract_chunk
 from recsketch.likes import threshold_likes
+from recsketch.ratelimit import SharedRateLimiter
 from recsketch.similarity import merge_new_items, normalise, recall_at_k, reduce_dimensions, top_k_cosine
 from recsketch.sketchfab.client import SketchfabClient
 
@@ -72,18 +73,23 @@ def _sweep(progress: Progress, *folders: Path) -> None:
 
 
 def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime | None = None,
-                published_before: datetime | None = None, progress: Progress = log.info) -> dict:
-    """Crawl the API into the catalogue DB and the thumbnail store."""
+                published_before: datetime | None = None, progress: Progress = log.info,
+                now: datetime | None = None) -> dict:
+    """Crawl the API into the catalogue DB and the thumbnail store, within the deployment's one
+    request budget (RECSKETCH_RATE_LIMIT, shared through the catalogue DB by every worker)."""
     engine = store.connect(settings.resolved_database_url)
     _sweep(progress, settings.thumbs_dir, folder)
+    rate = settings.effective_rate_limit
     client = SketchfabClient(settings.sketchfab_url, settings.likes_base_url, settings.sketchfab_token,
                              retries=settings.http_retries, pool_size=settings.crawl_workers * 2,
-                             rate_limit=settings.effective_rate_limit,
+                             retry_after_max=settings.retry_after_max_s,
+                             limiter=SharedRateLimiter(engine, rate) if rate else None,
                              thumbnail_hosts=settings.allowed_thumbnail_hosts,
+                             thumbnail_min_side=INPUT_SIZE,
                              allow_private_addresses=settings.allow_private_addresses)
     try:
         stats = crawl(settings, engine, client, published_since=published_since,
-                      published_before=published_before, run_dir=folder, progress=progress)
+                      published_before=published_before, run_dir=folder, progress=progress, now=now)
     finally:
         client.close()
     return {k: v for k, v in stats.as_dict().items() if k != "problems"}
@@ -137,7 +143,7 @@ def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Pro
     backbone = create_backbone(settings)
     report = extract_chunk(chunk_store, backbone, chunk_id, chunks[chunk_id],
                            lambda mid: thumbnail_path(settings, mid), settings.batch_size or backbone.batch_size,
-                           progress)
+                           progress, settings.preprocess)
     return {"chunk_id": chunk_id, "images": report.images, "failed": report.failed,
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 

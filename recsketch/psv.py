@@ -40,6 +40,7 @@ class LikeRow:
     mid: str
     uid: str
     modelname: str = ""
+    liked_at: datetime | None = None
 
 
 @dataclass
@@ -121,25 +122,33 @@ def read_models(path: Path) -> ReadResult:
 
 
 def read_likes(path: Path) -> ReadResult:
-    """``model_likes_anon.psv``: ``modelname|mid|uid``; duplicate (mid, uid) pairs dropped."""
+    """``model_likes_anon.psv``: ``modelname|mid|uid`` with an optional ``liked_at`` column;
+    duplicate (mid, uid) pairs dropped."""
     result = ReadResult([], [])
     seen: set[tuple[str, str]] = set()
     for line, fields in _records(path, ("modelname", "mid", "uid")):
         if isinstance(fields, str):
             result.problems.append(fields)
             continue
-        modelname, mid, uid = fields
+        modelname, mid, uid = fields[:3]
         if not is_model_id(mid):
             result.problems.append(f"{path}:{line}: {mid!r} is not a model id")
             continue
         if not uid:
             result.problems.append(f"{path}:{line}: empty uid")
             continue
+        liked_at = None
+        if len(fields) > 3 and fields[3]:
+            try:
+                liked_at = _parse_time(fields[3])
+            except ValueError:
+                result.problems.append(f"{path}:{line}: bad liked_at {fields[3]!r}")
+                continue
         if (mid, uid) in seen:
             result.duplicates += 1
             continue
         seen.add((mid, uid))
-        result.rows.append(LikeRow(mid=mid, uid=uid, modelname=modelname))
+        result.rows.append(LikeRow(mid=mid, uid=uid, modelname=modelname, liked_at=liked_at))
     return result
 
 

@@ -21,7 +21,7 @@ for _name in [n for n in os.environ if n.startswith("RECSKETCH_") and not n.star
 
 from recsketch.config import Settings  # noqa: E402
 from recsketch.demo import GROUPS_FILE, build_demo_catalog  # noqa: E402
-from recsketch.sketchfab.server import Faults, SketchfabServer, start_in_thread  # noqa: E402
+from recsketch.sketchfab.server import Catalog, Faults, SketchfabServer, start_in_thread  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("RECSKETCH_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -52,8 +52,8 @@ def _serving() -> Iterator:  # type: ignore[type-arg]
     """A ``start(folder, faults)`` that starts servers; all are stopped when the generator ends."""
     servers: list[SketchfabServer] = []
 
-    def start(folder: Path, faults: Faults | None = None) -> SketchfabServer:
-        server = start_in_thread(folder, faults=faults or Faults())
+    def start(folder: Path | Catalog, faults: Faults | None = None, **options: object) -> SketchfabServer:
+        server = start_in_thread(folder, faults=faults or Faults(), **options)
         servers.append(server)
         return server
 

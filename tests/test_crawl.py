@@ -45,8 +45,9 @@ def test_second_crawl_downloads_nothing_and_duplicates_nothing(sketchfab, settin
     second = crawl(settings, engine, client)
     assert second.thumbnails_ok == 0 and second.thumbnails_skipped == first.thumbnails_ok
     assert {p.name: p.stat().st_mtime_ns for p in settings.thumbs_dir.iterdir()} == before
-    # no thumbnail was requested: 4 model pages + one likes page per model, nothing else
-    assert client.stats.requests == 4 + first.models
+    # nothing changed: the 4 model pages, no thumbnail and no likers refetched
+    assert client.stats.requests == 4
+    assert second.likes_fresh == first.models and not second.likes_refreshed and second.likes_changed == 0
     assert len(store.read_likes(engine)) == first.likes
 
 

@@ -16,9 +16,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 metadata = MetaData()
@@ -38,6 +39,9 @@ models = Table(
     Column("likes_complete", Boolean, nullable=False, default=False),
     Column("likes_reason", Text),  # why the likers are incomplete, when they are
     Column("crawled_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True)),
+    # when the stored likers were fetched: they are refetched once older than the max age
+    Column("likes_fetched_at", DateTime(timezone=True)),
 )
 
 likes = Table(
@@ -56,6 +60,14 @@ crawl_state = Table(
     Column("next_url", Text, nullable=False),
     Column("pages", Integer, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# The deployment's one request budget (recsketch.ratelimit): the next free request start.
+rate_budget = Table(
+    "rate_budget",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("next_at", Float, nullable=False),  # seconds since the epoch
 )
 
 runs = Table(
@@ -93,6 +105,18 @@ LEFT JOIN models m ON m.mid = r.similar_mid
 """
 
 
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added since a table was created (nullable ones only) are added in place, so a
+    catalogue from an earlier release keeps working. Alembic migrations are to replace this."""
+    existing = inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
 def create_schema(engine: Engine) -> None:
     """Create tables and the view if absent: idempotent, and safe when workers start together.
 
@@ -105,6 +129,7 @@ def create_schema(engine: Engine) -> None:
                 if engine.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
                 metadata.create_all(conn)
+                _add_missing_columns(conn)
                 if engine.dialect.name == "postgresql":
                     exists = conn.execute(text("SELECT to_regclass('similar_models')")).scalar()
                 else:

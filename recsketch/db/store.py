@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, event, select, text, update
+from sqlalchemy import bindparam, create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -81,10 +81,13 @@ def upsert_models(engine: Engine, rows: Sequence[dict]) -> None:
                 conn.execute(stmt)
 
 
-def replace_likes(engine: Engine, likers: dict[str, Iterable[str]]) -> None:
+def replace_likes(engine: Engine, likers: dict[str, Iterable[str]],
+                  fetched: dict[str, tuple[int | None, datetime]] | None = None) -> None:
     """Make the stored likers of each mid exactly the given uids and mark them complete.
 
-    One transaction for all of them: a crawl page costs one commit, not one per model.
+    ``fetched`` gives each mid's listed likeCount and fetch time, written in the same
+    transaction as the likers, so the two never disagree after a kill. One transaction for
+    all of them: a crawl page costs one commit, not one per model.
     """
     if not likers:
         return
@@ -96,6 +99,10 @@ def replace_likes(engine: Engine, likers: dict[str, Iterable[str]]) -> None:
         for batch in _batches(rows):
             conn.execute(insert(likes).values(list(batch)))
         conn.execute(update(models).where(models.c.mid.in_(mids)).values(likes_complete=True, likes_reason=None))
+        if fetched:
+            conn.execute(update(models).where(models.c.mid == bindparam("b_mid"))
+                         .values(like_count=bindparam("b_count"), likes_fetched_at=bindparam("b_at")),
+                         [{"b_mid": mid, "b_count": count, "b_at": at} for mid, (count, at) in fetched.items()])
 
 
 def saved_crawl_position(engine: Engine, window: str) -> tuple[str, int] | None:
@@ -113,6 +120,15 @@ def save_crawl_position(engine: Engine, window: str, next_url: str | None, pages
         if next_url is not None:
             conn.execute(crawl_state.insert().values(window=window, next_url=next_url, pages=pages,
                                                      updated_at=datetime.now(UTC)))
+
+
+def likers_of(engine: Engine, mids: Iterable[str]) -> dict[str, set[str]]:
+    """The stored likers of ``mids`` (mids without any are absent)."""
+    found: dict[str, set[str]] = {}
+    with engine.connect() as conn:
+        for mid, uid in conn.execute(select(likes.c.mid, likes.c.uid).where(likes.c.mid.in_(list(mids)))):
+            found.setdefault(mid, set()).add(uid)
+    return found
 
 
 def read_likes(engine: Engine) -> list[tuple[str, str]]:

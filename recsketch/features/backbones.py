@@ -174,7 +174,9 @@ def create_backbone(settings: Settings) -> Backbone:
 
 
 def backbone_key(settings: Settings) -> str:
-    """The chunk-store key of the configured backbone, without loading it."""
+    """The chunk-store key of the configured backbone and preprocessing, without loading it."""
     if settings.backbone == "efficientnet_lite0":
-        return lite0_key(settings.lite0_precision)
-    return vgg16_key(settings.vgg16_weights, settings.vgg16_pooling, settings.vgg16_precision)
+        key = lite0_key(settings.lite0_precision)
+    else:
+        key = vgg16_key(settings.vgg16_weights, settings.vgg16_pooling, settings.vgg16_precision)
+    return f"{key}-{settings.preprocess}"

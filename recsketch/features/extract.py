@@ -32,13 +32,14 @@ class ChunkReport:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def _decode_batch(paths: Sequence[tuple[str, Path]], size: int) -> tuple[list[str], np.ndarray, dict[str, str]]:
+def _decode_batch(paths: Sequence[tuple[str, Path]], size: int,
+                  preprocess: str) -> tuple[list[str], np.ndarray, dict[str, str]]:
     mids: list[str] = []
     images: list[np.ndarray] = []
     failed: dict[str, str] = {}
     for mid, path in paths:
         try:
-            images.append(load_image(path, size))
+            images.append(load_image(path, size, preprocess))
             mids.append(mid)
         except BadImageError as exc:
             failed[mid] = str(exc)
@@ -54,6 +55,7 @@ def extract_chunk(
     thumbnail: Callable[[str], Path],
     batch_size: int = 32,
     progress: Callable[[str], None] = log.info,
+    preprocess: str = "crop",
 ) -> ChunkReport:
     """Embed the thumbnails of ``mids`` and write the chunk; an intact chunk is not redone.
 
@@ -70,11 +72,12 @@ def extract_chunk(
     parts: list[np.ndarray] = []
     failed: dict[str, str] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
-        pending: Future | None = decoder.submit(_decode_batch, batches[0], backbone.input_size) if batches else None
+        pending: Future | None = (decoder.submit(_decode_batch, batches[0], backbone.input_size, preprocess)
+                                  if batches else None)
         for index in range(len(batches)):
             assert pending is not None
             batch_mids, images, batch_failed = pending.result()
-            pending = (decoder.submit(_decode_batch, batches[index + 1], backbone.input_size)
+            pending = (decoder.submit(_decode_batch, batches[index + 1], backbone.input_size, preprocess)
                        if index + 1 < len(batches) else None)
             for mid, reason in batch_failed.items():
                 log.warning("quarantined %s: %s", mid, reason)

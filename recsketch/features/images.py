@@ -60,17 +60,33 @@ def check_image(data: bytes, source: str) -> tuple[int, int]:
     return _open(data, source).size
 
 
-def decode_image(data: bytes, size: int, source: str = "image") -> np.ndarray:
-    """Decode to an RGB uint8 array of shape (size, size, 3), resized with bilinear filtering."""
+def decode_image(data: bytes, size: int, source: str = "image", preprocess: str = "crop") -> np.ndarray:
+    """Decode to an RGB uint8 array of shape (size, size, 3).
+
+    ``crop`` (the default, the ImageNet convention): the short side is resized to ``size``
+    (bilinear) and the centre cropped, so Sketchfab's 16:9 thumbnails keep their proportions.
+    ``seed``: stretched to size×size with nearest-neighbour sampling, as Keras' ``load_img``
+    did in rec-a-sketch.
+    """
     image = to_rgb(_open(data, source))
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
+    if preprocess == "seed":
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.NEAREST)
+        return np.asarray(image, dtype=np.uint8)
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if resized != image.size:
+        image = image.resize(resized, Image.BILINEAR)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    if resized != (size, size):
+        image = image.crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int, preprocess: str = "crop") -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BadImageError(f"{path}: thumbnail file is missing") from None
-    return decode_image(data, size, str(path))
+    return decode_image(data, size, str(path), preprocess)

@@ -1,7 +1,8 @@
-"""Sketchfab API client: pooled connections, retries with backoff, a shared rate limit.
+"""Sketchfab API client: pooled connections, one retry layer, a rate limit shared by workers.
 
 The same code talks to api.sketchfab.com and to the local server. The token travels only
-in the ``Authorization`` header; log lines and errors carry URLs, never headers.
+in the ``Authorization`` header of requests to the API's own hosts: never to a thumbnail
+host, never along a redirect. Log lines and errors carry URLs, never headers.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from recsketch.errors import ApiError, BadInputError
+from recsketch.errors import ApiError, BadInputError, PermanentApiError, RetryAfterTooLong
 from recsketch.ids import validate_model_id
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+MAX_REDIRECTS = 5
 USER_AGENT = "recsketch/0.1 (+https://github.com/recsketch)"
 
 
@@ -57,10 +59,16 @@ class ModelInfo:
     like_count: int | None
     viewer_url: str | None
     thumbnail_url: str | None
+    created_at: datetime | None = None
+
+
+class Limiter(Protocol):
+    def wait(self) -> None: ...
 
 
 class RateLimiter:
-    """At most ``rate`` request starts per second across all threads (None: unlimited)."""
+    """At most ``rate`` request starts per second across the threads of this process (None:
+    unlimited). ``recsketch.ratelimit.SharedRateLimiter`` shares one budget across processes."""
 
     def __init__(self, rate: float | None) -> None:
         self.interval = 1.0 / rate if rate else 0.0
@@ -95,22 +103,39 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
-def pick_thumbnail(images: list[dict[str, Any]], target: int = 200) -> str | None:
-    """The 200×200 image, else the one whose size is nearest to it."""
-    best: tuple[int, str] | None = None
+def pick_thumbnail(images: list[Any], min_side: int = 224) -> str | None:
+    """The smallest image whose short side is at least ``min_side`` (the backbone's input), else
+    the largest: enough pixels to embed without upscaling, no more bytes than that needs.
+
+    Sketchfab lists five 16:9 sizes (1920×1080 … 64×36): for a 224-px input that is 720×405.
+    A folder's square 200×200 thumbnail, the only one, is taken as it is.
+    """
+    sized = []
     for image in images or []:
         if not isinstance(image, dict):
             continue
         url, width, height = image.get("url"), image.get("width"), image.get("height")
-        if not isinstance(url, str) or not isinstance(width, int) or not isinstance(height, int):
-            continue
-        distance = abs(width - target) + abs(height - target)
-        if best is None or distance < best[0]:
-            best = (distance, url)
-    return best[1] if best else None
+        if isinstance(url, str) and isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+            sized.append((min(width, height), width * height, url))
+    if not sized:
+        return None
+    enough = [entry for entry in sized if entry[0] >= min_side]
+    return min(enough)[2] if enough else max(sized)[2]
 
 
-def parse_model(entry: object) -> ModelInfo:
+def _timestamp(entry: dict[str, Any], key: str, mid: str) -> datetime | None:
+    """An API timestamp (``2021-03-18T09:36:25.430631``, no zone: UTC) or None when absent."""
+    raw = entry.get(key)
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInputError(f"model {mid}: {key} {raw!r} is not ISO 8601") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_model(entry: object, thumbnail_min_side: int = 224) -> ModelInfo:
     """Validate one ``ModelList`` JSON object; a bad one raises naming what is wrong."""
     if not isinstance(entry, dict):
         raise BadInputError(f"model entry is {type(entry).__name__}, expected an object")
@@ -118,25 +143,17 @@ def parse_model(entry: object) -> ModelInfo:
     name = entry.get("name")
     if not isinstance(name, str):
         raise BadInputError(f"model {mid}: name is {name!r}, expected a string")
-    published_at = None
-    raw_date = entry.get("publishedAt")
-    if isinstance(raw_date, str) and raw_date:
-        try:
-            published_at = datetime.fromisoformat(raw_date.replace("Z", "+00:00"))
-        except ValueError:
-            raise BadInputError(f"model {mid}: publishedAt {raw_date!r} is not ISO 8601") from None
-        if published_at.tzinfo is None:
-            published_at = published_at.replace(tzinfo=UTC)
     like_count = entry.get("likeCount")
     thumbnails = entry.get("thumbnails") or {}
     images = thumbnails.get("images") if isinstance(thumbnails, dict) else None
     return ModelInfo(
         mid=mid,
         name=name,
-        published_at=published_at,
-        like_count=like_count if isinstance(like_count, int) else None,
+        published_at=_timestamp(entry, "publishedAt", mid),
+        like_count=like_count if isinstance(like_count, int) and not isinstance(like_count, bool) else None,
         viewer_url=entry.get("viewerUrl") if isinstance(entry.get("viewerUrl"), str) else None,
-        thumbnail_url=pick_thumbnail(images if isinstance(images, list) else []),
+        thumbnail_url=pick_thumbnail(images if isinstance(images, list) else [], thumbnail_min_side),
+        created_at=_timestamp(entry, "createdAt", mid),
     )
 
 
@@ -152,15 +169,30 @@ def parse_page(payload: object, source: str) -> tuple[list[Any], str | None]:
 
 
 def parse_likes_page(payload: object, mid: str) -> tuple[list[str], str | None]:
-    """The liker uids of one ``/i/likes`` page and the next page's URL."""
+    """The liker uids of one ``/i/likes`` page and the next page's URL.
+
+    ``/i/likes`` is internal and may change: every entry must be user-shaped (a ``uid`` and a
+    ``username``, no ``viewerUrl``), else the whole answer is refused, so that model entries
+    are never stored as likers.
+    """
     results, next_url = parse_page(payload, f"likes of {mid}")
     uids = []
     for entry in results:
-        uid = entry.get("uid") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise BadInputError(f"likes of {mid}: liker entry is {type(entry).__name__}, expected a user object")
+        uid, username = entry.get("uid"), entry.get("username")
+        if "viewerUrl" in entry or not isinstance(username, str):
+            raise BadInputError(f"likes of {mid}: an entry is not a user (has viewerUrl or lacks username): "
+                                f"{sorted(entry)[:8]}")
         if not isinstance(uid, str) or not uid:
-            raise ApiError(f"likes of {mid}: liker entry without a uid: {entry!r:.80}")
+            raise BadInputError(f"likes of {mid}: liker entry without a uid: {entry!r:.80}")
         uids.append(uid)
     return uids, next_url
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or ""), parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class SketchfabClient:
@@ -175,10 +207,13 @@ class SketchfabClient:
         retries: int = 5,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
+        retry_after_max: float = 300.0,
         timeout: float = 30.0,
         rate_limit: float | None = None,
+        limiter: Limiter | None = None,
         pool_size: int = 16,
         thumbnail_hosts: tuple[str, ...] | None = None,
+        thumbnail_min_side: int = 224,
         allow_private_addresses: bool = False,
     ) -> None:
         self.api_url = api_url.rstrip("/")
@@ -187,20 +222,24 @@ class SketchfabClient:
         self.own_hosts = frozenset(h for h in (urlsplit(self.api_url).hostname, urlsplit(self.likes_url).hostname)
                                    if h)
         self.thumbnail_hosts = frozenset(thumbnail_hosts or ()) | self.own_hosts
+        self.thumbnail_min_side = thumbnail_min_side
         self.allow_private_addresses = allow_private_addresses
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.retry_after_max = retry_after_max
         self.timeout = timeout
         self.stats = ClientStats()
-        self._limiter = RateLimiter(rate_limit)
+        self._limiter: Limiter = limiter or RateLimiter(rate_limit)
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers["User-Agent"] = USER_AGENT
-        if token:
-            self._session.headers["Authorization"] = f"Token {token}"
+        self._session.trust_env = False  # no ~/.netrc credentials or proxies slipping into requests
+        # the token is never a session header: it is added per request, to the API's origins only
+        self._token = token
+        self._api_origins = frozenset(_origin(u) for u in (self.api_url, self.likes_url))
 
     def close(self) -> None:
         self._session.close()
@@ -208,33 +247,60 @@ class SketchfabClient:
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
 
-    def get(self, url: str, params: dict[str, Any] | None = None, *, max_bytes: int | None = None,
-            allow_redirects: bool = True) -> requests.Response:
-        """GET with retries on 429, 5xx, connection errors, timeouts and truncated bodies.
+    def _headers(self, url: str, hop: int, authorize: bool) -> dict[str, str]:
+        """The token for the API's own origins on the first hop; nothing anywhere else."""
+        if authorize and self._token and hop == 0 and _origin(url) in self._api_origins:
+            return {"Authorization": f"Token {self._token}"}
+        return {}
 
-        The body is read here (streamed, so ``max_bytes`` stops a huge one early) and is in
-        ``response.content`` afterwards.
+    def _send(self, url: str, params: dict[str, Any] | None, max_bytes: int | None,
+              follow_redirects: bool, authorize: bool) -> requests.Response:
+        """One request, redirects followed here (without the token) when allowed."""
+        for hop in range(MAX_REDIRECTS + 1):
+            response = self._session.get(url, params=params, timeout=self.timeout, stream=True,
+                                         allow_redirects=False, headers=self._headers(url, hop, authorize))
+            if not (follow_redirects and response.is_redirect and response.headers.get("Location")):
+                _read_body(response, max_bytes)
+                return response
+            response.close()
+            url, params = urljoin(response.url, response.headers["Location"]), None
+        raise ApiError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+
+    def get(self, url: str, params: dict[str, Any] | None = None, *, max_bytes: int | None = None,
+            allow_redirects: bool = True, expect_json: bool = False, authorize: bool = True) -> requests.Response:
+        """GET with retries on 429, 5xx, connection errors, timeouts, truncated bodies and (with
+        ``expect_json``) bodies that are not JSON: one retry layer, at most ``retries + 1``
+        requests for a URL.
+
+        ``Retry-After`` is honoured in full up to ``retry_after_max`` seconds; a longer wait
+        raises RetryAfterTooLong at once. The body is read here (streamed, so ``max_bytes``
+        stops a huge one early) and is in ``response.content`` afterwards.
         """
         for attempt in range(self.retries + 1):
             self._limiter.wait()
             self.stats.add(requests=1)
             wait: float | None = None
             try:
-                response = self._session.get(url, params=params, timeout=self.timeout, stream=True,
-                                             allow_redirects=allow_redirects)
-                _read_body(response, max_bytes)
+                response = self._send(url, params, max_bytes, allow_redirects, authorize)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError) as exc:
                 problem = f"{type(exc).__name__}"
             else:
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-                problem = f"HTTP {response.status_code}"
                 if response.status_code == 429:
+                    problem = "HTTP 429"
                     self.stats.add(throttled=1)
                     wait = _retry_after_seconds(response.headers.get("Retry-After"))
-                    if wait is not None:
-                        wait = min(wait, self.backoff_cap)
+                    if wait is not None and wait > self.retry_after_max:
+                        raise RetryAfterTooLong(
+                            f"GET {url}: the API asked to wait {wait:.0f} s (Retry-After), above the "
+                            f"{self.retry_after_max:g} s allowed (RECSKETCH_RETRY_AFTER_MAX_S); "
+                            "the next try resumes where this one stopped")
+                elif response.status_code in RETRY_STATUSES:
+                    problem = f"HTTP {response.status_code}"
+                elif expect_json and response.status_code == 200 and not _parse_json(response):
+                    problem = "body is not JSON"
+                else:
+                    return response
             if attempt == self.retries:
                 raise ApiError(f"GET {url} failed after {self.retries + 1} attempts: {problem}")
             wait = self._backoff(attempt) if wait is None else wait
@@ -244,34 +310,31 @@ class SketchfabClient:
         raise AssertionError("unreachable")
 
     def get_json(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """GET a JSON object; a truncated or malformed body is retried like a 5xx."""
-        for attempt in range(self.retries + 1):
-            response = self.get(url, params)
-            if response.status_code != 200:
-                raise ApiError(f"GET {response.url}: HTTP {response.status_code}")
-            try:
-                payload = response.json()
-            except ValueError:
-                if attempt == self.retries:
-                    raise ApiError(f"GET {response.url}: body is not JSON") from None
-                self.stats.add(retries=1)
-                time.sleep(self._backoff(attempt))
-                continue
-            if not isinstance(payload, dict):
-                raise ApiError(f"GET {response.url}: expected a JSON object")
-            return payload
-        raise AssertionError("unreachable")
+        """GET a JSON object. A 4xx other than 429 is permanent (PermanentApiError, no retry)."""
+        response = self.get(url, params, expect_json=True)
+        if 400 <= response.status_code < 500:
+            raise PermanentApiError(f"GET {response.url}: HTTP {response.status_code} {_detail(response)}")
+        if response.status_code != 200:
+            raise ApiError(f"GET {response.url}: HTTP {response.status_code}")
+        payload = response.payload  # type: ignore[attr-defined]  # set by _parse_json
+        if not isinstance(payload, dict):
+            raise ApiError(f"GET {response.url}: expected a JSON object")
+        return payload
 
     def model_pages(
         self, published_since: datetime | None = None, count: int = 24, start_url: str | None = None
     ) -> Iterator[tuple[list[dict[str, Any]], str | None]]:
-        """Yield (raw ``results``, next page URL) for each ``/v3/models`` page, newest first.
+        """Yield (raw ``results``, next page URL) for each ``/v3/models`` page, oldest first.
 
+        Documented parameters only: ``sort_by=createdAt`` (ascending: new models land at the
+        end, so a saved ``next`` URL stays valid) and ``published_since`` as a date (the
+        caller drops what falls before a window that starts mid-day, and stops reading once
+        ``createdAt`` passes the window's end, since ``createdAt`` <= ``publishedAt``).
         ``start_url`` resumes at a ``next`` URL saved by an earlier, interrupted crawl.
         """
-        params: dict[str, Any] | None = {"count": count, "sort_by": "-publishedAt"}
+        params: dict[str, Any] | None = {"count": count, "sort_by": "createdAt"}
         if published_since is not None and params is not None:
-            params["published_since"] = published_since.astimezone(UTC).isoformat()
+            params["published_since"] = published_since.astimezone(UTC).date().isoformat()
         url: str | None = f"{self.api_url}/v3/models"
         if start_url:
             url, params = start_url, None
@@ -295,8 +358,8 @@ class SketchfabClient:
     def download(self, url: str, max_bytes: int) -> tuple[bytes, str]:
         """Fetch a thumbnail; returns (body, content type).
 
-        Only http(s) URLs on the allowed hosts; redirects are refused (they could lead to
-        another host), and a body above ``max_bytes`` is cut off and refused.
+        Only http(s) URLs on the allowed hosts, never with the token; redirects are refused
+        (they could lead to another host), and a body above ``max_bytes`` is cut off and refused.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -306,12 +369,30 @@ class SketchfabClient:
                                 f"(allowed: {', '.join(sorted(self.thumbnail_hosts))})")
         if parts.hostname not in self.own_hosts and not self.allow_private_addresses:
             _refuse_private_address(url, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        response = self.get(url, max_bytes=max_bytes, allow_redirects=False)
+        response = self.get(url, max_bytes=max_bytes, allow_redirects=False, authorize=False)
         if response.is_redirect:
             raise BadInputError(f"GET {url}: redirect to {response.headers.get('Location')!r} refused")
         if response.status_code != 200:
             raise ApiError(f"GET {url}: HTTP {response.status_code}")
         return response.content, response.headers.get("Content-Type", "")
+
+
+def _parse_json(response: requests.Response) -> bool:
+    """Parse the body once; the value is kept as ``response.payload``."""
+    try:
+        response.payload = response.json()  # type: ignore[attr-defined]
+    except ValueError:
+        return False
+    return True
+
+
+def _detail(response: requests.Response) -> str:
+    """The API's own one-line reason, if it gave one."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f"({detail})" if isinstance(detail, str) else ""
 
 
 def _refuse_private_address(url: str, host: str, port: int) -> None:

@@ -8,6 +8,8 @@ without ``Retry-After``, 5xx, latency) can be switched on to test the client's r
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import logging
 import random
@@ -15,12 +17,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+from PIL import Image
 
 from recsketch.errors import BadInputError
 from recsketch.ids import is_model_id
@@ -31,6 +35,15 @@ log = logging.getLogger(__name__)
 MAX_COUNT = 24
 # DESIGN §3: a model without published_at is served with one fixed date.
 DEFAULT_PUBLISHED_AT = datetime(2016, 6, 1, tzinfo=UTC)
+# What the real API documents for /v3/models (DESIGN §4); anything else is a 400.
+SORT_KEYS = ("createdAt", "viewCount", "likedAt")
+SORT_BY = frozenset(SORT_KEYS) | frozenset(f"-{key}" for key in SORT_KEYS)
+# The five 16:9 thumbnails Sketchfab serves for every model, largest first.
+THUMBNAIL_SIZES = ((1920, 1080), (1024, 576), (720, 405), (256, 144), (64, 36))
+# A model is created some minutes before it is published (createdAt <= publishedAt).
+MAX_DRAFT_S = 1800
+# A synthetic thumbnail's letterbox, like the grey around a model in Sketchfab's renders.
+LETTERBOX = (38, 38, 38)
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class Faults:
     rate_truncate: float = 0.0  # body cut off before its Content-Length, connection closed
     rate_bad_json: float = 0.0  # 200 with a syntactically broken JSON body
     latency_s: float = 0.0
+    likes_as_models: bool = False  # /i/likes answers model entries instead of users (a changed API)
     seed: int = 0
 
 
@@ -51,42 +65,78 @@ class CatalogModel:
     mid: str
     name: str
     published_at: datetime
-    likers: tuple[str, ...]
+    created_at: datetime
+    likers: tuple[tuple[str, datetime | None], ...]  # (uid, liked_at), oldest like first
     thumbnail: Path | None
+    thumbnail_version: str = ""  # changes when the file does, and with it the image uids
+
+    def likers_at(self, now: datetime | None) -> list[str]:
+        """The users whose like is visible at ``now`` (all of them without a clock)."""
+        return [uid for uid, liked_at in self.likers if now is None or liked_at is None or liked_at <= now]
+
+    def image_uid(self, width: int, height: int) -> str:
+        return hashlib.sha1(f"{self.mid}:{width}x{height}:{self.thumbnail_version}".encode()).hexdigest()[:32]
+
+
+def _created_at(mid: str, published_at: datetime) -> datetime:
+    """A stable creation time up to MAX_DRAFT_S before publication (no column holds it)."""
+    return published_at - timedelta(seconds=int(hashlib.sha1(mid.encode()).hexdigest()[:8], 16) % MAX_DRAFT_S)
+
+
+def _thumbnail_version(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
 class Catalog:
-    """A data folder loaded once: models newest first, their likers and thumbnails."""
+    """A data folder loaded once: models in creation order, their likers and thumbnails."""
 
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise BadInputError(f"{folder}: not a directory")
+        self.folder = folder
         read = read_models(folder / "model_urls.psv")
         self.problems = list(read.problems)
-        likers: dict[str, list[str]] = {}
+        likers: dict[str, list[tuple[str, datetime | None]]] = {}
         likes_path = folder / "model_likes_anon.psv"
         if likes_path.exists():
             likes = read_likes(likes_path)
             self.problems += likes.problems
             for row in likes.rows:
-                likers.setdefault(row.mid, []).append(row.uid)
-        thumbs = folder / "model_thumbs"
+                likers.setdefault(row.mid, []).append((row.uid, row.liked_at))
         models = []
         for row in read.rows:
-            path = thumbs / f"{row.mid}_thumb200.jpg"
-            models.append(CatalogModel(
-                mid=row.mid,
-                name=row.name,
-                published_at=row.published_at or DEFAULT_PUBLISHED_AT,
-                likers=tuple(likers.get(row.mid, ())),
-                thumbnail=path if path.is_file() else None,
-            ))
-        models.sort(key=lambda m: (-m.published_at.timestamp(), m.mid))
+            published = row.published_at or DEFAULT_PUBLISHED_AT
+            dated = sorted(likers.get(row.mid, ()), key=lambda like: like[1] or DEFAULT_PUBLISHED_AT)
+            models.append(self._model(row.mid, row.name, published, tuple(dated)))
+        models.sort(key=lambda m: (m.created_at, m.mid))
         self.models = models
         self.by_mid = {m.mid: m for m in models}
         for problem in self.problems:
             log.warning("catalogue: %s", problem)
+
+    def _model(self, mid: str, name: str, published: datetime,
+               likers: tuple[tuple[str, datetime | None], ...]) -> CatalogModel:
+        path = self.folder / "model_thumbs" / f"{mid}_thumb200.jpg"
+        exists = path.is_file()
+        return CatalogModel(mid=mid, name=name, published_at=published, created_at=_created_at(mid, published),
+                            likers=likers, thumbnail=path if exists else None,
+                            thumbnail_version=_thumbnail_version(path) if exists else "")
+
+    def add_likes(self, mid: str, likes: list[tuple[str, datetime | None]]) -> None:
+        """New likes for a model (tests and benchmarks change the catalogue while it is served)."""
+        model = self.by_mid[mid]
+        self._replace(replace(model, likers=model.likers + tuple(likes)))
+
+    def refresh_thumbnail(self, mid: str) -> None:
+        """Pick up a thumbnail file that changed on disk (its image uids change with it)."""
+        model = self.by_mid[mid]
+        self._replace(self._model(model.mid, model.name, model.published_at, model.likers))
+
+    def _replace(self, model: CatalogModel) -> None:
+        self.by_mid[model.mid] = model
+        self.models = [model if m.mid == model.mid else m for m in self.models]
 
 
 def _encode_cursor(offset: int) -> str:
@@ -105,7 +155,29 @@ def _decode_cursor(cursor: str) -> int:
 
 
 def _iso(moment: datetime) -> str:
+    """The API's timestamp format: microseconds, no zone (UTC)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _parse_moment(value: str) -> datetime:
+    """A date (``2026-11-25``, as documented) or a datetime; naive means UTC."""
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def letterboxed(square: Path, width: int, height: int) -> bytes:
+    """A 16:9 JPEG of the square thumbnail: scaled to the height, centred on a grey canvas.
+    A file that is no image is served as it is (tests of the crawler's checks rely on that)."""
+    try:
+        with Image.open(square) as image:
+            picture = image.convert("RGB").resize((height, height), Image.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return square.read_bytes()
+    canvas = Image.new("RGB", (width, height), LETTERBOX)
+    canvas.paste(picture, ((width - height) // 2, 0))
+    out = io.BytesIO()
+    canvas.save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 class SketchfabHandler(BaseHTTPRequestHandler):
@@ -167,18 +239,19 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [p for p in url.path.split("/") if p]
-        self.server.count_request(self.headers.get("Authorization"))
+        self.server.count_request(self.headers.get("Authorization"), url.path)
         if self.server.faults.latency_s:
             time.sleep(self.server.faults.latency_s)
         if parts[:1] == ["thumbs"] and len(parts) == 2:
-            self.server.count_fetch(parts[1])
-            return self._thumbnail(parts[1])
+            return self._square_thumbnail(parts[1])
+        if parts[:1] == ["models"] and len(parts) == 5 and parts[2] == "thumbnails":
+            return self._thumbnail(parts[1], parts[3], parts[4])
         if self._inject_fault():
             return None
         if parts == ["v3", "models"]:
             return self._models(query)
         if parts[:2] == ["v3", "models"] and len(parts) == 3:
-            model = self.server.catalog.by_mid.get(parts[2])
+            model = self._visible(parts[2])
             if model is None:
                 return self._error(HTTPStatus.NOT_FOUND, "Not found.")
             return self._json(HTTPStatus.OK, self._model_json(model))
@@ -189,19 +262,37 @@ class SketchfabHandler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET  # noqa: N815 (http.server naming)
 
+    def do_POST(self) -> None:
+        """``POST /_clock?now=ISO`` moves the server's clock (tests replaying days; not Sketchfab's)."""
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if url.path != "/_clock" or "now" not in query:
+            return self._error(HTTPStatus.NOT_FOUND, "Not found.")
+        try:
+            self.server.now = _parse_moment(query["now"])
+        except ValueError:
+            return self._error(HTTPStatus.BAD_REQUEST, "Invalid now.")
+        return self._json(HTTPStatus.OK, {"now": _iso(self.server.now)})
+
+    def _visible(self, mid: str) -> CatalogModel | None:
+        model = self.server.catalog.by_mid.get(mid)
+        now = self.server.now
+        return model if model is not None and (now is None or model.published_at <= now) else None
+
     def _model_json(self, model: CatalogModel) -> dict:
         images = []
         if model.thumbnail is not None:
-            images.append({
-                "url": f"{self.base_url}/thumbs/{model.mid}_thumb200.jpg",
-                "width": 200,
-                "height": 200,
-                "size": model.thumbnail.stat().st_size,
-            })
+            base = self.server.thumbnail_url or self.base_url
+            for width, height in THUMBNAIL_SIZES:
+                uid = model.image_uid(width, height)
+                images.append({"uid": uid, "url": f"{base}/models/{model.mid}/thumbnails/{uid}/{width}x{height}.jpeg",
+                               "width": width, "height": height, "size": None})
+        likers = model.likers_at(self.server.now)
         return {
             "uid": model.mid,
             "name": model.name,
-            "likeCount": len(model.likers),
+            "likeCount": self.server.like_counts.get(model.mid, len(likers)),
+            "createdAt": _iso(model.created_at),
             "publishedAt": _iso(model.published_at),
             "viewerUrl": f"https://sketchfab.com/3d-models/{model.mid}",
             "uri": f"{self.base_url}/v3/models/{model.mid}",
@@ -219,21 +310,29 @@ class SketchfabHandler(BaseHTTPRequestHandler):
             offset = _decode_cursor(query["cursor"]) if query.get("cursor") else 0
         except (ValueError, UnicodeDecodeError):
             return self._error(HTTPStatus.BAD_REQUEST, "Invalid cursor.")
-        sort_by = query.get("sort_by") or "-publishedAt"
-        if sort_by not in ("-publishedAt", "publishedAt"):
-            return self._error(HTTPStatus.BAD_REQUEST, f"Unsupported sort_by {sort_by!r}.")
-        models = self.server.catalog.models
-        if sort_by == "publishedAt":
-            models = models[::-1]
+        sort_by = query.get("sort_by") or "-createdAt"
+        if sort_by not in SORT_BY:
+            return self._error(HTTPStatus.BAD_REQUEST,
+                               f"Unsupported sort_by {sort_by!r}: one of {', '.join(sorted(SORT_BY))}.")
+        now = self.server.now
+        models = self.server.catalog.models  # createdAt ascending
+        if now is not None:
+            models = [m for m in models if m.published_at <= now]
         since = query.get("published_since")
         if since:
             try:
-                moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+                moment = _parse_moment(since)
             except ValueError:
-                return self._error(HTTPStatus.BAD_REQUEST, "Invalid published_since.")
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
+                return self._error(HTTPStatus.BAD_REQUEST, "Invalid published_since: expected a date.")
             models = [m for m in models if m.published_at >= moment]
+        key = sort_by.lstrip("-")
+        if key == "viewCount":  # no views here: likes stand in for them
+            models = sorted(models, key=lambda m: (len(m.likers_at(now)), m.mid))
+        elif key == "likedAt":
+            models = sorted(models, key=lambda m: (max((t for _, t in m.likers if t and (now is None or t <= now)),
+                                                       default=DEFAULT_PUBLISHED_AT), m.mid))
+        if sort_by.startswith("-"):
+            models = models[::-1]
         page = models[offset : offset + count]
         has_next = offset + count < len(models)
         has_prev = offset > 0
@@ -255,7 +354,7 @@ class SketchfabHandler(BaseHTTPRequestHandler):
 
     def _likes(self, query: dict[str, str]) -> None:
         mid = query.get("model", "")
-        model = self.server.catalog.by_mid.get(mid)
+        model = self._visible(mid)
         if model is None:
             return self._error(HTTPStatus.NOT_FOUND, "Not found.")
         try:
@@ -263,37 +362,58 @@ class SketchfabHandler(BaseHTTPRequestHandler):
             offset = max(int(query.get("offset", 0)), 0)
         except ValueError:
             return self._error(HTTPStatus.BAD_REQUEST, "count and offset must be integers.")
-        page = model.likers[offset : offset + count]
-        has_next = offset + count < len(model.likers)
+        likers = model.likers_at(self.server.now)
+        page = likers[offset : offset + count]
+        has_next = offset + count < len(likers)
         next_url = None
         if has_next:
             params = urlencode({"model": mid, "count": count, "offset": offset + count})
             next_url = f"{self.base_url}/i/likes?{params}"
-        return self._json(HTTPStatus.OK, {
-            "results": [{"uid": uid, "username": uid} for uid in page],
-            "next": next_url,
-        })
+        if self.server.faults.likes_as_models:
+            results = [self._model_json(model) for _ in page]
+        else:
+            results = [{"uid": uid, "username": uid} for uid in page]
+        return self._json(HTTPStatus.OK, {"results": results, "next": next_url})
 
-    def _thumbnail(self, filename: str) -> None:
+    def _square_thumbnail(self, filename: str) -> None:
+        """The folder's own file (``/thumbs/{mid}_thumb200.jpg``), as rec-a-sketch stored it."""
         mid = filename.removesuffix("_thumb200.jpg")
-        model = self.server.catalog.by_mid.get(mid) if is_model_id(mid) else None
+        model = self._visible(mid) if is_model_id(mid) else None
         if model is None or model.thumbnail is None or filename != f"{mid}_thumb200.jpg":
             return self._error(HTTPStatus.NOT_FOUND, "Not found.")
+        self.server.count_fetch(f"thumb {mid}")
         return self._send(HTTPStatus.OK, model.thumbnail.read_bytes(), "image/jpeg")
+
+    def _thumbnail(self, mid: str, uid: str, filename: str) -> None:
+        """One of the five 16:9 images, derived from the folder's square thumbnail."""
+        model = self._visible(mid) if is_model_id(mid) else None
+        size = filename.removesuffix(".jpeg").split("x")
+        if model is None or model.thumbnail is None or len(size) != 2 or not all(p.isdigit() for p in size):
+            return self._error(HTTPStatus.NOT_FOUND, "Not found.")
+        width, height = int(size[0]), int(size[1])
+        if (width, height) not in THUMBNAIL_SIZES or uid != model.image_uid(width, height):
+            return self._error(HTTPStatus.NOT_FOUND, "Not found.")
+        self.server.count_fetch(f"thumb {mid}")
+        return self._send(HTTPStatus.OK, letterboxed(model.thumbnail, width, height), "image/jpeg")
 
 
 class SketchfabServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, catalog: Catalog, address: tuple[str, int], faults: Faults = Faults()):
+    def __init__(self, catalog: Catalog, address: tuple[str, int], faults: Faults = Faults(), *,
+                 now: datetime | None = None, thumbnail_url: str | None = None):
         super().__init__(address, SketchfabHandler)
         self.catalog = catalog
         self.faults = faults
+        self.now = now  # the server's clock: models and likes after it are hidden; None: show all
+        self.thumbnail_url = thumbnail_url  # another host that serves the thumbnails, if any
+        self.like_counts: dict[str, int] = {}  # likeCount served instead of the likers' number
         self._random = random.Random(faults.seed)
         self._lock = threading.Lock()
         self.requests_served = 0
         self.authorizations: set[str | None] = set()  # what clients sent, for tests
-        self.fetches: Counter[str] = Counter()  # thumbnail files and likes pages served, for tests
+        self.arrivals: list[tuple[float, str, str | None]] = []  # (monotonic time, path, Authorization)
+        self.fetches: Counter[str] = Counter()  # thumbnails ("thumb MID") and likes pages served, for tests
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         """A client that hangs up (killed crawler, timeout) is routine here, not a traceback."""
@@ -306,10 +426,11 @@ class SketchfabServer(ThreadingHTTPServer):
         with self._lock:
             return self._random.random()
 
-    def count_request(self, authorization: str | None = None) -> None:
+    def count_request(self, authorization: str | None = None, path: str = "") -> None:
         with self._lock:
             self.requests_served += 1
             self.authorizations.add(authorization)
+            self.arrivals.append((time.monotonic(), path, authorization))
 
     def count_fetch(self, what: str) -> None:
         with self._lock:
@@ -321,9 +442,10 @@ class SketchfabServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
-def start_in_thread(folder: Path, host: str = "127.0.0.1", port: int = 0,
-                    faults: Faults = Faults()) -> SketchfabServer:
+def start_in_thread(folder: Path | Catalog, host: str = "127.0.0.1", port: int = 0,
+                    faults: Faults = Faults(), **options: object) -> SketchfabServer:
     """Start a server on a background thread (tests, the demo); ``server.shutdown()`` stops it."""
-    server = SketchfabServer(Catalog(folder), (host, port), faults)
+    catalog = folder if isinstance(folder, Catalog) else Catalog(folder)
+    server = SketchfabServer(catalog, (host, port), faults, **options)  # type: ignore[arg-type]
     threading.Thread(target=server.serve_forever, name="sketchfab-server", daemon=True).start()
     return server
