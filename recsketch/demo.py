@@ -117,3 +117,31 @@ def build_catalog_from_psv(folder: Path, source: Path, n_models: int, seed: int 
     write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid"),
               [(r.name, r.mid, uid) for r in chosen for uid in sorted(likers[r.mid])])
     return likers
+
+
+def build_daily_catalog(folder: Path, days: int, models_per_day: int, n_users: int, seed: int = 0,
+                        start: datetime = datetime(2026, 1, 1, tzinfo=UTC), likes_per_model: int = 8,
+                        ) -> dict[str, list[tuple[str, datetime]]]:
+    """A catalogue whose life can be replayed day by day (DESIGN §3's ``liked_at``): models
+    published over ``days``, each liked by ``likes_per_model`` users over the days after it
+    appears (most likes in the first days, some weeks later). Thumbnails are small solid
+    squares. Returns mid -> [(uid, liked_at)], the server's truth at any clock."""
+    rng = random.Random(seed)
+    thumbs = folder / "model_thumbs"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    users = [f"fan{n:04d}" for n in range(n_users)]
+    models, likes, truth = [], [], {}
+    for day in range(days):
+        for n in range(models_per_day):
+            mid = f"{rng.getrandbits(128):032x}"
+            published = start + timedelta(days=day, seconds=rng.randrange(1800, 86400 - 60))
+            models.append((f"model {day}-{n}", mid, published.isoformat()))
+            Image.new("RGB", (16, 16), tuple(rng.randrange(256) for _ in range(3))).save(
+                thumbs / f"{mid}_thumb200.jpg", quality=80)
+            liked = [(uid, published + timedelta(hours=rng.expovariate(1 / 72)))
+                     for uid in rng.sample(users, likes_per_model)]
+            truth[mid] = liked
+            likes += [(f"model {day}-{n}", mid, uid, at.isoformat()) for uid, at in liked]
+    write_psv(folder / "model_urls.psv", ("name", "mid", "published_at"), models)
+    write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid", "liked_at"), likes)
+    return truth

@@ -291,8 +291,8 @@ class FaultSuite:
         report.mid_work += bool(kept)
         before = dict(self.server.fetches)
         self.run("crawl", env)
-        fetched_again = [name for name in kept if self.server.fetches[name.replace(".jpg", "_thumb200.jpg")]
-                         > before.get(name.replace(".jpg", "_thumb200.jpg"), 0)]
+        fetched_again = [name for name in kept if self.server.fetches[f"thumb {name.removesuffix('.jpg')}"]
+                         > before.get(f"thumb {name.removesuffix('.jpg')}", 0)]
         changed = [n for n, m in kept.items() if (thumbs / n).stat().st_mtime_ns != m]
         report.redone += len(set(fetched_again) | set(changed))
         report.leftovers += len(_temps(round_dir))

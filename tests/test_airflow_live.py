@@ -195,7 +195,7 @@ def test_gallery_in_chromium_after_logging_in(deployment: Deployment, triggered:
     finally:
         driver.quit()
     assert query_mid == mid
-    assert len(shown) == 10 and all(width == 200 for _, width in shown)  # thumbnails really loaded
+    assert len(shown) == 10 and all(width == 720 for _, width in shown)  # the 720×405 thumbnails really loaded
     assert {m for m, _ in shown[:3]} == mates  # its three variants come first
     assert (ARTIFACTS / "gallery.png").stat().st_size > 10_000
 
@@ -227,7 +227,7 @@ def test_backfill_over_three_days_processes_each_days_models_once(tmp_path: Path
         assert sorted(datetime.fromisoformat(r["data_interval_start"]).date().isoformat() for r in backfill) == days
         # every thumbnail and every likes page was fetched once, across all runs
         fetched = deployment.server.fetches
-        assert sum(1 for key in fetched if key.endswith(".jpg")) == 75
+        assert sum(1 for key in fetched if key.startswith("thumb ")) == 75
         assert set(fetched.values()) == {1}, {k: v for k, v in fetched.items() if v > 1}
         # every model's features were extracted once, in exactly one chunk
         chunk_mids: list[str] = []

@@ -185,4 +185,7 @@ def test_json_from_the_api_with_wrong_types_is_named() -> None:
     assert model.like_count is None and model.thumbnail_url == "https://media.sketchfab.com/t.jpg"
     with pytest.raises(RecsketchError, match="liker entry without a uid"):
         parse_likes_page({"results": [{"username": "x"}], "next": None}, MID)
-    assert json.dumps(parse_likes_page({"results": [{"uid": "u1"}], "next": ""}, MID)) == '[["u1"], null]'
+    assert json.dumps(parse_likes_page({"results": [{"uid": "u1", "username": "a"}], "next": ""}, MID)) \
+        == '[["u1"], null]'
+    with pytest.raises(BadInputError, match="not a user"):  # a model entry, or a user without a username
+        parse_likes_page({"results": [{"uid": "u1"}], "next": None}, MID)

@@ -95,7 +95,9 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     bag = DagBag(str(DAG_FILE.parent))
     crawl_run = bag.dags["recsketch"].test()
     assert crawl_run.state == "success"
-    assert sketchfab.authorizations == {"Token tok-secret-123"}  # the connection's password was the token
+    # the connection's password was the token, sent to the API and never with a thumbnail
+    assert {auth for _, path, auth in sketchfab.arrivals if not path.startswith("/models/")} == {"Token tok-secret-123"}
+    assert {auth for _, path, auth in sketchfab.arrivals if path.startswith("/models/")} == {None}
     dag = bag.dags["recsketch_recommendations"]
     run = dag.test(run_conf={"top_k": 5, "chunk_size": 30})
     assert run.state == "success"
@@ -124,3 +126,41 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     assert second.state == "success"
     assert {p: p.stat().st_mtime_ns for p in chunk_files} == mtimes
     assert store.live_run(engine)["run_id"] == second.run_id
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_a_permanent_api_error_fails_the_crawl_without_retries(tmp_path: Path, monkeypatch) -> None:
+    """A 400 on the listing cannot be cured by waiting: the task fails at once, retries unused."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    requests_seen: list[str] = []
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            requests_seen.append(self.path)
+            body = b'{"detail": "Unsupported sort_by."}'
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RECSKETCH_SKETCHFAB_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("RECSKETCH_DATA_DIR", str(tmp_path / "data"))
+        run = DagBag(str(DAG_FILE.parent)).dags["recsketch"].test()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.state == "failed"
+    states = {ti.task_id: (ti.state, ti.try_number) for ti in run.task_instances}
+    assert states["crawl"] == ("failed", 1)  # not up_for_retry: a retry would fail the same way
+    assert len(requests_seen) == 1

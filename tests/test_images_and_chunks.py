@@ -39,6 +39,31 @@ def test_formats_decode_to_rgb_224(data: bytes) -> None:
     assert array.shape == (224, 224, 3) and array.dtype == np.uint8
 
 
+def test_crop_keeps_proportions_and_seed_stretches_like_keras_load_img() -> None:
+    """A 16:9 thumbnail: ``crop`` resizes the short side to 224 and keeps the centre (the
+    letterbox bars fall away); ``seed`` stretches the whole frame with nearest sampling."""
+    frame = Image.new("RGB", (720, 405), (38, 38, 38))
+    frame.paste(Image.new("RGB", (405, 405), (10, 200, 60)), (157, 0))
+    data = encode(frame, "PNG")
+    cropped = decode_image(data, 224)
+    assert cropped.shape == (224, 224, 3)
+    # only the square picture is left (its outermost pixels blend with the bar when resampled)
+    assert np.abs(cropped[1:-1, 1:-1].astype(int) - (10, 200, 60)).max() <= 2
+    seeded = decode_image(data, 224, preprocess="seed")
+    assert np.array_equal(seeded, np.asarray(frame.resize((224, 224), Image.NEAREST)))
+    assert (seeded[:, 0] == 38).all()  # the bars are squeezed in, as the seed did
+    square = encode(Image.new("RGB", (200, 200), (1, 2, 3)), "PNG")  # a rec-a-sketch folder's thumbnail
+    assert decode_image(square, 224).shape == decode_image(square, 224, preprocess="seed").shape
+
+
+def test_the_preprocessing_is_part_of_the_feature_key() -> None:
+    from recsketch.config import Settings
+    from recsketch.features.backbones import backbone_key
+
+    assert backbone_key(Settings()) != backbone_key(Settings(preprocess="seed"))
+    assert backbone_key(Settings(backbone="vgg16")).endswith("-crop")
+
+
 def test_transparency_is_composited_on_white() -> None:
     array = decode_image(encode(Image.new("RGBA", (50, 50), (0, 0, 0, 0)), "PNG"), 224)
     assert array.min() == 255

@@ -220,7 +220,7 @@ def test_an_api_outage_in_each_fault_mode_is_survived(mode: str, demo_catalog: P
         n_models = conn.execute(text("SELECT count(*) FROM models")).scalar()
         complete = conn.execute(text("SELECT count(*) FROM models WHERE likes_complete")).scalar()
     assert n_models == complete == 76
-    thumbs = {k: v for k, v in server.fetches.items() if k.endswith(".jpg")}
+    thumbs = {k: v for k, v in server.fetches.items() if k.startswith("thumb ")}
     assert len(thumbs) == 75 and set(thumbs.values()) == {1}
 
 
@@ -232,13 +232,13 @@ def test_a_killed_crawl_under_faults_still_fetches_each_thumbnail_once(demo_cata
     victim = subprocess.Popen([sys.executable, "-m", "recsketch.cli", "crawl", "--run-id", "r"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(k.endswith(".jpg") for k in server.fetches) < 20:
+    while time.monotonic() < deadline and sum(k.startswith("thumb ") for k in server.fetches) < 20:
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    stored = {p.name.replace(".jpg", "_thumb200.jpg") for p in (tmp_path / "data" / "thumbs").glob("*.jpg")}
+    stored = {f"thumb {p.stem}" for p in (tmp_path / "data" / "thumbs").glob("*.jpg")}
     assert len(stored) >= 10
     assert _cli("crawl", "--run-id", "r", env=env).returncode == 0
-    thumbs = {k: v for k, v in server.fetches.items() if k.endswith(".jpg")}
+    thumbs = {k: v for k, v in server.fetches.items() if k.startswith("thumb ")}
     assert len(thumbs) == 75 and {thumbs[name] for name in stored} == {1}  # stored ones were not fetched again
     assert sum(v > 1 for v in thumbs.values()) <= 8  # only downloads in flight at the kill (8 workers)
