@@ -27,8 +27,8 @@ from recsketch.config import Settings
 from recsketch.crawl import crawl
 from recsketch.db import store
 from recsketch.demo import build_catalog_from_psv
-from recsketch.sketchfab.client import SketchfabClient
 from recsketch.psv import read_models
+from recsketch.sketchfab.client import SketchfabClient
 from recsketch.sketchfab.server import Catalog, Faults, start_in_thread
 
 SOURCE = Path(__file__).parents[2] / "shared" / "data" / "model_urls.psv"

@@ -139,7 +139,7 @@ def test_a_permanent_api_error_fails_the_crawl_without_retries(tmp_path: Path, m
     requests_seen: list[str] = []
 
     class Refusing(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        def do_GET(self) -> None:
             requests_seen.append(self.path)
             body = b'{"detail": "Unsupported sort_by."}'
             self.send_response(400)

@@ -153,7 +153,7 @@ def test_the_token_goes_to_the_api_host_only(month, serve, tmp_path: Path) -> No
     seen: list[str | None] = []
 
     class Redirect(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        def do_GET(self) -> None:
             seen.append(self.headers.get("Authorization"))
             self.send_response(307)
             self.send_header("Location", f"{api.url}{self.path}")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from PIL import Image
 
 from recsketch.errors import ApiError, BadInputError, PermanentApiError, RetryAfterTooLong
@@ -135,7 +134,7 @@ def test_retry_after_is_honoured_in_full_above_the_backoff_cap(serve, demo_catal
 def test_retry_after_above_the_ceiling_fails_at_once(serve, demo_catalog: Path) -> None:
     throttled = serve(demo_catalog, Faults(rate_429=1.0, retry_after=3600))
     client = SketchfabClient(throttled.url, retries=5, retry_after_max=60)
-    with pytest.raises(RetryAfterTooLong, match="wait 3600 s .*RECSKETCH_RETRY_AFTER_MAX_S"):
+    with pytest.raises(RetryAfterTooLong, match=r"wait 3600 s .*RECSKETCH_RETRY_AFTER_MAX_S"):
         next(client.model_pages())
     assert throttled.requests_served == 1
 
