@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -180,6 +181,9 @@ def crawl(
     last_progress = started
     window = window_key(published_since, published_before)
     saved = store.saved_crawl_position(engine, window)
+    if saved and parse_qs(urlsplit(saved[0]).query).get("sort_by") != ["createdAt"]:
+        progress(f"crawl: the saved position of window {window} is in an older listing order; starting over")
+        saved = None
     if saved:
         progress(f"crawl: resuming window {window} at page {saved[1] + 1}")
         stats.resumed_at_page = saved[1] + 1

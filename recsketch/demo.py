@@ -94,9 +94,12 @@ def build_catalog_from_psv(folder: Path, source: Path, n_models: int, seed: int 
                            start: datetime = datetime(2026, 11, 20, tzinfo=UTC)) -> dict[str, set[str]]:
     """A catalogue with the real ids and names of ``source`` (legacy ids and quoted names
     included) and generated likes, dates and solid-colour thumbnails; for crawler tests and
-    benchmarks. Returns mid -> its likers, the ground truth a crawl must reproduce."""
+    benchmarks (``n_models=0``: every model that can be written). Returns mid -> its likers,
+    the ground truth a crawl must reproduce."""
     rng = random.Random(seed)
-    rows = read_models(source).rows
+    # a name holding the dialect's quote character (a backslash) cannot be written back
+    rows = [r for r in read_models(source).rows if "\\" not in r.name]
+    n_models = n_models or len(rows)
     legacy = [r for r in rows if len(r.mid) != 32][:5]
     quoted = [r for r in rows if "|" in r.name or "\n" in r.name][:5]
     rest = rng.sample([r for r in rows if r not in legacy + quoted], n_models - len(legacy) - len(quoted))

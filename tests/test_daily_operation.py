@@ -205,3 +205,16 @@ def test_four_concurrent_crawls_share_one_budget(tmp_path: Path, serve, pg_url: 
     # scheduling jitter (a few ms over ~10 s, so up to ~0.1 %): 1 % allowed for that, no more
     assert 0.9 * rate <= achieved <= rate * 1.01
     assert busiest <= rate + 2  # one for the window's edges, one for arrival jitter
+
+
+def test_a_position_saved_by_an_older_release_is_not_resumed(month, serve, tmp_path: Path) -> None:
+    """A crawl interrupted before the upgrade saved a URL in the old, undocumented order; the
+    API refuses that order, so resuming it would fail every day: the crawl starts over."""
+    folder, truth = month
+    server = serve(folder)
+    settings = Settings(data_dir=tmp_path / "data", sketchfab_url=server.url)
+    engine = store.connect(settings.resolved_database_url)
+    store.save_crawl_position(engine, "*..*", f"{server.url}/v3/models?count=24&sort_by=-publishedAt&cursor=bzo0OA", 2)
+    stats = crawl(settings, engine, SketchfabClient(server.url))
+    assert stats.resumed_at_page == 0 and stats.models == len(truth)
+    assert store.saved_crawl_position(engine, "*..*") is None

@@ -13,7 +13,7 @@ import numpy as np
 
 from recsketch.config import Settings
 from recsketch.crawl import thumbnail_path
-from recsketch.features.backbones import VGG16Backbone
+from recsketch.features.backbones import VGG16Backbone, backbone_key
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.images import load_image
 from recsketch.pipeline import crawl_stage, extract_stage, plan_stage, run_dir, threshold_stage
@@ -56,7 +56,7 @@ def test_sigkill_mid_extraction_reuses_every_finished_chunk(sketchfab, tmp_path:
     clean_folder, clean_ids = prepared(clean)
     for chunk_id in clean_ids:
         extract_stage(clean, clean_folder, chunk_id)
-    key = "efficientnet_lite0-avg-float32-imagenet"
+    key = backbone_key(clean)
     valid = [p.stem for p in killed.thumbs_dir.glob("*.jpg")]
     mids_a, feats_a, _ = ChunkStore(killed.features_dir, key).load_features(valid)
     mids_b, feats_b, _ = ChunkStore(clean.features_dir, key).load_features(valid)

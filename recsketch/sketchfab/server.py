@@ -129,11 +129,6 @@ class Catalog:
         model = self.by_mid[mid]
         self._replace(replace(model, likers=model.likers + tuple(likes)))
 
-    def refresh_thumbnail(self, mid: str) -> None:
-        """Pick up a thumbnail file that changed on disk (its image uids change with it)."""
-        model = self.by_mid[mid]
-        self._replace(self._model(model.mid, model.name, model.published_at, model.likers))
-
     def _replace(self, model: CatalogModel) -> None:
         self.by_mid[model.mid] = model
         self.models = [model if m.mid == model.mid else m for m in self.models]
