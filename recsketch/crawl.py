@@ -33,7 +33,7 @@ from recsketch.config import Settings
 from recsketch.db import store
 from recsketch.db.schema import models as models_table
 from recsketch.errors import RecsketchError
-from recsketch.features.images import check_image
+from recsketch.features.images import check_image, thumbnail_version
 from recsketch.ids import is_model_id, validate_model_id
 from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
 
@@ -112,7 +112,7 @@ class ThumbnailIndex:
 
 def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelInfo,
                      index: ThumbnailIndex) -> tuple[str, str]:
-    """Download, verify and store one thumbnail: returns (status, reason)."""
+    """Download, verify and store one thumbnail: returns (status, reason or the file's version)."""
     assert model.thumbnail_url
     try:
         body, content_type = client.download(model.thumbnail_url, settings.max_thumbnail_bytes)
@@ -123,7 +123,7 @@ def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelIn
         return "failed", str(exc)
     files.write_bytes(thumbnail_path(settings, model.mid), body)
     index.add(model.mid, model.thumbnail_url)
-    return "ok", ""
+    return "ok", thumbnail_version(body)
 
 
 def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
@@ -345,12 +345,14 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
         }
         if "thumbnail" in result:
             status, reason = result["thumbnail"]
-            row["thumbnail_status"], row["thumbnail_reason"] = status, reason or None
             if status == "ok":
+                row["thumbnail_status"], row["thumbnail_reason"], row["thumbnail_version"] = status, None, reason
                 stats.thumbnails_ok += 1
             elif status == "missing":
+                row["thumbnail_status"], row["thumbnail_reason"] = status, reason
                 stats.thumbnails_missing += 1
             else:
+                row["thumbnail_status"], row["thumbnail_reason"] = status, reason
                 stats.thumbnails_failed[reason.split(":")[-1].strip()[:60]] += 1
                 stats.problems.append(f"thumbnail of {info.mid}: {reason}")
                 log.warning("thumbnail of %s: %s", info.mid, reason)

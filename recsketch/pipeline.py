@@ -25,6 +25,7 @@ from recsketch.errors import RecsketchError
 from recsketch.features.backbones import backbone_key, create_backbone
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.extract import extract_chunk
+from recsketch.features.images import thumbnail_version
 from recsketch.likes import threshold_likes
 from recsketch.ratelimit import SharedRateLimiter
 from recsketch.similarity import merge_new_items, normalise, recall_at_k, reduce_dimensions, top_k_cosine
@@ -36,7 +37,7 @@ Progress = Callable[[str], None]
 VALID_MODELS_FILE = "valid_models.json"
 PLAN_FILE = "chunk_plan.json"
 TOPK_FILE = "topk.npz"
-LATEST_TOPK_FILE = "topk-latest.npz"  # beside the backbone's chunks
+LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
 SIMILARITY_PLAN_FILE = "similarity_plan.json"
 SHARD_PREFIX = "similarity-shard-"
 REDUCED_FEATURES_FILE = "similarity_features.npy"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
@@ -96,7 +97,8 @@ def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime |
 
 
 def threshold_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
-    """Models that survive the like threshold and have a thumbnail: the run's item set."""
+    """Models that survive the like threshold and have a thumbnail: the run's item set, each
+    with its thumbnail's version (features are keyed by it)."""
     engine = store.connect(settings.resolved_database_url)
     with_thumbnail = store.models_with_thumbnails(engine)
     if settings.min_likes > 0:
@@ -106,25 +108,34 @@ def threshold_stage(settings: Settings, folder: Path, progress: Progress = log.i
         valid = [mid for mid in with_thumbnail if mid in kept]
     else:
         progress("threshold: min_likes=0, keeping every model with a thumbnail")
-        valid = with_thumbnail
+        valid = list(with_thumbnail)
     progress(f"threshold: {len(valid)} models pass the threshold and have a thumbnail")
     if len(valid) < 2:
         raise RecsketchError(
             f"only {len(valid)} of {len(with_thumbnail)} models with a thumbnail have >= {settings.min_likes} "
             "likes from users with as many: nothing to recommend. Lower the threshold with --min-likes "
             "(RECSKETCH_MIN_LIKES; 0 keeps every model)")
-    _write_json(folder / VALID_MODELS_FILE, valid)
+    _write_json(folder / VALID_MODELS_FILE, {mid: with_thumbnail[mid] or _file_version(settings, mid)
+                                             for mid in valid})
     return {"valid_models": len(valid), "with_thumbnail": len(with_thumbnail)}
+
+
+def _file_version(settings: Settings, mid: str) -> str:
+    """The version of a thumbnail the DB has none for (stored by an older release)."""
+    try:
+        return thumbnail_version(thumbnail_path(settings, mid).read_bytes())
+    except FileNotFoundError:
+        return ""
 
 
 def plan_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
     """Split the valid models that have no features yet into chunks; returns the chunk ids."""
-    valid = _read_json(folder / VALID_MODELS_FILE, "threshold")
+    valid = _valid_models(folder)
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    plan = chunk_store.plan(valid, settings.chunk_size)  # type: ignore[arg-type]
+    plan = chunk_store.plan(valid, settings.chunk_size)
     _write_json(folder / PLAN_FILE, {"backbone_key": chunk_store.backbone_key, "chunks": plan})
     todo = sum(len(m) for m in plan.values())
-    progress(f"plan: {len(valid)} valid models, {todo} need features, {len(plan)} chunks "  # type: ignore[arg-type]
+    progress(f"plan: {len(valid)} valid models, {todo} need features, {len(plan)} chunks "
              f"of up to {settings.chunk_size} for {chunk_store.backbone_key}")
     return sorted(plan)
 
@@ -148,11 +159,17 @@ def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Pro
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 
 
-def _valid_features(settings: Settings, folder: Path, progress: Progress) -> tuple[ChunkStore, list[str], np.ndarray]:
+def _valid_models(folder: Path) -> dict[str, str]:
+    """The threshold's models with their thumbnail versions (a plain list: unversioned)."""
     valid = _read_json(folder / VALID_MODELS_FILE, "threshold")
+    return dict(valid) if isinstance(valid, dict) else dict.fromkeys(valid, "")  # type: ignore[call-overload]
+
+
+def _valid_features(settings: Settings, folder: Path, progress: Progress) -> tuple[ChunkStore, list[str], np.ndarray]:
+    valid = _valid_models(folder)
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    mids, features, failed = chunk_store.load_features(valid)  # type: ignore[arg-type]
-    missing = len(valid) - len(mids) - len(failed)  # type: ignore[arg-type]
+    mids, features, failed = chunk_store.load_features(valid)
+    missing = len(valid) - len(mids) - len(failed)
     if missing:
         raise RecsketchError(f"{missing} valid models have no features yet: run the extract stage")
     for mid, reason in sorted(failed.items()):
@@ -169,10 +186,11 @@ def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress =
     latest = chunk_store.root / LATEST_TOPK_FILE
     for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
         stale.unlink()
-    increment = None if settings.pca_dim else _incremental_top_k(latest, mids, features, settings.top_k)
+    versions = _valid_models(folder)
+    increment = None if settings.pca_dim else _incremental_top_k(latest, mids, features, settings.top_k, versions)
     if increment is not None:
         order, indices, scores, mode = increment
-        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k)
+        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k, versions)
         _write_json(folder / SIMILARITY_PLAN_FILE, {"mode": mode, "mids": None})
         progress(f"similarity: top-{indices.shape[1]} for {len(order)} models, {mode}")
         return []
@@ -233,7 +251,8 @@ def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress 
         if len(indices) != len(order):  # type: ignore[arg-type]
             raise RecsketchError(f"{len(shards)} shards cover {len(indices)} of {len(order)} rows: "  # type: ignore[arg-type]
                                  "a shard is missing, run the similarity shards again")
-        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k)  # type: ignore[arg-type]
+        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k,  # type: ignore[arg-type]
+                           None if "recall_at_k" in plan else _valid_models(folder))  # type: ignore[operator]
     with np.load(folder / TOPK_FILE) as data:
         n, k = data["indices"].shape
     progress(f"similarity: top-{k} for {n} models ready ({mode}{f', {len(shards)} shards' if shards else ''})")
@@ -251,21 +270,27 @@ def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.
 
 
 def _finish_similarity(chunk_store: ChunkStore, folder: Path, mids: list[str], indices: np.ndarray,
-                       scores: np.ndarray, k: int) -> None:
+                       scores: np.ndarray, k: int, versions: dict[str, str] | None) -> None:
+    """The run's top-k; and, for exact runs (``versions`` given), the backbone's latest, the
+    base of the next incremental run. A PCA result never becomes that base."""
     files.save_npz(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
                    backbone=np.array(chunk_store.backbone_key))
-    _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, k)
+    if versions is not None:
+        _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, k, [versions[m] for m in mids])
 
 
-def _incremental_top_k(latest: Path, mids: list[str], features: np.ndarray, k: int
+def _incremental_top_k(latest: Path, mids: list[str], features: np.ndarray, k: int, versions: dict[str, str]
                        ) -> tuple[list[str], np.ndarray, np.ndarray, str] | None:
-    """New×all merged into the backbone's last result when that one still holds, else None."""
+    """New×all merged into the backbone's last exact result when that one still holds (same k,
+    no model gone, every old model's thumbnail unchanged), else None."""
     previous = _load_latest(latest)
     if previous is None:
         return None
-    old_mids, old_indices, old_scores, old_k = previous
+    old_mids, old_indices, old_scores, old_k, old_versions = previous
     current = set(mids)
     if old_k != k or not set(old_mids) <= current or len(old_mids) < 2:
+        return None
+    if any(versions.get(mid, "") != version for mid, version in zip(old_mids, old_versions, strict=True)):
         return None
     new = sorted(current - set(old_mids))
     if not new:
@@ -276,17 +301,20 @@ def _incremental_top_k(latest: Path, mids: list[str], features: np.ndarray, k: i
     return order, indices, scores, f"incremental ({len(new)} new x {len(order)})"
 
 
-def _load_latest(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int] | None:
+def _load_latest(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, list[str]] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
-            return [str(m) for m in data["mids"]], data["indices"], data["scores"], int(data["k"])
+            return ([str(m) for m in data["mids"]], data["indices"], data["scores"], int(data["k"]),
+                    [str(v) for v in data["versions"]])
     except (OSError, KeyError, ValueError):
         return None
 
 
-def _save_latest(path: Path, mids: list[str], indices: np.ndarray, scores: np.ndarray, k: int) -> None:
-    """The newest top-k of this backbone, the base of the next incremental run (atomic)."""
-    files.save_npz(path, mids=np.array(mids), indices=indices, scores=scores, k=np.array(k))
+def _save_latest(path: Path, mids: list[str], indices: np.ndarray, scores: np.ndarray, k: int,
+                 versions: list[str]) -> None:
+    """The newest exact top-k of this backbone, the base of the next incremental run (atomic)."""
+    files.save_npz(path, mids=np.array(mids), indices=indices, scores=scores, k=np.array(k),
+                   versions=np.array(versions, dtype=str))
 
 
 def load_stage(settings: Settings, folder: Path, run_id: str, progress: Progress = log.info) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +62,15 @@ def test_vgg16_seed_shapes_and_determinism(tmp_path: Path) -> None:
     flatten._model.save_weights(str(path))
     from_file = VGG16Backbone(weights=str(path), pooling="flatten")
     np.testing.assert_allclose(from_file.embed(images), features, rtol=1e-5, atol=1e-5)
-    assert from_file.key == "vgg16-flatten-float32-file-vgg16_notop.weights"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert from_file.key == f"vgg16-flatten-float32-file-{digest}"  # named by content, not by file name
     pooled = VGG16Backbone(weights=str(path), pooling="avg").embed(images)
     assert pooled.shape == (3, 512)
     # avg pooling is the mean over the 7x7 positions of the same feature map
     np.testing.assert_allclose(pooled, features.reshape(3, 7, 7, 512).mean(axis=(1, 2)), rtol=1e-4, atol=1e-4)
+    other = VGG16Backbone(weights="random", pooling="flatten", seed=8)
+    other._model.save_weights(str(path))  # other weights under the same name: another key
+    assert VGG16Backbone(weights=str(path), pooling="flatten").key != from_file.key
 
 
 def test_vgg16_without_weights_offline_names_the_file(tmp_path: Path, monkeypatch) -> None:

@@ -36,6 +36,7 @@ models = Table(
     # ok | missing | failed; the reason says why when it is not ok
     Column("thumbnail_status", String(16)),
     Column("thumbnail_reason", Text),
+    Column("thumbnail_version", String(16)),  # content hash of the stored file: features are keyed by it
     Column("likes_complete", Boolean, nullable=False, default=False),
     Column("likes_reason", Text),  # why the likers are incomplete, when they are
     Column("crawled_at", DateTime(timezone=True)),

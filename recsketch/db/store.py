@@ -136,10 +136,12 @@ def read_likes(engine: Engine) -> list[tuple[str, str]]:
         return [tuple(r) for r in conn.execute(select(likes.c.mid, likes.c.uid))]
 
 
-def models_with_thumbnails(engine: Engine) -> list[str]:
+def models_with_thumbnails(engine: Engine) -> dict[str, str | None]:
+    """mid -> the stored thumbnail's version (None when an older release stored it)."""
     with engine.connect() as conn:
-        stmt = select(models.c.mid).where(models.c.thumbnail_status == "ok").order_by(models.c.mid)
-        return list(conn.execute(stmt).scalars())
+        stmt = (select(models.c.mid, models.c.thumbnail_version).where(models.c.thumbnail_status == "ok")
+                .order_by(models.c.mid))
+        return dict(conn.execute(stmt).tuples().all())
 
 
 def load_recommendations(

@@ -7,6 +7,8 @@ DAG file and the CLI stay fast to load.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import logging
 import os
@@ -64,6 +66,8 @@ class VGG16Backbone:
         import tensorflow as tf
 
         self.weights, self.pooling, self.precision = weights, pooling, precision
+        # named when loaded: the key describes the weights this instance holds, even if the file changes later
+        self._key = vgg16_key(weights, pooling, precision)
         self.dim = 7 * 7 * 512 if pooling == "flatten" else 512
         previous_policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
@@ -110,7 +114,7 @@ class VGG16Backbone:
 
     @property
     def key(self) -> str:
-        return vgg16_key(self.weights, self.pooling, self.precision)
+        return self._key
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self._forward(images).numpy()
@@ -160,8 +164,29 @@ def lite0_key(precision: str) -> str:
 
 
 def vgg16_key(weights: str, pooling: str, precision: str) -> str:
-    source = weights if weights in ("imagenet", "random") else f"file-{Path(weights).stem}"
+    """``imagenet`` is one file (Keras checks its hash when it fetches it); a weights file is
+    named by its content, so replacing the file under the same name makes a new key."""
+    source = weights if weights in ("imagenet", "random") else f"file-{weights_digest(Path(weights))}"
     return f"vgg16-{pooling}-{precision}-{source}"
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def weights_digest(path: Path) -> str:
+    """A weights file's content hash (cached per size and mtime); a missing file says so."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise WeightsUnavailable(f"VGG16 weights file {path} does not exist "
+                                 f"(expected Keras' {VGG16_NOTOP_FILE} or a saved .weights.h5)") from None
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def create_backbone(settings: Settings) -> Backbone:

@@ -4,6 +4,11 @@ A chunk file that exists and reads back intact is done; that is the whole checkp
 protocol, so a killed run resumes with only the unfinished chunks. Chunk ids are derived
 from the chunk's mids, and plans split the sorted missing mids at fixed boundaries, so a
 rerun plans the same chunks for the same missing mids.
+
+Each entry also records the version of the thumbnail it came from (a content hash): a model
+is done only for the version it was extracted from, so a changed thumbnail is extracted
+again, into a new chunk, and only the matching version's features are ever read. The empty
+version stands for "unversioned" (synthetic chunks) and matches only itself.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import re
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +37,19 @@ class Chunk:
     features: np.ndarray  # float32 [len(mids), dim]
     failed: dict[str, str] = field(default_factory=dict)  # mid -> reason
     backbone_key: str = ""
+    versions: dict[str, str] = field(default_factory=dict)  # mid -> its thumbnail's content hash
+
+    def entries(self) -> Iterable[tuple[str, str]]:
+        """(mid, thumbnail version) of every model this chunk settled, with features or failed."""
+        for mid in [*self.mids, *self.failed]:
+            yield mid, self.versions.get(mid, "")
+
+
+Wanted = Mapping[str, str] | Iterable[str]  # mid -> thumbnail version, or mids (unversioned)
+
+
+def _versions(wanted: Wanted) -> dict[str, str]:
+    return dict(wanted) if isinstance(wanted, Mapping) else dict.fromkeys(wanted, "")
 
 
 def _checksum(mids: Sequence[str], features: np.ndarray) -> str:
@@ -40,8 +58,11 @@ def _checksum(mids: Sequence[str], features: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def chunk_id_for(mids: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(mids).encode()).hexdigest()[:16]
+def chunk_id_for(mids: Sequence[str], versions: Mapping[str, str] | None = None) -> str:
+    """Derived from the mids and, when known, their thumbnail versions (a changed thumbnail
+    makes a new chunk, never a clash with the old one)."""
+    names = [f"{m}@{versions[m]}" if versions and versions.get(m) else m for m in mids]
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
 
 
 class ChunkStore:
@@ -69,6 +90,7 @@ class ChunkStore:
             sha256=np.array(_checksum(chunk.mids, features)),
             failed_mids=np.array([m for m, _ in failed], dtype=str),
             failed_reasons=np.array([r for _, r in failed], dtype=str),
+            versions=np.array([chunk.versions.get(m, "") for m in [*chunk.mids, *(m for m, _ in failed)]], dtype=str),
             backbone_key=np.array(self.backbone_key),
         )
         return final
@@ -84,6 +106,9 @@ class ChunkStore:
                 failed = dict(zip((str(m) for m in data["failed_mids"]),
                                   (str(r) for r in data["failed_reasons"]), strict=True))
                 checksum = str(data["sha256"])
+                settled = [*mids, *failed]
+                versions = dict(zip(settled, (str(v) for v in data["versions"]), strict=True)) \
+                    if "versions" in data.files else {}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
@@ -97,7 +122,7 @@ class ChunkStore:
             log.warning("chunk %s does not match backbone %s; it will be extracted again",
                         path, self.backbone_key)
             return None
-        return Chunk(chunk_id, mids, features, failed, key)
+        return Chunk(chunk_id, mids, features, failed, key, {m: v for m, v in versions.items() if v})
 
     def chunk_ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -110,26 +135,28 @@ class ChunkStore:
             if chunk is not None:
                 yield chunk
 
-    def done_mids(self) -> set[str]:
-        """Mids with features or a recorded failure in an intact chunk."""
-        done: set[str] = set()
+    def done(self) -> set[tuple[str, str]]:
+        """(mid, thumbnail version) settled by an intact chunk, with features or a recorded failure."""
+        done: set[tuple[str, str]] = set()
         for chunk in self.chunks():
-            done.update(chunk.mids)
-            done.update(chunk.failed)
+            done.update(chunk.entries())
         return done
 
-    def plan(self, mids: Iterable[str], chunk_size: int) -> dict[str, list[str]]:
-        """Chunks (id -> mids) covering the given mids that no intact chunk holds yet."""
-        missing = sorted(set(mids) - self.done_mids())
+    def plan(self, wanted: Wanted, chunk_size: int) -> dict[str, list[str]]:
+        """Chunks (id -> mids) covering the wanted mids whose version no intact chunk holds yet."""
+        versions = _versions(wanted)
+        done = self.done()
+        missing = sorted(mid for mid, version in versions.items() if (mid, version) not in done)
         plan: dict[str, list[str]] = {}
         for start in range(0, len(missing), chunk_size):
             part = missing[start : start + chunk_size]
-            plan[chunk_id_for(part)] = part
+            plan[chunk_id_for(part, versions)] = part
         return plan
 
-    def load_features(self, mids: Iterable[str]) -> tuple[list[str], np.ndarray, dict[str, str]]:
-        """Features of the wanted mids (sorted), and the failures recorded for them."""
-        wanted = set(mids)
+    def load_features(self, wanted_mids: Wanted) -> tuple[list[str], np.ndarray, dict[str, str]]:
+        """Features of the wanted mids (sorted) at their wanted thumbnail version, and the
+        failures recorded for them; entries of another version are never read."""
+        wanted = _versions(wanted_mids)
         rows: dict[str, np.ndarray] = {}
         failed: dict[str, str] = {}
         dim = None
@@ -139,9 +166,10 @@ class ChunkStore:
                                     f"other chunks of {self.backbone_key} {dim}-d: move it away and extract it again")
             dim = chunk.features.shape[1]
             for index, mid in enumerate(chunk.mids):
-                if mid in wanted:
+                if mid in wanted and chunk.versions.get(mid, "") == wanted[mid]:
                     rows[mid] = chunk.features[index]
-            failed.update({m: r for m, r in chunk.failed.items() if m in wanted})
+            failed.update({m: r for m, r in chunk.failed.items()
+                           if m in wanted and chunk.versions.get(m, "") == wanted[m]})
         order = sorted(rows)
         matrix = np.stack([rows[m] for m in order]) if order else np.zeros((0, dim or 0), np.float32)
         return order, matrix.astype(np.float32, copy=False), failed

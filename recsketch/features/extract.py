@@ -14,7 +14,7 @@ import numpy as np
 from recsketch.errors import BadImageError
 from recsketch.features.backbones import Backbone
 from recsketch.features.chunks import Chunk, ChunkStore
-from recsketch.features.images import load_image
+from recsketch.features.images import decode_image, thumbnail_version
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,26 @@ class ChunkReport:
 
 
 def _decode_batch(paths: Sequence[tuple[str, Path]], size: int,
-                  preprocess: str) -> tuple[list[str], np.ndarray, dict[str, str]]:
+                  preprocess: str) -> tuple[list[str], np.ndarray, dict[str, str], dict[str, str]]:
+    """Decode a batch: (mids, images, failures, thumbnail versions of the bytes actually read)."""
     mids: list[str] = []
     images: list[np.ndarray] = []
     failed: dict[str, str] = {}
+    versions: dict[str, str] = {}
     for mid, path in paths:
         try:
-            images.append(load_image(path, size, preprocess))
+            data = path.read_bytes()
+        except FileNotFoundError:
+            failed[mid] = f"{path}: thumbnail file is missing"
+            continue
+        versions[mid] = thumbnail_version(data)
+        try:
+            images.append(decode_image(data, size, str(path), preprocess))
             mids.append(mid)
         except BadImageError as exc:
             failed[mid] = str(exc)
     batch = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return mids, batch, failed
+    return mids, batch, failed, versions
 
 
 def extract_chunk(
@@ -71,12 +79,14 @@ def extract_chunk(
     done_mids: list[str] = []
     parts: list[np.ndarray] = []
     failed: dict[str, str] = {}
+    versions: dict[str, str] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
         pending: Future | None = (decoder.submit(_decode_batch, batches[0], backbone.input_size, preprocess)
                                   if batches else None)
         for index in range(len(batches)):
             assert pending is not None
-            batch_mids, images, batch_failed = pending.result()
+            batch_mids, images, batch_failed, batch_versions = pending.result()
+            versions.update(batch_versions)
             pending = (decoder.submit(_decode_batch, batches[index + 1], backbone.input_size, preprocess)
                        if index + 1 < len(batches) else None)
             for mid, reason in batch_failed.items():
@@ -91,7 +101,7 @@ def extract_chunk(
             eta = (len(mids) - seen) / rate if rate else 0.0
             progress(f"chunk {chunk_id}: {seen}/{len(mids)} images, {rate:.1f} img/s, ETA {eta:.0f}s")
     features = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
-    store.write(Chunk(chunk_id, done_mids, features, failed, store.backbone_key))
+    store.write(Chunk(chunk_id, done_mids, features, failed, store.backbone_key, versions))
     seconds = time.monotonic() - started
     progress(f"chunk {chunk_id}: wrote {len(done_mids)} features, {len(failed)} quarantined, "
              f"{len(mids) / seconds:.1f} img/s")

@@ -6,6 +6,7 @@ image and go on with the rest of the chunk.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -82,6 +83,11 @@ def decode_image(data: bytes, size: int, source: str = "image", preprocess: str 
     if resized != (size, size):
         image = image.crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8)
+
+
+def thumbnail_version(data: bytes) -> str:
+    """A thumbnail's content hash: features are keyed by it, so a changed image is re-extracted."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def load_image(path: Path, size: int, preprocess: str = "crop") -> np.ndarray:
