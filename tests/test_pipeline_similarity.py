@@ -90,3 +90,67 @@ def test_pca_option_reports_recall_and_every_shard_uses_one_projection(tmp_path:
     second, _ = one_chunk_run(settings, "pca-2", seed=8)
     again = similarity_stage(settings, second)  # no incremental shortcut with PCA
     assert again["mode"].startswith("full")
+
+
+def test_a_pca_run_never_serves_a_later_exact_run(tmp_path: Path) -> None:
+    """RECSKETCH_PCA_DIM=3, then an exact run over the same models: the exact run computes the
+    exact result (as a fresh exact run does), never reusing the PCA neighbours."""
+    from recsketch.pipeline import similarity_stage
+
+    pca = Settings(data_dir=tmp_path, top_k=4, pca_dim=3)
+    folder, features = one_chunk_run(pca, "pca", seed=11)
+    similarity_stage(pca, folder)
+    exact = Settings(data_dir=tmp_path, top_k=4)
+    after, _ = one_chunk_run(exact, "exact", seed=11)
+    summary = similarity_stage(exact, after)
+    assert summary["mode"] == "full"  # not "unchanged (reused)"
+    fresh, _ = one_chunk_run(Settings(data_dir=tmp_path / "fresh", top_k=4), "fresh", seed=11)
+    similarity_stage(Settings(data_dir=tmp_path / "fresh", top_k=4), fresh)
+    with np.load(after / TOPK_FILE) as got, np.load(fresh / TOPK_FILE) as expected:
+        assert (got["indices"] == expected["indices"]).all() and (got["indices"] == top_k_cosine(features, 4)[0]).all()
+
+
+def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: Path) -> None:
+    """Features are keyed by each thumbnail's content: after one model's image changes, the
+    next plan holds that model alone, the other chunks stay as they are, and similarity uses
+    the new features (a full run, since an old model's features moved)."""
+    from PIL import Image
+
+    from recsketch.crawl import thumbnail_path
+    from recsketch.features.images import thumbnail_version
+    from recsketch.pipeline import PLAN_FILE, extract_stage, plan_stage
+
+    settings = Settings(data_dir=tmp_path, top_k=3, chunk_size=4)
+    mids = [f"{i:032x}" for i in range(10)]
+    colours = {mid: (25 * i, 255 - 25 * i, (97 * i) % 256) for i, mid in enumerate(mids)}
+    for mid, colour in colours.items():
+        thumbnail_path(settings, mid).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), colour).save(thumbnail_path(settings, mid))
+
+    def run(run_id: str) -> tuple[Path, list[str]]:
+        folder = run_dir(settings, run_id)
+        versions = {m: thumbnail_version(thumbnail_path(settings, m).read_bytes()) for m in mids}
+        (folder / "valid_models.json").write_text(json.dumps(versions))
+        chunk_ids = plan_stage(settings, folder)
+        for chunk_id in chunk_ids:
+            extract_stage(settings, folder, chunk_id)
+        return folder, chunk_ids
+
+    first, first_chunks = run("r1")
+    assert len(first_chunks) == 3
+    similarity_stage(settings, first)
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    before = {p.name: p.stat().st_mtime_ns for p in store.root.glob("chunk-*.npz")}
+    _, old = store.load_features(json.loads((first / "valid_models.json").read_text()))[:2]
+
+    changed = mids[4]
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(thumbnail_path(settings, changed))
+    second, second_chunks = run("r2")
+    plan = json.loads((second / PLAN_FILE).read_text())["chunks"]
+    assert list(plan.values()) == [[changed]]  # only that model, in a chunk of its own
+    assert {p.name: p.stat().st_mtime_ns for p in store.root.glob("chunk-*.npz") if p.name in before} == before
+    order, new = store.load_features(json.loads((second / "valid_models.json").read_text()))[:2]
+    row = order.index(changed)
+    assert not np.allclose(new[row], old[row])  # the new image's features are the ones read
+    assert np.allclose(np.delete(new, row, axis=0), np.delete(old, row, axis=0))
+    assert similarity_stage(settings, second)["mode"] == "full"
