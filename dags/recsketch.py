@@ -38,12 +38,17 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=10),
 }
 
+# No Param has a value of its own: an unset one leaves the setting to the Connections, then the
+# environment (RECSKETCH_*), then the library's default. Run conf beats them all.
 PARAMS = {
-    "backbone": Param("efficientnet_lite0", enum=["efficientnet_lite0", "vgg16"],
-                      description="feature backbone"),
-    "top_k": Param(10, type="integer", minimum=1, maximum=1000, description="recommendations per model"),
-    "min_likes": Param(5, type="integer", minimum=0, description="like threshold for users and models"),
-    "chunk_size": Param(256, type="integer", minimum=1, maximum=100_000, description="models per chunk"),
+    "backbone": Param(None, type=["null", "string"], enum=[None, "efficientnet_lite0", "vgg16"],
+                      description="feature backbone (unset: RECSKETCH_BACKBONE, else efficientnet_lite0)"),
+    "top_k": Param(None, type=["null", "integer"], minimum=1, maximum=1000,
+                   description="recommendations per model (unset: RECSKETCH_TOP_K, else 10)"),
+    "min_likes": Param(None, type=["null", "integer"], minimum=0,
+                       description="like threshold for users and models (unset: RECSKETCH_MIN_LIKES, else 5)"),
+    "chunk_size": Param(None, type=["null", "integer"], minimum=1, maximum=100_000,
+                        description="models per chunk (unset: RECSKETCH_CHUNK_SIZE, else 256)"),
 }
 
 

@@ -39,6 +39,25 @@ def _float(env: dict[str, str], name: str) -> float | None:
     return _number(env, name, float, None, 0)
 
 
+SUPPORTED_DATABASES = ("postgresql", "sqlite")
+
+
+def check_database_url(url: str) -> None:
+    """Only PostgreSQL and SQLite can hold the recommendations (COPY and the atomic swap, or
+    SQLite's one transaction); anything else is refused at start, naming the setting."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ConfigError("the recommendations DB URL (RECSKETCH_DATABASE_URL or the recsketch_db connection) "
+                          "is not a SQLAlchemy URL") from None
+    if backend not in SUPPORTED_DATABASES:
+        raise ConfigError(f"the recommendations DB is {backend!r} (RECSKETCH_DATABASE_URL or the recsketch_db "
+                          f"connection): only {' and '.join(SUPPORTED_DATABASES)} are supported")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a stage needs to know about where things live and how to run."""
@@ -88,6 +107,8 @@ class Settings:
         if self.preprocess not in PREPROCESSING:
             raise ConfigError(f"preprocess {self.preprocess!r} must be one of {', '.join(PREPROCESSING)} "
                               "(RECSKETCH_PREPROCESS)")
+        if self.database_url:
+            check_database_url(self.database_url)
         if self.min_likes < 0:
             raise ConfigError(f"min_likes={self.min_likes} must be at least 0")
 

@@ -24,8 +24,8 @@ SKETCHFAB_CONN_ID = "sketchfab_default"
 RECSKETCH_DB_CONN_ID = "recsketch_db"
 
 # Airflow connection types -> SQLAlchemy drivers
-_DRIVERS = {"postgres": "postgresql+psycopg2", "postgresql": "postgresql+psycopg2", "sqlite": "sqlite",
-            "mysql": "mysql+pymysql"}
+# the recommendations store writes PostgreSQL (COPY, the atomic swap) or SQLite, nothing else
+_DRIVERS = {"postgres": "postgresql+psycopg2", "postgresql": "postgresql+psycopg2", "sqlite": "sqlite"}
 
 
 class _OptionalConnectionHook(BaseHook):

@@ -26,6 +26,10 @@ def test_defaults_follow_design_section_5() -> None:
     ({"RECSKETCH_RATE_LIMIT": "-2"}, r"RECSKETCH_RATE_LIMIT=-2.0 must be at least 0"),
     ({"RECSKETCH_BACKBONE": "resnet"}, r"backbone 'resnet' is not one of efficientnet_lite0, vgg16"),
     ({"RECSKETCH_VGG16_PRECISION": "fp8"}, r"vgg16 precision 'fp8'"),
+    ({"RECSKETCH_PREPROCESS": "squash"}, r"preprocess 'squash' must be one of crop, seed"),
+    ({"RECSKETCH_LIKES_MAX_AGE_DAYS": "-1"}, r"RECSKETCH_LIKES_MAX_AGE_DAYS=-1.0 must be at least 0"),
+    ({"RECSKETCH_DATABASE_URL": "mysql+pymysql://u@db/recs"}, r"is 'mysql' .*only postgresql and sqlite"),
+    ({"RECSKETCH_DATABASE_URL": "not a url"}, r"RECSKETCH_DATABASE_URL .* is not a SQLAlchemy URL"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -57,6 +57,7 @@ def test_params_are_validated() -> None:
 
     dag = DagBag(str(DAG_FILE.parent)).dags["recsketch_recommendations"]
     ParamsDict(dag.params).update({"top_k": 3, "backbone": "vgg16", "chunk_size": 8, "min_likes": 0})
+    ParamsDict(dag.params).update({"top_k": None, "backbone": None})  # unset: the environment decides
     for bad in ({"top_k": 0}, {"backbone": "resnet"}, {"chunk_size": "many"}, {"min_likes": -1}):
         with pytest.raises(ParamValidationError, match=f"param {next(iter(bad))}"):
             ParamsDict(dag.params).update(bad)
@@ -126,6 +127,15 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     assert second.state == "success"
     assert {p: p.stat().st_mtime_ns for p in chunk_files} == mtimes
     assert store.live_run(engine)["run_id"] == second.run_id
+
+    # a value set in the environment beats the Params (which set nothing), and run conf beats it;
+    # a freshly parsed DAG each time, as the scheduler has (dag.test() keeps a run's conf in dag.params)
+    monkeypatch.setenv("RECSKETCH_TOP_K", "3")
+    from_env = DagBag(str(DAG_FILE.parent)).dags["recsketch_recommendations"].test()
+    assert from_env.state == "success" and store.live_run(engine)["top_k"] == 3
+    assert len(store.similar(engine, next(iter(demo_groups)))) == 3
+    from_conf = DagBag(str(DAG_FILE.parent)).dags["recsketch_recommendations"].test(run_conf={"top_k": 4})
+    assert from_conf.state == "success" and store.live_run(engine)["top_k"] == 4
 
 
 @pytest.mark.usefixtures("airflow_db")

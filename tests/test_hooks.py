@@ -37,6 +37,16 @@ def test_connections_win_over_the_environment(monkeypatch) -> None:
     assert "conn-token" not in repr(settings)
 
 
+def test_a_mysql_connection_is_refused_at_start(monkeypatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_RECSKETCH_DB", "mysql://u:p@db.internal:3306/recsketch")
+    with pytest.raises(ConfigError, match="type 'mysql' is not one of postgres, postgresql, sqlite"):
+        airflow_settings()
+    monkeypatch.setenv("AIRFLOW_CONN_RECSKETCH_DB", json.dumps(
+        {"conn_type": "postgres", "extra": {"sqlalchemy_url": "mysql+pymysql://u@db/recs"}}))
+    with pytest.raises(ConfigError, match=r"recsketch_db connection.*only postgresql and sqlite"):
+        airflow_settings()
+
+
 def test_the_compose_files_connections_parse(monkeypatch) -> None:
     """The stack's AIRFLOW_CONN_* values, with its variables filled in, give the right settings."""
     env = yaml.safe_load(COMPOSE.read_text())["x-airflow-common"]["environment"]

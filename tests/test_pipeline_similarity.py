@@ -145,7 +145,7 @@ def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: 
 
     changed = mids[4]
     Image.new("RGB", (64, 64), (0, 0, 255)).save(thumbnail_path(settings, changed))
-    second, second_chunks = run("r2")
+    second, _ = run("r2")
     plan = json.loads((second / PLAN_FILE).read_text())["chunks"]
     assert list(plan.values()) == [[changed]]  # only that model, in a chunk of its own
     assert {p.name: p.stat().st_mtime_ns for p in store.root.glob("chunk-*.npz") if p.name in before} == before
