@@ -55,6 +55,7 @@ airflow: venv
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # the long fault suite (~40 min): 20 seeded SIGKILLs per stage, PostgreSQL stopped and
@@ -74,6 +75,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(DEMO_DIR) .airflow .pytest_cache

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from recsketch.config import BACKBONES, Settings
+from recsketch.contracts import ChunkPlan
 from recsketch.errors import ConfigError, InvalidModelId, RecsketchError, UnknownModel
 
 log = logging.getLogger("recsketch")
@@ -180,7 +181,7 @@ def _stage(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "plan":
         result = pipeline.plan_stage(settings, folder)
     elif args.command == "extract":
-        chunk_ids = args.chunk or json.loads((folder / pipeline.PLAN_FILE).read_text())["chunks"]
+        chunk_ids = args.chunk or list(ChunkPlan.read(folder).chunks)
         result = [pipeline.extract_stage(settings, folder, c) for c in sorted(chunk_ids)]
     elif args.command == "similarity":
         result = pipeline.similarity_stage(settings, folder)

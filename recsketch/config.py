@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from recsketch.errors import ConfigError
 
@@ -145,7 +146,7 @@ class Settings:
             preprocess=env.get("RECSKETCH_PREPROCESS") or "crop",
         )
 
-    def with_overrides(self, **overrides: object) -> Settings:
+    def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; ``None`` values are ignored."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 

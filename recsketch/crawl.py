@@ -379,7 +379,7 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
                 log.warning(message)
         rows.append(row)
     store.upsert_models(engine, rows)
-    likers = {result["mid"]: set(result["likers"]) for result in results if "likers" in result}
+    likers: dict[str, set[str]] = {result["mid"]: set(result["likers"]) for result in results if "likers" in result}
     before = store.likers_of(engine, likers)
     stats.likes_changed += sum(before.get(mid, set()) != uids or stored.get(mid) is None
                                for mid, uids in likers.items())

@@ -48,7 +48,7 @@ def variant(image: Image.Image, kind: str, rng: random.Random) -> Image.Image:
     elif kind == "recolour":
         image = ImageEnhance.Color(image).enhance(rng.uniform(0.4, 0.7))
         image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
-    return ImageOps.fit(image, (200, 200), Image.BICUBIC)
+    return ImageOps.fit(image, (200, 200), Image.Resampling.BICUBIC)
 
 
 def build_demo_catalog(folder: Path, photos: tuple[str, ...] = PHOTOS, seed: int = 0,

@@ -79,7 +79,7 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def save_npz(path: Path, *, fsync: bool = False, **arrays: np.ndarray) -> None:
     with atomic_write(path, fsync=fsync) as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, allow_pickle=False, **arrays)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

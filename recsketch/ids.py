@@ -17,7 +17,7 @@ def is_model_id(value: object) -> bool:
 
 def validate_model_id(value: object, *, source: str = "model id") -> str:
     """Return ``value`` if it is a model id, else raise naming where it came from."""
-    if not is_model_id(value):
+    if not isinstance(value, str) or not is_model_id(value):
         raise InvalidModelId(f"{source}: {value!r} is not a Sketchfab model id "
                              "(32 lowercase hex characters or a legacy 26-27 character id)")
-    return value  # type: ignore[return-value]
+    return value

@@ -1,13 +1,13 @@
 """The pipeline's stages as plain functions: the CLI and the Airflow DAG both call these.
 
-Stages hand over through the catalogue DB and files in the run's folder
-(``<data dir>/runs/<run id>/``), so each stage can run in its own process or worker and be
-retried alone. Every stage is idempotent: rerunning it gives the same result.
+Stages hand over through the catalogue DB and the typed objects of ``recsketch.contracts``
+(files in the run's folder, ``<data dir>/runs/<run id>/``), so each stage can run in its own
+process or worker and be retried alone. Every stage is idempotent: rerunning it gives the
+same result.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -19,6 +19,18 @@ import numpy as np
 
 from recsketch import files
 from recsketch.config import INPUT_SIZE, Settings
+from recsketch.contracts import (
+    PLAN_FILE,
+    REDUCED_FEATURES_FILE,
+    ChunkPlan,
+    SimilarityPlan,
+    TopK,
+    TopKStore,
+    ValidModels,
+    clear_shards,
+    read_shards,
+    write_shard,
+)
 from recsketch.crawl import crawl, thumbnail_path
 from recsketch.db import store
 from recsketch.errors import RecsketchError
@@ -34,15 +46,6 @@ from recsketch.sketchfab.client import SketchfabClient
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
-VALID_MODELS_FILE = "valid_models.json"
-PLAN_FILE = "chunk_plan.json"
-TOPK_FILE = "topk.npz"
-LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
-SIMILARITY_PLAN_FILE = "similarity_plan.json"
-SHARD_PREFIX = "similarity-shard-"
-REDUCED_FEATURES_FILE = "similarity_features.npy"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
-
-
 def new_run_id() -> str:
     return "manual__" + datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
@@ -53,17 +56,6 @@ def run_dir(settings: Settings, run_id: str) -> Path:
     path = settings.run_dir(safe)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _write_json(path: Path, payload: object) -> None:
-    files.write_text(path, json.dumps(payload, indent=1, default=str))
-
-
-def _read_json(path: Path, stage: str) -> object:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecsketchError(f"{path} is missing: run the {stage} stage first") from None
 
 
 def _sweep(progress: Progress, *folders: Path) -> None:
@@ -115,8 +107,7 @@ def threshold_stage(settings: Settings, folder: Path, progress: Progress = log.i
             f"only {len(valid)} of {len(with_thumbnail)} models with a thumbnail have >= {settings.min_likes} "
             "likes from users with as many: nothing to recommend. Lower the threshold with --min-likes "
             "(RECSKETCH_MIN_LIKES; 0 keeps every model)")
-    _write_json(folder / VALID_MODELS_FILE, {mid: with_thumbnail[mid] or _file_version(settings, mid)
-                                             for mid in valid})
+    ValidModels({mid: with_thumbnail[mid] or _file_version(settings, mid) for mid in valid}).write(folder)
     return {"valid_models": len(valid), "with_thumbnail": len(with_thumbnail)}
 
 
@@ -130,45 +121,38 @@ def _file_version(settings: Settings, mid: str) -> str:
 
 def plan_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
     """Split the valid models that have no features yet into chunks; returns the chunk ids."""
-    valid = _valid_models(folder)
+    valid = ValidModels.read(folder)
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    plan = chunk_store.plan(valid, settings.chunk_size)
-    _write_json(folder / PLAN_FILE, {"backbone_key": chunk_store.backbone_key, "chunks": plan})
-    todo = sum(len(m) for m in plan.values())
-    progress(f"plan: {len(valid)} valid models, {todo} need features, {len(plan)} chunks "
+    plan = ChunkPlan(chunk_store.backbone_key, chunk_store.plan(valid.versions, settings.chunk_size))
+    plan.write(folder)
+    todo = sum(len(m) for m in plan.chunks.values())
+    progress(f"plan: {len(valid)} valid models, {todo} need features, {len(plan.chunks)} chunks "
              f"of up to {settings.chunk_size} for {chunk_store.backbone_key}")
-    return sorted(plan)
+    return sorted(plan.chunks)
 
 
 def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Progress = log.info) -> dict:
     """Extract one planned chunk (a no-op if the chunk is already written)."""
-    plan = _read_json(folder / PLAN_FILE, "plan")
-    chunks = plan["chunks"]  # type: ignore[index]
-    if chunk_id not in chunks:
+    plan = ChunkPlan.read(folder)
+    if chunk_id not in plan.chunks:
         raise RecsketchError(f"chunk {chunk_id!r} is not in the plan {folder / PLAN_FILE}")
-    chunk_store = ChunkStore(settings.features_dir, plan["backbone_key"])  # type: ignore[index]
+    chunk_store = ChunkStore(settings.features_dir, plan.backbone_key)
     _sweep(progress, chunk_store.root)
     if chunk_store.read(chunk_id) is not None:
         progress(f"chunk {chunk_id}: already extracted, skipping")
         return {"chunk_id": chunk_id, "skipped": True}
     backbone = create_backbone(settings)
-    report = extract_chunk(chunk_store, backbone, chunk_id, chunks[chunk_id],
+    report = extract_chunk(chunk_store, backbone, chunk_id, plan.chunks[chunk_id],
                            lambda mid: thumbnail_path(settings, mid), settings.batch_size or backbone.batch_size,
                            progress, settings.preprocess)
     return {"chunk_id": chunk_id, "images": report.images, "failed": report.failed,
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 
 
-def _valid_models(folder: Path) -> dict[str, str]:
-    """The threshold's models with their thumbnail versions (a plain list: unversioned)."""
-    valid = _read_json(folder / VALID_MODELS_FILE, "threshold")
-    return dict(valid) if isinstance(valid, dict) else dict.fromkeys(valid, "")  # type: ignore[call-overload]
-
-
-def _valid_features(settings: Settings, folder: Path, progress: Progress) -> tuple[ChunkStore, list[str], np.ndarray]:
-    valid = _valid_models(folder)
+def _valid_features(settings: Settings, valid: ValidModels,
+                    progress: Progress) -> tuple[ChunkStore, list[str], np.ndarray]:
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    mids, features, failed = chunk_store.load_features(valid)
+    mids, features, failed = chunk_store.load_features(valid.versions)
     missing = len(valid) - len(mids) - len(failed)
     if missing:
         raise RecsketchError(f"{missing} valid models have no features yet: run the extract stage")
@@ -181,30 +165,29 @@ def _valid_features(settings: Settings, folder: Path, progress: Progress) -> tup
 
 def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
     """Incremental or unchanged: computed here, no shards. Full: the row-block shards to map."""
-    chunk_store, mids, features = _valid_features(settings, folder, progress)
+    valid = ValidModels.read(folder)
+    chunk_store, mids, features = _valid_features(settings, valid, progress)
     _sweep(progress, chunk_store.root, folder)
-    latest = chunk_store.root / LATEST_TOPK_FILE
-    for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
-        stale.unlink()
-    versions = _valid_models(folder)
-    increment = None if settings.pca_dim else _incremental_top_k(latest, mids, features, settings.top_k, versions)
+    clear_shards(folder)
+    increment = None if settings.pca_dim else _incremental_top_k(chunk_store, mids, features, settings.top_k,
+                                                                 valid.versions)
     if increment is not None:
-        order, indices, scores, mode = increment
-        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k, versions)
-        _write_json(folder / SIMILARITY_PLAN_FILE, {"mode": mode, "mids": None})
-        progress(f"similarity: top-{indices.shape[1]} for {len(order)} models, {mode}")
+        topk, mode = increment
+        _finish_similarity(chunk_store, folder, topk, exact=True)
+        SimilarityPlan(mode).write(folder)
+        progress(f"similarity: top-{topk.k} for {len(topk.mids)} models, {mode}")
         return []
-    plan: dict = {"mode": "full", "mids": mids}
+    plan = SimilarityPlan("full", mids)
     if settings.pca_dim:  # one projection for every shard: computed here, stored with the run
         reduced = reduce_dimensions(features, settings.pca_dim)
         sample = (0, min(len(mids), 500))
         recall = recall_at_k(top_k_cosine(features, settings.top_k, rows=sample)[0],
                              top_k_cosine(reduced, settings.top_k, rows=sample)[0])
         files.save_npy(folder / REDUCED_FEATURES_FILE, reduced)
-        plan.update(mode=f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", recall_at_k=round(recall, 4))
+        plan = SimilarityPlan(f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", mids, round(recall, 4))
         progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
                  f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
-    _write_json(folder / SIMILARITY_PLAN_FILE, plan)
+    plan.write(folder)
     step = settings.similarity_shard_rows
     shards = [f"{first}-{min(len(mids), first + step)}" for first in range(0, len(mids), step)]
     progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
@@ -215,50 +198,45 @@ def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress =
 def similarity_shard_stage(settings: Settings, folder: Path, shard: str, progress: Progress = log.info) -> dict:
     """One row block of the full top-k: rows first..last against every model."""
     first, last = (int(part) for part in shard.split("-"))
-    plan = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
-    order = plan["mids"]  # type: ignore[index]
-    if "recall_at_k" in plan:  # type: ignore[operator]  # PCA: the plan's snapshot is self-contained
+    plan = SimilarityPlan.read(folder)
+    order = plan.ordered_mids()
+    if plan.reduced:  # PCA: the plan's snapshot is self-contained
         features = np.load(folder / REDUCED_FEATURES_FILE)
     else:
-        _, mids, features = _valid_features(settings, folder, lambda _: None)  # the plan task said it all
+        _, mids, features = _valid_features(settings, ValidModels.read(folder), lambda _: None)
         if mids != order:
             raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
     started = time.monotonic()
     features = normalise(features, copy=False)  # a fresh matrix: no need for a second one
     indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last), normalised=True)
-    files.save_npz(folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz", indices=indices, scores=scores)
-    progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "  # type: ignore[arg-type]
+    write_shard(folder, first, last, indices, scores)
+    progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s")
     return {"shard": shard, "rows": last - first}
 
 
 def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
     """Join the shards (if the run was full) into the run's top-k and the backbone's latest."""
-    shards = sorted(folder.glob(f"{SHARD_PREFIX}*.npz"))
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    plan = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
-    mode = plan["mode"]  # type: ignore[index]
-    if mode.startswith("full"):
-        order = plan["mids"]  # type: ignore[index]
+    plan = SimilarityPlan.read(folder)
+    shards = 0
+    if plan.sharded:
+        order = plan.ordered_mids()
+        shards, indices, scores = read_shards(folder)
         if not shards:
             raise RecsketchError(f"no similarity shard results in {folder}: run the similarity shards first")
-        index_parts, score_parts = [], []
-        for path in shards:
-            with np.load(path) as part:
-                index_parts.append(part["indices"])
-                score_parts.append(part["scores"])
-        indices, scores = np.concatenate(index_parts), np.concatenate(score_parts)
-        if len(indices) != len(order):  # type: ignore[arg-type]
-            raise RecsketchError(f"{len(shards)} shards cover {len(indices)} of {len(order)} rows: "  # type: ignore[arg-type]
+        if len(indices) != len(order):
+            raise RecsketchError(f"{shards} shards cover {len(indices)} of {len(order)} rows: "
                                  "a shard is missing, run the similarity shards again")
-        _finish_similarity(chunk_store, folder, order, indices, scores, settings.top_k,  # type: ignore[arg-type]
-                           None if "recall_at_k" in plan else _valid_models(folder))  # type: ignore[operator]
-    with np.load(folder / TOPK_FILE) as data:
-        n, k = data["indices"].shape
-    progress(f"similarity: top-{k} for {n} models ready ({mode}{f', {len(shards)} shards' if shards else ''})")
-    summary = {"models": int(n), "k": int(k), "mode": mode, "shards": len(shards)}
-    if "recall_at_k" in plan:  # type: ignore[operator]
-        summary["recall_at_k"] = plan["recall_at_k"]  # type: ignore[index]
+        versions = ValidModels.read(folder).versions
+        topk = TopK(order, indices, scores, chunk_store.backbone_key, [versions.get(m, "") for m in order])
+        _finish_similarity(chunk_store, folder, topk, exact=not plan.reduced)
+    result = TopKStore.for_run(folder).require("similarity")
+    n, k = len(result.mids), result.k
+    progress(f"similarity: top-{k} for {n} models ready ({plan.mode}{f', {shards} shards' if shards else ''})")
+    summary: dict[str, object] = {"models": n, "k": k, "mode": plan.mode, "shards": shards}
+    if plan.recall_at_k is not None:
+        summary["recall_at_k"] = plan.recall_at_k
     return summary
 
 
@@ -269,69 +247,45 @@ def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.
     return merge_similarity_stage(settings, folder, progress)
 
 
-def _finish_similarity(chunk_store: ChunkStore, folder: Path, mids: list[str], indices: np.ndarray,
-                       scores: np.ndarray, k: int, versions: dict[str, str] | None) -> None:
-    """The run's top-k; and, for exact runs (``versions`` given), the backbone's latest, the
-    base of the next incremental run. A PCA result never becomes that base."""
-    files.save_npz(folder / TOPK_FILE, mids=np.array(mids), indices=indices, scores=scores,
-                   backbone=np.array(chunk_store.backbone_key))
-    if versions is not None:
-        _save_latest(chunk_store.root / LATEST_TOPK_FILE, mids, indices, scores, k, [versions[m] for m in mids])
+def _finish_similarity(chunk_store: ChunkStore, folder: Path, topk: TopK, exact: bool) -> None:
+    """The run's top-k; and, for exact runs, the backbone's latest, the base of the next
+    incremental run. A PCA result never becomes that base."""
+    TopKStore.for_run(folder).write(topk)
+    if exact:
+        TopKStore.latest(chunk_store.root).write(topk)
 
 
-def _incremental_top_k(latest: Path, mids: list[str], features: np.ndarray, k: int, versions: dict[str, str]
-                       ) -> tuple[list[str], np.ndarray, np.ndarray, str] | None:
+def _incremental_top_k(chunk_store: ChunkStore, mids: list[str], features: np.ndarray, k: int,
+                       versions: dict[str, str]) -> tuple[TopK, str] | None:
     """New×all merged into the backbone's last exact result when that one still holds (same k,
     no model gone, every old model's thumbnail unchanged), else None."""
-    previous = _load_latest(latest)
-    if previous is None:
+    previous = TopKStore.latest(chunk_store.root).read()
+    if previous is None or previous.backbone_key != chunk_store.backbone_key:
         return None
-    old_mids, old_indices, old_scores, old_k, old_versions = previous
     current = set(mids)
-    if old_k != k or not set(old_mids) <= current or len(old_mids) < 2:
+    if previous.k != k or not set(previous.mids) <= current or len(previous.mids) < 2:
         return None
-    if any(versions.get(mid, "") != version for mid, version in zip(old_mids, old_versions, strict=True)):
+    if [versions.get(mid, "") for mid in previous.mids] != previous.versions:
         return None
-    new = sorted(current - set(old_mids))
+    new = sorted(current - set(previous.mids))
     if not new:
-        return old_mids, old_indices, old_scores, "unchanged (reused)"
+        return previous, "unchanged (reused)"
     row = {mid: i for i, mid in enumerate(mids)}
-    order = old_mids + new
-    indices, scores = merge_new_items(features[[row[m] for m in order]], len(old_mids), old_indices, old_scores, k)
-    return order, indices, scores, f"incremental ({len(new)} new x {len(order)})"
-
-
-def _load_latest(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int, list[str]] | None:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return ([str(m) for m in data["mids"]], data["indices"], data["scores"], int(data["k"]),
-                    [str(v) for v in data["versions"]])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _save_latest(path: Path, mids: list[str], indices: np.ndarray, scores: np.ndarray, k: int,
-                 versions: list[str]) -> None:
-    """The newest exact top-k of this backbone, the base of the next incremental run (atomic)."""
-    files.save_npz(path, mids=np.array(mids), indices=indices, scores=scores, k=np.array(k),
-                   versions=np.array(versions, dtype=str))
+    order = previous.mids + new
+    indices, scores = merge_new_items(features[[row[m] for m in order]], len(previous.mids),
+                                      previous.indices, previous.scores, k)
+    topk = TopK(order, indices, scores, chunk_store.backbone_key, [versions.get(m, "") for m in order])
+    return topk, f"incremental ({len(new)} new x {len(order)})"
 
 
 def load_stage(settings: Settings, folder: Path, run_id: str, progress: Progress = log.info) -> dict:
     """Replace the served recommendations with this run's, atomically."""
-    path = folder / TOPK_FILE
-    if not path.exists():
-        raise RecsketchError(f"{path} is missing: run the similarity stage first")
-    with np.load(path, allow_pickle=False) as data:
-        mids = [str(m) for m in data["mids"]]
-        indices, scores, backbone = data["indices"], data["scores"], str(data["backbone"])
-    rows = [(mids[i], rank + 1, mids[int(j)], float(s))
-            for i in range(len(mids))
-            for rank, (j, s) in enumerate(zip(indices[i], scores[i], strict=True))]
+    topk = TopKStore.for_run(folder).require("similarity")
+    rows = topk.rows()
     engine = store.connect(settings.resolved_database_url)
-    store.load_recommendations(engine, run_id, backbone, int(indices.shape[1]), rows)
-    progress(f"load: {len(rows)} recommendations for {len(mids)} models are live as run {run_id}")
-    return {"rows": len(rows), "models": len(mids), "run_id": run_id}
+    store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, rows)
+    progress(f"load: {len(rows)} recommendations for {len(topk.mids)} models are live as run {run_id}")
+    return {"rows": len(rows), "models": len(topk.mids), "run_id": run_id}
 
 
 def run_pipeline(settings: Settings, run_id: str | None = None, progress: Progress = log.info) -> dict:

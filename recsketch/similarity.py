@@ -8,7 +8,7 @@ from scipy import sparse
 DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024
 
 
-def normalise(features, copy: bool = True):  # type: ignore[no-untyped-def]
+def normalise(features, copy: bool = True):
     """L2-normalised float32 rows, dense or scipy.sparse; all-zero rows stay zero (cosine 0).
 
     ``copy=False`` divides a float32 dense matrix in place (no second matrix in memory)."""
@@ -25,12 +25,12 @@ def normalise(features, copy: bool = True):  # type: ignore[no-untyped-def]
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
 
 
-def _dense_rows(features, rows: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _dense_rows(features, rows: np.ndarray) -> np.ndarray:
     picked = features[rows]
     return picked.toarray() if sparse.issparse(picked) else np.asarray(picked)
 
 
-def _scores(unit, start: int, stop: int, columns: slice = slice(None)) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _scores(unit, start: int, stop: int, columns: slice = slice(None)) -> np.ndarray:
     """Cosine scores of rows start..stop against the given columns, as a dense float32 block."""
     block = unit[start:stop] @ unit[columns].T
     return (block.toarray() if sparse.issparse(block) else block).astype(np.float32, copy=False)
@@ -56,7 +56,7 @@ def top_k_cosine(
     features = features if sparse.issparse(features) else np.asarray(features, dtype=np.float32)
     unit = features if normalised else normalise(features)
     n = unit.shape[0]
-    first, last = rows or (0, n)
+    first, last = rows if rows is not None else (0, n)
     kk = min(k, n - 1)
     indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
     scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
@@ -66,8 +66,8 @@ def top_k_cosine(
     for start in range(first, last, step):
         stop = min(last, start + step)
         block = _scores(unit, start, stop)  # [rows, n]
-        rows = np.arange(stop - start)
-        block[rows, rows + start] = -np.inf  # never recommend a model to itself
+        diagonal = np.arange(stop - start)
+        block[diagonal, diagonal + start] = -np.inf  # never recommend a model to itself
         out = slice(start - first, stop - first)
         indices[out], scores[out] = _select(block, kk, features, start)
     return indices, scores
@@ -106,8 +106,8 @@ def _largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     except ImportError:
         candidates = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
         return candidates, np.take_along_axis(block, candidates, axis=1)
-    values, candidates = torch.topk(torch.from_numpy(block), kk, dim=1, sorted=False)
-    return candidates.numpy(), values.numpy()
+    top = torch.topk(torch.from_numpy(block), kk, dim=1, sorted=False)
+    return top.indices.numpy(), top.values.numpy()
 
 
 def merge_new_items(

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import create_engine, text
 
+from recsketch import contracts
 from recsketch.config import Settings
 from recsketch.features.backbones import backbone_key
 from recsketch.features.chunks import Chunk, ChunkStore
@@ -331,7 +332,7 @@ class FaultSuite:
     def _prepare_similarity(self, round_dir: Path) -> dict[str, str]:
         round_dir.mkdir(parents=True)
         shutil.copytree(self.syn_dir / "features", round_dir / "features", copy_function=os.link)
-        for latest in (round_dir / "features").rglob("topk-latest.npz"):
+        for latest in (round_dir / "features").rglob(contracts.LATEST_TOPK_FILE):
             latest.unlink()  # hard links: unlinking leaves the reference's own file alone
         (round_dir / "runs" / RUN_ID).mkdir(parents=True)
         shutil.copy(self.syn_dir / "runs" / RUN_ID / "valid_models.json", round_dir / "runs" / RUN_ID)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from recsketch.config import Settings
+from recsketch.contracts import ValidModels
 from recsketch.crawl import thumbnail_path
 from recsketch.features.backbones import VGG16Backbone, backbone_key
 from recsketch.features.chunks import ChunkStore
@@ -57,7 +58,7 @@ def test_sigkill_mid_extraction_reuses_every_finished_chunk(sketchfab, tmp_path:
     for chunk_id in clean_ids:
         extract_stage(clean, clean_folder, chunk_id)
     key = backbone_key(clean)
-    valid = [p.stem for p in killed.thumbs_dir.glob("*.jpg")]
+    valid = ValidModels.read(run_dir(killed, "r")).versions  # each model at its thumbnail's version
     mids_a, feats_a, _ = ChunkStore(killed.features_dir, key).load_features(valid)
     mids_b, feats_b, _ = ChunkStore(clean.features_dir, key).load_features(valid)
     assert mids_a == mids_b and len(mids_a) == 72

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from recsketch.config import Settings
+from recsketch.contracts import TOPK_FILE
 from recsketch.features.backbones import backbone_key
 from recsketch.features.chunks import Chunk, ChunkStore
-from recsketch.pipeline import TOPK_FILE, run_dir, similarity_stage
+from recsketch.pipeline import run_dir, similarity_stage
 from recsketch.similarity import top_k_cosine
 
 
@@ -116,9 +117,10 @@ def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: 
     the new features (a full run, since an old model's features moved)."""
     from PIL import Image
 
+    from recsketch.contracts import PLAN_FILE
     from recsketch.crawl import thumbnail_path
     from recsketch.features.images import thumbnail_version
-    from recsketch.pipeline import PLAN_FILE, extract_stage, plan_stage
+    from recsketch.pipeline import extract_stage, plan_stage
 
     settings = Settings(data_dir=tmp_path, top_k=3, chunk_size=4)
     mids = [f"{i:032x}" for i in range(10)]
@@ -154,3 +156,30 @@ def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: 
     assert not np.allclose(new[row], old[row])  # the new image's features are the ones read
     assert np.allclose(np.delete(new, row, axis=0), np.delete(old, row, axis=0))
     assert similarity_stage(settings, second)["mode"] == "full"
+
+
+def test_each_handover_file_has_one_reader_and_one_writer() -> None:
+    """Stages meet only through recsketch.contracts: no other module names a handover file."""
+    from recsketch import contracts
+
+    names = [contracts.VALID_MODELS_FILE, contracts.PLAN_FILE, contracts.SIMILARITY_PLAN_FILE,
+             contracts.TOPK_FILE, contracts.LATEST_TOPK_FILE, contracts.SHARD_PREFIX]
+    package = Path(contracts.__file__).parent
+    for path in package.rglob("*.py"):
+        if path.name != "contracts.py":
+            source = path.read_text()
+            assert not [n for n in names if n in source], path
+
+
+def test_topk_store_round_trip_and_a_missing_result_names_the_stage(tmp_path: Path) -> None:
+    from recsketch.contracts import TopK, TopKStore
+    from recsketch.errors import RecsketchError
+
+    store = TopKStore.for_run(tmp_path)
+    with pytest.raises(RecsketchError, match=r"topk\.npz is missing: run the similarity stage first"):
+        store.require("similarity")
+    topk = TopK(["a" * 32, "b" * 32], np.array([[1], [0]]), np.array([[0.5], [0.5]], np.float32), "key", ["v1", ""])
+    store.write(topk)
+    again = store.require("similarity")
+    assert again.mids == topk.mids and again.versions == ["v1", ""] and again.k == 1
+    assert again.rows() == [("a" * 32, 1, "b" * 32, 0.5), ("b" * 32, 1, "a" * 32, 0.5)]

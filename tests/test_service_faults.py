@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from recsketch import pipeline
+from recsketch import contracts, pipeline
 from recsketch.config import Settings
 from recsketch.db import store
 from recsketch.errors import StorageFull
@@ -159,7 +159,7 @@ def test_disk_full_while_writing_a_chunk(tmp_path: Path, demo_catalog: Path) -> 
         (data / "features").symlink_to(mount)  # the chunks go to the small disk
         settings = Settings(data_dir=data, chunk_size=16, min_likes=0)
         folder = pipeline.run_dir(settings, "r")
-        (folder / pipeline.VALID_MODELS_FILE).write_text(json.dumps(mids))
+        (folder / contracts.VALID_MODELS_FILE).write_text(json.dumps(mids))
         chunk_ids = pipeline.plan_stage(settings, folder)
         assert len(chunk_ids) == 3
         written, error = [], None

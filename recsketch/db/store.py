@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def connect(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
@@ -53,7 +53,7 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def _insert(conn: Connection):  # type: ignore[no-untyped-def]
+def _insert(conn: Connection):
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
 
 
@@ -81,7 +81,7 @@ def upsert_models(engine: Engine, rows: Sequence[dict]) -> None:
                 conn.execute(stmt)
 
 
-def replace_likes(engine: Engine, likers: dict[str, Iterable[str]],
+def replace_likes(engine: Engine, likers: Mapping[str, Iterable[str]],
                   fetched: dict[str, tuple[int | None, datetime]] | None = None) -> None:
     """Make the stored likers of each mid exactly the given uids and mark them complete.
 
@@ -216,7 +216,9 @@ def copy_rows(conn: Connection, table: str, run_id: str, backbone: str,
     for mid, rank, similar_mid, score in rows:
         writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
     buffer.seek(0)
-    cursor = conn.connection.dbapi_connection.cursor()
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None  # an open Connection always has one
+    cursor = dbapi.cursor()
     cursor.copy_expert(
         f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT csv)", buffer)
 

@@ -79,14 +79,14 @@ class VGG16Backbone:
         preprocess = keras.applications.vgg16.preprocess_input
 
         @tf.function(reduce_retracing=True)
-        def forward(batch):  # type: ignore[no-untyped-def]
+        def forward(batch):
             features = model(preprocess(tf.cast(batch, tf.float32)), training=False)
             return tf.reshape(tf.cast(features, tf.float32), (tf.shape(batch)[0], -1))
 
         self._forward = forward
 
     @staticmethod
-    def _build(keras, weights: str, pooling: str, seed: int):  # type: ignore[no-untyped-def]
+    def _build(keras, weights: str, pooling: str, seed: int):
         keras_pooling = "avg" if pooling == "avg" else None
         if weights == "random":
             keras.utils.set_random_seed(seed)

@@ -72,13 +72,13 @@ def decode_image(data: bytes, size: int, source: str = "image", preprocess: str 
     image = to_rgb(_open(data, source))
     if preprocess == "seed":
         if image.size != (size, size):
-            image = image.resize((size, size), Image.NEAREST)
+            image = image.resize((size, size), Image.Resampling.NEAREST)
         return np.asarray(image, dtype=np.uint8)
     width, height = image.size
     scale = size / min(width, height)
     resized = (max(size, round(width * scale)), max(size, round(height * scale)))
     if resized != image.size:
-        image = image.resize(resized, Image.BILINEAR)
+        image = image.resize(resized, Image.Resampling.BILINEAR)
     left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
     if resized != (size, size):
         image = image.crop((left, top, left + size, top + size))

@@ -267,14 +267,20 @@ class SketchfabClient:
         raise ApiError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 
     def get(self, url: str, params: dict[str, Any] | None = None, *, max_bytes: int | None = None,
-            allow_redirects: bool = True, expect_json: bool = False, authorize: bool = True) -> requests.Response:
+            allow_redirects: bool = True, authorize: bool = True) -> requests.Response:
+        """GET with retries; see ``_request``."""
+        return self._request(url, params, max_bytes, allow_redirects, authorize, expect_json=False)[0]
+
+    def _request(self, url: str, params: dict[str, Any] | None, max_bytes: int | None, allow_redirects: bool,
+                 authorize: bool, expect_json: bool) -> tuple[requests.Response, Any]:
         """GET with retries on 429, 5xx, connection errors, timeouts, truncated bodies and (with
         ``expect_json``) bodies that are not JSON: one retry layer, at most ``retries + 1``
         requests for a URL.
 
         ``Retry-After`` is honoured in full up to ``retry_after_max`` seconds; a longer wait
         raises RetryAfterTooLong at once. The body is read here (streamed, so ``max_bytes``
-        stops a huge one early) and is in ``response.content`` afterwards.
+        stops a huge one early) and is in ``response.content`` afterwards; with
+        ``expect_json`` the parsed body of a 200 comes back beside the response.
         """
         for attempt in range(self.retries + 1):
             self._limiter.wait()
@@ -297,10 +303,13 @@ class SketchfabClient:
                             "the next try resumes where this one stopped")
                 elif response.status_code in RETRY_STATUSES:
                     problem = f"HTTP {response.status_code}"
-                elif expect_json and response.status_code == 200 and not _parse_json(response):
-                    problem = "body is not JSON"
+                elif expect_json and response.status_code == 200:
+                    try:
+                        return response, response.json()
+                    except ValueError:
+                        problem = "body is not JSON"
                 else:
-                    return response
+                    return response, None
             if attempt == self.retries:
                 raise ApiError(f"GET {url} failed after {self.retries + 1} attempts: {problem}")
             wait = self._backoff(attempt) if wait is None else wait
@@ -311,12 +320,11 @@ class SketchfabClient:
 
     def get_json(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """GET a JSON object. A 4xx other than 429 is permanent (PermanentApiError, no retry)."""
-        response = self.get(url, params, expect_json=True)
+        response, payload = self._request(url, params, None, True, True, expect_json=True)
         if 400 <= response.status_code < 500:
             raise PermanentApiError(f"GET {response.url}: HTTP {response.status_code} {_detail(response)}")
         if response.status_code != 200:
             raise ApiError(f"GET {response.url}: HTTP {response.status_code}")
-        payload = response.payload  # type: ignore[attr-defined]  # set by _parse_json
         if not isinstance(payload, dict):
             raise ApiError(f"GET {response.url}: expected a JSON object")
         return payload
@@ -377,15 +385,6 @@ class SketchfabClient:
         return response.content, response.headers.get("Content-Type", "")
 
 
-def _parse_json(response: requests.Response) -> bool:
-    """Parse the body once; the value is kept as ``response.payload``."""
-    try:
-        response.payload = response.json()  # type: ignore[attr-defined]
-    except ValueError:
-        return False
-    return True
-
-
 def _detail(response: requests.Response) -> str:
     """The API's own one-line reason, if it gave one."""
     try:
@@ -399,7 +398,7 @@ def _refuse_private_address(url: str, host: str, port: int) -> None:
     """A thumbnail host that resolves to a loopback, private, link-local or reserved address is
     refused (SSRF), unless RECSKETCH_ALLOW_PRIVATE_ADDRESSES is set or it is the API's own host."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except OSError as exc:
         raise ApiError(f"thumbnail URL {url!r}: cannot resolve {host!r} ({exc})") from None
     for address in sorted(addresses):

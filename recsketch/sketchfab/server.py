@@ -165,7 +165,7 @@ def letterboxed(square: Path, width: int, height: int) -> bytes:
     A file that is no image is served as it is (tests of the crawler's checks rely on that)."""
     try:
         with Image.open(square) as image:
-            picture = image.convert("RGB").resize((height, height), Image.BILINEAR)
+            picture = image.convert("RGB").resize((height, height), Image.Resampling.BILINEAR)
     except (OSError, ValueError, Image.DecompressionBombError):
         return square.read_bytes()
     canvas = Image.new("RGB", (width, height), LETTERBOX)
@@ -410,7 +410,7 @@ class SketchfabServer(ThreadingHTTPServer):
         self.arrivals: list[tuple[float, str, str | None]] = []  # (monotonic time, path, Authorization)
         self.fetches: Counter[str] = Counter()  # thumbnails ("thumb MID") and likes pages served, for tests
 
-    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+    def handle_error(self, request, client_address) -> None:
         """A client that hangs up (killed crawler, timeout) is routine here, not a traceback."""
         if isinstance(sys.exc_info()[1], ConnectionError):
             log.debug("client %s disconnected", client_address)
@@ -434,13 +434,14 @@ class SketchfabServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}" if isinstance(host, str) else f"http://{host.decode()}:{port}"
 
 
 def start_in_thread(folder: Path | Catalog, host: str = "127.0.0.1", port: int = 0,
-                    faults: Faults = Faults(), **options: object) -> SketchfabServer:
+                    faults: Faults = Faults(), *, now: datetime | None = None,
+                    thumbnail_url: str | None = None) -> SketchfabServer:
     """Start a server on a background thread (tests, the demo); ``server.shutdown()`` stops it."""
     catalog = folder if isinstance(folder, Catalog) else Catalog(folder)
-    server = SketchfabServer(catalog, (host, port), faults, **options)  # type: ignore[arg-type]
+    server = SketchfabServer(catalog, (host, port), faults, now=now, thumbnail_url=thumbnail_url)
     threading.Thread(target=server.serve_forever, name="sketchfab-server", daemon=True).start()
     return server

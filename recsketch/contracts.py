@@ -1,0 +1,213 @@
+"""What each stage hands to the next, as typed objects with one writer and one reader each.
+
+Stages run in separate processes (Airflow tasks, CLI commands) and meet in the run's folder
+(``<data dir>/runs/<run id>/``) and beside the feature chunks:
+
+| object | file | written by | read by |
+| --- | --- | --- | --- |
+| ``ValidModels`` | ``valid_models.json`` | threshold | plan, similarity |
+| ``ChunkPlan`` | ``chunk_plan.json`` | plan | extract |
+| ``SimilarityPlan`` | ``similarity_plan.json`` | plan_similarity | similarity shards, merge |
+| ``TopK`` | ``topk.npz`` (run), ``topk-latest-exact.npz`` (backbone) | ``TopKStore`` | load, the next incremental run |
+
+Every write is atomic (``recsketch.files``); a missing file names the stage to run first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsketch import files
+from recsketch.errors import RecsketchError
+
+VALID_MODELS_FILE = "valid_models.json"
+PLAN_FILE = "chunk_plan.json"
+SIMILARITY_PLAN_FILE = "similarity_plan.json"
+TOPK_FILE = "topk.npz"
+LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
+SHARD_PREFIX = "similarity-shard-"
+REDUCED_FEATURES_FILE = "similarity_features.npy"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
+
+
+def _read_json(path: Path, stage: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecsketchError(f"{path} is missing: run the {stage} stage first") from None
+    except json.JSONDecodeError as exc:
+        raise RecsketchError(f"{path} is not valid JSON ({exc}): run the {stage} stage again") from None
+
+
+def _write_json(path: Path, payload: object) -> None:
+    files.write_text(path, json.dumps(payload, indent=1))
+
+
+@dataclass(frozen=True)
+class ValidModels:
+    """The run's item set: each model that passed the threshold, with its thumbnail's version."""
+
+    versions: dict[str, str]
+
+    def write(self, folder: Path) -> None:
+        _write_json(folder / VALID_MODELS_FILE, self.versions)
+
+    @classmethod
+    def read(cls, folder: Path) -> ValidModels:
+        payload = _read_json(folder / VALID_MODELS_FILE, "threshold")
+        if isinstance(payload, list):  # a plain list of mids: unversioned (synthetic runs)
+            return cls(dict.fromkeys((str(mid) for mid in payload), ""))
+        if not isinstance(payload, Mapping):
+            raise RecsketchError(f"{folder / VALID_MODELS_FILE}: expected an object of mid -> thumbnail version")
+        return cls({str(mid): str(version) for mid, version in payload.items()})
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The chunks to extract (chunk id -> mids) for one backbone configuration."""
+
+    backbone_key: str
+    chunks: dict[str, list[str]]
+
+    def write(self, folder: Path) -> None:
+        _write_json(folder / PLAN_FILE, {"backbone_key": self.backbone_key, "chunks": self.chunks})
+
+    @classmethod
+    def read(cls, folder: Path) -> ChunkPlan:
+        payload = _read_json(folder / PLAN_FILE, "plan")
+        try:
+            return cls(str(payload["backbone_key"]),
+                       {str(cid): [str(m) for m in mids] for cid, mids in payload["chunks"].items()})
+        except (KeyError, TypeError, AttributeError):
+            raise RecsketchError(f"{folder / PLAN_FILE} is not a chunk plan: run the plan stage again") from None
+
+
+@dataclass(frozen=True)
+class SimilarityPlan:
+    """How a run's top-k is made: ``full`` (row-block shards over ``mids``, optionally on
+    PCA-reduced features saved with the run) or finished already (incremental, unchanged)."""
+
+    mode: str
+    mids: list[str] | None = None
+    recall_at_k: float | None = None  # set when the features were PCA-reduced
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode.startswith("full")
+
+    @property
+    def reduced(self) -> bool:
+        return self.recall_at_k is not None
+
+    def write(self, folder: Path) -> None:
+        payload: dict[str, object] = {"mode": self.mode, "mids": self.mids}
+        if self.recall_at_k is not None:
+            payload["recall_at_k"] = self.recall_at_k
+        _write_json(folder / SIMILARITY_PLAN_FILE, payload)
+
+    @classmethod
+    def read(cls, folder: Path) -> SimilarityPlan:
+        payload = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
+        try:
+            mids = payload["mids"]
+            recall = payload.get("recall_at_k")
+            return cls(str(payload["mode"]), None if mids is None else [str(m) for m in mids],
+                       None if recall is None else float(recall))
+        except (KeyError, TypeError, AttributeError):
+            raise RecsketchError(f"{folder / SIMILARITY_PLAN_FILE} is not a similarity plan: "
+                                 "run plan_similarity again") from None
+
+    def ordered_mids(self) -> list[str]:
+        if self.mids is None:
+            raise RecsketchError(f"similarity plan {self.mode!r} has no shards to compute")
+        return self.mids
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Each model's top-k neighbours: row i of ``indices``/``scores`` belongs to ``mids[i]``."""
+
+    mids: list[str]
+    indices: np.ndarray  # int64 [n, k]
+    scores: np.ndarray  # float32 [n, k]
+    backbone_key: str
+    versions: list[str] = field(default_factory=list)  # thumbnail versions of ``mids`` (exact results)
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    def rows(self) -> list[tuple[str, int, str, float]]:
+        """(mid, rank, similar mid, score) for the recommendations table."""
+        return [(self.mids[i], rank + 1, self.mids[int(j)], float(s))
+                for i in range(len(self.mids))
+                for rank, (j, s) in enumerate(zip(self.indices[i], self.scores[i], strict=True))]
+
+
+class TopKStore:
+    """One top-k result file, written atomically: a run's (``for_run``) or the backbone's
+    latest exact result (``latest``), the base of the next incremental run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def for_run(cls, folder: Path) -> TopKStore:
+        return cls(folder / TOPK_FILE)
+
+    @classmethod
+    def latest(cls, features_root: Path) -> TopKStore:
+        return cls(features_root / LATEST_TOPK_FILE)
+
+    def write(self, topk: TopK) -> None:
+        files.save_npz(self.path, mids=np.array(topk.mids, dtype=str), indices=topk.indices, scores=topk.scores,
+                       backbone_key=np.array(topk.backbone_key), versions=np.array(topk.versions, dtype=str))
+
+    def read(self) -> TopK | None:
+        """The stored result, or None when there is none (or it is unreadable: recomputed)."""
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                return TopK([str(m) for m in data["mids"]], data["indices"], data["scores"],
+                            str(data["backbone_key"]), [str(v) for v in data["versions"]])
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def require(self, stage: str) -> TopK:
+        topk = self.read()
+        if topk is None:
+            raise RecsketchError(f"{self.path} is missing: run the {stage} stage first")
+        return topk
+
+
+def shard_path(folder: Path, first: int, last: int) -> Path:
+    return folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz"
+
+
+def write_shard(folder: Path, first: int, last: int, indices: np.ndarray, scores: np.ndarray) -> None:
+    files.save_npz(shard_path(folder, first, last), indices=indices, scores=scores)
+
+
+def read_shards(folder: Path) -> tuple[int, np.ndarray, np.ndarray]:
+    """(shard count, indices, scores) of every shard in the folder, in row order."""
+    paths = sorted(folder.glob(f"{SHARD_PREFIX}*.npz"))
+    index_parts, score_parts = [], []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as part:
+            index_parts.append(part["indices"])
+            score_parts.append(part["scores"])
+    if not paths:
+        return 0, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    return len(paths), np.concatenate(index_parts), np.concatenate(score_parts)
+
+
+def clear_shards(folder: Path) -> None:
+    for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
+        stale.unlink()
