@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "extract":
             stage.add_argument("--chunk", action="append", help="chunk id (default: every planned chunk)")
 
+    db = commands.add_parser("db", help="schema migrations of the recommendations DB (Alembic)")
+    db.add_argument("action", choices=("upgrade", "current"),
+                    help="upgrade: apply every migration the DB lacks; current: its revision and the code's")
+
     demo = commands.add_parser("demo-catalog", help="build the demo catalogue from offline photos")
     demo.add_argument("folder", type=Path)
     demo.add_argument("--seed", type=int, default=0)
@@ -132,10 +136,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from recsketch.db import migrate, store
+
+    engine = store.engine_for(settings.resolved_database_url)
+    try:
+        if args.action == "upgrade":
+            before, after = migrate.upgrade(engine)
+            print(f"schema: {before or 'none'} -> {after} (head {migrate.head()})")
+        else:
+            print(f"schema: {migrate.current(engine) or 'none'} (this code needs {migrate.head()})")
+    except RecsketchError:
+        raise
+    except Exception as exc:
+        raise store.unavailable(engine, exc) from exc
+    return 0
+
+
 def _similar(args: argparse.Namespace, settings: Settings) -> int:
     from recsketch.db import store
 
-    engine = store.connect(settings.resolved_database_url)
+    engine = store.connect(settings.resolved_database_url, read_only=True)
     results = store.similar(engine, args.mid, args.top_k)
     if args.json:
         print(json.dumps(results))
@@ -150,7 +171,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
     from recsketch.db import store
 
-    engine = store.connect(settings.resolved_database_url)
+    engine = store.connect(settings.resolved_database_url, read_only=True)
     run = store.live_run(engine)
     if run is None:
         raise RecsketchError("no recommendations are loaded yet: run `recsketch run` first")
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return _similar(args, settings)
         if args.command == "show":
             return _show(args, settings)
+        if args.command == "db":
+            return _db(args, settings)
         if args.command == "run":
             from recsketch.db import store
             from recsketch.pipeline import run_pipeline

@@ -49,3 +49,7 @@ class PermanentApiError(ApiError):
 
 class RetryAfterTooLong(ApiError):
     """The API asked to wait longer than RECSKETCH_RETRY_AFTER_MAX_S allows."""
+
+
+class SchemaBehind(ConfigError):
+    """The recommendations DB's schema is older than the code: `recsketch db upgrade` first."""

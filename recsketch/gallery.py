@@ -65,7 +65,7 @@ class Gallery:
 
     @cached_property
     def engine(self) -> Engine:
-        return store.connect(self.settings.resolved_database_url)
+        return store.connect(self.settings.resolved_database_url, read_only=True)
 
     def model(self, mid: str) -> dict | None:
         with self.engine.connect() as conn:

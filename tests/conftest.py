@@ -101,10 +101,9 @@ def pg_url(pg_database: str) -> Iterator[str]:
     from sqlalchemy import create_engine, text
 
     engine = create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.execute(text("DROP VIEW IF EXISTS similar_models"))
-        for table in ("recommendations", "runs", "likes", "models", "crawl_state"):
-            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    with engine.begin() as conn:  # every table, view and the schema revision
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     yield pg_database
 

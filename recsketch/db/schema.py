@@ -1,8 +1,10 @@
-"""Tables (SQLAlchemy Core) and the ``similar_models`` view that people query directly."""
+"""Tables (SQLAlchemy Core) and the ``similar_models`` view that people query directly.
+
+This is the schema the code reads and writes; the migrations under ``migrations/versions``
+build it (a test compares the two), and ``recsketch.db.migrate`` applies them.
+"""
 
 from __future__ import annotations
-
-import time
 
 from sqlalchemy import (
     Boolean,
@@ -16,11 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    inspect,
-    text,
 )
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 
 metadata = MetaData()
 
@@ -104,42 +102,3 @@ FROM recommendations r
 JOIN runs u ON u.run_id = r.run_id AND u.is_live
 LEFT JOIN models m ON m.mid = r.similar_mid
 """
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """Columns added since a table was created (nullable ones only) are added in place, so a
-    catalogue from an earlier release keeps working. Alembic migrations are to replace this."""
-    existing = inspect(conn)
-    for table in metadata.sorted_tables:
-        present = {column["name"] for column in existing.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-
-
-def create_schema(engine: Engine) -> None:
-    """Create tables and the view if absent: idempotent, and safe when workers start together.
-
-    PostgreSQL serialises creators with an advisory lock; SQLite has no such lock, so a
-    creator that loses the race ("already exists") simply checks again.
-    """
-    for attempt in range(5):
-        try:
-            with engine.begin() as conn:
-                if engine.dialect.name == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-                metadata.create_all(conn)
-                _add_missing_columns(conn)
-                if engine.dialect.name == "postgresql":
-                    exists = conn.execute(text("SELECT to_regclass('similar_models')")).scalar()
-                else:
-                    exists = conn.execute(text(
-                        "SELECT name FROM sqlite_master WHERE type='view' AND name='similar_models'")).scalar()
-                if not exists:
-                    conn.execute(text(SIMILAR_MODELS_VIEW))
-            return
-        except DBAPIError as exc:
-            if "already exists" not in str(exc) or attempt == 4:
-                raise
-            time.sleep(0.05 * (attempt + 1))

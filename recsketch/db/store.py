@@ -14,16 +14,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from recsketch.db import migrate
 from recsketch.db.schema import (
     SIMILAR_MODELS_VIEW,
     crawl_state,
-    create_schema,
     likes,
     models,
     recommendations,
     runs,
 )
-from recsketch.errors import DatabaseUnavailable, UnknownModel
+from recsketch.errors import DatabaseUnavailable, SchemaBehind, UnknownModel
 from recsketch.ids import validate_model_id
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 1000
 
 
-def connect(url: str) -> Engine:
-    """An engine with the schema in place. SQLite gets WAL so readers never block a load."""
+def engine_for(url: str) -> Engine:
+    """An engine, nothing checked or created. SQLite gets WAL so readers never block a load."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60})
@@ -43,14 +43,28 @@ def connect(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def connect(url: str, *, read_only: bool = False) -> Engine:
+    """An engine on a database at the code's schema revision; one behind is refused
+    (SchemaBehind names `recsketch db upgrade`). Writers create the schema in an empty
+    database; ``read_only`` runs no DDL at all."""
+    engine = engine_for(url)
     try:
-        create_schema(engine)
+        migrate.check(engine, initialise=not read_only)
+    except SchemaBehind:
+        raise
     except Exception as exc:
-        raise DatabaseUnavailable(f"cannot open the recommendations DB at {engine.url!r}: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise unavailable(engine, exc) from exc
     return engine
+
+
+def unavailable(engine: Engine, exc: Exception) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"cannot open the recommendations DB at {engine.url!r}: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
 
 
 def _insert(conn: Connection):

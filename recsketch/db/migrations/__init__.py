@@ -1,0 +1,1 @@
+"""Alembic migrations of the catalogue DB; ``recsketch.db.migrate`` runs them."""
