@@ -15,12 +15,12 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURD
 
 venv: $(STAMP)
 
-# torch==2.13.0 comes from pip's find-links (CPU wheel). The editable install is path-based
-# (compat mode) so that `recsketch` the package wins over dags/recsketch.py on sys.path.
+# torch==2.13.0 comes from pip's find-links (CPU wheel); the pinned lock is installed first, then
+# recsketch itself, editable, without resolving its (already satisfied) dependencies again.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 lock:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).parents[1]
-DAG_FILE = REPO / "dags" / "recsketch.py"
+DAG_FILE = REPO / "dags" / "recsketch_dags.py"
 
 
 @pytest.fixture(scope="session")
