@@ -162,6 +162,25 @@ class FaultSuite:
             victim.wait()
             return True, in_transaction
 
+    def kill_inside_load_transaction(self, env: dict[str, str]) -> tuple[bool, bool]:
+        """Start a load and SIGKILL it the moment its transaction holds the lock: a kill that is
+        known to land inside the transaction, whatever the machine's speed."""
+        victim = subprocess.Popen(self.command("load"), env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + max(30.0, 5 * self.reference["load"])
+        try:
+            while victim.poll() is None and time.monotonic() < deadline:
+                if self._load_lock_held(env["RECSKETCH_DATABASE_URL"]):
+                    victim.send_signal(signal.SIGKILL)
+                    victim.wait()
+                    return True, True
+                time.sleep(0.005)
+            return False, False
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait()
+
     @staticmethod
     def _load_lock_held(db_url: str) -> bool:
         """Whether a load holds its advisory lock, i.e. is inside its transaction, right now."""
@@ -261,7 +280,11 @@ class FaultSuite:
             delay = self.rng.uniform(0, self.reference[stage])
             round_dir = self.workdir / f"{stage}-{attempts}"
             env = getattr(self, f"_prepare_{stage}")(round_dir)
-            killed, in_transaction = self.kill_during(stage, env, delay)
+            if stage == "load" and report.kills == kills - 1 and not report.in_transaction:
+                # no random delay landed inside the transaction yet: the last kill goes there
+                killed, in_transaction = self.kill_inside_load_transaction(env)
+            else:
+                killed, in_transaction = self.kill_during(stage, env, delay)
             if not killed:
                 shutil.rmtree(round_dir, ignore_errors=True)
                 continue

@@ -74,6 +74,14 @@ def test_vgg16_seed_shapes_and_determinism(tmp_path: Path) -> None:
 
 
 def test_vgg16_without_weights_offline_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    """The download fails here by construction (not because this machine happens to be
+    offline): the error names the file and where to put it."""
+    from keras.src.utils import file_utils
+
+    def refused(*args: object, **kwargs: object) -> str:
+        raise OSError("download refused by the test")
+
+    monkeypatch.setattr(file_utils, "get_file", refused)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     with pytest.raises(WeightsUnavailable) as caught:
         VGG16Backbone(weights="imagenet")

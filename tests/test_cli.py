@@ -15,19 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 from recsketch.demo import load_photo, variant
 from recsketch.psv import read_models, write_psv
+from tests.catalogs import SAMPLE_CATALOGUE
 
-REAL_CATALOGUE = Path(__file__).parents[2] / "shared" / "data" / "model_urls.psv"
 RECSKETCH = [sys.executable, "-m", "recsketch.cli"]
 PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "coins", "hubble_deep_field")
 
 
 def build_real_id_catalog(folder: Path) -> dict[str, str]:
-    rows = read_models(REAL_CATALOGUE).rows
+    rows = read_models(SAMPLE_CATALOGUE).rows
     legacy = [r for r in rows if len(r.mid) != 32][:4]
     quoted = [r for r in rows if "|" in r.name][:4]
     chosen = legacy + quoted + [r for r in rows[:200] if r not in legacy + quoted][: 4 * len(PHOTOS) - 8]
@@ -52,7 +51,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not REAL_CATALOGUE.exists(), reason="shared/data/model_urls.psv not beside the repo")
 def test_serve_run_similar_as_a_user_would(tmp_path: Path, pg_url: str) -> None:
     groups = build_real_id_catalog(tmp_path / "catalog")
     port = free_port()

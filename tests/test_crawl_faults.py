@@ -19,9 +19,8 @@ from recsketch.db.schema import likes, models
 from recsketch.errors import BadInputError
 from recsketch.sketchfab.client import SketchfabClient
 from recsketch.sketchfab.server import Faults
-from tests.catalogs import REAL_CATALOGUE, build_real_catalog
+from tests.catalogs import build_real_catalog
 
-pytestmark = pytest.mark.skipif(not REAL_CATALOGUE.exists(), reason="shared/data/model_urls.psv not beside the repo")
 N_MODELS = 120
 
 

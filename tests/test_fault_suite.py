@@ -30,6 +30,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(suite: FaultSuite, stage
     assert report.problems == []
     assert (report.kills, report.recoveries, report.differences) == (KILLS, KILLS, 0), report.line()
     assert report.redone == 0 and report.leftovers == 0, report.line()
+    if stage == "load":  # at least one kill landed inside the load's transaction, by construction
+        assert report.in_transaction >= 1, report.line()
 
 
 def test_a_killed_writer_leaves_only_a_temp_file_that_the_next_stage_sweeps(tmp_path: Path) -> None:

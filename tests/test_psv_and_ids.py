@@ -5,8 +5,8 @@ import pytest
 from recsketch.errors import BadInputError, InvalidModelId
 from recsketch.ids import is_model_id, validate_model_id
 from recsketch.psv import read_likes, read_models, write_psv
+from tests.catalogs import REAL_CATALOGUE, SAMPLE_CATALOGUE
 
-REAL_CATALOGUE = Path(__file__).parents[2] / "shared" / "data" / "model_urls.psv"
 HEX = "0123456789abcdef0123456789abcdef"
 
 
@@ -23,7 +23,15 @@ def test_model_ids_rejected(value: object) -> None:
         validate_model_id(value, source="test input")
 
 
-@pytest.mark.skipif(not REAL_CATALOGUE.exists(), reason="shared/data/model_urls.psv not beside the repo")
+def test_the_sample_of_the_real_catalogue_keeps_its_quirks() -> None:
+    result = read_models(SAMPLE_CATALOGUE)
+    assert result.problems == [] and len(result.rows) == 332 and result.duplicates == 2
+    names = {row.mid: row.name for row in result.rows}
+    assert names["0dea8bff43c34e97a830801fd534528b"] == "Overwatch | Dva Fan Art"  # backslash-quoted
+    assert sum(len(mid) != 32 for mid in names) == 30  # legacy ids
+
+
+@pytest.mark.skipif(not REAL_CATALOGUE.exists(), reason="the whole shared/data/model_urls.psv is not beside the repo")
 def test_real_catalogue_reads_as_the_seed_counted_it() -> None:
     result = read_models(REAL_CATALOGUE)
     assert result.problems == []

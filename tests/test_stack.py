@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +21,44 @@ AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-proce
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
+
+
+def shell_commands(script: str) -> list[tuple[dict[str, str], list[str]]]:
+    """A shell script as (variable assignments, argv) per simple command: continuation lines
+    joined, ``&&`` split, here-documents skipped. Enough to check what a stack runs."""
+    commands: list[tuple[dict[str, str], list[str]]] = []
+    lines = iter(script.replace("\\\n", " ").splitlines())
+    for line in lines:
+        if "<<" in line:  # a here-document: skip to its end marker
+            marker = line.split("<<", 1)[1].strip().strip("'\"")
+            for rest in lines:
+                if rest.strip() == marker:
+                    break
+            continue
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            assignments = {}
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+                name, _, value = words.pop(0).partition("=")
+                assignments[name] = value
+            if words:
+                commands.append((assignments, words))
+    return commands
+
+
+def database_url(url: str) -> dict[str, str]:
+    """A DB URL's parts; the password may be a compose ``${…}`` expression (not URL-safe)."""
+    match = re.fullmatch(r"(?P<scheme>[\w+]+)://(?P<user>\w+):(?P<password>\$\{[^}]*\}|[^@]*)@(?P<host>[\w.-]+)"
+                         r":(?P<port>\d+)/(?P<database>\w+)", url)
+    assert match, url
+    return match.groupdict()
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def test_services_and_health_checks(compose: dict) -> None:
@@ -38,18 +78,36 @@ def test_workers_share_the_data_volume(compose: dict) -> None:
         assert compose["services"][name]["environment"]["RECSKETCH_DATA_DIR"] == "/data"
 
 
-def test_connections_and_the_api_pool_are_configured(compose: dict) -> None:
+def test_connections_the_api_pool_and_the_schema_are_set_up(compose: dict) -> None:
     env = compose["x-airflow-common"]["environment"]
-    assert env["AIRFLOW_CONN_RECSKETCH_DB"].startswith("postgres://airflow:${POSTGRES_PASSWORD")
-    assert '"password": "${RECSKETCH_SKETCHFAB_TOKEN:-}"' in env["AIRFLOW_CONN_SKETCHFAB_DEFAULT"]
+    db = database_url(env["AIRFLOW_CONN_RECSKETCH_DB"])
+    assert db == {"scheme": "postgres", "user": "airflow", "password": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}",
+                  "host": "postgres", "port": "5432", "database": "recsketch"}
+    sketchfab = json.loads(env["AIRFLOW_CONN_SKETCHFAB_DEFAULT"])
+    assert sketchfab["conn_type"] == "http" and sketchfab["password"] == "${RECSKETCH_SKETCHFAB_TOKEN:-}"
     assert "RECSKETCH_SKETCHFAB_TOKEN" not in env and "RECSKETCH_DATABASE_URL" not in env  # connections only
-    assert "airflow pools set sketchfab_api" in compose["services"]["airflow-init"]["command"][1]
+    init = compose["services"]["airflow-init"]
+    assert init["entrypoint"] == "/bin/bash" and init["command"][0] == "-c"
+    commands = shell_commands(init["command"][1])
+    argvs = [argv for _, argv in commands]
+    assert ["airflow", "db", "migrate"] in argvs
+    assert ["airflow", "pools", "set", "sketchfab_api", "4", "concurrent Sketchfab API tasks"] in argvs
+    upgrade = [assigned for assigned, argv in commands if argv == ["recsketch", "db", "upgrade"]]
+    assert len(upgrade) == 1
+    target = database_url(upgrade[0]["RECSKETCH_DATABASE_URL"])
+    assert (target["scheme"], target["host"], target["database"]) == ("postgresql+psycopg2", "postgres", "recsketch")
+    assert argvs.index(["airflow", "db", "migrate"]) < argvs.index(["recsketch", "db", "upgrade"])
 
 
-def test_the_image_prefetches_vgg16_weights() -> None:
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in dockerfile
-    assert "pip install -r requirements.txt" in dockerfile
+def test_the_image_installs_the_lock_and_prefetches_vgg16_weights() -> None:
+    instructions = dockerfile_instructions()
+    env = dict(item.split("=", 1) for kind, args in instructions if kind == "ENV" for item in args.split())
+    runs = [argv for kind, args in instructions if kind == "RUN" for _, argv in shell_commands(args)]
+    assert ["pip", "install", "-r", "requirements.txt"] in runs and ["pip", "install", "--no-deps", "."] in runs
+    fetch = next(argv for argv in runs if argv[0] == "curl")
+    target = fetch[fetch.index("-o") + 1].replace("$KERAS_HOME", env["KERAS_HOME"])
+    assert target == "/opt/keras/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert fetch[-1].endswith("/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
 
 
 def test_no_hard_coded_secrets() -> None:
