@@ -1,4 +1,4 @@
-"""The ``recsketch`` command (DESIGN §5)."""
+"""The ``recsketch`` command (docs/contracts.md §3)."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def build_catalog_from_psv(folder: Path, source: Path, n_models: int, seed: int 
 def build_daily_catalog(folder: Path, days: int, models_per_day: int, n_users: int, seed: int = 0,
                         start: datetime = datetime(2026, 1, 1, tzinfo=UTC), likes_per_model: int = 8,
                         ) -> dict[str, list[tuple[str, datetime]]]:
-    """A catalogue whose life can be replayed day by day (DESIGN §3's ``liked_at``): models
+    """A catalogue whose life can be replayed day by day (docs/contracts.md §1, ``liked_at``): models
     published over ``days``, each liked by ``likes_per_model`` users over the days after it
     appears (most likes in the first days, some weeks later). Thumbnails are small solid
     squares. Returns mid -> [(uid, liked_at)], the server's truth at any clock."""

@@ -1,4 +1,4 @@
-"""The rec-a-sketch PSV dialect (DESIGN §3): ``|`` separated, backslash as quote character.
+"""The rec-a-sketch PSV dialect (docs/contracts.md §1): ``|`` separated, backslash as quote character.
 
 Readers never stop at a bad row: they return the good rows and a list of problems, each
 naming the file and line, so one malformed line costs one row and is reported.

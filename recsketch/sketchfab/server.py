@@ -1,4 +1,4 @@
-"""A local Sketchfab-compatible API over a data folder in rec-a-sketch format (DESIGN §3, §4).
+"""A local Sketchfab-compatible API over a data folder in rec-a-sketch format (docs/contracts.md §1, §2).
 
 The crawler cannot tell it from Sketchfab: cursor-paged ``/v3/models``, ``/v3/models/{uid}``,
 offset-paged ``/i/likes`` and thumbnail URLs that point back here. Faults (429 with and
@@ -33,9 +33,9 @@ from recsketch.psv import read_likes, read_models
 log = logging.getLogger(__name__)
 
 MAX_COUNT = 24
-# DESIGN §3: a model without published_at is served with one fixed date.
+# docs/contracts.md §1: a model without published_at is served with one fixed date.
 DEFAULT_PUBLISHED_AT = datetime(2016, 6, 1, tzinfo=UTC)
-# What the real API documents for /v3/models (DESIGN §4); anything else is a 400.
+# What the real API documents for /v3/models (docs/contracts.md §2); anything else is a 400.
 SORT_KEYS = ("createdAt", "viewCount", "likedAt")
 SORT_BY = frozenset(SORT_KEYS) | frozenset(f"-{key}" for key in SORT_KEYS)
 # The five 16:9 thumbnails Sketchfab serves for every model, largest first.
