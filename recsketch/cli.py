@@ -23,13 +23,6 @@ def _positive(value: str) -> int:
     return number
 
 
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
-    return number
-
-
 def _rate(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:
@@ -43,11 +36,11 @@ def _moment(value: str) -> datetime:
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", choices=BACKBONES, help="feature backbone (RECSKETCH_BACKBONE)")
-    parser.add_argument("--top-k", type=_positive, help="recommendations per model (default 10)")
-    parser.add_argument("--min-likes", type=_non_negative,
-                        help="like threshold for users and models (default 5; 0 keeps all)")
-    parser.add_argument("--chunk-size", type=_positive, help="models per feature chunk (default 256)")
+    parser.add_argument("--backbone", help=f"feature backbone: {', '.join(BACKBONES)} (RECSKETCH_BACKBONE)")
+    # values are checked by Settings, the one validation layer: argparse only reads them
+    parser.add_argument("--top-k", type=int, help="recommendations per model (default 10)")
+    parser.add_argument("--min-likes", type=int, help="like threshold for users and models (default 5; 0 keeps all)")
+    parser.add_argument("--chunk-size", type=int, help="models per feature chunk (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     similar = commands.add_parser("similar", help="recommendations for one model")
     similar.add_argument("mid")
-    similar.add_argument("--top-k", type=_positive)
+    similar.add_argument("--top-k", type=_positive)  # a query's size, not a setting
     similar.add_argument("--json", action="store_true", help="print a JSON list, best first")
 
     for name, help_text in (("crawl", "stage 1: crawl the API into the catalogue"),
