@@ -83,7 +83,9 @@ def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-
     doc_md=__doc__,
 )
 def recsketch() -> None:
-    @task(pool=SKETCHFAB_POOL)
+    # one crawl at a time, across scheduled and backfill runs: two at once would fetch the same
+    # new models twice, and one already fills the deployment's request budget
+    @task(pool=SKETCHFAB_POOL, max_active_tis_per_dag=1)
     def crawl() -> dict:
         """Backfill runs crawl their data interval; scheduled and manual runs the whole
         catalogue, refetching only what changed (so likes stay fresh every day)."""

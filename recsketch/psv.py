@@ -94,6 +94,16 @@ def _parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _optional_time(fields: list[str], index: int, column: str, where: str) -> datetime | str | None:
+    """An optional ISO 8601 column: the time, None when absent or empty, or the problem."""
+    if len(fields) <= index or not fields[index]:
+        return None
+    try:
+        return _parse_time(fields[index])
+    except ValueError:
+        return f"{where}: bad {column} {fields[index]!r}"
+
+
 def read_models(path: Path) -> ReadResult:
     """``model_urls.psv``: ``name|mid`` with an optional ``published_at`` column."""
     result = ReadResult([], [])
@@ -106,13 +116,10 @@ def read_models(path: Path) -> ReadResult:
         if not is_model_id(mid):
             result.problems.append(f"{path}:{line}: {mid!r} is not a model id")
             continue
-        published = None
-        if len(fields) > 2 and fields[2]:
-            try:
-                published = _parse_time(fields[2])
-            except ValueError:
-                result.problems.append(f"{path}:{line}: bad published_at {fields[2]!r}")
-                continue
+        published = _optional_time(fields, 2, "published_at", f"{path}:{line}")
+        if isinstance(published, str):
+            result.problems.append(published)
+            continue
         if mid in seen:
             result.duplicates += 1
             continue
@@ -137,13 +144,10 @@ def read_likes(path: Path) -> ReadResult:
         if not uid:
             result.problems.append(f"{path}:{line}: empty uid")
             continue
-        liked_at = None
-        if len(fields) > 3 and fields[3]:
-            try:
-                liked_at = _parse_time(fields[3])
-            except ValueError:
-                result.problems.append(f"{path}:{line}: bad liked_at {fields[3]!r}")
-                continue
+        liked_at = _optional_time(fields, 3, "liked_at", f"{path}:{line}")
+        if isinstance(liked_at, str):
+            result.problems.append(liked_at)
+            continue
         if (mid, uid) in seen:
             result.duplicates += 1
             continue

@@ -40,6 +40,7 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     # the crawl is on a clock and holds the API pool; the rest runs when the catalogue changes
     assert crawl_dag.catchup is False and type(crawl_dag.timetable).__name__ == "CronDataIntervalTimetable"
     assert crawl_dag.get_task("crawl").pool == "sketchfab_api"
+    assert crawl_dag.get_task("crawl").max_active_tis_per_dag == 1  # crawls never overlap
     assert [a.uri for a in crawl_dag.get_task("publish_catalogue").outlets] == ["recsketch://catalogue/"]
     assert type(recs_dag.timetable).__name__ == "AssetTriggeredTimetable"
     assert [a.uri for a in recs_dag.get_task("load").outlets] == ["recsketch://recommendations/"]
