@@ -182,6 +182,8 @@ class TopKStore:
 
     def require(self, stage: str) -> TopK:
         topk = self.read()
+        if topk is None and self.path.exists():
+            raise RecsketchError(f"{self.path} is unreadable or from an older release: run the {stage} stage again")
         if topk is None:
             raise RecsketchError(f"{self.path} is missing: run the {stage} stage first")
         return topk

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from recsketch import contracts, pipeline
 from recsketch.config import Settings
+from recsketch.contracts import TopK, TopKStore
 from recsketch.db import store
 from recsketch.errors import StorageFull
 from recsketch.sketchfab.server import Faults
@@ -88,8 +89,7 @@ def _synthetic_topk(folder: Path, n: int = 50_000, k: int = 10) -> None:
     scores = np.sort(rng.random((n, k)).astype(np.float32), axis=1)[:, ::-1]
     for run in ("previous", "r"):
         (folder / "runs" / run).mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "runs" / run / "topk.npz", mids=mids, indices=indices, scores=scores,
-                 backbone=np.array("synthetic"))
+        TopKStore.for_run(folder / "runs" / run).write(TopK(list(mids), indices, scores, "synthetic"))
 
 
 def test_postgres_stopped_during_a_load_then_restarted(private_postgres: PrivatePostgres, tmp_path: Path) -> None:
