@@ -12,6 +12,7 @@ the reason and the crawl goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -300,6 +301,14 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
+def refresh_age(mid: str, max_age: timedelta) -> timedelta:
+    """The age at which this model's likers are refetched: between half the max age and the
+    max age, fixed per model. A catalogue first crawled on one day then comes due over several
+    days, not all on one; no likers ever get older than the max age."""
+    spread = int(hashlib.sha1(mid.encode()).hexdigest()[:8], 16) / 0x1_0000_0000  # [0, 1)
+    return max_age * (1 - spread / 2)
+
+
 def likers_refresh_reason(stored: dict | None, info: ModelInfo, now: datetime, max_age: timedelta) -> str | None:
     """Why a model's likers must be fetched, or None when the stored ones are fresh."""
     if stored is None:
@@ -309,7 +318,7 @@ def likers_refresh_reason(stored: dict | None, info: ModelInfo, now: datetime, m
     if info.like_count is not None and stored["like_count"] != info.like_count:
         return "count_changed"
     fetched_at = _aware(stored["likes_fetched_at"])
-    if fetched_at is None or now - fetched_at >= max_age:
+    if fetched_at is None or now - fetched_at >= refresh_age(info.mid, max_age):
         return "stale"
     return None
 

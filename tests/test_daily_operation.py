@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from recsketch.config import Settings
-from recsketch.crawl import crawl
+from recsketch.crawl import crawl, refresh_age
 from recsketch.db import store
 from recsketch.demo import build_daily_catalog
 from recsketch.likes import threshold_likes
@@ -96,8 +96,15 @@ def test_likes_refetched_for_a_changed_count_or_an_age_and_not_otherwise(month, 
     assert next_day.likes_refreshed == {"count_changed": 1} and next_day.likes_changed == 1
     likers = stored_likers(engine)
     assert "newfan" in likers[changed] and "quietfan" not in likers[hidden]
+    # each model comes due between half the max age and the max age after its fetch
+    due = {mid: refresh_age(mid, MAX_AGE) for mid in truth}
+    assert all(MAX_AGE / 2 <= age <= MAX_AGE for age in due.values()) and len(set(due.values())) > len(truth) / 2
+    three_days = crawl(settings, engine, SketchfabClient(server.url), now=end + timedelta(days=3))
+    assert not three_days.likes_refreshed  # nothing is due before half the max age
     week_later = crawl(settings, engine, SketchfabClient(server.url), now=end + timedelta(days=7))
-    assert week_later.likes_refreshed == {"stale": len(truth) - 1}  # `changed` was fetched a day later
+    expected = sum(timedelta(days=7) >= due[mid] for mid in truth if mid != changed) + (
+        timedelta(days=6) >= due[changed])  # `changed` was fetched a day later
+    assert week_later.likes_refreshed == {"stale": expected} and expected >= len(truth) - 1
     assert "quietfan" in stored_likers(engine)[hidden]
 
 
