@@ -6,12 +6,12 @@ import argparse
 import json
 import logging
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from recsketch.config import BACKBONES, Settings
 from recsketch.contracts import ChunkPlan
 from recsketch.errors import ConfigError, InvalidModelId, RecsketchError, UnknownModel
+from recsketch.timestamps import parse_utc
 
 log = logging.getLogger("recsketch")
 
@@ -28,11 +28,6 @@ def _rate(value: str) -> float:
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be a probability between 0 and 1")
     return number
-
-
-def _moment(value: str) -> datetime:
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fault-bad-json", type=_rate, default=0.0, help="share of API answers with broken JSON")
     serve.add_argument("--latency-ms", type=float, default=0.0, help="added latency per API request")
     serve.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
-    serve.add_argument("--now", type=_moment, default=None,
+    serve.add_argument("--now", type=parse_utc, default=None,
                        help="the server's clock: models and likes after it are hidden (POST /_clock?now= moves it)")
     serve.add_argument("--thumbnail-url", default=None,
                        help="base URL of another host that serves the thumbnails (e.g. a second serve-sketchfab)")
@@ -68,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the whole pipeline, without Airflow")
     _pipeline_options(run)
     run.add_argument("--run-id", help="run id (default manual__<UTC time>)")
-    run.add_argument("--published-since", type=_moment, help="crawl only models published since (ISO 8601)")
+    run.add_argument("--published-since", type=parse_utc, help="crawl only models published since (ISO 8601)")
 
     similar = commands.add_parser("similar", help="recommendations for one model")
     similar.add_argument("mid")
@@ -85,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         _pipeline_options(stage)
         stage.add_argument("--run-id", required=True, help="the run whose folder the stages share")
         if name == "crawl":
-            stage.add_argument("--published-since", type=_moment)
-            stage.add_argument("--published-before", type=_moment)
+            stage.add_argument("--published-since", type=parse_utc)
+            stage.add_argument("--published-before", type=parse_utc)
         if name == "extract":
             stage.add_argument("--chunk", action="append", help="chunk id (default: every planned chunk)")
 

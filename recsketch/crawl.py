@@ -37,6 +37,7 @@ from recsketch.errors import RecsketchError
 from recsketch.features.images import check_image, thumbnail_version
 from recsketch.ids import is_model_id, validate_model_id
 from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
+from recsketch.timestamps import parse_utc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,7 +134,7 @@ def _crawl_model(client: SketchfabClient, settings: Settings, model: ModelInfo,
     result: dict = {"mid": model.mid}
     if fetch_likers:
         try:
-            result["likers"] = client.likers(model.mid)
+            result["likers"] = set(client.likers(model.mid))
         except RecsketchError as exc:
             result["likes_error"] = str(exc)
     if model.thumbnail_url is None:
@@ -251,12 +252,9 @@ def _created_at(entry: object) -> datetime:
     """An entry's ``createdAt`` for the window-end check (unparsable: treated as inside)."""
     raw = entry.get("createdAt") if isinstance(entry, dict) else None
     try:
-        moment = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+        return parse_utc(raw) if isinstance(raw, str) else datetime.min.replace(tzinfo=UTC)
     except ValueError:
-        moment = None
-    if moment is None:
         return datetime.min.replace(tzinfo=UTC)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _prefetched(pages: Iterator[T], last: Callable[[T], bool] = lambda _: False) -> Iterator[T]:
@@ -353,18 +351,17 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
             "thumbnail_url": info.thumbnail_url, "crawled_at": now,
         }
         if "thumbnail" in result:
-            status, reason = result["thumbnail"]
+            status, detail = result["thumbnail"]  # detail: the file's version when ok, else the reason
+            row["thumbnail_status"], row["thumbnail_reason"] = status, None if status == "ok" else detail
             if status == "ok":
-                row["thumbnail_status"], row["thumbnail_reason"], row["thumbnail_version"] = status, None, reason
+                row["thumbnail_version"] = detail
                 stats.thumbnails_ok += 1
             elif status == "missing":
-                row["thumbnail_status"], row["thumbnail_reason"] = status, reason
                 stats.thumbnails_missing += 1
             else:
-                row["thumbnail_status"], row["thumbnail_reason"] = status, reason
-                stats.thumbnails_failed[reason.split(":")[-1].strip()[:60]] += 1
-                stats.problems.append(f"thumbnail of {info.mid}: {reason}")
-                log.warning("thumbnail of %s: %s", info.mid, reason)
+                stats.thumbnails_failed[detail.split(":")[-1].strip()[:60]] += 1
+                stats.problems.append(f"thumbnail of {info.mid}: {detail}")
+                log.warning("thumbnail of %s: %s", info.mid, detail)
         else:
             stats.thumbnails_skipped += 1
             row["thumbnail_status"], row["thumbnail_reason"] = "ok", None
@@ -380,15 +377,15 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
             log.warning("likes of %s: %s", info.mid, result["likes_error"])
         elif "likers" in result:  # like_count is written with the likers, in one transaction
             del row["like_count"]
-            if likes_gap(len(set(result["likers"])), info.like_count):
+            if likes_gap(len(result["likers"]), info.like_count):
                 stats.likes_count_gaps += 1
-                message = (f"likes of {info.mid}: {len(set(result['likers']))} likers fetched, "
+                message = (f"likes of {info.mid}: {len(result['likers'])} likers fetched, "
                            f"likeCount says {info.like_count}")
                 stats.problems.append(message)
                 log.warning(message)
         rows.append(row)
     store.upsert_models(engine, rows)
-    likers: dict[str, set[str]] = {result["mid"]: set(result["likers"]) for result in results if "likers" in result}
+    likers: dict[str, set[str]] = {result["mid"]: result["likers"] for result in results if "likers" in result}
     before = store.likers_of(engine, likers)
     stats.likes_changed += sum(before.get(mid, set()) != uids or stored.get(mid) is None
                                for mid, uids in likers.items())

@@ -10,11 +10,12 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from recsketch.errors import BadInputError
 from recsketch.ids import is_model_id
+from recsketch.timestamps import parse_utc
 
 
 class RecASketchDialect(csv.Dialect):
@@ -89,17 +90,12 @@ def _records(path: Path, header: Sequence[str]) -> Iterable[tuple[int, list[str]
         yield line, [f.strip("\r") for f in fields]
 
 
-def _parse_time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _optional_time(fields: list[str], index: int, column: str, where: str) -> datetime | str | None:
     """An optional ISO 8601 column: the time, None when absent or empty, or the problem."""
     if len(fields) <= index or not fields[index]:
         return None
     try:
-        return _parse_time(fields[index])
+        return parse_utc(fields[index])
     except ValueError:
         return f"{where}: bad {column} {fields[index]!r}"
 

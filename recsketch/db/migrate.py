@@ -10,6 +10,7 @@ already has.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def _config(connection: Connection | None = None) -> Config:
     return config
 
 
+@functools.cache
 def head() -> str:
-    """The revision this code needs."""
+    """The revision this code needs (read from the shipped revisions once per process)."""
     revision = ScriptDirectory.from_config(_config()).get_current_head()
     assert revision is not None  # the package ships its revisions
     return revision
@@ -79,15 +81,12 @@ def check(engine: Engine, *, initialise: bool) -> None:
     revision, needed = current(engine), head()
     if revision == needed:
         return
-    if initialise:
-        with engine.connect() as conn:
-            empty = _is_empty(conn)
-        if empty:
-            upgrade(engine)
-            return
     if revision is None:
         with engine.connect() as conn:
             empty = _is_empty(conn)
+        if empty and initialise:
+            upgrade(engine)
+            return
         if empty:
             raise SchemaBehind(f"the recommendations DB at {engine.url!r} is empty: run the pipeline "
                                "(or `recsketch db upgrade`) first")

@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 
 from recsketch.errors import ApiError, BadInputError, PermanentApiError, RetryAfterTooLong
 from recsketch.ids import validate_model_id
+from recsketch.timestamps import parse_utc
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,9 @@ def _timestamp(entry: dict[str, Any], key: str, mid: str) -> datetime | None:
     if not isinstance(raw, str) or not raw:
         return None
     try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return parse_utc(raw)
     except ValueError:
         raise BadInputError(f"model {mid}: {key} {raw!r} is not ISO 8601") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_model(entry: object, thumbnail_min_side: int = 224) -> ModelInfo:

@@ -29,6 +29,7 @@ from PIL import Image
 from recsketch.errors import BadInputError
 from recsketch.ids import is_model_id
 from recsketch.psv import read_likes, read_models
+from recsketch.timestamps import parse_utc
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,6 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-def _parse_moment(value: str) -> datetime:
-    """A date (``2026-11-25``, as documented) or a datetime; naive means UTC."""
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def letterboxed(square: Path, width: int, height: int) -> bytes:
     """A 16:9 JPEG of the square thumbnail: scaled to the height, centred on a grey canvas.
     A file that is no image is served as it is (tests of the crawler's checks rely on that)."""
@@ -264,7 +259,7 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         if url.path != "/_clock" or "now" not in query:
             return self._error(HTTPStatus.NOT_FOUND, "Not found.")
         try:
-            self.server.now = _parse_moment(query["now"])
+            self.server.now = parse_utc(query["now"])
         except ValueError:
             return self._error(HTTPStatus.BAD_REQUEST, "Invalid now.")
         return self._json(HTTPStatus.OK, {"now": _iso(self.server.now)})
@@ -316,7 +311,7 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         since = query.get("published_since")
         if since:
             try:
-                moment = _parse_moment(since)
+                moment = parse_utc(since)
             except ValueError:
                 return self._error(HTTPStatus.BAD_REQUEST, "Invalid published_since: expected a date.")
             models = [m for m in models if m.published_at >= moment]
