@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from recsketch.errors import BadImageError
 
-# Sketchfab thumbnails are 200x200; anything above ~16 MP is a decompression bomb here.
+# Sketchfab thumbnails are at most 1920×1080 (2 MP); anything above ~16 MP is a decompression bomb here.
 MAX_PIXELS = 16_000_000
 MIN_SIDE = 8
 
