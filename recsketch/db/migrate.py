@@ -57,12 +57,17 @@ def _is_empty(conn: Connection) -> bool:
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Apply the migrations up to ``revision``; returns (before, after). Serialised on
-    PostgreSQL by an advisory lock; on SQLite a racing migrator that loses simply retries."""
+    PostgreSQL by an advisory lock, on SQLite by its write lock; either way all of it commits
+    or none (a killed migrator leaves the database as it was)."""
     for attempt in range(5):
         try:
             with engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
+                else:  # pysqlite runs DDL outside any transaction unless one is begun by hand: a
+                    # migrator killed half-way would leave half a schema. IMMEDIATE also takes
+                    # the write lock, so racing migrators wait for each other.
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 before = MigrationContext.configure(conn).get_current_revision()
                 if before is None and not _is_empty(conn):
                     command.stamp(_config(conn), FIRST_RELEASE)  # made before migrations existed
