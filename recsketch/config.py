@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from recsketch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recsketch.storage import Location
 
 SKETCHFAB_API_URL = "https://api.sketchfab.com"
 SKETCHFAB_WEB_URL = "https://sketchfab.com"
@@ -79,7 +82,8 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data_dir: Path = Path("data")
+    data_dir: Path | str = Path("data")  # a folder, or an object-store URL (s3://bucket/prefix)
+    storage_conn_id: str | None = None  # inside Airflow: the object store's connection (recsketch.storage)
     database_url: str | None = None
     sketchfab_url: str = SKETCHFAB_API_URL
     sketchfab_web_url: str | None = None
@@ -105,6 +109,16 @@ class Settings(BaseModel):
     retry_after_max_s: float = Field(300.0, ge=0)  # a longer Retry-After fails the crawl (it resumes later)
     preprocess: Literal["crop", "seed"] = "crop"  # crop: short side, centre crop; seed: stretched (load_img)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, value: object) -> object:
+        """A URL of an object store stays a string; any other value is a local Path."""
+        from recsketch.storage import is_object_store_url, local_path_of
+
+        if is_object_store_url(value):
+            return str(value).rstrip("/")
+        return local_path_of(value) if isinstance(value, str) else value
+
     @field_validator("sketchfab_url", "sketchfab_web_url")
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
@@ -122,6 +136,8 @@ class Settings(BaseModel):
         source = os.environ if env is None else env
         values: dict[str, object] = {}
         for name in cls.model_fields:
+            if name == "storage_conn_id":  # an Airflow connection: only tasks use it (hooks.airflow_settings)
+                continue
             raw = source.get(f"RECSKETCH_{name.upper()}")
             if raw is None or raw == "":
                 continue
@@ -152,6 +168,10 @@ class Settings(BaseModel):
         """The recommendations DB; by default an SQLite file inside the data dir."""
         if self.database_url:
             return self.database_url
+        if not isinstance(self.data_dir, Path):
+            raise ConfigError(f"RECSKETCH_DATA_DIR is an object store ({self.data_dir}) and the default "
+                              "recommendations DB is an SQLite file inside it: set RECSKETCH_DATABASE_URL "
+                              "(or the recsketch_db connection) to a PostgreSQL URL")
         return f"sqlite:///{(self.data_dir / 'recsketch.sqlite').resolve()}"
 
     @property
@@ -177,12 +197,19 @@ class Settings(BaseModel):
         return SKETCHFAB_MEDIA_HOSTS if self.sketchfab_url == SKETCHFAB_API_URL else ()
 
     @property
-    def thumbs_dir(self) -> Path:
-        return self.data_dir / "thumbs"
+    def data_root(self) -> Location:
+        """The data dir as a Location: a Path, or an object-store key prefix."""
+        from recsketch.storage import location
+
+        return location(self.data_dir, self.storage_conn_id)
 
     @property
-    def features_dir(self) -> Path:
-        return self.data_dir / "features"
+    def thumbs_dir(self) -> Location:
+        return self.data_root / "thumbs"
 
-    def run_dir(self, run_id: str) -> Path:
-        return self.data_dir / "runs" / run_id
+    @property
+    def features_dir(self) -> Location:
+        return self.data_root / "features"
+
+    def run_dir(self, run_id: str) -> Location:
+        return self.data_root / "runs" / run_id

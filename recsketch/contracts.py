@@ -11,20 +11,23 @@ Stages run in separate processes (Airflow tasks, CLI commands) and meet in the r
 | ``TopK`` | ``topk.npz`` (run), ``topk-latest-exact.npz`` (backbone) | ``TopKStore`` | load, the next incremental run |
 
 Every write is atomic (``recsketch.files``); a missing file names the stage to run first.
+The folder is a ``recsketch.storage.Location``: a local path or an object-store prefix.
+No reader lists it: each object is read by the exact key a plan names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from recsketch import files
 from recsketch.errors import RecsketchError
+from recsketch.storage import Location
 
 VALID_MODELS_FILE = "valid_models.json"
 PLAN_FILE = "chunk_plan.json"
@@ -32,10 +35,10 @@ SIMILARITY_PLAN_FILE = "similarity_plan.json"
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
 SHARD_PREFIX = "similarity-shard-"
-REDUCED_FEATURES_FILE = "similarity_features.npy"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
+REDUCED_FEATURES_PREFIX = "similarity-features-"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
 
 
-def _read_json(path: Path, stage: str) -> Any:
+def _read_json(path: Location, stage: str) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -44,7 +47,7 @@ def _read_json(path: Path, stage: str) -> Any:
         raise RecsketchError(f"{path} is not valid JSON ({exc}): run the {stage} stage again") from None
 
 
-def _write_json(path: Path, payload: object) -> None:
+def _write_json(path: Location, payload: object) -> None:
     files.write_text(path, json.dumps(payload, indent=1))
 
 
@@ -54,11 +57,11 @@ class ValidModels:
 
     versions: dict[str, str]
 
-    def write(self, folder: Path) -> None:
+    def write(self, folder: Location) -> None:
         _write_json(folder / VALID_MODELS_FILE, self.versions)
 
     @classmethod
-    def read(cls, folder: Path) -> ValidModels:
+    def read(cls, folder: Location) -> ValidModels:
         payload = _read_json(folder / VALID_MODELS_FILE, "threshold")
         if isinstance(payload, list):  # a plain list of mids: unversioned (synthetic runs)
             return cls(dict.fromkeys((str(mid) for mid in payload), ""))
@@ -77,11 +80,11 @@ class ChunkPlan:
     backbone_key: str
     chunks: dict[str, list[str]]
 
-    def write(self, folder: Path) -> None:
+    def write(self, folder: Location) -> None:
         _write_json(folder / PLAN_FILE, {"backbone_key": self.backbone_key, "chunks": self.chunks})
 
     @classmethod
-    def read(cls, folder: Path) -> ChunkPlan:
+    def read(cls, folder: Location) -> ChunkPlan:
         payload = _read_json(folder / PLAN_FILE, "plan")
         try:
             return cls(str(payload["backbone_key"]),
@@ -98,6 +101,7 @@ class SimilarityPlan:
     mode: str
     mids: list[str] | None = None
     recall_at_k: float | None = None  # set when the features were PCA-reduced
+    shards: list[tuple[int, int]] = field(default_factory=list)  # row blocks [first, last)
 
     @property
     def sharded(self) -> bool:
@@ -107,20 +111,22 @@ class SimilarityPlan:
     def reduced(self) -> bool:
         return self.recall_at_k is not None
 
-    def write(self, folder: Path) -> None:
-        payload: dict[str, object] = {"mode": self.mode, "mids": self.mids}
+    def write(self, folder: Location) -> None:
+        payload: dict[str, object] = {"mode": self.mode, "mids": self.mids,
+                                      "shards": [list(shard) for shard in self.shards]}
         if self.recall_at_k is not None:
             payload["recall_at_k"] = self.recall_at_k
         _write_json(folder / SIMILARITY_PLAN_FILE, payload)
 
     @classmethod
-    def read(cls, folder: Path) -> SimilarityPlan:
+    def read(cls, folder: Location) -> SimilarityPlan:
         payload = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
         try:
             mids = payload["mids"]
             recall = payload.get("recall_at_k")
+            shards = [(int(first), int(last)) for first, last in payload.get("shards", [])]
             return cls(str(payload["mode"]), None if mids is None else [str(m) for m in mids],
-                       None if recall is None else float(recall))
+                       None if recall is None else float(recall), shards)
         except (KeyError, TypeError, AttributeError):
             raise RecsketchError(f"{folder / SIMILARITY_PLAN_FILE} is not a similarity plan: "
                                  "run plan_similarity again") from None
@@ -129,6 +135,11 @@ class SimilarityPlan:
         if self.mids is None:
             raise RecsketchError(f"similarity plan {self.mode!r} has no shards to compute")
         return self.mids
+
+    @property
+    def digest(self) -> str:
+        """Names this plan's shard objects, so a shard of another plan is never merged."""
+        return hashlib.sha1("\n".join([self.mode, *(self.mids or [])]).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -156,15 +167,15 @@ class TopKStore:
     """One top-k result file, written atomically: a run's (``for_run``) or the backbone's
     latest exact result (``latest``), the base of the next incremental run."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self.path = path
 
     @classmethod
-    def for_run(cls, folder: Path) -> TopKStore:
+    def for_run(cls, folder: Location) -> TopKStore:
         return cls(folder / TOPK_FILE)
 
     @classmethod
-    def latest(cls, features_root: Path) -> TopKStore:
+    def latest(cls, features_root: Location) -> TopKStore:
         return cls(features_root / LATEST_TOPK_FILE)
 
     def write(self, topk: TopK) -> None:
@@ -174,10 +185,10 @@ class TopKStore:
     def read(self) -> TopK | None:
         """The stored result, or None when there is none (or it is unreadable: recomputed)."""
         try:
-            with np.load(self.path, allow_pickle=False) as data:
-                return TopK([str(m) for m in data["mids"]], data["indices"], data["scores"],
-                            str(data["backbone_key"]), [str(v) for v in data["versions"]])
-        except (OSError, KeyError, ValueError):
+            data = files.load_npz(self.path)
+            return TopK([str(m) for m in data["mids"]], data["indices"], data["scores"],
+                        str(data["backbone_key"]), [str(v) for v in data["versions"]])
+        except (OSError, KeyError, ValueError, EOFError):
             return None
 
     def require(self, stage: str) -> TopK:
@@ -189,27 +200,32 @@ class TopKStore:
         return topk
 
 
-def shard_path(folder: Path, first: int, last: int) -> Path:
-    return folder / f"{SHARD_PREFIX}{first:09d}-{last:09d}.npz"
+def reduced_features_file(plan: SimilarityPlan) -> str:
+    return f"{REDUCED_FEATURES_PREFIX}{plan.digest}.npy"
 
 
-def write_shard(folder: Path, first: int, last: int, indices: np.ndarray, scores: np.ndarray) -> None:
-    files.save_npz(shard_path(folder, first, last), indices=indices, scores=scores)
+def shard_path(folder: Location, plan: SimilarityPlan, first: int, last: int) -> Location:
+    return folder / f"{SHARD_PREFIX}{plan.digest}-{first:09d}-{last:09d}.npz"
 
 
-def read_shards(folder: Path) -> tuple[int, np.ndarray, np.ndarray]:
-    """(shard count, indices, scores) of every shard in the folder, in row order."""
-    paths = sorted(folder.glob(f"{SHARD_PREFIX}*.npz"))
+def write_shard(folder: Location, plan: SimilarityPlan, first: int, last: int, indices: np.ndarray,
+                scores: np.ndarray) -> None:
+    files.save_npz(shard_path(folder, plan, first, last), indices=indices, scores=scores)
+
+
+def read_shards(folder: Location, plan: SimilarityPlan) -> tuple[int, np.ndarray, np.ndarray]:
+    """(shards found, indices, scores) of the plan's shards, by their exact keys, in row order;
+    a missing shard raises, naming it."""
     index_parts, score_parts = [], []
-    for path in paths:
-        with np.load(path, allow_pickle=False) as part:
-            index_parts.append(part["indices"])
-            score_parts.append(part["scores"])
-    if not paths:
+    for first, last in plan.shards:
+        path = shard_path(folder, plan, first, last)
+        try:
+            part = files.load_npz(path)
+        except FileNotFoundError:
+            raise RecsketchError(f"similarity shard rows {first}-{last} ({path}) is missing: "
+                                 "run the similarity shards again") from None
+        index_parts.append(part["indices"])
+        score_parts.append(part["scores"])
+    if not index_parts:
         return 0, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
-    return len(paths), np.concatenate(index_parts), np.concatenate(score_parts)
-
-
-def clear_shards(folder: Path) -> None:
-    for stale in folder.glob(f"{SHARD_PREFIX}*.npz"):
-        stale.unlink()
+    return len(index_parts), np.concatenate(index_parts), np.concatenate(score_parts)

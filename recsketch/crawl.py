@@ -37,6 +37,7 @@ from recsketch.errors import RecsketchError
 from recsketch.features.images import check_image, thumbnail_version
 from recsketch.ids import is_model_id, validate_model_id
 from recsketch.sketchfab.client import ModelInfo, SketchfabClient, parse_model
+from recsketch.storage import Location
 from recsketch.timestamps import parse_utc
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class CrawlStats:
         return data
 
 
-def thumbnail_path(settings: Settings, mid: str) -> Path:
+def thumbnail_path(settings: Settings, mid: str) -> Location:
     """Where a model's thumbnail lives; ``mid`` is validated first, so no path tricks."""
     return settings.thumbs_dir / f"{validate_model_id(mid, source='thumbnail')}.jpg"
 
@@ -89,26 +90,31 @@ class ThumbnailIndex:
     A file is written before its model's page reaches the DB, so after a kill the DB may not
     know a thumbnail that is on disk; this index does, and the resumed crawl skips it. The
     index is append-only; a torn last line (killed mid-write) is ignored.
+
+    An object store can't append: there the index is off, and a crawl killed mid-page
+    downloads that page's thumbnails again (each is one whole PUT, never half an object).
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "index.tsv"
+    def __init__(self, folder: Location) -> None:
+        self.path = folder / "index.tsv" if isinstance(folder, Path) else None
         self._lock = threading.Lock()
         self.urls: dict[str, str] = {}
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 mid, _, url = line.partition("\t")
                 if is_model_id(mid) and url.startswith(("http://", "https://")):
                     self.urls[mid] = url
 
     def add(self, mid: str, url: str) -> None:
+        if self.path is None:
+            return
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(f"{mid}\t{url}\n")
             self.urls[mid] = url
 
-    def has(self, mid: str, url: str | None, path: Path) -> bool:
+    def has(self, mid: str, url: str | None, path: Location) -> bool:
         return url is not None and self.urls.get(mid) == url and path.is_file()
 
 
@@ -165,7 +171,7 @@ def crawl(
     *,
     published_since: datetime | None = None,
     published_before: datetime | None = None,
-    run_dir: Path | None = None,
+    run_dir: Location | None = None,
     progress: Callable[[str], None] = log.info,
     now: datetime | None = None,
 ) -> CrawlStats:
@@ -325,7 +331,7 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
                 index: ThumbnailIndex, infos: list[ModelInfo], stats: CrawlStats, now: datetime) -> None:
     mids = [info.mid for info in infos]
     columns = [models_table.c[name] for name in ("mid", "thumbnail_url", "thumbnail_status", "like_count",
-                                                 "likes_complete", "likes_fetched_at")]
+                                                 "likes_complete", "likes_fetched_at", "thumbnail_version")]
     with engine.connect() as conn:
         stored = {row["mid"]: dict(row) for row in
                   conn.execute(select(*columns).where(models_table.c.mid.in_(mids))).mappings()}
@@ -335,8 +341,10 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
         row = stored.get(info.mid) or {}
         url, status = row.get("thumbnail_url"), row.get("thumbnail_status")
         path = thumbnail_path(settings, info.mid)
-        if status == "ok" and url == info.thumbnail_url and path.is_file():
-            return True
+        if status == "ok" and url == info.thumbnail_url:
+            # a local file is checked (a deleted one is fetched again); an object store is
+            # trusted, not asked once per listed model every day
+            return path.is_file() if isinstance(path, Path) else bool(row.get("thumbnail_version"))
         return status != "failed" and index.has(info.mid, info.thumbnail_url, path)
 
     reasons = {info.mid: likers_refresh_reason(stored.get(info.mid), info, now, max_age) for info in infos}

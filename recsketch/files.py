@@ -1,12 +1,17 @@
-"""Atomic file writes: every file recsketch keeps appears whole or not at all.
+"""Atomic writes: every file or object recsketch keeps appears whole or not at all.
 
-Written to a temp name beside the target and renamed over it, so a reader (or a rerun after
-a kill) sees the old file or the complete new one; a write that fails removes its temp file.
+On a local disk a file is written to a temp name beside the target and renamed over it, so
+a reader (or a rerun after a kill) sees the old file or the complete new one; a write that
+fails removes its temp file. A write-once file (:func:`create_bytes`) is linked into place,
+which fails if the name exists. On an object store (``recsketch.storage.ObjectLocation``)
+there is no rename: a whole object is one PUT, and write-once is a PUT with
+``If-None-Match: *``; either way no reader ever sees part of an object.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 from collections.abc import Iterator
@@ -17,6 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from recsketch.errors import StorageFull
+from recsketch.storage import Location
 
 _HOST = socket.gethostname().replace(".", "_")
 
@@ -72,22 +78,78 @@ def atomic_write(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
         raise
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_write(path) as handle:
+def write_bytes(path: Location, data: bytes, *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` whole (rename locally, one PUT on an object store)."""
+    if not isinstance(path, Path):
+        path.write_bytes(data)
+        return
+    with atomic_write(path, fsync=fsync) as handle:
         handle.write(data)
 
 
-def save_npz(path: Path, *, fsync: bool = False, **arrays: np.ndarray) -> None:
-    with atomic_write(path, fsync=fsync) as handle:
-        np.savez(handle, allow_pickle=False, **arrays)
+def create_bytes(path: Location, data: bytes, *, fsync: bool = False) -> bool:
+    """Write-once: store ``data`` at ``path`` unless something is there; True if this call wrote it.
+
+    Locally the complete temp file is hard-linked to the name (``link`` fails if the name
+    exists, atomically); on an object store it is a conditional PUT.
+    """
+    if not isinstance(path, Path):
+        return path.create(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, os.getpid())
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"disk full while writing {path}: the partial file was removed and nothing "
+                              "else changed; free space on that disk and rerun") from exc
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path) as handle:
-        np.save(handle, array)
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()
 
 
-def write_text(path: Path, text: str) -> None:
+def save_npz(path: Location, *, fsync: bool = False, **arrays: np.ndarray) -> None:
+    if isinstance(path, Path):  # streamed to the temp file: no second copy in memory
+        with atomic_write(path, fsync=fsync) as handle:
+            np.savez(handle, allow_pickle=False, **arrays)
+        return
+    write_bytes(path, npz_bytes(**arrays))
+
+
+def load_npz(path: Location) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (FileNotFoundError if absent; a damaged one raises what numpy raises)."""
+    source: Path | io.BytesIO = path if isinstance(path, Path) else io.BytesIO(path.read_bytes())
+    with np.load(source, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_npy(path: Location, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_npy(path: Location) -> np.ndarray:
+    if isinstance(path, Path):
+        return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
+def write_text(path: Location, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 

@@ -14,11 +14,12 @@ import asyncio
 from collections.abc import Callable
 from functools import cached_property
 from html import escape
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -181,15 +182,22 @@ def create_app(settings_factory: Callable[[], Settings], authenticate: Callable[
             raise HTTPException(404, str(exc)) from None
 
     @app.get("/thumbs/{name}")
-    async def thumbnail(name: str) -> FileResponse:
+    async def thumbnail(name: str) -> Response:
         mid = name.removesuffix(".jpg")
         try:
             path = thumbnail_path(gallery.settings, validate_model_id(mid, source="thumbnail name"))
         except InvalidModelId as exc:
             raise HTTPException(400, str(exc)) from None
-        if not path.is_file():
-            raise HTTPException(404, f"no thumbnail stored for {mid}")
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if isinstance(path, Path):
+            if not path.is_file():
+                raise HTTPException(404, f"no thumbnail stored for {mid}")
+            return FileResponse(path, media_type="image/jpeg", headers=headers)
+        try:  # an object store: one GET, off the event loop
+            body = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise HTTPException(404, f"no thumbnail stored for {mid}") from None
+        return Response(body, media_type="image/jpeg", headers=headers)
 
     @app.exception_handler(RecsketchError)
     async def recsketch_error(_request: Any, exc: RecsketchError) -> HTMLResponse:

@@ -2,14 +2,18 @@
 
 ``sketchfab_default`` (HTTP: host = API base URL, password = API token, extra ``web_url``)
 and ``recsketch_db`` (a database connection: the recommendations DB) are the Airflow way to
-configure a deployment. Where a connection is not defined, the environment (``RECSKETCH_*``)
-stays in charge, exactly as for ``recsketch run``. Only the DAG's tasks and the UI plugin
+configure a deployment; ``recsketch_storage`` (an AWS connection: login, password and
+``endpoint_url`` in extra) reaches an object-store data dir through ``ObjectStoragePath``.
+Where a connection is not defined, the environment (``RECSKETCH_*``) stays in charge,
+exactly as for ``recsketch run``. Only the DAG's tasks and the UI plugin
 import this module: the library and the CLI never need Airflow.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SKETCHFAB_CONN_ID = "sketchfab_default"
 RECSKETCH_DB_CONN_ID = "recsketch_db"
+STORAGE_CONN_ID = "recsketch_storage"  # the object store's connection (RECSKETCH_STORAGE_CONN_ID)
 
 # Airflow connection types -> SQLAlchemy drivers
 # the recommendations store writes PostgreSQL (COPY, the atomic swap) or SQLite, nothing else
@@ -112,5 +117,9 @@ def airflow_settings(**overrides: Any) -> Settings:
     log.info("settings: Sketchfab API %s (%s), recommendations DB from %s", sketchfab.get("sketchfab_url",
              settings.sketchfab_url), "connection " + SKETCHFAB_CONN_ID if sketchfab else "environment",
              "connection " + RECSKETCH_DB_CONN_ID if database_url else "environment")
-    settings = settings.with_overrides(**sketchfab, database_url=database_url)
+    storage_conn_id = os.environ.get("RECSKETCH_STORAGE_CONN_ID") or STORAGE_CONN_ID
+    settings = settings.with_overrides(**sketchfab, database_url=database_url, storage_conn_id=storage_conn_id)
+    if not isinstance(settings.data_dir, Path):
+        log.info("settings: artefacts in %s through ObjectStoragePath (connection %s)", settings.data_dir,
+                 storage_conn_id)
     return settings.with_overrides(**overrides)

@@ -1,9 +1,9 @@
 """The pipeline's stages as plain functions: the CLI and the Airflow DAG both call these.
 
 Stages hand over through the catalogue DB and the typed objects of ``recsketch.contracts``
-(files in the run's folder, ``<data dir>/runs/<run id>/``), so each stage can run in its own
-process or worker and be retried alone. Every stage is idempotent: rerunning it gives the
-same result.
+(objects in the run's folder, ``<data dir>/runs/<run id>/``, on a local disk or an object
+store), so each stage can run in its own process or worker, on any host, and be retried
+alone. Every stage is idempotent: rerunning it gives the same result.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from recsketch import files
 from recsketch.config import INPUT_SIZE, Settings
 from recsketch.contracts import (
     PLAN_FILE,
-    REDUCED_FEATURES_FILE,
     ChunkPlan,
     SimilarityPlan,
     TopK,
     TopKStore,
     ValidModels,
-    clear_shards,
     read_shards,
+    reduced_features_file,
     write_shard,
 )
 from recsketch.crawl import crawl, thumbnail_path
@@ -42,6 +41,7 @@ from recsketch.likes import threshold_likes
 from recsketch.ratelimit import SharedRateLimiter
 from recsketch.similarity import merge_new_items, normalise, recall_at_k, reduce_dimensions, top_k_cosine
 from recsketch.sketchfab.client import SketchfabClient
+from recsketch.storage import Location
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -50,22 +50,23 @@ def new_run_id() -> str:
     return "manual__" + datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
-def run_dir(settings: Settings, run_id: str) -> Path:
-    """The run's folder; the run id is reduced to characters that are safe in a path."""
+def run_dir(settings: Settings, run_id: str) -> Location:
+    """The run's folder; the run id is reduced to characters that are safe in a path or key."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._") or "run"
     path = settings.run_dir(safe)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _sweep(progress: Progress, *folders: Path) -> None:
-    """Drop temp files a killed process left behind (their targets are intact)."""
+def _sweep(progress: Progress, *folders: Location) -> None:
+    """Drop temp files a killed process left behind (their targets are intact). Local disks
+    only: an object store has no temp objects (a killed PUT leaves nothing visible)."""
     for folder in folders:
-        if folder.is_dir() and (removed := files.sweep_stale_temps(folder)):
+        if isinstance(folder, Path) and folder.is_dir() and (removed := files.sweep_stale_temps(folder)):
             progress(f"removed {removed} temp files left by a killed process in {folder}")
 
 
-def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime | None = None,
+def crawl_stage(settings: Settings, folder: Location, *, published_since: datetime | None = None,
                 published_before: datetime | None = None, progress: Progress = log.info,
                 now: datetime | None = None) -> dict:
     """Crawl the API into the catalogue DB and the thumbnail store, within the deployment's one
@@ -88,7 +89,7 @@ def crawl_stage(settings: Settings, folder: Path, *, published_since: datetime |
     return {k: v for k, v in stats.as_dict().items() if k != "problems"}
 
 
-def threshold_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+def threshold_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
     """Models that survive the like threshold and have a thumbnail: the run's item set, each
     with its thumbnail's version (features are keyed by it)."""
     engine = store.connect(settings.resolved_database_url)
@@ -119,7 +120,7 @@ def _file_version(settings: Settings, mid: str) -> str:
         return ""
 
 
-def plan_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
+def plan_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
     """Split the valid models that have no features yet into chunks; returns the chunk ids."""
     valid = ValidModels.read(folder)
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
@@ -131,7 +132,7 @@ def plan_stage(settings: Settings, folder: Path, progress: Progress = log.info) 
     return sorted(plan.chunks)
 
 
-def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Progress = log.info) -> dict:
+def extract_stage(settings: Settings, folder: Location, chunk_id: str, progress: Progress = log.info) -> dict:
     """Extract one planned chunk (a no-op if the chunk is already written)."""
     plan = ChunkPlan.read(folder)
     if chunk_id not in plan.chunks:
@@ -149,9 +150,12 @@ def extract_stage(settings: Settings, folder: Path, chunk_id: str, progress: Pro
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 
 
-def _valid_features(settings: Settings, valid: ValidModels,
-                    progress: Progress) -> tuple[ChunkStore, list[str], np.ndarray]:
+def _valid_features(settings: Settings, valid: ValidModels, progress: Progress,
+                    plan: ChunkPlan | None = None) -> tuple[ChunkStore, list[str], np.ndarray]:
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
+    if plan is not None:  # the chunks this run extracted join the manifest (its one writer)
+        added = chunk_store.register(plan.chunks)
+        progress(f"similarity: {added} new chunks registered in {chunk_store.manifest_path}")
     mids, features, failed = chunk_store.load_features(valid.versions)
     missing = len(valid) - len(mids) - len(failed)
     if missing:
@@ -163,12 +167,11 @@ def _valid_features(settings: Settings, valid: ValidModels,
     return chunk_store, mids, features
 
 
-def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> list[str]:
+def plan_similarity_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
     """Incremental or unchanged: computed here, no shards. Full: the row-block shards to map."""
     valid = ValidModels.read(folder)
-    chunk_store, mids, features = _valid_features(settings, valid, progress)
+    chunk_store, mids, features = _valid_features(settings, valid, progress, _chunk_plan_if_any(folder))
     _sweep(progress, chunk_store.root, folder)
-    clear_shards(folder)
     increment = None if settings.pca_dim else _incremental_top_k(chunk_store, mids, features, settings.top_k,
                                                                  valid.versions)
     if increment is not None:
@@ -177,31 +180,42 @@ def plan_similarity_stage(settings: Settings, folder: Path, progress: Progress =
         SimilarityPlan(mode).write(folder)
         progress(f"similarity: top-{topk.k} for {len(topk.mids)} models, {mode}")
         return []
-    plan = SimilarityPlan("full", mids)
+    step = settings.similarity_shard_rows
+    shards = [(first, min(len(mids), first + step)) for first in range(0, len(mids), step)]
+    plan = SimilarityPlan("full", mids, shards=shards)
     if settings.pca_dim:  # one projection for every shard: computed here, stored with the run
         reduced = reduce_dimensions(features, settings.pca_dim)
         sample = (0, min(len(mids), 500))
         recall = recall_at_k(top_k_cosine(features, settings.top_k, rows=sample)[0],
                              top_k_cosine(reduced, settings.top_k, rows=sample)[0])
-        files.save_npy(folder / REDUCED_FEATURES_FILE, reduced)
-        plan = SimilarityPlan(f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", mids, round(recall, 4))
+        plan = SimilarityPlan(f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", mids, round(recall, 4),
+                              shards)
+        files.save_npy(folder / reduced_features_file(plan), reduced)
         progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
                  f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
     plan.write(folder)
-    step = settings.similarity_shard_rows
-    shards = [f"{first}-{min(len(mids), first + step)}" for first in range(0, len(mids), step)]
     progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
              f"in {len(shards)} shards of up to {step} rows")
-    return shards
+    return [f"{first}-{last}" for first, last in shards]
 
 
-def similarity_shard_stage(settings: Settings, folder: Path, shard: str, progress: Progress = log.info) -> dict:
+def _chunk_plan_if_any(folder: Location) -> ChunkPlan | None:
+    """The run's chunk plan (absent when similarity runs on chunks made outside a plan)."""
+    try:
+        return ChunkPlan.read(folder)
+    except RecsketchError:
+        return None
+
+
+def similarity_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
     """One row block of the full top-k: rows first..last against every model."""
     first, last = (int(part) for part in shard.split("-"))
     plan = SimilarityPlan.read(folder)
     order = plan.ordered_mids()
+    if (first, last) not in plan.shards:
+        raise RecsketchError(f"rows {shard} are not a shard of the similarity plan in {folder}")
     if plan.reduced:  # PCA: the plan's snapshot is self-contained
-        features = np.load(folder / REDUCED_FEATURES_FILE)
+        features = files.load_npy(folder / reduced_features_file(plan))
     else:
         _, mids, features = _valid_features(settings, ValidModels.read(folder), lambda _: None)
         if mids != order:
@@ -209,22 +223,20 @@ def similarity_shard_stage(settings: Settings, folder: Path, shard: str, progres
     started = time.monotonic()
     features = normalise(features, copy=False)  # a fresh matrix: no need for a second one
     indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last), normalised=True)
-    write_shard(folder, first, last, indices, scores)
+    write_shard(folder, plan, first, last, indices, scores)
     progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s")
     return {"shard": shard, "rows": last - first}
 
 
-def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+def merge_similarity_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
     """Join the shards (if the run was full) into the run's top-k and the backbone's latest."""
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
     plan = SimilarityPlan.read(folder)
     shards = 0
     if plan.sharded:
         order = plan.ordered_mids()
-        shards, indices, scores = read_shards(folder)
-        if not shards:
-            raise RecsketchError(f"no similarity shard results in {folder}: run the similarity shards first")
+        shards, indices, scores = read_shards(folder, plan)
         if len(indices) != len(order):
             raise RecsketchError(f"{shards} shards cover {len(indices)} of {len(order)} rows: "
                                  "a shard is missing, run the similarity shards again")
@@ -240,14 +252,14 @@ def merge_similarity_stage(settings: Settings, folder: Path, progress: Progress 
     return summary
 
 
-def similarity_stage(settings: Settings, folder: Path, progress: Progress = log.info) -> dict:
+def similarity_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
     """The whole similarity step in this process (``recsketch run`` / ``recsketch similarity``)."""
     for shard in plan_similarity_stage(settings, folder, progress):
         similarity_shard_stage(settings, folder, shard, progress)
     return merge_similarity_stage(settings, folder, progress)
 
 
-def _finish_similarity(chunk_store: ChunkStore, folder: Path, topk: TopK, exact: bool) -> None:
+def _finish_similarity(chunk_store: ChunkStore, folder: Location, topk: TopK, exact: bool) -> None:
     """The run's top-k; and, for exact runs, the backbone's latest, the base of the next
     incremental run. A PCA result never becomes that base."""
     TopKStore.for_run(folder).write(topk)
@@ -278,7 +290,7 @@ def _incremental_top_k(chunk_store: ChunkStore, mids: list[str], features: np.nd
     return topk, f"incremental ({len(new)} new x {len(order)})"
 
 
-def load_stage(settings: Settings, folder: Path, run_id: str, progress: Progress = log.info) -> dict:
+def load_stage(settings: Settings, folder: Location, run_id: str, progress: Progress = log.info) -> dict:
     """Replace the served recommendations with this run's, atomically."""
     topk = TopKStore.for_run(folder).require("similarity")
     rows = topk.rows()

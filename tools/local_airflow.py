@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from tools.processes import ProcessGroup, Stopped, stop_on_signals, wait_for_stop
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,12 +67,13 @@ class LocalAirflow:
     """One Airflow deployment in ``home``; ``start()`` returns when the REST API answers."""
 
     def __init__(self, home: Path, *, port: int, metadata_url: str, env: dict[str, str] | None = None,
-                 parallelism: int = 2, unpause: bool = False) -> None:
+                 parallelism: int = 2, unpause: bool = False, components: tuple[str, ...] = COMPONENTS) -> None:
         self.home = home
+        self.components = components
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.password = secrets.token_urlsafe(12)
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.group = ProcessGroup()
         home.mkdir(parents=True, exist_ok=True)
         (home / "passwords.json").write_text(json.dumps({ADMIN: self.password}))
         self.env = {
@@ -108,17 +110,12 @@ class LocalAirflow:
     def start(self, timeout_s: float = 180) -> LocalAirflow:
         self.airflow("db", "migrate")
         self.airflow("pools", "set", "sketchfab_api", "2", "concurrent Sketchfab API tasks")
-        for name in COMPONENTS:
-            log = (self.home / f"{name}.log").open("ab")
-            args = [str(BIN / "airflow"), name] + (["--port", str(self.port)] if name == "api-server" else [])
-            self.processes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                    start_new_session=True)
+        for name in self.components:
+            args = [str(BIN / "airflow"), *name.split()] + (["--port", str(self.port)] if name == "api-server" else [])
+            self.group.start(name, args, env=self.env, log=self.home / f"{name}.log")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    raise RuntimeError(f"airflow {name} exited with {process.returncode}: "
-                                       f"{(self.home / f'{name}.log').read_text()[-3000:]}")
+            self.group.check_alive(self.home)
             try:
                 if requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).ok:
                     return self
@@ -128,17 +125,8 @@ class LocalAirflow:
         raise TimeoutError(f"the api-server did not answer on {self.url} within {timeout_s}s")
 
     def stop(self) -> None:
-        """Stop each component's whole process group (children first, then the parent)."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in self.processes.values():
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        """Stop each component's whole process group (SIGTERM, then SIGKILL after 30 s)."""
+        self.group.stop()
 
     # --- REST API ------------------------------------------------------------------------------
     def token(self) -> str:
@@ -202,15 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     env = connection_env(args.sketchfab_url, os.environ.get("RECSKETCH_SKETCHFAB_TOKEN"), recommendations)
     env.setdefault("RECSKETCH_DATA_DIR", os.environ.get("RECSKETCH_DATA_DIR", str(REPO / "data")))
     airflow = LocalAirflow(args.home, port=args.port, metadata_url=metadata, env=env)
-    try:
-        airflow.start()
-        print(f"Airflow UI: {airflow.url}  user {ADMIN}, password {airflow.password}\n"
-              f"recommendations gallery: {airflow.url}/recsketch/ (Browse > Similar models)\n"
-              f"Sketchfab API: {args.sketchfab_url}; data: {env['RECSKETCH_DATA_DIR']}; "
-              f"logs: {args.home}/*.log. Ctrl-C stops it.", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        airflow.stop()
+    with stop_on_signals():  # SIGTERM, like Ctrl-C, stops every component (no orphans)
+        try:
+            airflow.start()
+            print(f"Airflow UI: {airflow.url}  user {ADMIN}, password {airflow.password}\n"
+                  f"recommendations gallery: {airflow.url}/recsketch/ (Browse > Similar models)\n"
+                  f"Sketchfab API: {args.sketchfab_url}; data: {env['RECSKETCH_DATA_DIR']}; "
+                  f"logs: {args.home}/*.log. Ctrl-C or SIGTERM stops it.", flush=True)
+            wait_for_stop()
+        except Stopped:
+            pass
+        finally:
+            airflow.stop()
     return 0
 
 

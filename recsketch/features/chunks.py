@@ -1,9 +1,18 @@
-"""Feature chunk store: one ``.npz`` file per chunk, written to a temp name then renamed.
+"""Feature chunk store: one write-once ``.npz`` object per chunk, and a manifest of them.
 
-A chunk file that exists and reads back intact is done; that is the whole checkpoint
+A chunk object that exists and reads back intact is done; that is the whole checkpoint
 protocol, so a killed run resumes with only the unfinished chunks. Chunk ids are derived
-from the chunk's mids, and plans split the sorted missing mids at fixed boundaries, so a
-rerun plans the same chunks for the same missing mids.
+from the chunk's mids (and their thumbnails' versions), and plans split the sorted missing
+mids at fixed boundaries, so a rerun plans the same chunks for the same missing mids. A
+chunk is created only if absent (a local hard link, or an object-store PUT with
+``If-None-Match: *``): two workers extracting the same chunk (a task retried elsewhere
+while the first still runs) cannot clobber each other, and no reader sees half a chunk.
+
+Which chunks hold what is read from ``manifest.json`` beside them, never from a listing
+(object-store listings can be stale). Extract tasks only create chunks; the one stage that
+runs after all of them (``register``, called by plan_similarity) adds them to the manifest,
+so the manifest has one writer at a time. A local folder that has no manifest yet (written
+by an older release) is listed instead.
 
 Each entry also records the version of the thumbnail it came from (a content hash): a model
 is done only for the version it was extracted from, so a changed thumbnail is extracted
@@ -14,6 +23,7 @@ version stands for "unversioned" (synthetic chunks) and matches only itself.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import zipfile
@@ -26,6 +36,9 @@ import numpy as np
 
 from recsketch import files
 from recsketch.errors import BadInputError
+from recsketch.storage import Location
+
+MANIFEST_FILE = "manifest.json"
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +81,33 @@ def chunk_id_for(mids: Sequence[str], versions: Mapping[str, str] | None = None)
 class ChunkStore:
     """The chunks of one backbone configuration, under ``features/<backbone key>/``."""
 
-    def __init__(self, root: Path, backbone_key: str) -> None:
+    def __init__(self, root: Location, backbone_key: str) -> None:
         self.backbone_key = backbone_key
-        self.root = Path(root) / backbone_key
+        self.root = root / backbone_key
 
-    def path(self, chunk_id: str) -> Path:
+    def path(self, chunk_id: str) -> Location:
         if not re.fullmatch(r"[0-9A-Za-z]+", chunk_id):
             raise BadInputError(f"chunk id {chunk_id!r} is not alphanumeric")
         return self.root / f"chunk-{chunk_id}.npz"
 
-    def write(self, chunk: Chunk) -> Path:
-        """Write atomically: readers see the whole chunk or none of it."""
+    def write(self, chunk: Chunk) -> Location:
+        """Create the chunk once: readers see the whole chunk or none of it. If an intact chunk of
+        that id is there already (another worker finished it first) it is kept; a damaged one
+        is replaced."""
         final = self.path(chunk.chunk_id)
+        data = self._encode(chunk)
+        if not files.create_bytes(final, data, fsync=True):
+            if self.read(chunk.chunk_id) is not None:
+                log.info("chunk %s was already written (by another worker); kept it", final)
+            else:
+                log.warning("chunk %s was damaged; replaced it", final)
+                files.write_bytes(final, data, fsync=True)
+        return final
+
+    def _encode(self, chunk: Chunk) -> bytes:
         failed = sorted(chunk.failed.items())
         features = np.ascontiguousarray(chunk.features, dtype=np.float32)
-        files.save_npz(
-            final,
-            fsync=True,
+        return files.npz_bytes(
             mids=np.array(chunk.mids, dtype=str),
             features=features,
             sha256=np.array(_checksum(chunk.mids, features)),
@@ -93,22 +116,21 @@ class ChunkStore:
             versions=np.array([chunk.versions.get(m, "") for m in [*chunk.mids, *(m for m, _ in failed)]], dtype=str),
             backbone_key=np.array(self.backbone_key),
         )
-        return final
 
     def read(self, chunk_id: str) -> Chunk | None:
         """The chunk, or None if it is absent, partial, corrupt or from another backbone."""
         path = self.path(chunk_id)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                key = str(data["backbone_key"])
-                mids = [str(m) for m in data["mids"]]
-                features = data["features"]
-                failed = dict(zip((str(m) for m in data["failed_mids"]),
-                                  (str(r) for r in data["failed_reasons"]), strict=True))
-                checksum = str(data["sha256"])
-                settled = [*mids, *failed]
-                versions = dict(zip(settled, (str(v) for v in data["versions"]), strict=True)) \
-                    if "versions" in data.files else {}
+            data = files.load_npz(path)
+            key = str(data["backbone_key"])
+            mids = [str(m) for m in data["mids"]]
+            features = data["features"]
+            failed = dict(zip((str(m) for m in data["failed_mids"]),
+                              (str(r) for r in data["failed_reasons"]), strict=True))
+            checksum = str(data["sha256"])
+            settled = [*mids, *failed]
+            versions = dict(zip(settled, (str(v) for v in data["versions"]), strict=True)) \
+                if "versions" in data else {}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
@@ -124,23 +146,69 @@ class ChunkStore:
             return None
         return Chunk(chunk_id, mids, features, failed, key, {m: v for m, v in versions.items() if v})
 
-    def chunk_ids(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name[len("chunk-"):-len(".npz")] for p in self.root.glob("chunk-*.npz"))
+    # --- the manifest ---------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Location:
+        return self.root / MANIFEST_FILE
 
-    def chunks(self) -> Iterable[Chunk]:
-        for chunk_id in self.chunk_ids():
+    def manifest(self) -> dict[str, list[tuple[str, str]]]:
+        """chunk id -> the (mid, version) entries it settled, as registered (read afresh each
+        time: another worker may have registered chunks since)."""
+        try:
+            payload = json.loads(self.manifest_path.read_text())
+            return {str(cid): [(str(m), str(v)) for m, v in entries] for cid, entries in payload["chunks"].items()}
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s); the chunks are found by listing (local) or extracted "
+                        "again (object store)", self.manifest_path, exc)
+        return self._listed() if isinstance(self.root, Path) else {}
+
+    def _listed(self) -> dict[str, list[tuple[str, str]]]:
+        """A local folder without a manifest: its intact chunks, found by listing it."""
+        assert isinstance(self.root, Path)
+        if not self.root.is_dir():
+            return {}
+        found = {}
+        for file in sorted(self.root.glob("chunk-*.npz")):
+            chunk = self.read(file.name[len("chunk-"):-len(".npz")])
+            if chunk is not None:
+                found[chunk.chunk_id] = list(chunk.entries())
+        return found
+
+    def register(self, chunk_ids: Iterable[str]) -> int:
+        """Add these chunks (those that exist intact) to the manifest, rewritten whole; returns
+        how many were new. Call from one task at a time (plan_similarity does)."""
+        manifest = dict(self.manifest())
+        added = 0
+        for chunk_id in chunk_ids:
+            if chunk_id in manifest:
+                continue
+            chunk = self.read(chunk_id)
+            if chunk is not None:
+                manifest[chunk_id] = list(chunk.entries())
+                added += 1
+        if added or not self.manifest_path.exists():
+            payload = {"backbone_key": self.backbone_key,
+                       "chunks": {cid: [list(e) for e in entries] for cid, entries in sorted(manifest.items())}}
+            files.write_text(self.manifest_path, json.dumps(payload, separators=(",", ":")))
+        return added
+
+    def chunk_ids(self) -> list[str]:
+        return sorted(self.manifest())
+
+    def chunks(self, wanted: set[tuple[str, str]] | None = None) -> Iterable[Chunk]:
+        """The manifest's intact chunks (only those holding a wanted entry, when given)."""
+        for chunk_id, entries in sorted(self.manifest().items()):  # one read of the manifest
+            if wanted is not None and not wanted.intersection(entries):
+                continue
             chunk = self.read(chunk_id)
             if chunk is not None:
                 yield chunk
 
     def done(self) -> set[tuple[str, str]]:
-        """(mid, thumbnail version) settled by an intact chunk, with features or a recorded failure."""
-        done: set[tuple[str, str]] = set()
-        for chunk in self.chunks():
-            done.update(chunk.entries())
-        return done
+        """(mid, thumbnail version) settled by a registered chunk, with features or a recorded failure."""
+        return {entry for entries in self.manifest().values() for entry in entries}
 
     def plan(self, wanted: Wanted, chunk_size: int) -> dict[str, list[str]]:
         """Chunks (id -> mids) covering the wanted mids whose version no intact chunk holds yet."""
@@ -160,7 +228,7 @@ class ChunkStore:
         rows: dict[str, np.ndarray] = {}
         failed: dict[str, str] = {}
         dim = None
-        for chunk in self.chunks():
+        for chunk in self.chunks(set(wanted.items())):
             if dim is not None and chunk.features.shape[1] != dim:
                 raise BadInputError(f"{self.path(chunk.chunk_id)} holds {chunk.features.shape[1]}-d features, the "
                                     f"other chunks of {self.backbone_key} {dim}-d: move it away and extract it again")

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from recsketch.errors import BadImageError
 from recsketch.features.backbones import Backbone
 from recsketch.features.chunks import Chunk, ChunkStore
 from recsketch.features.images import decode_image, thumbnail_version
+from recsketch.storage import Location, read_many
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +32,21 @@ class ChunkReport:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def _decode_batch(paths: Sequence[tuple[str, Path]], size: int,
+def _decode_batch(paths: Sequence[tuple[str, Location]], size: int,
                   preprocess: str) -> tuple[list[str], np.ndarray, dict[str, str], dict[str, str]]:
-    """Decode a batch: (mids, images, failures, thumbnail versions of the bytes actually read)."""
+    """Decode a batch: (mids, images, failures, thumbnail versions of the bytes actually read).
+    An object store's thumbnails are fetched in one concurrent batch of GETs."""
     mids: list[str] = []
     images: list[np.ndarray] = []
     failed: dict[str, str] = {}
     versions: dict[str, str] = {}
-    for mid, path in paths:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+    contents = read_many([path for _, path in paths])
+    for (mid, path), data in zip(paths, contents, strict=True):
+        if isinstance(data, FileNotFoundError):
             failed[mid] = f"{path}: thumbnail file is missing"
             continue
+        if isinstance(data, Exception):
+            raise data  # not the image's fault (disk, network): the task fails and is retried
         versions[mid] = thumbnail_version(data)
         try:
             images.append(decode_image(data, size, str(path), preprocess))
@@ -60,7 +62,7 @@ def extract_chunk(
     backbone: Backbone,
     chunk_id: str,
     mids: Sequence[str],
-    thumbnail: Callable[[str], Path],
+    thumbnail: Callable[[str], Location],
     batch_size: int = 32,
     progress: Callable[[str], None] = log.info,
     preprocess: str = "crop",
