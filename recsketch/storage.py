@@ -84,9 +84,13 @@ class ObjectLocation:
         return self.read_bytes().decode(encoding, errors)
 
     def exists(self) -> bool:
-        """One HEAD request; never a cached listing."""
+        """One HEAD request of the key (s3fs's ``info`` would list the prefix on a miss)."""
         try:
-            self.fs.info(self.path, refresh=True)
+            if hasattr(self.fs, "call_s3"):
+                bucket, _, key = self.path.partition("/")
+                self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            else:
+                self.fs.info(self.path, refresh=True)
         except FileNotFoundError:
             return False
         return True

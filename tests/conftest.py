@@ -122,3 +122,36 @@ def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
         return base.with_overrides(**overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
+    """A real S3-compatible store for the session: SeaweedFS on 127.0.0.1 (started here, or the one
+    `.ci/run` started, named by RECSKETCH_TEST_S3_ENDPOINT), its AWS_* variables in the environment."""
+    from tools.object_store import ACCESS_KEY, BUCKET, SECRET_KEY, ObjectStore
+
+    endpoint = os.environ.get("RECSKETCH_TEST_S3_ENDPOINT")
+    store = ObjectStore(tmp_path_factory.mktemp("seaweedfs"))
+    if endpoint:
+        store.endpoint = endpoint
+        if not store.ready():
+            pytest.fail(f"RECSKETCH_TEST_S3_ENDPOINT={endpoint} does not serve bucket {BUCKET} "
+                        f"with key {ACCESS_KEY}/{SECRET_KEY}")
+    else:
+        store.start()
+    saved = {name: os.environ.get(name) for name in store.env}
+    os.environ.update(store.env)
+    yield store
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if not endpoint:
+        store.stop()
+
+
+@pytest.fixture
+def s3_data_dir(object_store, request: pytest.FixtureRequest) -> str:  # type: ignore[no-untyped-def]
+    """A fresh ``s3://`` data dir (a prefix of its own) in the session's object store."""
+    return object_store.url(f"tests/{request.node.name[:60]}-{uuid.uuid4().hex[:8]}")

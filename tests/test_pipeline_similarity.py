@@ -68,7 +68,7 @@ def test_sharded_full_run_equals_one_block(tmp_path: Path) -> None:
     assert shards == ["0-7", "7-14", "14-21", "21-28", "28-30"]
     for shard in reversed(shards[1:]):  # any order, on any worker
         similarity_shard_stage(settings, folder, shard)
-    with pytest.raises(RecsketchError, match="shard rows 0-7 .* is missing"):  # one shard still missing
+    with pytest.raises(RecsketchError, match=r"shard rows 0-7 .* is missing"):  # one shard still missing
         merge_similarity_stage(settings, folder)
     similarity_shard_stage(settings, folder, shards[0])
     summary = merge_similarity_stage(settings, folder)
