@@ -12,10 +12,13 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
 COPY pyproject.toml ./
 COPY recsketch ./recsketch
 RUN pip install --no-deps .
+# the DAG bundle: the same DAGs and plugins on every host (no shared folder)
+COPY dags ./dags
+COPY plugins ./plugins
 # VGG16 ImageNet weights (no top) into Keras' cache at build time, so workers run offline
 RUN mkdir -p "$KERAS_HOME/models" && curl -fsSL -o "$KERAS_HOME/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" \
     https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
-RUN useradd --create-home --uid 50000 airflow && mkdir -p /opt/airflow /data \
-    && chown -R airflow /opt/airflow /data "$KERAS_HOME"
+RUN useradd --create-home --uid 50000 airflow && mkdir -p /opt/airflow \
+    && chown -R airflow /opt/airflow "$KERAS_HOME"
 USER airflow
 WORKDIR /opt/airflow

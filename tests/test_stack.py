@@ -63,7 +63,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_services_and_health_checks(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == AIRFLOW_SERVICES | {"postgres", "redis"}
+    assert set(services) == AIRFLOW_SERVICES | {"postgres", "redis", "seaweedfs"}
     for name, service in services.items():
         if name != "airflow-init":
             assert "healthcheck" in service, name
@@ -71,11 +71,30 @@ def test_services_and_health_checks(compose: dict) -> None:
     assert services["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
 
 
-def test_workers_share_the_data_volume(compose: dict) -> None:
+def test_airflow_services_share_no_disk_only_the_object_store(compose: dict) -> None:
+    """As on several hosts: no volume or host path; artefacts and task logs in the object store,
+    reached through the recsketch_storage connection; two workers; DAGs baked into the image."""
     for name in AIRFLOW_SERVICES:
-        volumes = compose["services"][name]["volumes"]
-        assert "recsketch-data:/data" in volumes and "./dags:/opt/airflow/dags" in volumes, name
-        assert compose["services"][name]["environment"]["RECSKETCH_DATA_DIR"] == "/data"
+        service = compose["services"][name]
+        assert "volumes" not in service, name
+        env = service["environment"]
+        assert env["RECSKETCH_DATA_DIR"] == "${RECSKETCH_DATA_DIR:-s3://recsketch/data}", name
+        assert env["RECSKETCH_STORAGE_CONN_ID"] == "recsketch_storage"
+        assert env["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "true"
+        assert env["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"].startswith("s3://recsketch/")
+        assert env["AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID"] == "recsketch_storage"
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
+        assert service["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
+    storage = json.loads(compose["x-airflow-common"]["environment"]["AIRFLOW_CONN_RECSKETCH_STORAGE"])
+    assert storage["conn_type"] == "aws" and storage["extra"]["endpoint_url"] == "${RECSKETCH_S3_ENDPOINT:-http://seaweedfs:8333}"
+    assert storage["login"].startswith("${") and storage["password"].startswith("${")
+    assert compose["services"]["airflow-worker"]["deploy"]["replicas"] == 2
+    seaweedfs = compose["services"]["seaweedfs"]
+    assert seaweedfs["command"].split()[0] == "mini" and seaweedfs["environment"]["S3_BUCKET"] == "recsketch"
+    copies = [args.split() for kind, args in dockerfile_instructions() if kind == "COPY"]
+    assert ["dags", "./dags"] in copies and ["plugins", "./plugins"] in copies
+    dags_folder = compose["x-airflow-common"]["environment"]["AIRFLOW__CORE__DAGS_FOLDER"]
+    assert dags_folder == "/opt/recsketch/dags"
 
 
 def test_connections_the_api_pool_and_the_schema_are_set_up(compose: dict) -> None:
@@ -121,7 +140,8 @@ def test_no_hard_coded_secrets() -> None:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (v1) is not installed")
 def test_docker_compose_validates_it() -> None:
-    env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": "x", "AIRFLOW__API_AUTH__JWT_SECRET": "y"}
+    env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": "x", "AIRFLOW__API_AUTH__JWT_SECRET": "y",
+           "RECSKETCH_S3_ACCESS_KEY": "a", "RECSKETCH_S3_SECRET_KEY": "b"}
     done = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
