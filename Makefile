@@ -72,6 +72,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.extract_bench
 	$(BIN)/python -m benchmarks.similarity_bench
 	$(BIN)/python -m benchmarks.load_bench
+	$(BIN)/python -m benchmarks.storage_bench
 
 lint: venv
 	$(BIN)/ruff check .

@@ -145,7 +145,7 @@ def extract_stage(settings: Settings, folder: Location, chunk_id: str, progress:
     backbone = create_backbone(settings)
     report = extract_chunk(chunk_store, backbone, chunk_id, plan.chunks[chunk_id],
                            lambda mid: thumbnail_path(settings, mid), settings.batch_size or backbone.batch_size,
-                           progress, settings.preprocess)
+                           progress, settings.preprocess, checked=True)
     return {"chunk_id": chunk_id, "images": report.images, "failed": report.failed,
             "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
 

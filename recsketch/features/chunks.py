@@ -84,6 +84,9 @@ class ChunkStore:
     def __init__(self, root: Location, backbone_key: str) -> None:
         self.backbone_key = backbone_key
         self.root = root / backbone_key
+        # chunks that ``register`` just read, kept for this stage's ``load_features``: a chunk id
+        # is never rewritten with other content (write-once), so the copy can't be stale
+        self._registered: dict[str, Chunk] = {}
 
     def path(self, chunk_id: str) -> Location:
         if not re.fullmatch(r"[0-9A-Za-z]+", chunk_id):
@@ -187,6 +190,7 @@ class ChunkStore:
             chunk = self.read(chunk_id)
             if chunk is not None:
                 manifest[chunk_id] = list(chunk.entries())
+                self._registered[chunk_id] = chunk
                 added += 1
         if added or not self.manifest_path.exists():
             payload = {"backbone_key": self.backbone_key,
@@ -202,7 +206,7 @@ class ChunkStore:
         for chunk_id, entries in sorted(self.manifest().items()):  # one read of the manifest
             if wanted is not None and not wanted.intersection(entries):
                 continue
-            chunk = self.read(chunk_id)
+            chunk = self._registered.pop(chunk_id, None) or self.read(chunk_id)
             if chunk is not None:
                 yield chunk
 

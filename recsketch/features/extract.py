@@ -66,13 +66,15 @@ def extract_chunk(
     batch_size: int = 32,
     progress: Callable[[str], None] = log.info,
     preprocess: str = "crop",
+    *,
+    checked: bool = False,
 ) -> ChunkReport:
     """Embed the thumbnails of ``mids`` and write the chunk; an intact chunk is not redone.
 
     The next batch is decoded on a worker thread while the backbone embeds the current one,
     so memory holds at most two uint8 batches, never a whole chunk of images.
     """
-    if store.read(chunk_id) is not None:
+    if not checked and store.read(chunk_id) is not None:  # ``checked``: the caller just looked
         progress(f"chunk {chunk_id}: already extracted, skipping")
         return ChunkReport(chunk_id, 0, 0, 0.0, skipped=True)
     started = time.monotonic()
