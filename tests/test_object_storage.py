@@ -205,3 +205,19 @@ def test_inside_airflow_the_store_is_reached_through_the_connection(object_store
     assert files.create_bytes(key, b"through the connection")
     assert key.read_bytes() == b"through the connection"
     storage._filesystem.cache_clear()
+
+
+def test_the_gallery_serves_thumbnails_from_the_object_store(s3_data_dir: str, pg_url: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from recsketch.crawl import thumbnail_path
+    from recsketch.gallery import create_app
+
+    settings = Settings(data_dir=s3_data_dir, database_url=pg_url)
+    mid = "c" * 32
+    files.write_bytes(thumbnail_path(settings, mid), b"\xff\xd8 a jpeg")
+    client = TestClient(create_app(lambda: settings, authenticate=lambda: None))
+    answer = client.get(f"/thumbs/{mid}.jpg")
+    assert answer.status_code == 200 and answer.content == b"\xff\xd8 a jpeg"
+    assert answer.headers["content-type"] == "image/jpeg"
+    assert client.get(f"/thumbs/{'d' * 32}.jpg").status_code == 404
