@@ -52,14 +52,23 @@ def test_the_compose_files_connections_parse(monkeypatch) -> None:
     env = yaml.safe_load(COMPOSE.read_text())["x-airflow-common"]["environment"]
     filled = {name: value.replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}", "pw")
               .replace("${RECSKETCH_SKETCHFAB_URL:-https://api.sketchfab.com}", "https://api.sketchfab.com")
-              .replace("${RECSKETCH_SKETCHFAB_TOKEN:-}", "tok") for name, value in env.items()
-              if name.startswith("AIRFLOW_CONN_")}
-    assert set(filled) == {"AIRFLOW_CONN_RECSKETCH_DB", "AIRFLOW_CONN_SKETCHFAB_DEFAULT"}
+              .replace("${RECSKETCH_SKETCHFAB_TOKEN:-}", "tok")
+              .replace("${RECSKETCH_S3_ACCESS_KEY:?set RECSKETCH_S3_ACCESS_KEY}", "key")
+              .replace("${RECSKETCH_S3_SECRET_KEY:?set RECSKETCH_S3_SECRET_KEY}", "secret")
+              .replace("${RECSKETCH_S3_ENDPOINT:-http://seaweedfs:8333}", "http://seaweedfs:8333")
+              for name, value in env.items() if name.startswith("AIRFLOW_CONN_")}
+    assert set(filled) == {"AIRFLOW_CONN_RECSKETCH_DB", "AIRFLOW_CONN_SKETCHFAB_DEFAULT",
+                           "AIRFLOW_CONN_RECSKETCH_STORAGE"}
     for name, value in filled.items():
         monkeypatch.setenv(name, value)
     assert RecsketchDbHook().sqlalchemy_url() == "postgresql+psycopg2://airflow:pw@postgres:5432/recsketch"
     assert SketchfabHook().settings_overrides() == {"sketchfab_url": "https://api.sketchfab.com",
                                                     "sketchfab_token": "tok"}
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    storage = S3Hook(aws_conn_id="recsketch_storage").conn_config  # what ObjectStoragePath's s3 filesystem reads
+    assert (storage.aws_access_key_id, storage.aws_secret_access_key) == ("key", "secret")
+    assert storage.get_service_endpoint_url("s3") == "http://seaweedfs:8333"
 
 
 def test_a_connection_of_the_wrong_kind_is_named(monkeypatch) -> None:

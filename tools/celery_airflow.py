@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from tools.local_airflow import BIN, REPO, LocalAirflow, connection_env, ensure_database, free_port
-from tools.processes import Stopped, stop_on_signals, wait_for_stop
+from tools.processes import serve_until_stopped
 
 CELERY_COMPONENTS = ("api-server", "scheduler", "dag-processor")
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -114,21 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["AWS_ENDPOINT_URL"], os.environ.get("AWS_ACCESS_KEY_ID", ""),
             os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
     airflow = CeleryAirflow(args.home, port=args.port, metadata_url=metadata, broker_url=args.redis, env=env)
-    with stop_on_signals():  # SIGTERM, like Ctrl-C, stops the components and every worker
-        try:
-            airflow.start()
-            for index in range(args.workers):
-                airflow.start_worker(f"worker{index + 1}", args.home / f"worker{index + 1}")
-            airflow.wait_for_workers()
-            print(f"Airflow UI: {airflow.url}  user admin, password {airflow.password}; "
-                  f"{args.workers} Celery workers; data: {env['RECSKETCH_DATA_DIR']}. Ctrl-C or SIGTERM stops it.",
-                  flush=True)
-            wait_for_stop()
-        except Stopped:
-            pass
-        finally:
-            airflow.stop()
-    return 0
+
+    def start() -> str:
+        airflow.start()
+        for index in range(args.workers):
+            airflow.start_worker(f"worker{index + 1}", args.home / f"worker{index + 1}")
+        airflow.wait_for_workers()
+        return (f"Airflow UI: {airflow.url}  user admin, password {airflow.password}; "
+                f"{args.workers} Celery workers; data: {env['RECSKETCH_DATA_DIR']}.")
+
+    return serve_until_stopped(start, airflow.stop)  # SIGTERM, like Ctrl-C, stops components and workers
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tools.processes import ProcessGroup, Stopped, stop_on_signals, wait_for_stop
+from tools.processes import ProcessGroup, serve_until_stopped
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -190,19 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     env = connection_env(args.sketchfab_url, os.environ.get("RECSKETCH_SKETCHFAB_TOKEN"), recommendations)
     env.setdefault("RECSKETCH_DATA_DIR", os.environ.get("RECSKETCH_DATA_DIR", str(REPO / "data")))
     airflow = LocalAirflow(args.home, port=args.port, metadata_url=metadata, env=env)
-    with stop_on_signals():  # SIGTERM, like Ctrl-C, stops every component (no orphans)
-        try:
-            airflow.start()
-            print(f"Airflow UI: {airflow.url}  user {ADMIN}, password {airflow.password}\n"
-                  f"recommendations gallery: {airflow.url}/recsketch/ (Browse > Similar models)\n"
-                  f"Sketchfab API: {args.sketchfab_url}; data: {env['RECSKETCH_DATA_DIR']}; "
-                  f"logs: {args.home}/*.log. Ctrl-C or SIGTERM stops it.", flush=True)
-            wait_for_stop()
-        except Stopped:
-            pass
-        finally:
-            airflow.stop()
-    return 0
+
+    def start() -> str:
+        airflow.start()
+        return (f"Airflow UI: {airflow.url}  user {ADMIN}, password {airflow.password}\n"
+                f"recommendations gallery: {airflow.url}/recsketch/ (Browse > Similar models)\n"
+                f"Sketchfab API: {args.sketchfab_url}; data: {env['RECSKETCH_DATA_DIR']}; logs: {args.home}/*.log.")
+
+    return serve_until_stopped(start, airflow.stop)  # SIGTERM, like Ctrl-C, stops every component
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.processes import ProcessGroup, Stopped, stop_on_signals, wait_for_stop
+from tools.processes import ProcessGroup, serve_until_stopped
 
 ACCESS_KEY = "recsketch"
 SECRET_KEY = "recsketch-secret"
@@ -105,19 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", default=BUCKET)
     args = parser.parse_args(argv)
     store = ObjectStore(args.dir, port=args.port, bucket=args.bucket)
-    with stop_on_signals():
-        try:
-            store.start()
-            exports = " ".join(f"{k}={v}" for k, v in store.env.items())
-            print(f"SeaweedFS S3 on {store.endpoint}, bucket {store.bucket}, data in {args.dir}\n"
-                  f"export {exports} RECSKETCH_DATA_DIR={store.url('data')}\n"
-                  "Ctrl-C or SIGTERM stops it.", flush=True)
-            wait_for_stop()
-        except Stopped:
-            pass
-        finally:
-            store.stop()
-    return 0
+
+    def start() -> str:
+        store.start()
+        exports = " ".join(f"{k}={v}" for k, v in store.env.items())
+        return (f"SeaweedFS S3 on {store.endpoint}, bucket {store.bucket}, data in {args.dir}\n"
+                f"export {exports} RECSKETCH_DATA_DIR={store.url('data')}")
+
+    return serve_until_stopped(start, store.stop)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -44,6 +44,20 @@ def wait_for_stop() -> None:
             signal.pause()
     except Stopped:
         return
+
+
+def serve_until_stopped(start: Callable[[], str], stop: Callable[[], None]) -> int:
+    """A launcher's main loop: ``start()`` (its return value is printed, with how to stop it),
+    then wait; SIGTERM or Ctrl-C, at any point, ends in ``stop()``."""
+    with stop_on_signals():
+        try:
+            print(f"{start()}\nCtrl-C or SIGTERM stops it.", flush=True)
+            wait_for_stop()
+        except Stopped:
+            pass
+        finally:
+            stop()
+    return 0
 
 
 class ProcessGroup:
