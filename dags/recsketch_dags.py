@@ -130,6 +130,8 @@ def recsketch_recommendations() -> None:
     def plan_chunks() -> list[str]:
         return _run_stage("plan_stage")
 
+    # one mapped task per planned task id: one chunk, or a group of chunks once a catalogue has more
+    # chunks than RECSKETCH_MAX_MAPPED_TASKS (so it never meets Airflow's max_map_length)
     @task(map_index_template="chunk {{ task.op_kwargs['chunk_id'] }}")
     def extract(chunk_id: str) -> dict:
         return _run_stage("extract_stage", chunk_id)

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--published-since", type=parse_utc)
             stage.add_argument("--published-before", type=parse_utc)
         if name == "extract":
-            stage.add_argument("--chunk", action="append", help="chunk id (default: every planned chunk)")
+            stage.add_argument("--chunk", action="append",
+                               help="an extract task or chunk id (default: every planned task)")
 
     db = commands.add_parser("db", help="schema migrations of the recommendations DB (Alembic)")
     db.add_argument("action", choices=("upgrade", "current"),
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("folder", type=Path)
     demo.add_argument("--seed", type=int, default=0)
 
+    importer = commands.add_parser("import", help="a rec-a-sketch folder (model_urls.psv, model_likes_anon.psv, "
+                                   "model_thumbs/) straight into the catalogue, no HTTP")
+    importer.add_argument("folder", type=Path)
     show = commands.add_parser("show", help="print some models with their top recommendations")
     show.add_argument("--models", type=_positive, default=5)
     show.add_argument("--top-k", type=_positive, default=3)
@@ -190,8 +194,8 @@ def _stage(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "plan":
         result = pipeline.plan_stage(settings, folder)
     elif args.command == "extract":
-        chunk_ids = args.chunk or list(ChunkPlan.read(folder).chunks)
-        result = [pipeline.extract_stage(settings, folder, c) for c in sorted(chunk_ids)]
+        task_ids = args.chunk or list(ChunkPlan.read(folder).tasks)
+        result = [pipeline.extract_stage(settings, folder, t) for t in sorted(task_ids)]
     elif args.command == "similarity":
         result = pipeline.similarity_stage(settings, folder)
     else:
@@ -216,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "similar":
             return _similar(args, settings)
+        if args.command == "import":
+            from recsketch.importer import import_folder
+
+            stats = import_folder(settings, args.folder)
+            print(json.dumps(stats.as_dict(), indent=1, default=str))
+            return 0
         if args.command == "show":
             return _show(args, settings)
         if args.command == "db":

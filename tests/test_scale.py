@@ -1,0 +1,83 @@
+"""Issue 14: a catalogue of any size plans at most RECSKETCH_MAX_MAPPED_TASKS mapped tasks; each
+task loads its backbone once and uses its share of the host's cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsketch.config import Settings
+from recsketch.contracts import ChunkPlan, SimilarityPlan, ValidModels, group_tasks
+from recsketch.features.backbones import backbone_key
+from recsketch.features.chunks import Chunk, ChunkStore
+from recsketch.pipeline import plan_similarity_stage, plan_stage, run_dir
+
+
+def test_planning_a_million_models_stays_under_the_task_ceiling(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, max_mapped_tasks=200, chunk_size=256)
+    folder = run_dir(settings, "big")
+    mids = [f"{i:032x}" for i in range(1_000_000)]
+    ValidModels(dict.fromkeys(mids, "v1")).write(folder)
+    tasks = plan_stage(settings, folder, progress=lambda _: None)
+    plan = ChunkPlan.read(folder)
+    assert len(tasks) == 200 and len(plan.chunks) == 3907  # ceil(1e6 / 256) chunks, 19-20 per task
+    covered = [mid for task in tasks for chunk in plan.chunks_of(task) for mid in plan.chunks[chunk]]
+    assert len(covered) == len(mids) and set(covered) == set(mids)  # every model once
+    assert {len(plan.chunks_of(task)) for task in tasks} == {19, 20}
+
+
+def test_group_tasks_names_single_chunks_by_themselves() -> None:
+    assert group_tasks(["b", "a"], 5) == {"a": ["a"], "b": ["b"]}
+    grouped = group_tasks([f"c{i}" for i in range(7)], 3)
+    assert list(grouped.values()) == [["c0", "c1", "c2"], ["c3", "c4"], ["c5", "c6"]]
+    assert list(grouped) == ["chunks-c0-3", "chunks-c3-2", "chunks-c5-2"]
+
+
+def test_one_task_extracts_a_group_of_chunks_with_one_backbone(sketchfab, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsketch import pipeline
+    from recsketch.pipeline import crawl_stage, extract_stage, threshold_stage
+
+    settings = Settings(data_dir=tmp_path / "data", sketchfab_url=sketchfab.url, chunk_size=8, max_mapped_tasks=2)
+    folder = run_dir(settings, "r")
+    crawl_stage(settings, folder)
+    threshold_stage(settings, folder)
+    tasks = plan_stage(settings, folder)
+    plan = ChunkPlan.read(folder)
+    assert len(plan.chunks) == 9 and len(tasks) == 2
+    loads = []
+    real = pipeline.create_backbone
+    monkeypatch.setattr(pipeline, "create_backbone", lambda s: loads.append(1) or real(s))
+    summaries = [extract_stage(settings, folder, task) for task in tasks]
+    assert len(loads) == 2  # one backbone per task, not per chunk
+    assert [s["chunks"] for s in summaries] == [5, 4] and sum(s["images"] for s in summaries) == 72
+    store = ChunkStore(settings.features_dir, plan.backbone_key)
+    assert all(store.read(chunk) is not None for chunk in plan.chunks)
+    again = extract_stage(settings, folder, tasks[0])  # a retried task: every chunk already there
+    assert again["skipped"] and len(loads) == 2  # no backbone loaded for nothing
+
+
+def test_similarity_shards_grow_to_stay_under_the_task_ceiling(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, top_k=3, similarity_shard_rows=10, max_mapped_tasks=4)
+    mids = [f"{i:032x}" for i in range(100)]
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    store.write(Chunk("c1", mids, np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32)))
+    folder = run_dir(settings, "r")
+    ValidModels(dict.fromkeys(mids, "")).write(folder)
+    shards = plan_similarity_stage(settings, folder, progress=lambda _: None)
+    assert shards == ["0-25", "25-50", "50-75", "75-100"]
+    assert SimilarityPlan.read(folder).shards == [(0, 25), (25, 50), (50, 75), (75, 100)]
+
+
+def test_threads_follow_the_workers_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("AIRFLOW__CELERY__WORKER_CONCURRENCY", "4")
+    assert Settings().effective_threads == 4
+    assert Settings(threads=3).effective_threads == 3  # RECSKETCH_THREADS wins
+    monkeypatch.delenv("AIRFLOW__CELERY__WORKER_CONCURRENCY")
+    assert Settings().effective_threads == 16
+    assert Settings.from_env({"RECSKETCH_THREADS": "2"}).threads == 2
