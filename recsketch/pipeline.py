@@ -304,11 +304,11 @@ def _incremental_top_k(chunk_store: ChunkStore, mids: list[str], features: np.nd
 def load_stage(settings: Settings, folder: Location, run_id: str, progress: Progress = log.info) -> dict:
     """Replace the served recommendations with this run's, atomically."""
     topk = TopKStore.for_run(folder).require("similarity")
-    rows = topk.rows()
     engine = store.connect(settings.resolved_database_url)
-    store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, rows)
-    progress(f"load: {len(rows)} recommendations for {len(topk.mids)} models are live as run {run_id}")
-    return {"rows": len(rows), "models": len(topk.mids), "run_id": run_id}
+    store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, topk)  # streamed from the arrays
+    rows = len(topk.mids) * topk.k
+    progress(f"load: {rows} recommendations for {len(topk.mids)} models are live as run {run_id}")
+    return {"rows": rows, "models": len(topk.mids), "run_id": run_id}
 
 
 def run_pipeline(settings: Settings, run_id: str | None = None, progress: Progress = log.info) -> dict:

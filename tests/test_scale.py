@@ -81,3 +81,37 @@ def test_threads_follow_the_workers_concurrency(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("AIRFLOW__CELERY__WORKER_CONCURRENCY")
     assert Settings().effective_threads == 16
     assert Settings.from_env({"RECSKETCH_THREADS": "2"}).threads == 2
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_streamed_load_equals_the_row_by_row_load(backend: str, pg_url: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a top-k from its arrays (COPY fed block by block, no tuple per row) stores exactly
+    what loading its rows as tuples stores, scores to the last bit."""
+    from sqlalchemy import select
+
+    from recsketch.contracts import TopK
+    from recsketch.db import store
+    from recsketch.db.schema import recommendations
+
+    monkeypatch.setattr(store, "COPY_BLOCK_MODELS", 97)  # many blocks, one of them partial
+    rng = np.random.default_rng(5)
+    n, k = 1234, 7
+    mids = [f"{i:032x}" for i in rng.permutation(10_000)[:n]]
+    indices = rng.integers(0, n, size=(n, k))
+    scores = np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1]
+    scores[0, 0] = np.float32(1e-7)  # exponent notation survives too
+    topk = TopK(mids, indices, scores, "bb")
+    url = pg_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'r.sqlite'}"
+    engine = store.connect(url)
+    query = select(recommendations.c.mid, recommendations.c.rank, recommendations.c.similar_mid,
+                   recommendations.c.score).order_by(recommendations.c.mid, recommendations.c.rank)
+
+    store.load_recommendations(engine, "streamed", "bb", k, topk)
+    with engine.connect() as conn:
+        streamed = conn.execute(query).all()
+    assert store.live_run(engine)["n_models"] == n
+    store.load_recommendations(engine, "tuples", "bb", k, topk.rows())
+    with engine.connect() as conn:
+        by_rows = conn.execute(query).all()
+    assert len(streamed) == n * k and streamed == by_rows

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol, Union
 
+import numpy as np
 from sqlalchemy import bindparam, create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -29,6 +31,71 @@ from recsketch.ids import validate_model_id
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
+COPY_BLOCK_MODELS = 50_000  # models per CSV block streamed into COPY (≈ 50 MB at top-10)
+
+
+class TopKArrays(Protocol):
+    """A top-k result as arrays (``recsketch.contracts.TopK``): row i of indices/scores is mids[i]'s."""
+
+    @property
+    def mids(self) -> list[str]: ...
+    @property
+    def indices(self) -> np.ndarray: ...
+    @property
+    def scores(self) -> np.ndarray: ...
+
+
+Rows = Union[Sequence[tuple[str, int, str, float]], TopKArrays]  # noqa: UP007
+
+
+def _csv_blocks(run_id: str, backbone: str, rows: Rows) -> Iterator[bytes]:
+    """The COPY input, one block at a time: from arrays, each block built by numpy and pandas'
+    C writer (never one Python tuple per row); from tuples, by the csv module."""
+    import pandas as pd
+
+    if isinstance(rows, Sequence):
+        for start in range(0, len(rows), 200_000):
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            for mid, rank, similar_mid, score in rows[start : start + 200_000]:
+                writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
+            yield buffer.getvalue().encode()
+        return
+    mids = np.asarray(rows.mids, dtype=object)
+    n, k = rows.indices.shape if rows.indices.ndim == 2 else (len(mids), 0)
+    ranks = np.arange(1, k + 1, dtype=np.int64)
+    for start in range(0, n, COPY_BLOCK_MODELS):
+        stop = min(n, start + COPY_BLOCK_MODELS)
+        frame = pd.DataFrame({
+            "run_id": run_id,
+            "mid": np.repeat(mids[start:stop], k),
+            "rank": np.tile(ranks, stop - start),
+            "similar_mid": mids[rows.indices[start:stop].ravel()],
+            "score": rows.scores[start:stop].ravel().astype(np.float64),  # as repr(float(score)) writes it
+            "backbone": backbone,
+        })
+        yield frame.to_csv(header=False, index=False, lineterminator="\n").encode()
+
+
+class _BlockStream(io.RawIOBase):
+    """A file over an iterator of byte blocks, for COPY ... FROM STDIN: one block in memory."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks, self._pending = blocks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray) -> int:  # type: ignore[override]
+        while not self._pending:
+            try:
+                self._pending = next(self._blocks)
+            except StopIteration:
+                return 0
+        size = min(len(target), len(self._pending))
+        target[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
 
 
 def engine_for(url: str) -> Engine:
@@ -158,10 +225,9 @@ def models_with_thumbnails(engine: Engine) -> dict[str, str | None]:
         return dict(conn.execute(stmt).tuples().all())
 
 
-def load_recommendations(
-    engine: Engine, run_id: str, backbone: str, top_k: int, rows: Sequence[tuple[str, int, str, float]]
-) -> None:
-    """Replace the served recommendations with ``rows`` (mid, rank, similar_mid, score).
+def load_recommendations(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows) -> None:
+    """Replace the served recommendations with ``rows``: (mid, rank, similar_mid, score) tuples, or
+    a top-k result as arrays, streamed into COPY block by block (memory: one block, not N × k).
 
     One transaction, so a reader sees the old set or the new one, never a mix, and a failure
     (or a kill) changes nothing. On PostgreSQL: COPY into a staging table, build its indexes,
@@ -179,19 +245,32 @@ def load_recommendations(
         ) from exc
 
 
-def _load(engine: Engine, run_id: str, backbone: str, top_k: int,
-          rows: Sequence[tuple[str, int, str, float]]) -> None:
+def _tuples(rows: Rows, block: int = 10_000) -> Iterator[list[tuple[str, int, str, float]]]:
+    """(mid, rank, similar mid, score) in blocks, for SQLite's inserts."""
+    if isinstance(rows, Sequence):
+        for start in range(0, len(rows), block):
+            yield list(rows[start : start + block])
+        return
+    k = rows.indices.shape[1] if rows.indices.ndim == 2 else 0
+    per = max(1, block // max(k, 1))
+    for start in range(0, len(rows.mids), per):
+        yield [(rows.mids[i], rank + 1, rows.mids[int(j)], float(score))
+               for i in range(start, min(len(rows.mids), start + per))
+               for rank, (j, score) in enumerate(zip(rows.indices[i], rows.scores[i], strict=True))]
+
+
+def _load(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows) -> None:
     now = datetime.now(UTC)
-    n_models = len({row[0] for row in rows})
+    n_models = len({row[0] for row in rows}) if isinstance(rows, Sequence) else len(rows.mids)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             _swap_in_postgres(conn, run_id, backbone, rows)
         else:
             conn.execute(delete(recommendations).where(recommendations.c.run_id == run_id))
-            for start in range(0, len(rows), 10_000):
+            for block in _tuples(rows):
                 conn.execute(recommendations.insert(), [
                     {"run_id": run_id, "mid": m, "rank": r, "similar_mid": s, "score": sc, "backbone": backbone}
-                    for m, r, s, sc in rows[start : start + 10_000]
+                    for m, r, s, sc in block
                 ])
             conn.execute(delete(recommendations).where(recommendations.c.run_id != run_id))
         conn.execute(delete(runs).where(runs.c.run_id == run_id))
@@ -200,8 +279,7 @@ def _load(engine: Engine, run_id: str, backbone: str, top_k: int,
         conn.execute(update(runs).values(is_live=runs.c.run_id == run_id))
 
 
-def _swap_in_postgres(conn: Connection, run_id: str, backbone: str,
-                      rows: Sequence[tuple[str, int, str, float]]) -> None:
+def _swap_in_postgres(conn: Connection, run_id: str, backbone: str, rows: Rows) -> None:
     """Staging table, COPY, indexes, then the swap; readers wait only for the renames."""
     conn.execute(text("SELECT pg_advisory_xact_lock(727275)"))  # one load at a time
     conn.execute(text("DROP TABLE IF EXISTS recommendations_staging"))
@@ -222,19 +300,15 @@ def _swap_in_postgres(conn: Connection, run_id: str, backbone: str,
     conn.execute(text(SIMILAR_MODELS_VIEW))
 
 
-def copy_rows(conn: Connection, table: str, run_id: str, backbone: str,
-              rows: Sequence[tuple[str, int, str, float]]) -> None:
-    """COPY rows into ``table`` (a fixed name of ours, never user input)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for mid, rank, similar_mid, score in rows:
-        writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
-    buffer.seek(0)
+def copy_rows(conn: Connection, table: str, run_id: str, backbone: str, rows: Rows) -> None:
+    """COPY rows into ``table`` (a fixed name of ours, never user input), streamed block by block."""
+    stream = _BlockStream(_csv_blocks(run_id, backbone, rows))
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None  # an open Connection always has one
     cursor = dbapi.cursor()
     cursor.copy_expert(
-        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT csv)", buffer)
+        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT csv)", stream,
+        size=1 << 20)
 
 
 def live_run(engine: Engine) -> dict | None:
