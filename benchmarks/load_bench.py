@@ -1,7 +1,9 @@
-"""Recommendations load and query on PostgreSQL (issue 5), in a throwaway database.
+"""Recommendations load and query on PostgreSQL (issues 5 and 14), in a throwaway database.
 
-  complete - recsketch's load: COPY into staging, indexes, ANALYZE, swap, runs table,
-  bare COPY - the same rows COPY'd into an unindexed table (the ceiling),
+  streamed - recsketch's load from the top-k arrays: CSV blocks built by numpy/pandas streamed
+             into COPY into staging, indexes, ANALYZE, swap, runs table (peak allocations traced),
+  tuples   - the same load from one Python tuple per row (the old path; up to 300k models),
+  bare COPY - a prebuilt CSV buffer COPY'd into an unindexed table (the machine's ceiling),
   INSERT   - the same rows as executemany INSERTs (timed on a slice, extrapolated).
 Then p50/p99 of the ``similar_models`` query from 50 concurrent clients (processes).
 
@@ -22,12 +24,13 @@ from sqlalchemy import create_engine, text
 ADMIN_URL = os.environ.get("RECSKETCH_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
-def rows_for(n: int, k: int) -> list[tuple[str, int, str, float]]:
+def synthetic_topk(n: int, k: int):  # type: ignore[no-untyped-def]
+    """A random top-k of ``n`` models (mids ``{i:032x}``), as recsketch.contracts.TopK."""
+    from recsketch.contracts import TopK
+
     rng = np.random.default_rng(0)
-    mids = [f"{i:032x}" for i in range(n)]
-    neighbours = rng.integers(0, n, size=(n, k))
-    scores = np.sort(rng.random((n, k)), axis=1)[:, ::-1]
-    return [(mids[i], r + 1, mids[neighbours[i, r]], float(scores[i, r])) for i in range(n) for r in range(k)]
+    return TopK([f"{i:032x}" for i in range(n)], rng.integers(0, n, size=(n, k)),
+                np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1], "bench")
 
 
 def client(url: str, mids: list[str], seconds: float, out: multiprocessing.Queue) -> None:
@@ -63,37 +66,57 @@ def main() -> None:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
-        engine = store.connect(url)
-        rows = rows_for(args.models, args.k)
-        store.upsert_models(engine, [{"mid": f"{i:032x}", "name": f"model {i}"} for i in range(args.models)])
-        store.load_recommendations(engine, "warm-up", "bench", args.k, rows[:1000])
+        import io
+        import tracemalloc
 
+        from recsketch.contracts import TopK
+
+        engine = store.connect(url)
+        topk = synthetic_topk(args.models, args.k)
+        mids = topk.mids
+        store.upsert_models(engine, [{"mid": mid, "name": f"model {i}"} for i, mid in enumerate(mids)])
+        store.load_recommendations(engine, "warm-up", "bench", args.k, TopK(mids[:100], topk.indices[:100] % 100,
+                                                                            topk.scores[:100], "bench"))
+        tracemalloc.start()
         started = time.perf_counter()
-        store.load_recommendations(engine, "bench", "bench", args.k, rows)
+        store.load_recommendations(engine, "streamed", "bench", args.k, topk)
         complete = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rows = topk.rows() if args.models <= 300_000 else []
+        tuples = float("nan")
+        if rows:
+            started = time.perf_counter()
+            store.load_recommendations(engine, "bench", "bench", args.k, rows)
+            tuples = time.perf_counter() - started
 
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE bare (LIKE recommendations)"))
+            prebuilt = io.BytesIO(b"".join(store._binary_blocks("bench", "bench", topk)))
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             started = time.perf_counter()
-            store.copy_rows(conn, "bare", "bench", "bench", rows)
+            cursor.copy_expert("COPY bare (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN "
+                               "WITH (FORMAT binary)", prebuilt, size=1 << 20)
             bare = time.perf_counter() - started
-            sample = rows[:20_000]
+            sample = topk.rows()[:20_000] if not rows else rows[:20_000]
             conn.execute(text("CREATE TABLE inserted (LIKE recommendations INCLUDING ALL)"))
             started = time.perf_counter()
             conn.execute(text("INSERT INTO inserted (run_id, mid, rank, similar_mid, score, backbone) "
                               "VALUES ('bench', :m, :r, :s, :sc, 'bench')"),
                          [{"m": m, "r": r, "s": s, "sc": sc} for m, r, s, sc in sample])
             inserts = (time.perf_counter() - started) * len(rows) / len(sample)
-        n = len(rows)
+        n = args.models * args.k
         print(f"load benchmark: {n:,} rows ({args.models:,} models x top-{args.k}) into PostgreSQL")
-        print(f"  complete load (staging COPY + indexes + swap): {n / complete:>12,.0f} rows/s  ({complete:.2f} s)")
-        print(f"  bare COPY, same rows:                          {n / bare:>12,.0f} rows/s  ({bare:.2f} s)")
-        print(f"  row INSERTs (executemany, 20k extrapolated):   {n / inserts:>12,.0f} rows/s  ({inserts:.1f} s)")
-        print(f"  complete / bare COPY: {bare / complete:.2f} (goal >= 0.5); "
-              f"complete / INSERT: {inserts / complete:.1f}x")
+        print(f"  streamed load from arrays (COPY + indexes + swap): {n / complete:>10,.0f} rows/s  "
+              f"({complete:.2f} s), peak traced allocations {peak / 2**20:,.0f} MiB (the arrays themselves: "
+              f"{(topk.indices.nbytes + topk.scores.nbytes) / 2**20:,.0f} MiB)")
+        print(f"  the same load from Python tuples:                  {n / tuples:>10,.0f} rows/s  ({tuples:.2f} s)")
+        print(f"  bare COPY of a prebuilt buffer, no indexes:        {n / bare:>10,.0f} rows/s  ({bare:.2f} s)")
+        print(f"  row INSERTs (executemany, 20k extrapolated):       {n / inserts:>10,.0f} rows/s  ({inserts:.1f} s)")
+        print(f"  streamed / bare COPY: {bare / complete:.2f}; streamed / tuples: {tuples / complete:.1f}x; "
+              f"streamed / INSERT: {inserts / complete:.1f}x")
 
         queue: multiprocessing.Queue = multiprocessing.Queue()
-        mids = [f"{i:032x}" for i in range(args.models)]
         workers = [multiprocessing.Process(target=client, args=(url, mids, args.seconds, queue))
                    for _ in range(args.clients)]
         for worker in workers:

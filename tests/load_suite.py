@@ -88,7 +88,7 @@ def _hammer(target, args: tuple, clients: int, seconds: float) -> dict:  # type:
 
 def run_load(workdir: Path, clients: int, seconds: float) -> dict[str, dict]:
     """Load the recommendations for N_MODELS, start Airflow with the gallery, hammer both."""
-    from benchmarks.load_bench import rows_for
+    from benchmarks.load_bench import synthetic_topk
     from recsketch.db import store
     from tests.fault_suite import Databases
     from tools.local_airflow import LocalAirflow, connection_env, free_port
@@ -99,7 +99,7 @@ def run_load(workdir: Path, clients: int, seconds: float) -> dict[str, dict]:
         _, meta_url = dbs.create()
         engine = store.connect(recs_url)
         store.upsert_models(engine, [{"mid": f"{i:032x}", "name": f"model {i}"} for i in range(N_MODELS)])
-        store.load_recommendations(engine, "load-test", "synthetic", TOP_K, rows_for(N_MODELS, TOP_K))
+        store.load_recommendations(engine, "load-test", "synthetic", TOP_K, synthetic_topk(N_MODELS, TOP_K))
         engine.dispose()
         env = {**connection_env("http://127.0.0.1:9", None, recs_url), "RECSKETCH_DATA_DIR": str(workdir / "data")}
         airflow = LocalAirflow(workdir / "airflow", port=free_port(), metadata_url=meta_url, env=env)

@@ -97,7 +97,8 @@ def test_the_streamed_load_equals_the_row_by_row_load(backend: str, pg_url: str,
     monkeypatch.setattr(store, "COPY_BLOCK_MODELS", 97)  # many blocks, one of them partial
     rng = np.random.default_rng(5)
     n, k = 1234, 7
-    mids = [f"{i:032x}" for i in rng.permutation(10_000)[:n]]
+    mids = [f"{i:032x}" if i % 3 else f"L{i:0{25 + i % 2}d}" for i in rng.permutation(10_000)[:n]]
+    assert {len(m) for m in mids} == {26, 27, 32}  # legacy ids too: rows of several widths
     indices = rng.integers(0, n, size=(n, k))
     scores = np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1]
     scores[0, 0] = np.float32(1e-7)  # exponent notation survives too

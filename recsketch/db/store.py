@@ -31,7 +31,7 @@ from recsketch.ids import validate_model_id
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
-COPY_BLOCK_MODELS = 50_000  # models per CSV block streamed into COPY (≈ 50 MB at top-10)
+COPY_BLOCK_MODELS = 50_000  # models per block streamed into COPY (≈ 60 MB at top-10)
 
 
 class TopKArrays(Protocol):
@@ -48,53 +48,80 @@ class TopKArrays(Protocol):
 Rows = Union[Sequence[tuple[str, int, str, float]], TopKArrays]  # noqa: UP007
 
 
-def _csv_blocks(run_id: str, backbone: str, rows: Rows) -> Iterator[bytes]:
-    """The COPY input, one block at a time: from arrays, each block built by numpy and pandas'
-    C writer (never one Python tuple per row); from tuples, by the csv module."""
-    import pandas as pd
+PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
-    if isinstance(rows, Sequence):
-        for start in range(0, len(rows), 200_000):
-            buffer = io.StringIO()
-            writer = csv.writer(buffer, lineterminator="\n")
-            for mid, rank, similar_mid, score in rows[start : start + 200_000]:
-                writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
-            yield buffer.getvalue().encode()
-        return
-    mids = np.asarray(rows.mids, dtype=object)
-    n, k = rows.indices.shape if rows.indices.ndim == 2 else (len(mids), 0)
-    ranks = np.arange(1, k + 1, dtype=np.int64)
+
+def _csv_blocks(run_id: str, backbone: str, rows: Sequence[tuple[str, int, str, float]]) -> Iterator[bytes]:
+    """COPY's CSV input from (mid, rank, similar mid, score) tuples, in blocks."""
+    for start in range(0, len(rows), 200_000):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for mid, rank, similar_mid, score in rows[start : start + 200_000]:
+            writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
+        yield buffer.getvalue().encode()
+
+
+def _binary_blocks(run_id: str, backbone: str, rows: TopKArrays) -> Iterator[bytes]:
+    """COPY's binary input built by numpy from the top-k arrays, block by block: no Python object
+    per row. A binary row is fixed-width once the lengths of its two mids are fixed, so each block
+    is split by (mid length, similar mid length), at most a few groups (ids are 26, 27 or 32
+    characters), each filled as one structured array. Scores go in as float8, the exact value
+    ``repr(float(score))`` would carry through text."""
+    run, bb = run_id.encode(), backbone.encode()
+    encoded = [mid.encode() for mid in rows.mids]
+    lengths = np.fromiter((len(m) for m in encoded), np.int64, len(encoded))
+    by_length = {int(n): np.array([m if len(m) == n else b"" for m in encoded], dtype=f"S{int(n)}")
+                 for n in np.unique(lengths)}
+    n, k = rows.indices.shape
+    yield PGCOPY_HEADER
     for start in range(0, n, COPY_BLOCK_MODELS):
         stop = min(n, start + COPY_BLOCK_MODELS)
-        frame = pd.DataFrame({
-            "run_id": run_id,
-            "mid": np.repeat(mids[start:stop], k),
-            "rank": np.tile(ranks, stop - start),
-            "similar_mid": mids[rows.indices[start:stop].ravel()],
-            "score": rows.scores[start:stop].ravel().astype(np.float64),  # as repr(float(score)) writes it
-            "backbone": backbone,
-        })
-        yield frame.to_csv(header=False, index=False, lineterminator="\n").encode()
+        owner = np.repeat(np.arange(start, stop), k)
+        similar = rows.indices[start:stop].ravel().astype(np.int64)
+        rank = np.tile(np.arange(1, k + 1, dtype=np.int32), stop - start)
+        score = rows.scores[start:stop].ravel().astype(np.float64)
+        parts = []
+        for a in np.unique(lengths[start:stop]):
+            for b in np.unique(lengths[similar]):
+                pick = (lengths[owner] == a) & (lengths[similar] == b)
+                if not pick.any():
+                    continue
+                dtype = np.dtype([("fields", ">i2"), ("l1", ">i4"), ("run", f"S{len(run)}"),
+                                  ("l2", ">i4"), ("mid", f"S{a}"), ("l3", ">i4"), ("rank", ">i4"),
+                                  ("l4", ">i4"), ("similar", f"S{b}"), ("l5", ">i4"), ("score", ">f8"),
+                                  ("l6", ">i4"), ("backbone", f"S{len(bb)}")])
+                block = np.empty(int(pick.sum()), dtype)
+                block["fields"], block["l1"], block["run"] = 6, len(run), run
+                block["l2"], block["mid"] = a, by_length[int(a)][owner[pick]]
+                block["l3"], block["rank"] = 4, rank[pick]
+                block["l4"], block["similar"] = b, by_length[int(b)][similar[pick]]
+                block["l5"], block["score"] = 8, score[pick]
+                block["l6"], block["backbone"] = len(bb), bb
+                parts.append(block.tobytes())
+        yield b"".join(parts)
+    yield PGCOPY_TRAILER
 
 
 class _BlockStream(io.RawIOBase):
     """A file over an iterator of byte blocks, for COPY ... FROM STDIN: one block in memory."""
 
     def __init__(self, blocks: Iterator[bytes]) -> None:
-        self._blocks, self._pending = blocks, b""
+        self._blocks = blocks
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, target: bytearray) -> int:  # type: ignore[override]
-        while not self._pending:
+        while not len(self._pending):
             try:
-                self._pending = next(self._blocks)
+                self._pending = memoryview(next(self._blocks))
             except StopIteration:
                 return 0
         size = min(len(target), len(self._pending))
         target[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
+        self._pending = self._pending[size:]  # a view: no copy of the rest of the block
         return size
 
 
@@ -302,12 +329,15 @@ def _swap_in_postgres(conn: Connection, run_id: str, backbone: str, rows: Rows) 
 
 def copy_rows(conn: Connection, table: str, run_id: str, backbone: str, rows: Rows) -> None:
     """COPY rows into ``table`` (a fixed name of ours, never user input), streamed block by block."""
-    stream = _BlockStream(_csv_blocks(run_id, backbone, rows))
+    if isinstance(rows, Sequence):
+        stream, form = _BlockStream(_csv_blocks(run_id, backbone, rows)), "csv"
+    else:
+        stream, form = _BlockStream(_binary_blocks(run_id, backbone, rows)), "binary"
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None  # an open Connection always has one
     cursor = dbapi.cursor()
     cursor.copy_expert(
-        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT csv)", stream,
+        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT {form})", stream,
         size=1 << 20)
 
 
