@@ -116,3 +116,24 @@ def test_the_streamed_load_equals_the_row_by_row_load(backend: str, pg_url: str,
     with engine.connect() as conn:
         by_rows = conn.execute(query).all()
     assert len(streamed) == n * k and streamed == by_rows
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_likes_are_read_as_codes_with_every_uid_kept_as_written(backend: str, pg_url: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """uids that look like numbers or missing values ("007", "1e5", "NA", "null") come back as the
+    same strings from the COPY-and-parse path, parsed in several parts."""
+    from recsketch.db import store
+    from recsketch.likes import threshold_likes
+
+    monkeypatch.setattr(store, "LIKES_READ_ROWS", 5)
+    url = pg_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'l.sqlite'}"
+    engine = store.connect(url)
+    uids = ["007", "1e5", "NA", "null", "u,comma", 'u"quote']
+    mids = [f"{i:032x}" for i in range(3)]
+    store.upsert_models(engine, [{"mid": mid, "name": mid} for mid in mids])
+    store.replace_likes(engine, dict.fromkeys(mids, uids))
+    frame = store.read_likes(engine)
+    assert str(frame["uid"].dtype) == "category" and len(frame) == 18
+    assert sorted(set(frame["uid"].astype(str))) == sorted(uids)
+    assert threshold_likes(frame, 3).models == mids

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 from sqlalchemy import bindparam, create_engine, delete, event, select, text, update
@@ -31,6 +31,7 @@ from recsketch.ids import validate_model_id
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
+LIKES_READ_ROWS = 4_000_000  # likes parsed at a time when reading them all
 COPY_BLOCK_MODELS = 50_000  # models per block streamed into COPY (≈ 60 MB at top-10)
 
 
@@ -239,9 +240,31 @@ def likers_of(engine: Engine, mids: Iterable[str]) -> dict[str, set[str]]:
     return found
 
 
-def read_likes(engine: Engine) -> list[tuple[str, str]]:
+def read_likes(engine: Engine) -> Any:  # a pandas DataFrame (pandas is untyped here)
+    """Every like as a DataFrame of two categorical columns, mid and uid: on PostgreSQL one
+    ``COPY ... TO STDOUT`` through a temp file parsed by pandas' C reader, never a Python tuple
+    per like (60 M likes are ~1 GB of codes, not ~10 GB of tuples)."""
+    import tempfile
+
+    import pandas as pd
+
     with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(select(likes.c.mid, likes.c.uid))]
+        if conn.dialect.name != "postgresql":
+            return pd.read_sql(select(likes.c.mid, likes.c.uid), conn).astype("category")
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        with tempfile.TemporaryFile() as handle:
+            dbapi.cursor().copy_expert("COPY (SELECT mid, uid FROM likes) TO STDOUT WITH (FORMAT csv)", handle)
+            handle.seek(0)
+            # as strings (a uid "007" stays "007"), a few million rows at a time, each part
+            # turned into categories at once: memory holds one part's strings, not all of them
+            parts = [part.astype("category") for part in pd.read_csv(
+                handle, names=["mid", "uid"], header=None, dtype=str, na_filter=False, engine="c",
+                chunksize=LIKES_READ_ROWS)]
+        if not parts:
+            return pd.DataFrame({"mid": pd.Categorical([]), "uid": pd.Categorical([])})
+        union = pd.api.types.union_categoricals
+        return pd.DataFrame({column: union([part[column] for part in parts]) for column in ("mid", "uid")})
 
 
 def models_with_thumbnails(engine: Engine) -> dict[str, str | None]:
