@@ -35,7 +35,7 @@ SIMILARITY_PLAN_FILE = "similarity_plan.json"
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
 SHARD_PREFIX = "similarity-shard-"
-REDUCED_FEATURES_PREFIX = "similarity-features-"  # PCA-reduced, when RECSKETCH_PCA_DIM is set
+REDUCED_FEATURES_PREFIX = "similarity-features-"  # the run's unit features (PCA-reduced if set), one .npy
 
 
 def _read_json(path: Location, stage: str) -> Any:

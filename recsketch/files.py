@@ -138,15 +138,42 @@ def load_npz(path: Location) -> dict[str, np.ndarray]:
 
 
 def save_npy(path: Location, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_bytes(path, buffer.getvalue())
+    """Streamed to the file (locally: temp file, renamed) or to the object (a multipart upload that
+    appears only once complete): never a second copy of a large array in memory."""
+    if isinstance(path, Path):
+        with atomic_write(path) as handle:
+            np.save(handle, array, allow_pickle=False)
+        return
+    with path.fs.open(path.path, "wb", block_size=64 << 20) as handle:
+        np.save(handle, array, allow_pickle=False)
 
 
 def load_npy(path: Location) -> np.ndarray:
     if isinstance(path, Path):
         return np.load(path, allow_pickle=False)
     return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
+@contextmanager
+def local_copy(path: Location) -> Iterator[Path]:
+    """``path`` as a local file for the block: itself on a local disk, else a copy in local
+    scratch (the task's own temp dir), streamed down and removed afterwards."""
+    if isinstance(path, Path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        yield path
+        return
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="recsketch-") as scratch:
+        target = Path(scratch) / path.name
+        try:
+            with path.fs.open(path.path, "rb") as source, target.open("wb") as handle:
+                shutil.copyfileobj(source, handle, 16 << 20)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist") from None
+        yield target
 
 
 def write_text(path: Location, text: str) -> None:

@@ -39,7 +39,14 @@ from recsketch.features.extract import extract_chunk
 from recsketch.features.images import thumbnail_version
 from recsketch.likes import threshold_likes
 from recsketch.ratelimit import SharedRateLimiter
-from recsketch.similarity import merge_new_items, normalise, recall_at_k, reduce_dimensions, top_k_cosine
+from recsketch.similarity import (
+    merge_new_items,
+    normalise,
+    recall_at_k,
+    reduce_dimensions,
+    top_k_cosine,
+    top_k_tiled,
+)
 from recsketch.sketchfab.client import SketchfabClient
 from recsketch.storage import Location
 
@@ -200,9 +207,11 @@ def plan_similarity_stage(settings: Settings, folder: Location, progress: Progre
                              top_k_cosine(reduced, settings.top_k, rows=sample)[0])
         plan = SimilarityPlan(f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", mids, round(recall, 4),
                               shards)
-        files.save_npy(folder / reduced_features_file(plan), reduced)
         progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
                  f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
+        features = reduced
+    # the run's features, consolidated once: unit rows in one .npy that every shard memory-maps
+    files.save_npy(folder / reduced_features_file(plan), normalise(features, copy=False))
     plan.write(folder)
     progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
              f"in {len(shards)} shards of up to {step} rows")
@@ -218,22 +227,23 @@ def _chunk_plan_if_any(folder: Location) -> ChunkPlan | None:
 
 
 def similarity_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
-    """One row block of the full top-k: rows first..last against every model."""
+    """One row block of the full top-k: rows first..last against every model, read from the
+    run's consolidated features through a memory map (copied to local scratch first when the
+    data dir is an object store), in tiles: memory stays a few hundred MB whatever N is."""
     first, last = (int(part) for part in shard.split("-"))
     plan = SimilarityPlan.read(folder)
     order = plan.ordered_mids()
     if (first, last) not in plan.shards:
         raise RecsketchError(f"rows {shard} are not a shard of the similarity plan in {folder}")
-    if plan.reduced:  # PCA: the plan's snapshot is self-contained
-        features = files.load_npy(folder / reduced_features_file(plan))
-    else:
-        _, mids, features = _valid_features(settings, ValidModels.read(folder), lambda _: None)
-        if mids != order:
-            raise RecsketchError(f"the features changed since similarity was planned for {folder}; plan it again")
     started = time.monotonic()
     set_threads(settings.effective_threads)
-    features = normalise(features, copy=False)  # a fresh matrix: no need for a second one
-    indices, scores = top_k_cosine(features, settings.top_k, rows=(first, last), normalised=True)
+    with files.local_copy(folder / reduced_features_file(plan)) as path:
+        unit = np.load(path, mmap_mode="r")
+        if unit.shape[0] != len(order):
+            raise RecsketchError(f"{folder / reduced_features_file(plan)} has {unit.shape[0]} rows, the plan "
+                                 f"{len(order)}: plan similarity again")
+        indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
+        del unit
     write_shard(folder, plan, first, last, indices, scores)
     progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s")

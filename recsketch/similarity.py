@@ -110,6 +110,73 @@ def _largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     return top.indices.numpy(), top.values.numpy()
 
 
+def top_k_tiled(unit, k: int, rows: tuple[int, int], query_block: int = 2048,
+                candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k_cosine(unit, k, rows=rows, normalised=True)`` with both sides tiled: memory holds a
+    query block, a candidate block and their score tile (~``query_block × candidate_block``
+    floats), never a row block × N. ``unit`` may be a read-only memory map of the run's
+    consolidated features (float32 or float16, unit rows): a shard of 10 k rows against 1 M
+    items reads each candidate block once per query block and keeps RSS to a few hundred MB.
+
+    Each tile's best are chosen exactly by (-score, index) and merged the same way, so the
+    result is the exact top-k; scores near 1.0 are rescored in float64 as ``top_k_cosine`` does.
+    """
+    n = unit.shape[0]
+    first, last = rows
+    kk = min(k, n - 1)
+    indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
+    scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
+    if kk <= 0:
+        return indices, scores
+    for q_start in range(first, last, query_block):
+        q_stop = min(last, q_start + query_block)
+        query = np.asarray(unit[q_start:q_stop], dtype=np.float32)
+        best = np.zeros((q_stop - q_start, 0), dtype=np.int64)
+        best_scores = np.zeros((q_stop - q_start, 0), dtype=np.float32)
+        for c_start in range(0, n, candidate_block):
+            c_stop = min(n, c_start + candidate_block)
+            tile = query @ np.asarray(unit[c_start:c_stop], dtype=np.float32).T
+            own = np.arange(max(q_start, c_start), min(q_stop, c_stop))
+            tile[own - q_start, own - c_start] = -np.inf  # never recommend a model to itself
+            take = min(kk, c_stop - c_start)
+            candidates, values = _exact_largest(tile, take)
+            merged = np.concatenate([best, candidates + c_start], axis=1)
+            merged_scores = np.concatenate([best_scores, values], axis=1)
+            order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
+            best = np.take_along_axis(merged, order, axis=1)
+            best_scores = np.take_along_axis(merged_scores, order, axis=1)
+        out = slice(q_start - first, q_stop - first)
+        indices[out], scores[out] = _rescore_near_one(unit, q_start, best, best_scores)
+    return indices, scores
+
+
+def _exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``kk`` best columns of each row by (-score, index), ties at the k-th resolved exactly."""
+    candidates, values = _largest(block, kk)
+    order = np.lexsort((candidates, -values), axis=1)
+    candidates, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(values, order, 1)
+    kth = values[:, -1:]
+    for row in np.flatnonzero((block >= kth).sum(axis=1) > kk):
+        exact = np.lexsort((np.arange(block.shape[1]), -block[row]))[:kk]
+        candidates[row], values[row] = exact, block[row, exact]
+    return candidates, values
+
+
+def _rescore_near_one(unit, start: int, best: np.ndarray,
+                      best_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Identical vectors score a hair off 1.0 in float32: rescore those in float64 and re-sort."""
+    rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
+    if len(rows_near_one):
+        a = np.asarray(unit[start + rows_near_one], dtype=np.float64)
+        b = np.asarray(unit[best[rows_near_one, cols]], dtype=np.float64)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        exact = np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0)
+        best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
+        order = np.lexsort((best, -best_scores), axis=1)
+        best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
+    return best, best_scores
+
+
 def merge_new_items(
     features: np.ndarray, old_count: int, old_indices: np.ndarray, old_scores: np.ndarray, k: int,
     block_rows: int | None = None,
