@@ -73,6 +73,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.similarity_bench
 	$(BIN)/python -m benchmarks.load_bench
 	$(BIN)/python -m benchmarks.storage_bench
+	$(BIN)/python -m benchmarks.scale_bench
 
 lint: venv
 	$(BIN)/ruff check .
