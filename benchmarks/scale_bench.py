@@ -200,7 +200,8 @@ def main() -> None:
                 print(f"  load: {result['rows']:,} rows with indexes and swap in {result['seconds']:.1f} s = "
                       f"{result['rows_per_s']:,.0f} rows/s (goal >= 1M); bare binary COPY "
                       f"{result['bare_copy_rows_per_s']:,.0f} rows/s "
-                      f"({result['rows_per_s'] / result['bare_copy_rows_per_s']:.2f} of it); peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
+                      f"({result['rows_per_s'] / result['bare_copy_rows_per_s']:.2f} of it); "
+                      f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":
