@@ -102,7 +102,7 @@ def threshold_stage(settings: Settings, folder: Location, progress: Progress = l
     engine = store.connect(settings.resolved_database_url)
     with_thumbnail = store.models_with_thumbnails(engine)
     if settings.min_likes > 0:
-        result = threshold_likes(store.read_likes(engine), settings.min_likes)
+        result = threshold_likes(store.read_likes_frame(engine), settings.min_likes)
         progress(result.summary())
         kept = set(result.models)
         valid = [mid for mid in with_thumbnail if mid in kept]

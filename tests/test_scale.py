@@ -133,7 +133,7 @@ def test_likes_are_read_as_codes_with_every_uid_kept_as_written(backend: str, pg
     mids = [f"{i:032x}" for i in range(3)]
     store.upsert_models(engine, [{"mid": mid, "name": mid} for mid in mids])
     store.replace_likes(engine, dict.fromkeys(mids, uids))
-    frame = store.read_likes(engine)
+    frame = store.read_likes_frame(engine)
     assert str(frame["uid"].dtype) == "category" and len(frame) == 18
     assert sorted(set(frame["uid"].astype(str))) == sorted(uids)
     assert threshold_likes(frame, 3).models == mids

@@ -240,7 +240,14 @@ def likers_of(engine: Engine, mids: Iterable[str]) -> dict[str, set[str]]:
     return found
 
 
-def read_likes(engine: Engine) -> Any:  # a pandas DataFrame (pandas is untyped here)
+def read_likes(engine: Engine) -> list[tuple[str, str]]:
+    """Every like as (mid, uid) tuples: for small catalogues and checks; the pipeline uses
+    :func:`read_likes_frame`."""
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(likes.c.mid, likes.c.uid))]
+
+
+def read_likes_frame(engine: Engine) -> Any:  # a pandas DataFrame (pandas is untyped here)
     """Every like as a DataFrame of two categorical columns, mid and uid: on PostgreSQL one
     ``COPY ... TO STDOUT`` through a temp file parsed by pandas' C reader, never a Python tuple
     per like (60 M likes are ~1 GB of codes, not ~10 GB of tuples)."""
