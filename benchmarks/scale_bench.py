@@ -81,9 +81,9 @@ def part_features(args: argparse.Namespace, work: Path) -> dict:
 
 
 def part_shard(args: argparse.Namespace, work: Path) -> dict:
-    from recsketch.similarity import top_k_tiled
+    from recsketch.similarity import NpyRows, top_k_tiled
 
-    unit = np.load(work / "features.npy", mmap_mode="r")
+    unit = NpyRows(work / "features.npy")  # as similarity_shard_stage reads it
     rows = min(args.shard_rows, args.models)
     started = time.perf_counter()
     top_k_tiled(unit, 10, (0, rows))

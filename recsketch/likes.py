@@ -27,7 +27,7 @@ class ThresholdResult:
 
     @property
     def models(self) -> list[str]:
-        return sorted(self.likes["mid"].unique())
+        return sorted(str(mid) for mid in self.likes["mid"].unique())
 
     def summary(self) -> str:
         return (f"threshold: {self.likes_before} likes, {self.users_before} users, "
@@ -65,5 +65,9 @@ def threshold_likes(pairs: Iterable[tuple[str, str]] | pd.DataFrame, min_likes: 
     mids, uids = mid_codes[first], uid_codes[first]
     before = (len(first), len(np.unique(uids)), len(np.unique(mids)))
     keep, passes = threshold_codes(mids, uids, min_likes)
-    survivors = pd.DataFrame({"mid": np.asarray(mid_names)[mids[keep]], "uid": np.asarray(uid_names)[uids[keep]]})
+    # categoricals over the codes: no Python string per surviving like. The names are passed as
+    # plain values: factorize() of a categorical returns a CategoricalIndex, and from_codes()
+    # would read that index's categories (in another order), not its values
+    survivors = pd.DataFrame({"mid": pd.Categorical.from_codes(mids[keep], pd.Index(np.asarray(mid_names))),
+                              "uid": pd.Categorical.from_codes(uids[keep], pd.Index(np.asarray(uid_names)))})
     return ThresholdResult(survivors, passes, *before)

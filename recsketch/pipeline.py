@@ -40,6 +40,7 @@ from recsketch.features.images import thumbnail_version
 from recsketch.likes import threshold_likes
 from recsketch.ratelimit import SharedRateLimiter
 from recsketch.similarity import (
+    NpyRows,
     merge_new_items,
     normalise,
     recall_at_k,
@@ -227,9 +228,9 @@ def _chunk_plan_if_any(folder: Location) -> ChunkPlan | None:
 
 
 def similarity_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
-    """One row block of the full top-k: rows first..last against every model, read from the
-    run's consolidated features through a memory map (copied to local scratch first when the
-    data dir is an object store), in tiles: memory stays a few hundred MB whatever N is."""
+    """One row block of the full top-k: rows first..last against every model, read block by
+    block from the run's consolidated features (copied to local scratch first when the data
+    dir is an object store), in tiles: memory stays a few hundred MB whatever N is."""
     first, last = (int(part) for part in shard.split("-"))
     plan = SimilarityPlan.read(folder)
     order = plan.ordered_mids()
@@ -238,12 +239,14 @@ def similarity_shard_stage(settings: Settings, folder: Location, shard: str, pro
     started = time.monotonic()
     set_threads(settings.effective_threads)
     with files.local_copy(folder / reduced_features_file(plan)) as path:
-        unit = np.load(path, mmap_mode="r")
-        if unit.shape[0] != len(order):
-            raise RecsketchError(f"{folder / reduced_features_file(plan)} has {unit.shape[0]} rows, the plan "
-                                 f"{len(order)}: plan similarity again")
-        indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
-        del unit
+        unit = NpyRows(path)  # blocks read on demand and freed: RSS holds a block, not the file
+        try:
+            if unit.shape[0] != len(order):
+                raise RecsketchError(f"{folder / reduced_features_file(plan)} has {unit.shape[0]} rows, the "
+                                     f"plan {len(order)}: plan similarity again")
+            indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
+        finally:
+            unit.close()
     write_shard(folder, plan, first, last, indices, scores)
     progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 from scipy import sparse
 
@@ -110,13 +113,47 @@ def _largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     return top.indices.numpy(), top.values.numpy()
 
 
+class NpyRows:
+    """Rows of a 2-d C-order ``.npy`` file, read on demand with ``pread`` into ordinary memory.
+
+    Unlike a memory map, whose pages stay resident (and count as the task's RSS) once touched,
+    a block read here is freed when dropped: a shard scanning a 5 GB matrix holds one block.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+        version = np.lib.format.read_magic(self._file)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(self._file)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a 2-d C-order array, got shape {shape}")
+        self.shape, self.dtype, self._offset = tuple(shape), np.dtype(dtype), self._file.tell()
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        data = os.pread(self._file.fileno(), (stop - start) * self._row_bytes, self._offset + start * self._row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(stop - start, self.shape[1])
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.shape[0])
+            return self._read(start, max(start, stop))
+        rows = np.asarray(key).ravel()
+        return np.stack([self._read(int(r), int(r) + 1)[0] for r in rows]) if len(rows) else \
+            np.zeros((0, self.shape[1]), self.dtype)
+
+
 def top_k_tiled(unit, k: int, rows: tuple[int, int], query_block: int = 2048,
                 candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
     """``top_k_cosine(unit, k, rows=rows, normalised=True)`` with both sides tiled: memory holds a
     query block, a candidate block and their score tile (~``query_block × candidate_block``
-    floats), never a row block × N. ``unit`` may be a read-only memory map of the run's
-    consolidated features (float32 or float16, unit rows): a shard of 10 k rows against 1 M
-    items reads each candidate block once per query block and keeps RSS to a few hundred MB.
+    floats), never a row block × N. ``unit`` may be an array, a memory map or :class:`NpyRows`
+    over the run's consolidated features (unit rows): a shard of 10 k rows against 1 M items
+    reads each candidate block once per query block.
 
     Each tile's best are chosen exactly by (-score, index) and merged the same way, so the
     result is the exact top-k; scores near 1.0 are rescored in float64 as ``top_k_cosine`` does.

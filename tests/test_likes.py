@@ -50,3 +50,15 @@ def test_matches_brute_force_on_random_data(seed: int) -> None:
     minimum = rng.randint(1, 7)
     result = threshold_likes(sorted(pairs), minimum)
     assert set(map(tuple, result.likes.to_numpy())) == brute_force(pairs, minimum)
+
+
+def test_categorical_input_whose_categories_are_in_another_order() -> None:
+    """As read_likes_frame returns them: categories in an order of their own, unused ones too."""
+    import pandas as pd
+
+    pairs = [("B", "u1"), ("A", "u1"), ("B", "u2"), ("A", "u2"), ("C", "u2")]
+    frame = pd.DataFrame({"mid": pd.Categorical([m for m, _ in pairs], categories=["C", "Z", "B", "A"]),
+                          "uid": pd.Categorical([u for _, u in pairs], categories=["u9", "u2", "u1"])})
+    result = threshold_likes(frame, 2)
+    assert result.models == ["A", "B"]
+    assert set(map(tuple, result.likes.to_numpy())) == brute_force(set(pairs), 2)

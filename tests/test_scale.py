@@ -142,7 +142,7 @@ def test_likes_are_read_as_codes_with_every_uid_kept_as_written(backend: str, pg
 def test_memory_mapped_tiled_shards_equal_the_in_memory_top_k(tmp_path: Path) -> None:
     """A shard read through a memory map, in tiles far smaller than N, equals the in-memory
     top-k exactly: indices (ties by lower index) and scores, identical thumbnails at 1.0."""
-    from recsketch.similarity import normalise, top_k_cosine, top_k_tiled
+    from recsketch.similarity import NpyRows, normalise, top_k_cosine, top_k_tiled
 
     rng = np.random.default_rng(3)
     features = rng.standard_normal((2500, 48)).astype(np.float32)
@@ -158,3 +158,9 @@ def test_memory_mapped_tiled_shards_equal_the_in_memory_top_k(tmp_path: Path) ->
     ties = top_k_tiled(mapped, 10, (100, 110), query_block=4, candidate_block=64)
     assert np.array_equal(ties[0], top_k_cosine(unit, 10, rows=(100, 110), normalised=True)[0])
     assert top_k_tiled(mapped, 5, (7, 8))[1][0, 0] == 1.0
+    rows = NpyRows(tmp_path / "unit.npy")  # what a shard task reads through: pread blocks, no mapping
+    try:
+        read = top_k_tiled(rows, 10, (300, 2100), query_block=333, candidate_block=257)
+    finally:
+        rows.close()
+    assert np.array_equal(read[0], expected[0]) and np.array_equal(read[1], expected[1])
