@@ -59,11 +59,15 @@ def threshold_likes(pairs: Iterable[tuple[str, str]] | pd.DataFrame, min_likes: 
     likes = pairs if isinstance(pairs, pd.DataFrame) else pd.DataFrame(list(pairs), columns=["mid", "uid"])
     mid_codes, mid_names = pd.factorize(likes["mid"], sort=False)
     uid_codes, uid_names = pd.factorize(likes["uid"], sort=False)
-    pair_keys = mid_codes.astype(np.int64) * max(len(uid_names), 1) + uid_codes
-    _, first = np.unique(pair_keys, return_index=True)  # duplicates dropped, first occurrence kept
-    first.sort()
-    mids, uids = mid_codes[first], uid_codes[first]
-    before = (len(first), len(np.unique(uids)), len(np.unique(mids)))
+    n_users = max(len(uid_names), 1)
+    keys = mid_codes.astype(np.int64) * n_users + uid_codes
+    del mid_codes, uid_codes
+    keys.sort()  # in place; duplicates become neighbours (the order of likes does not matter here)
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
+    mids, uids = keys // n_users, keys % n_users
+    del keys
+    before = (len(mids), int(np.count_nonzero(np.bincount(uids))) if len(uids) else 0,
+              int(np.count_nonzero(np.bincount(mids))) if len(mids) else 0)
     keep, passes = threshold_codes(mids, uids, min_likes)
     # categoricals over the codes: no Python string per surviving like. The names are passed as
     # plain values: factorize() of a categorical returns a CategoricalIndex, and from_codes()
