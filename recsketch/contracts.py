@@ -35,7 +35,7 @@ SIMILARITY_PLAN_FILE = "similarity_plan.json"
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
 SHARD_PREFIX = "similarity-shard-"
-REDUCED_FEATURES_PREFIX = "similarity-features-"  # the run's unit features (PCA-reduced if set), one .npy
+FEATURES_PREFIX = "similarity-features-"  # the run's unit features (PCA-reduced if set), one .npy
 
 
 def _read_json(path: Location, stage: str) -> Any:
@@ -233,8 +233,8 @@ class TopKStore:
         return topk
 
 
-def reduced_features_file(plan: SimilarityPlan) -> str:
-    return f"{REDUCED_FEATURES_PREFIX}{plan.digest}.npy"
+def features_file(plan: SimilarityPlan) -> str:
+    return f"{FEATURES_PREFIX}{plan.digest}.npy"
 
 
 def shard_path(folder: Location, plan: SimilarityPlan, first: int, last: int) -> Location:

@@ -27,7 +27,7 @@ from recsketch.contracts import (
     ValidModels,
     group_tasks,
     read_shards,
-    reduced_features_file,
+    features_file,
     write_shard,
 )
 from recsketch.crawl import crawl, thumbnail_path
@@ -212,7 +212,7 @@ def plan_similarity_stage(settings: Settings, folder: Location, progress: Progre
                  f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
         features = reduced
     # the run's features, consolidated once: unit rows in one .npy that every shard memory-maps
-    files.save_npy(folder / reduced_features_file(plan), normalise(features, copy=False))
+    files.save_npy(folder / features_file(plan), normalise(features, copy=False))
     plan.write(folder)
     progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
              f"in {len(shards)} shards of up to {step} rows")
@@ -238,11 +238,11 @@ def similarity_shard_stage(settings: Settings, folder: Location, shard: str, pro
         raise RecsketchError(f"rows {shard} are not a shard of the similarity plan in {folder}")
     started = time.monotonic()
     set_threads(settings.effective_threads)
-    with files.local_copy(folder / reduced_features_file(plan)) as path:
+    with files.local_copy(folder / features_file(plan)) as path:
         unit = NpyRows(path)  # blocks read on demand and freed: RSS holds a block, not the file
         try:
             if unit.shape[0] != len(order):
-                raise RecsketchError(f"{folder / reduced_features_file(plan)} has {unit.shape[0]} rows, the "
+                raise RecsketchError(f"{folder / features_file(plan)} has {unit.shape[0]} rows, the "
                                      f"plan {len(order)}: plan similarity again")
             indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
         finally:
