@@ -25,9 +25,9 @@ from recsketch.contracts import (
     TopK,
     TopKStore,
     ValidModels,
+    features_file,
     group_tasks,
     read_shards,
-    features_file,
     write_shard,
 )
 from recsketch.crawl import crawl, thumbnail_path
