@@ -175,6 +175,10 @@ def _valid_features(settings: Settings, valid: ValidModels, progress: Progress,
         progress(f"similarity: {added} new chunks registered in {chunk_store.manifest_path}")
     mids, features, failed = chunk_store.load_features(valid.versions)
     missing = len(valid) - len(mids) - len(failed)
+    if missing and plan is not None and chunk_store.unreadable:  # the manifest's writer: mend it
+        dropped = chunk_store.forget(chunk_store.unreadable)
+        raise RecsketchError(f"{missing} valid models have no features: {dropped} registered chunks are unreadable "
+                             f"and were dropped from {chunk_store.manifest_path}; plan and extract again")
     if missing:
         raise RecsketchError(f"{missing} valid models have no features yet: run the extract stage")
     for mid, reason in sorted(failed.items()):

@@ -164,3 +164,27 @@ def test_memory_mapped_tiled_shards_equal_the_in_memory_top_k(tmp_path: Path) ->
     finally:
         rows.close()
     assert np.array_equal(read[0], expected[0]) and np.array_equal(read[1], expected[1])
+
+
+def test_a_registered_chunk_that_no_longer_reads_back_is_planned_again(tmp_path: Path) -> None:
+    """A damaged chunk in the manifest must not stay "done" for ever: the stage that writes the
+    manifest drops it, names the fix, and the next plan extracts its models again."""
+    from recsketch.errors import RecsketchError
+
+    settings = Settings(data_dir=tmp_path, top_k=2, chunk_size=4)
+    mids = [f"{i:032x}" for i in range(6)]
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    store.write(Chunk("good", mids[:3], np.eye(3, 4, dtype=np.float32)))
+    store.write(Chunk("bad", mids[3:], np.eye(3, 4, k=1, dtype=np.float32)))
+    store.register(["good", "bad"])
+    assert store.manifest_path.exists() and store.chunk_ids() == ["bad", "good"]
+    path = store.path("bad")
+    assert isinstance(path, Path)
+    path.write_bytes(path.read_bytes()[:100])  # damaged on disk after it was registered
+    folder = run_dir(settings, "r")
+    ValidModels(dict.fromkeys(mids, "")).write(folder)
+    assert plan_stage(settings, folder, progress=lambda _: None) == []  # the manifest still says done
+    with pytest.raises(RecsketchError, match="1 registered chunks are unreadable"):
+        plan_similarity_stage(settings, folder, progress=lambda _: None)
+    plan_stage(settings, folder, progress=lambda _: None)
+    assert sorted(m for chunk in ChunkPlan.read(folder).chunks.values() for m in chunk) == mids[3:]

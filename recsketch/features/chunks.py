@@ -87,6 +87,7 @@ class ChunkStore:
         # chunks that ``register`` just read, kept for this stage's ``load_features``: a chunk id
         # is never rewritten with other content (write-once), so the copy can't be stale
         self._registered: dict[str, Chunk] = {}
+        self.unreadable: set[str] = set()  # registered chunks that failed to read back (see forget)
 
     def path(self, chunk_id: str) -> Location:
         if not re.fullmatch(r"[0-9A-Za-z]+", chunk_id):
@@ -193,10 +194,14 @@ class ChunkStore:
                 self._registered[chunk_id] = chunk
                 added += 1
         if added or not self.manifest_path.exists():
-            payload = {"backbone_key": self.backbone_key,
-                       "chunks": {cid: [list(e) for e in entries] for cid, entries in sorted(manifest.items())}}
-            files.write_text(self.manifest_path, json.dumps(payload, separators=(",", ":")))
+            self._write_manifest(manifest)
         return added
+
+    def _write_manifest(self, manifest: dict[str, list[tuple[str, str]]]) -> None:
+        """One whole object (one PUT, or a rename locally): readers see the old or the new."""
+        payload = {"backbone_key": self.backbone_key,
+                   "chunks": {cid: [list(e) for e in entries] for cid, entries in sorted(manifest.items())}}
+        files.write_text(self.manifest_path, json.dumps(payload, separators=(",", ":")))
 
     def chunk_ids(self) -> list[str]:
         return sorted(self.manifest())
@@ -209,6 +214,17 @@ class ChunkStore:
             chunk = self._registered.pop(chunk_id, None) or self.read(chunk_id)
             if chunk is not None:
                 yield chunk
+            else:
+                self.unreadable.add(chunk_id)
+
+    def forget(self, chunk_ids: Iterable[str]) -> int:
+        """Drop chunks from the manifest (rewritten whole), so the next plan extracts their models
+        again; returns how many it held. Like ``register``, for one task at a time."""
+        manifest = self.manifest()
+        dropped = [cid for cid in chunk_ids if cid in manifest]
+        if dropped:
+            self._write_manifest({cid: entries for cid, entries in manifest.items() if cid not in dropped})
+        return len(dropped)
 
     def done(self) -> set[tuple[str, str]]:
         """(mid, thumbnail version) settled by a registered chunk, with features or a recorded failure."""
