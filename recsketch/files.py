@@ -180,3 +180,35 @@ def write_text(path: Location, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+
+
+
+@contextmanager
+def scratch_file(folder: Location, name: str) -> Iterator[Path]:
+    """A local file to build something in before :func:`put_file` publishes it: beside the
+    target folder locally (a temp name a sweep removes if the process is killed), else in the
+    task's own temp dir. Removed when the block ends, unless it was published."""
+    if isinstance(folder, Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = _temp_name(folder / name, os.getpid())
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="recsketch-") as scratch:
+        yield Path(scratch) / name
+
+
+def put_file(source: Path, path: Location) -> None:
+    """Publish a complete local file as ``path``: renamed into place locally, one multipart upload
+    (visible only once complete) to an object store."""
+    if isinstance(path, Path):
+        os.replace(source, path)
+        return
+    import shutil
+
+    with source.open("rb") as handle, path.fs.open(path.path, "wb", block_size=64 << 20) as target:
+        shutil.copyfileobj(handle, target, 16 << 20)

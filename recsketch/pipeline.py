@@ -34,7 +34,7 @@ from recsketch.crawl import crawl, thumbnail_path
 from recsketch.db import store
 from recsketch.errors import RecsketchError
 from recsketch.features.backbones import backbone_key, create_backbone, set_threads
-from recsketch.features.chunks import ChunkStore
+from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileRows, RowSink
 from recsketch.features.extract import extract_chunk
 from recsketch.features.images import thumbnail_version
 from recsketch.likes import threshold_likes
@@ -167,58 +167,71 @@ def extract_stage(settings: Settings, folder: Location, task_id: str, progress: 
             "images_per_s": round(images / seconds, 2) if seconds else 0.0, "skipped": skipped == len(chunk_ids)}
 
 
-def _valid_features(settings: Settings, valid: ValidModels, progress: Progress,
-                    plan: ChunkPlan | None = None) -> tuple[ChunkStore, list[str], np.ndarray]:
-    chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
-    if plan is not None:  # the chunks this run extracted join the manifest (its one writer)
-        added = chunk_store.register(plan.chunks)
-        progress(f"similarity: {added} new chunks registered in {chunk_store.manifest_path}")
-    mids, features, failed = chunk_store.load_features(valid.versions)
-    missing = len(valid) - len(mids) - len(failed)
-    if missing and plan is not None and chunk_store.unreadable:  # the manifest's writer: mend it
+def _gather(chunk_store: ChunkStore, valid: ValidModels, order: list[str], sink: RowSink, plan: ChunkPlan | None,
+            progress: Progress) -> Gathered:
+    """The valid models' unit features streamed into ``sink`` in ``order``, chunk by chunk; a
+    model with no features is an error (or, if its registered chunk no longer reads back, that
+    chunk is dropped from the manifest so the next plan extracts it again)."""
+    gathered = chunk_store.gather(valid.versions, order, sink, unit=True)
+    if gathered.missing and plan is not None and chunk_store.unreadable:  # the manifest's writer: mend it
         dropped = chunk_store.forget(chunk_store.unreadable)
-        raise RecsketchError(f"{missing} valid models have no features: {dropped} registered chunks are unreadable "
-                             f"and were dropped from {chunk_store.manifest_path}; plan and extract again")
-    if missing:
-        raise RecsketchError(f"{missing} valid models have no features yet: run the extract stage")
-    for mid, reason in sorted(failed.items()):
+        raise RecsketchError(f"{len(gathered.missing)} valid models have no features: {dropped} registered "
+                             f"chunks are unreadable and were dropped from {chunk_store.manifest_path}; "
+                             "plan and extract again")
+    if gathered.missing:
+        raise RecsketchError(f"{len(gathered.missing)} valid models have no features yet: run the extract stage")
+    for mid, reason in gathered.failed.items():
         progress(f"no recommendations for {mid}: {reason}")
-    if len(mids) < 2:
-        raise RecsketchError(f"only {len(mids)} models have features; similarity needs at least 2")
-    return chunk_store, mids, features
+    if len(gathered.mids) < 2:
+        raise RecsketchError(f"only {len(gathered.mids)} models have features; similarity needs at least 2")
+    return gathered
 
 
 def plan_similarity_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
-    """Incremental or unchanged: computed here, no shards. Full: the row-block shards to map."""
+    """Incremental or unchanged: computed here, no shards. Full: the run's unit features are
+    consolidated into one file, streamed chunk by chunk (memory holds one chunk, whatever N is),
+    and the row-block shards to map over it are returned."""
     valid = ValidModels.read(folder)
-    chunk_store, mids, features = _valid_features(settings, valid, progress, _chunk_plan_if_any(folder))
+    chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
+    chunk_plan = _chunk_plan_if_any(folder)
+    if chunk_plan is not None:  # the chunks this run extracted join the manifest (its one writer)
+        added = chunk_store.register(chunk_plan.chunks)
+        progress(f"similarity: {added} new chunks registered in {chunk_store.manifest_path}")
     _sweep(progress, chunk_store.root, folder)
-    increment = None if settings.pca_dim else _incremental_top_k(chunk_store, mids, features, settings.top_k,
-                                                                 valid.versions)
-    if increment is not None:
-        topk, mode = increment
+    previous = None if settings.pca_dim else _reusable_previous(chunk_store, settings.top_k, valid.versions)
+    if previous is not None:
+        topk, mode = _incremental_top_k(chunk_store, previous, valid, chunk_plan, settings.top_k, progress)
         _finish_similarity(chunk_store, folder, topk, exact=True)
         SimilarityPlan(mode).write(folder)
         progress(f"similarity: top-{topk.k} for {len(topk.mids)} models, {mode}")
         return []
-    # at most RECSKETCH_MAX_MAPPED_TASKS shards: blocks grow with the catalogue
-    step = max(settings.similarity_shard_rows, -(-len(mids) // settings.max_mapped_tasks))
-    shards = [(first, min(len(mids), first + step)) for first in range(0, len(mids), step)]
-    plan = SimilarityPlan("full", mids, shards=shards)
-    if settings.pca_dim:  # one projection for every shard: computed here, stored with the run
-        reduced = reduce_dimensions(features, settings.pca_dim)
-        sample = (0, min(len(mids), 500))
-        recall = recall_at_k(top_k_cosine(features, settings.top_k, rows=sample)[0],
-                             top_k_cosine(reduced, settings.top_k, rows=sample)[0])
-        plan = SimilarityPlan(f"full, PCA {features.shape[1]}->{reduced.shape[1]}-d", mids, round(recall, 4),
-                              shards)
-        progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
-                 f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
-        features = reduced
-    # the run's features, consolidated once: unit rows in one .npy that every shard memory-maps
-    files.save_npy(folder / features_file(plan), normalise(features, copy=False))
+    with files.scratch_file(folder, "similarity-features.npy") as scratch:
+        sink = NpyFileRows(scratch)
+        try:
+            mids = _gather(chunk_store, valid, sorted(valid.versions), sink, chunk_plan, progress).mids
+        finally:
+            sink.close()
+        dim = sink.shape[1]
+        # at most RECSKETCH_MAX_MAPPED_TASKS shards: blocks grow with the catalogue
+        step = max(settings.similarity_shard_rows, -(-len(mids) // settings.max_mapped_tasks))
+        shards = [(first, min(len(mids), first + step)) for first in range(0, len(mids), step)]
+        plan = SimilarityPlan("full", mids, shards=shards)
+        if settings.pca_dim:  # one projection for every shard: computed here (in memory), stored with the run
+            unit = np.load(scratch)
+            reduced = reduce_dimensions(unit, settings.pca_dim)
+            sample = (0, min(len(mids), 500))
+            recall = recall_at_k(top_k_cosine(unit, settings.top_k, rows=sample)[0],
+                                 top_k_cosine(reduced, settings.top_k, rows=sample)[0])
+            del unit
+            plan = SimilarityPlan(f"full, PCA {dim}->{reduced.shape[1]}-d", mids, round(recall, 4), shards)
+            progress(f"similarity: PCA to {reduced.shape[1]}-d keeps recall@{settings.top_k} = {recall:.3f} "
+                     f"(measured on {sample[1]} models against the exact top-{settings.top_k})")
+            dim = reduced.shape[1]
+            files.save_npy(folder / features_file(plan), normalise(reduced, copy=False))
+        else:  # the run's features, consolidated once: unit rows that every shard reads block by block
+            files.put_file(scratch, folder / features_file(plan))
     plan.write(folder)
-    progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({features.shape[1]}-d) "
+    progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({dim}-d) "
              f"in {len(shards)} shards of up to {step} rows")
     return [f"{first}-{last}" for first, last in shards]
 
@@ -295,27 +308,35 @@ def _finish_similarity(chunk_store: ChunkStore, folder: Location, topk: TopK, ex
         TopKStore.latest(chunk_store.root).write(topk)
 
 
-def _incremental_top_k(chunk_store: ChunkStore, mids: list[str], features: np.ndarray, k: int,
-                       versions: dict[str, str]) -> tuple[TopK, str] | None:
-    """New×all merged into the backbone's last exact result when that one still holds (same k,
-    no model gone, every old model's thumbnail unchanged), else None."""
+def _reusable_previous(chunk_store: ChunkStore, k: int, versions: dict[str, str]) -> TopK | None:
+    """The backbone's last exact result, if it still holds: same k, no model gone, every old
+    model's thumbnail unchanged (so its features, and its neighbours among old models, are too)."""
     previous = TopKStore.latest(chunk_store.root).read()
     if previous is None or previous.backbone_key != chunk_store.backbone_key:
         return None
-    current = set(mids)
-    if previous.k != k or not set(previous.mids) <= current or len(previous.mids) < 2:
+    if previous.k != k or len(previous.mids) < 2 or not set(previous.mids) <= set(versions):
         return None
     if [versions.get(mid, "") for mid in previous.mids] != previous.versions:
         return None
-    new = sorted(current - set(previous.mids))
+    return previous
+
+
+def _incremental_top_k(chunk_store: ChunkStore, previous: TopK, valid: ValidModels, chunk_plan: ChunkPlan | None,
+                       k: int, progress: Progress) -> tuple[TopK, str]:
+    """New×all merged into the previous result. Memory holds one copy of the unit features
+    (old rows first, then new ones), gathered chunk by chunk."""
+    new = sorted(set(valid.versions) - set(previous.mids))
     if not new:
         return previous, "unchanged (reused)"
-    row = {mid: i for i, mid in enumerate(mids)}
-    order = previous.mids + new
-    indices, scores = merge_new_items(features[[row[m] for m in order]], len(previous.mids),
-                                      previous.indices, previous.scores, k)
-    topk = TopK(order, indices, scores, chunk_store.backbone_key, [versions.get(m, "") for m in order])
-    return topk, f"incremental ({len(new)} new x {len(order)})"
+    sink = MemoryRows()
+    gathered = _gather(chunk_store, valid, previous.mids + new, sink, chunk_plan, progress)
+    order = gathered.mids  # the old models all have features (their versions are unchanged)
+    if len(order) == len(previous.mids):
+        return previous, "unchanged (reused; the new models have no features)"
+    indices, scores = merge_new_items(sink.array, len(previous.mids), previous.indices, previous.scores, k,
+                                      normalised=True)
+    topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions.get(m, "") for m in order])
+    return topk, f"incremental ({len(order) - len(previous.mids)} new x {len(order)})"
 
 
 def load_stage(settings: Settings, folder: Location, run_id: str, progress: Progress = log.info) -> dict:

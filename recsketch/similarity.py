@@ -216,23 +216,23 @@ def _rescore_near_one(unit, start: int, best: np.ndarray,
 
 def merge_new_items(
     features: np.ndarray, old_count: int, old_indices: np.ndarray, old_scores: np.ndarray, k: int,
-    block_rows: int | None = None,
+    block_rows: int | None = None, normalised: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k for all rows when rows ``old_count:`` are new and the old rows' top-k is known.
 
     New rows are scored against everything; old rows only against the new items, merged
     with their known lists (exact: an old row's best old neighbours are already in its list).
-    Costs (new × all) instead of (all × all).
+    Costs (new × all) instead of (all × all). ``normalised=True`` trusts unit rows (no copy).
     """
     features = features if sparse.issparse(features) else np.asarray(features, dtype=np.float32)
     n = features.shape[0]
     kk = min(k, n - 1)
     if old_count == 0 or kk <= 0:
         return top_k_cosine(features, k, block_rows)
-    unit = normalise(features)
+    unit = features if normalised else normalise(features)
     indices = np.zeros((n, kk), dtype=np.int64)
     scores = np.zeros((n, kk), dtype=np.float32)
-    indices[old_count:], scores[old_count:] = top_k_cosine(features, k, block_rows, rows=(old_count, n))
+    indices[old_count:], scores[old_count:] = top_k_cosine(unit, k, block_rows, rows=(old_count, n), normalised=True)
     step = block_rows or block_rows_for(n)
     for start in range(0, old_count, step):
         stop = min(old_count, start + step)

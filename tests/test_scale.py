@@ -188,3 +188,98 @@ def test_a_registered_chunk_that_no_longer_reads_back_is_planned_again(tmp_path:
         plan_similarity_stage(settings, folder, progress=lambda _: None)
     plan_stage(settings, folder, progress=lambda _: None)
     assert sorted(m for chunk in ChunkPlan.read(folder).chunks.values() for m in chunk) == mids[3:]
+
+
+def _chunks_with_failures(store: ChunkStore, count: int, rows: int, dim: int) -> dict[str, str]:
+    """``count`` chunks of interleaved mids (so rows land all over the output), a failure in each."""
+    rng = np.random.default_rng(5)
+    wanted = {}
+    for c in range(count):
+        mids = [f"{r * count + c:032x}" for r in range(rows)]
+        failed = {mids[-1]: "thumbnail unreadable"}
+        store.write(Chunk(f"c{c}", mids[:-1], rng.standard_normal((rows - 1, dim)).astype(np.float32), failed,
+                          versions=dict.fromkeys(mids, "v")))
+        wanted.update(dict.fromkeys(mids, "v"))
+    store.register([f"c{c}" for c in range(count)])
+    return wanted
+
+
+def test_features_streamed_into_a_file_equal_the_in_memory_load(tmp_path: Path) -> None:
+    """The consolidated file (pwrite per chunk, failures compacted out) holds exactly the rows the
+    in-memory load gives, normalised, in the same order; entries of another version are not read."""
+    from recsketch.features.chunks import NpyFileRows
+    from recsketch.similarity import normalise
+
+    store = ChunkStore(tmp_path / "features", "key")
+    wanted = _chunks_with_failures(store, count=7, rows=30, dim=12)
+    stale = next(iter(wanted))
+    wanted[stale] = "newer"  # its thumbnail changed: the chunk's row is of another version
+    mids, in_memory, failed = store.load_features(wanted)
+    sink = NpyFileRows(tmp_path / "unit.npy")
+    gathered = store.gather(wanted, sorted(wanted), sink, unit=True)
+    sink.close()
+    assert gathered.mids == mids and gathered.failed == failed and len(failed) == 7
+    assert gathered.missing == [stale] and stale not in mids
+    on_disk = np.load(tmp_path / "unit.npy")
+    assert on_disk.shape == (7 * 29 - 1, 12)
+    assert np.array_equal(on_disk, normalise(in_memory))
+
+
+def test_consolidating_features_holds_one_chunk_in_memory_not_the_matrix(tmp_path: Path) -> None:
+    """Peak Python/numpy allocations while streaming 40 chunks into the file stay near one chunk's
+    size, far below the 100 MB matrix (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+
+    from recsketch.features.chunks import NpyFileRows
+
+    store = ChunkStore(tmp_path / "features", "key")
+    wanted = _chunks_with_failures(store, count=40, rows=500, dim=1280)
+    matrix_bytes = 40 * 499 * 1280 * 4
+    sink = NpyFileRows(tmp_path / "unit.npy")
+    tracemalloc.start()
+    try:
+        store.gather(wanted, sorted(wanted), sink, unit=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        sink.close()
+    assert np.load(tmp_path / "unit.npy", mmap_mode="r").shape == (40 * 499, 1280)
+    assert peak < matrix_bytes / 8, f"peak {peak / 1e6:.1f} MB for a {matrix_bytes / 1e6:.1f} MB matrix"
+
+
+def test_an_incremental_run_equals_a_full_run(tmp_path: Path) -> None:
+    """The incremental path (one in-memory copy of unit rows, old first) gives the full run's top-k."""
+    from recsketch.contracts import TopKStore
+    from recsketch.pipeline import similarity_stage
+
+    rng = np.random.default_rng(9)
+    mids = [f"{i:032x}" for i in range(300)]
+    features = rng.standard_normal((300, 16)).astype(np.float32)
+    settings = Settings(data_dir=tmp_path / "inc", top_k=5)
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
+    store.write(Chunk("old", mids[:200], features[:200]))
+    store.write(Chunk("new", mids[200:], features[200:]))
+    store.register(["old"])
+    first = run_dir(settings, "first")
+    ValidModels(dict.fromkeys(mids[:200], "")).write(first)
+    similarity_stage(settings, first, progress=lambda _: None)
+    store.register(["new"])
+    second = run_dir(settings, "second")
+    ValidModels(dict.fromkeys(mids, "")).write(second)
+    assert "incremental (100 new x 300)" in similarity_stage(settings, second, progress=lambda _: None)["mode"]
+    incremental = TopKStore.for_run(second).require("test")
+    full_settings = Settings(data_dir=tmp_path / "full", top_k=5)
+    full_store = ChunkStore(full_settings.features_dir, backbone_key(full_settings))
+    full_store.write(Chunk("all", mids, features))
+    full_store.register(["all"])
+    full = run_dir(full_settings, "full")
+    ValidModels(dict.fromkeys(mids, "")).write(full)
+    similarity_stage(full_settings, full, progress=lambda _: None)
+    exact = TopKStore.for_run(full).require("test")
+    assert sorted(incremental.mids) == exact.mids
+    position = {m: i for i, m in enumerate(exact.mids)}
+    for row, mid in enumerate(incremental.mids):
+        got = [incremental.mids[j] for j in incremental.indices[row]]
+        want = [exact.mids[j] for j in exact.indices[position[mid]]]
+        assert got == want, mid
+        assert np.allclose(incremental.scores[row], exact.scores[position[mid]], atol=1e-6)

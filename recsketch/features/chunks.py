@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import zipfile
 import zlib
@@ -84,9 +85,6 @@ class ChunkStore:
     def __init__(self, root: Location, backbone_key: str) -> None:
         self.backbone_key = backbone_key
         self.root = root / backbone_key
-        # chunks that ``register`` just read, kept for this stage's ``load_features``: a chunk id
-        # is never rewritten with other content (write-once), so the copy can't be stale
-        self._registered: dict[str, Chunk] = {}
         self.unreadable: set[str] = set()  # registered chunks that failed to read back (see forget)
 
     def path(self, chunk_id: str) -> Location:
@@ -189,9 +187,8 @@ class ChunkStore:
             if chunk_id in manifest:
                 continue
             chunk = self.read(chunk_id)
-            if chunk is not None:
+            if chunk is not None:  # read to check it, then dropped: memory holds one chunk
                 manifest[chunk_id] = list(chunk.entries())
-                self._registered[chunk_id] = chunk
                 added += 1
         if added or not self.manifest_path.exists():
             self._write_manifest(manifest)
@@ -211,7 +208,7 @@ class ChunkStore:
         for chunk_id, entries in sorted(self.manifest().items()):  # one read of the manifest
             if wanted is not None and not wanted.intersection(entries):
                 continue
-            chunk = self._registered.pop(chunk_id, None) or self.read(chunk_id)
+            chunk = self.read(chunk_id)
             if chunk is not None:
                 yield chunk
             else:
@@ -241,23 +238,148 @@ class ChunkStore:
             plan[chunk_id_for(part, versions)] = part
         return plan
 
-    def load_features(self, wanted_mids: Wanted) -> tuple[list[str], np.ndarray, dict[str, str]]:
-        """Features of the wanted mids (sorted) at their wanted thumbnail version, and the
-        failures recorded for them; entries of another version are never read."""
+    def gather(self, wanted_mids: Wanted, order: Sequence[str], sink: RowSink, *, unit: bool = False) -> Gathered:
+        """Stream the features of the wanted mids (at their wanted version) into ``sink``, row i
+        holding ``order[i]``, one chunk in memory at a time; rows that failed or that no readable
+        registered chunk holds are left out (the sink is compacted). ``unit=True`` stores
+        L2-normalised rows. Which chunks to read comes from the manifest, never from payloads."""
         wanted = _versions(wanted_mids)
-        rows: dict[str, np.ndarray] = {}
+        position = {mid: i for i, mid in enumerate(order)}
+        holders = [cid for cid, entries in sorted(self.manifest().items())
+                   if any(mid in wanted and wanted[mid] == version for mid, version in entries)]
+        written = np.zeros(len(order), dtype=bool)
         failed: dict[str, str] = {}
-        dim = None
-        for chunk in self.chunks(set(wanted.items())):
-            if dim is not None and chunk.features.shape[1] != dim:
-                raise BadInputError(f"{self.path(chunk.chunk_id)} holds {chunk.features.shape[1]}-d features, the "
-                                    f"other chunks of {self.backbone_key} {dim}-d: move it away and extract it again")
-            dim = chunk.features.shape[1]
-            for index, mid in enumerate(chunk.mids):
-                if mid in wanted and chunk.versions.get(mid, "") == wanted[mid]:
-                    rows[mid] = chunk.features[index]
+        dim: int | None = None
+        for chunk_id in holders:
+            chunk = self.read(chunk_id)
+            if chunk is None:
+                self.unreadable.add(chunk_id)
+                continue
+            if dim is None:
+                dim = chunk.features.shape[1]
+                sink.open(len(order), dim)
+            elif chunk.features.shape[1] != dim:
+                raise BadInputError(f"{self.path(chunk_id)} holds {chunk.features.shape[1]}-d features, the other "
+                                    f"chunks of {self.backbone_key} {dim}-d: move it away and extract it again")
+            rows = [(position[m], i) for i, m in enumerate(chunk.mids)
+                    if m in position and chunk.versions.get(m, "") == wanted.get(m) and not written[position[m]]]
+            if rows:
+                rows.sort()
+                targets = np.array([p for p, _ in rows], dtype=np.int64)
+                block = chunk.features[[i for _, i in rows]]
+                sink.put(targets, normalise_rows(block) if unit else block)
+                written[targets] = True
             failed.update({m: r for m, r in chunk.failed.items()
                            if m in wanted and chunk.versions.get(m, "") == wanted[m]})
-        order = sorted(rows)
-        matrix = np.stack([rows[m] for m in order]) if order else np.zeros((0, dim or 0), np.float32)
-        return order, matrix.astype(np.float32, copy=False), failed
+        if dim is None:
+            sink.open(len(order), 0)
+        keep = np.flatnonzero(written)
+        if len(keep) < len(order):
+            sink.compact(keep)
+        mids = [order[i] for i in keep.tolist()]
+        have = set(mids)
+        failed = {m: failed[m] for m in sorted(failed) if m not in have}
+        return Gathered(mids, failed, sorted(set(wanted) - have - set(failed)))
+
+    def load_features(self, wanted_mids: Wanted) -> tuple[list[str], np.ndarray, dict[str, str]]:
+        """Features of the wanted mids (sorted), in memory, at their wanted thumbnail version, and
+        the failures recorded for them; entries of another version are never read."""
+        wanted = _versions(wanted_mids)
+        sink = MemoryRows()
+        result = self.gather(wanted, sorted(wanted), sink)
+        return result.mids, sink.array, result.failed
+
+
+def normalise_rows(block: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 rows (zero rows stay zero)."""
+    block = np.asarray(block, dtype=np.float32)
+    norms = np.linalg.norm(block, axis=1, keepdims=True)
+    return np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
+
+
+@dataclass
+class Gathered:
+    mids: list[str]  # the sink's rows, in the caller's order
+    failed: dict[str, str]  # wanted mids whose thumbnail could not be read: mid -> reason
+    missing: list[str]  # wanted mids that no readable registered chunk settled
+
+
+class RowSink:
+    """Where :meth:`ChunkStore.gather` puts rows: ``open`` once, ``put`` rows at positions,
+    ``compact`` to the kept positions (ascending) at the end."""
+
+    def open(self, rows: int, dim: int) -> None:
+        raise NotImplementedError
+
+    def put(self, positions: np.ndarray, block: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def compact(self, keep: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+COMPACT_ROWS = 65536
+
+
+class MemoryRows(RowSink):
+    """One float32 matrix in memory (compacted in place, block by block: no second copy)."""
+
+    array: np.ndarray = np.zeros((0, 0), np.float32)
+
+    def open(self, rows: int, dim: int) -> None:
+        self.array = np.zeros((rows, dim), np.float32)
+
+    def put(self, positions: np.ndarray, block: np.ndarray) -> None:
+        self.array[positions] = block
+
+    def compact(self, keep: np.ndarray) -> None:
+        for start in range(0, len(keep), COMPACT_ROWS):  # keep[j] >= j: sources are never overwritten early
+            part = keep[start:start + COMPACT_ROWS]
+            self.array[start:start + len(part)] = self.array[part]
+        self.array = self.array[:len(keep)]
+
+
+class NpyFileRows(RowSink):
+    """A float32 ``.npy`` file written in place with ``pwrite``: the matrix never sits in memory
+    (nor in the page tables, as a memory map's dirty pages would), whatever N is."""
+
+    HEADER_BYTES = 128  # fixed, so a compaction rewrites the shape in place
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self.shape = (0, 0)
+
+    def _header(self) -> bytes:
+        text = repr({"descr": "<f4", "fortran_order": False, "shape": self.shape}).encode("latin1")
+        pad = self.HEADER_BYTES - 10 - len(text) - 1
+        return b"\x93NUMPY\x01\x00" + (self.HEADER_BYTES - 10).to_bytes(2, "little") + text + b" " * pad + b"\n"
+
+    def open(self, rows: int, dim: int) -> None:
+        self.shape = (rows, dim)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, self._header(), 0)
+        os.ftruncate(self._fd, self.HEADER_BYTES + rows * dim * 4)
+
+    def put(self, positions: np.ndarray, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block, dtype="<f4")
+        row_bytes = self.shape[1] * 4
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1  # contiguous runs: one pwrite each
+        for run_rows, run in zip(np.split(positions, breaks), np.split(data, breaks), strict=True):
+            os.pwrite(self._fd, run.tobytes(), self.HEADER_BYTES + int(run_rows[0]) * row_bytes)
+
+    def compact(self, keep: np.ndarray) -> None:
+        row_bytes = self.shape[1] * 4
+        for target, source in enumerate(keep.tolist()):
+            if target != source:
+                os.pwrite(self._fd, os.pread(self._fd, row_bytes, self.HEADER_BYTES + source * row_bytes),
+                          self.HEADER_BYTES + target * row_bytes)
+        self.shape = (len(keep), self.shape[1])
+        os.pwrite(self._fd, self._header(), 0)
+        os.ftruncate(self._fd, self.HEADER_BYTES + len(keep) * row_bytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
