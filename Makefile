@@ -74,6 +74,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.load_bench
 	$(BIN)/python -m benchmarks.storage_bench
 	$(BIN)/python -m benchmarks.scale_bench
+	$(BIN)/python -m benchmarks.dag_bench
 
 lint: venv
 	$(BIN)/ruff check .

@@ -58,16 +58,20 @@ def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-
     from recsketch import pipeline
     from recsketch.errors import ConfigError, PermanentApiError
     from recsketch.hooks import airflow_settings
+    from recsketch.resources import peak_rss_bytes, reset_peak_rss
 
     context = get_current_context()
     params = context["params"]
     settings = airflow_settings(**{name: params.get(name) for name in PARAMS})
     folder = pipeline.run_dir(settings, context["run_id"])
+    reset_peak_rss()
     try:
         summary = getattr(pipeline, stage)(settings, folder, *args, **kwargs)
     except (PermanentApiError, ConfigError) as exc:  # a retry would fail the same way
         raise AirflowFailException(str(exc)) from exc
-    pipeline.log.info("%s summary: %s", stage.removesuffix("_stage"), summary)
+    name = stage.removesuffix("_stage")
+    pipeline.log.info("%s summary: %s", name, summary)
+    pipeline.log.info("%s: peak RSS %.0f MiB", name, peak_rss_bytes() / 2**20)
     return summary
 
 

@@ -283,3 +283,17 @@ def test_an_incremental_run_equals_a_full_run(tmp_path: Path) -> None:
         want = [exact.mids[j] for j in exact.indices[position[mid]]]
         assert got == want, mid
         assert np.allclose(incremental.scores[row], exact.scores[position[mid]], atol=1e-6)
+
+
+def test_a_tasks_peak_rss_is_its_own_after_a_reset() -> None:
+    """Each DAG task logs its peak RSS; in a long-lived process (dag.test, a reused worker) the
+    high-water mark is reset first, so a big earlier allocation is not charged to the next task."""
+    from recsketch.resources import peak_rss_bytes, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    baseline = peak_rss_bytes()
+    big = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+    assert peak_rss_bytes() > baseline + 150 * 2**20
+    del big
+    assert reset_peak_rss() and peak_rss_bytes() < baseline + 50 * 2**20

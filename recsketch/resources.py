@@ -1,0 +1,31 @@
+"""A task's peak memory, as the machine counts it: what "memory per task" goals are read from."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Start counting this process's peak RSS afresh (Linux: ``clear_refs`` 5), so a task that
+    runs in a long-lived process (``dag.test()``, a reused worker) reports its own peak, not an
+    earlier task's. False where the kernel does not allow it (the peak then spans the process)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last reset (VmHWM), else since the process started."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
