@@ -10,7 +10,9 @@ and that, not a clock, starts
 
 ``recsketch_recommendations``: threshold -> plan_chunks -> extract (one mapped task per
 chunk) -> plan_similarity -> similarity_shard (one mapped task per row block, full runs
-only) -> merge_similarity -> load, which updates the recommendations Asset. Asset events
+only) -> merge_similarity -> evaluate (held-out likes, every method) -> load, which refuses a
+run that measures worse than the live one (the quality gate; param ``force`` overrides it)
+and updates the recommendations Asset with the run's metrics. Asset events
 that arrive while it runs are queued into one next run, so crawls close together coalesce.
 
 Every task calls one function of ``recsketch.pipeline``; stages hand over through the
@@ -50,13 +52,16 @@ PARAMS = {
     "chunk_size": Param(None, type=["null", "integer"], minimum=1, maximum=100_000,
                         description="models per chunk (unset: RECSKETCH_CHUNK_SIZE, else 256)"),
 }
+# not a setting: load this run even if it fails the quality gate
+FORCE = Param(False, type="boolean", description="load even if the run measures worse than the live one "
+                                                 "(the quality gate, RECSKETCH_GATE_MIN_RATIO)")
 
 
 def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
     """Call ``recsketch.pipeline.<stage>`` with this run's settings and folder; the library is
     imported here, at run time, never when the file is parsed."""
     from recsketch import pipeline
-    from recsketch.errors import ConfigError, PermanentApiError
+    from recsketch.errors import ConfigError, PermanentApiError, QualityGateFailed
     from recsketch.hooks import airflow_settings
     from recsketch.resources import peak_rss_bytes, reset_peak_rss
 
@@ -67,7 +72,7 @@ def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-
     reset_peak_rss()
     try:
         summary = getattr(pipeline, stage)(settings, folder, *args, **kwargs)
-    except (PermanentApiError, ConfigError) as exc:  # a retry would fail the same way
+    except (PermanentApiError, ConfigError, QualityGateFailed) as exc:  # a retry would fail the same way
         raise AirflowFailException(str(exc)) from exc
     name = stage.removesuffix("_stage")
     pipeline.log.info("%s summary: %s", name, summary)
@@ -121,7 +126,7 @@ def recsketch() -> None:
     start_date=datetime(2026, 1, 1),
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params=PARAMS,
+    params={**PARAMS, "force": FORCE},
     tags=["recsketch", "features", "recommendations"],
     doc_md=__doc__,
 )
@@ -153,15 +158,23 @@ def recsketch_recommendations() -> None:
     def merge_similarity() -> dict:
         return _run_stage("merge_similarity_stage")
 
+    @task
+    def evaluate() -> dict:
+        """Every method ranked on held-out likes; the report goes with the run to load."""
+        return _run_stage("evaluate_stage")
+
     @task(outlets=[RECOMMENDATIONS])
     def load() -> dict:
-        return _run_stage("load_stage", get_current_context()["run_id"])
+        context = get_current_context()
+        summary = _run_stage("load_stage", context["run_id"], force=bool(context["params"].get("force")))
+        context["outlet_events"][RECOMMENDATIONS].extra = summary
+        return summary
 
     chunks = plan_chunks()
     threshold() >> chunks
     shards = plan_similarity()
     chunks >> extract.expand(chunk_id=chunks) >> shards
-    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> load()
+    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> evaluate() >> load()
 
 
 recsketch()

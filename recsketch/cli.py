@@ -75,16 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
                             ("plan", "stage 3a: plan feature chunks"),
                             ("extract", "stage 3b: extract planned chunks"),
                             ("similarity", "stage 4: top-k cosine similarity"),
-                            ("load", "stage 5: load recommendations into the DB")):
+                            ("load", "stage 6: load recommendations into the DB (after evaluate)")):
         stage = commands.add_parser(name, help=help_text)
         _pipeline_options(stage)
         stage.add_argument("--run-id", required=True, help="the run whose folder the stages share")
         if name == "crawl":
             stage.add_argument("--published-since", type=parse_utc)
             stage.add_argument("--published-before", type=parse_utc)
+        if name == "load":
+            stage.add_argument("--force", action="store_true", help="load even if the quality gate refuses the run")
         if name == "extract":
             stage.add_argument("--chunk", action="append",
                                help="an extract task or chunk id (default: every planned task)")
+
+    evaluate = commands.add_parser("evaluate", help="offline quality: every method ranked on held-out likes")
+    _pipeline_options(evaluate)
+    evaluate.add_argument("--run-id", help="evaluate this run's models and store the report with the run "
+                          "(what the DAG's evaluate task does); default: the catalogue's models with features")
+    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    evaluate.add_argument("--holdout", type=float, default=0.2, help="share of each user's likes held out")
+    evaluate.add_argument("--cold", type=float, default=0.1, help="share of models held out with all their likes")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--max-users", type=_positive, help="users ranked for (sampled; default 10000)")
 
     db = commands.add_parser("db", help="schema migrations of the recommendations DB (Alembic)")
     db.add_argument("action", choices=("upgrade", "current"),
@@ -158,6 +170,34 @@ def _similar(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from recsketch import pipeline
+    from recsketch.evaluation import EvaluationConfig
+
+    for name, share in (("--holdout", args.holdout), ("--cold", args.cold)):
+        if not 0 <= share < 1:
+            raise ConfigError(f"{name} is a share of likes or models: between 0 and 1, not {share}")
+    config = EvaluationConfig(holdout=args.holdout, cold_items=args.cold, seed=args.seed,
+                              max_users=args.max_users or settings.eval_max_users, threads=settings.effective_threads)
+    if args.run_id:
+        folder = pipeline.run_dir(settings, args.run_id)
+        pipeline.evaluate_stage(settings, folder, config=config)
+        report = json.loads((folder / pipeline.EVALUATION_FILE).read_text())
+    else:
+        report = pipeline.evaluate_catalogue(settings, pipeline.valid_models(settings)[0], config=config)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    ks = report["k"]
+    names = [f"{m}@{k}" for k in ks for m in ("precision", "recall", "ndcg", "coverage")]
+    print(f"split: {json.dumps(report['split'])}")
+    print(f"{'':<22}" + "".join(f"{n:>14}" for n in names))
+    for section, title in (("methods", "warm"), ("cold_start", "cold start")):
+        for method, values in report.get(section, {}).items():
+            print(f"{title + ' ' + method:<22}" + "".join(f"{values[n]:>14.4f}" for n in names))
+    return 0
+
+
 def _show(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import text
 
@@ -199,7 +239,7 @@ def _stage(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "similarity":
         result = pipeline.similarity_stage(settings, folder)
     else:
-        result = pipeline.load_stage(settings, folder, args.run_id)
+        result = pipeline.load_stage(settings, folder, args.run_id, force=args.force)
     print(json.dumps(result, indent=1, default=str))
     return 0
 
@@ -230,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show(args, settings)
         if args.command == "db":
             return _db(args, settings)
+        if args.command == "evaluate":
+            return _evaluate(args, settings)
         if args.command == "run":
             from recsketch.db import store
             from recsketch.pipeline import run_pipeline

@@ -110,6 +110,8 @@ class Settings(BaseModel):
     likes_max_age_days: float = Field(7.0, ge=0)  # stored likers older than this are refetched
     retry_after_max_s: float = Field(300.0, ge=0)  # a longer Retry-After fails the crawl (it resumes later)
     preprocess: Literal["crop", "seed"] = "crop"  # crop: short side, centre crop; seed: stretched (load_img)
+    gate_min_ratio: float = Field(0.9, ge=0)  # load refuses a run below this x the live run's visual NDCG@10; 0: off
+    eval_max_users: int = Field(10_000, ge=1)  # users the evaluate stage ranks for (sampled)
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -1,15 +1,18 @@
 """A small demo catalogue in rec-a-sketch format, built from real photos that ship offline.
 
 Each photo from ``skimage.data`` becomes a group of models (the photo, a crop, a mirror
-image, a colour-shifted copy), so every model has true visual neighbours to find. Likes are
-generated so the groups pass the 5/5 threshold, plus a few sparse models that the
-threshold must remove, and one model has no thumbnail, as happens on Sketchfab.
+image, a colour-shifted copy), so every model has true visual neighbours to find. Likes come
+from a taste model (users who like some groups, plus a few likes drawn by popularity), so a
+recommender that sees what users like can beat chance on them; every group model passes the
+5/5 threshold, a few sparse models do not, and one model has no thumbnail, as happens on
+Sketchfab.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -70,10 +73,9 @@ def build_demo_catalog(folder: Path, photos: tuple[str, ...] = PHOTOS, seed: int
             variant(image, kind, rng).save(thumbs / f"{mid}_thumb200.jpg", quality=90)
             models.append((f"{photo.replace('_', ' ').title()} ({kind})", mid, published.isoformat()))
             groups[mid] = photo
-    users = [f"user{n:03d}" for n in range(40)]
-    likes: list[tuple[str, str, str]] = []
-    for name, mid, _ in models:
-        likes += [(name, mid, uid) for uid in rng.sample(users, 10)]
+    users = [f"user{n:03d}" for n in range(60)]
+    names = {mid: name for name, mid, _ in models}
+    likes: list[tuple[str, str, str]] = [(names[mid], mid, uid) for mid, uid in taste_model_likes(groups, users, rng)]
     for n in range(3):  # sparse models: too few likes, removed by the 5/5 threshold
         mid = f"{rng.getrandbits(128):032x}"
         name = f"Rarely liked model {n + 1}"
@@ -88,6 +90,42 @@ def build_demo_catalog(folder: Path, photos: tuple[str, ...] = PHOTOS, seed: int
     write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid"), likes)
     (folder / GROUPS_FILE).write_text(json.dumps(groups, indent=1))
     return groups
+
+
+def taste_model_likes(groups: Mapping[str, str], users: Sequence[str], rng: random.Random, favourites: int = 2,
+                      favourite_likes: int | None = None, noise_likes: int = 2) -> list[tuple[str, str]]:
+    """(mid, uid) likes of users with tastes: each user has ``favourites`` favourite groups (dealt
+    in turn, so every group has as many fans as the others, give or take one) and likes
+    ``favourite_likes`` of their models (None: all), plus ``noise_likes`` other models drawn by
+    popularity (a Zipf law over the models in a random order): the structure real likes have,
+    which uniform random likes lack."""
+    by_group: dict[str, list[str]] = {}
+    for mid, group in groups.items():
+        by_group.setdefault(group, []).append(mid)
+    names = sorted(by_group)
+    deck: list[str] = []
+    mids = sorted(groups)
+    ranked = rng.sample(mids, len(mids))
+    weights = [1.0 / (rank + 1) for rank in range(len(ranked))]
+    likes: list[tuple[str, str]] = []
+    for uid in users:
+        chosen: list[str] = []
+        while len(chosen) < min(favourites, len(names)):
+            if not deck:
+                deck = rng.sample(names, len(names))
+            group = deck.pop()
+            if group not in chosen:
+                chosen.append(group)
+        liked: set[str] = set()
+        for group in chosen:
+            members = by_group[group]
+            liked.update(members if favourite_likes is None else rng.sample(members, min(favourite_likes,
+                                                                                          len(members))))
+        target = len(liked) + min(noise_likes, len(mids) - len(liked))
+        while len(liked) < target:
+            liked.add(rng.choices(ranked, weights)[0])
+        likes += [(mid, uid) for mid in sorted(liked)]
+    return likes
 
 
 def build_catalog_from_psv(folder: Path, source: Path, n_models: int, seed: int = 0, days: int = 3,

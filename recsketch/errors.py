@@ -53,3 +53,8 @@ class RetryAfterTooLong(ApiError):
 
 class SchemaBehind(ConfigError):
     """The recommendations DB's schema is older than the code: `recsketch db upgrade` first."""
+
+
+class QualityGateFailed(RecsketchError):
+    """A run measured worse than the live one by more than RECSKETCH_GATE_MIN_RATIO allows: not
+    loaded (the live run stays served); ``force`` loads it anyway."""

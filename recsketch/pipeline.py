@@ -8,6 +8,7 @@ alone. Every stage is idempotent: rerunning it gives the same result.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.engine import Engine
 
 from recsketch import files
 from recsketch.config import INPUT_SIZE, Settings
@@ -32,7 +34,8 @@ from recsketch.contracts import (
 )
 from recsketch.crawl import crawl, thumbnail_path
 from recsketch.db import store
-from recsketch.errors import RecsketchError
+from recsketch.errors import QualityGateFailed, RecsketchError
+from recsketch.evaluation import PRIMARY_METRIC, EvaluationConfig, Likes, evaluate
 from recsketch.features.backbones import backbone_key, create_backbone, set_threads
 from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileRows, RowSink
 from recsketch.features.extract import extract_chunk
@@ -100,6 +103,19 @@ def crawl_stage(settings: Settings, folder: Location, *, published_since: dateti
 def threshold_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
     """Models that survive the like threshold and have a thumbnail: the run's item set, each
     with its thumbnail's version (features are keyed by it)."""
+    valid, with_thumbnail = valid_models(settings, progress)
+    if len(valid) < 2:
+        raise RecsketchError(
+            f"only {len(valid)} of {with_thumbnail} models with a thumbnail have >= {settings.min_likes} "
+            "likes from users with as many: nothing to recommend. Lower the threshold with --min-likes "
+            "(RECSKETCH_MIN_LIKES; 0 keeps every model)")
+    ValidModels(valid).write(folder)
+    return {"valid_models": len(valid), "with_thumbnail": with_thumbnail}
+
+
+def valid_models(settings: Settings, progress: Progress = log.info) -> tuple[dict[str, str], int]:
+    """(mid -> thumbnail version of every model that passes the threshold and has a thumbnail,
+    how many models have a thumbnail)."""
     engine = store.connect(settings.resolved_database_url)
     with_thumbnail = store.models_with_thumbnails(engine)
     if settings.min_likes > 0:
@@ -111,13 +127,7 @@ def threshold_stage(settings: Settings, folder: Location, progress: Progress = l
         progress("threshold: min_likes=0, keeping every model with a thumbnail")
         valid = list(with_thumbnail)
     progress(f"threshold: {len(valid)} models pass the threshold and have a thumbnail")
-    if len(valid) < 2:
-        raise RecsketchError(
-            f"only {len(valid)} of {len(with_thumbnail)} models with a thumbnail have >= {settings.min_likes} "
-            "likes from users with as many: nothing to recommend. Lower the threshold with --min-likes "
-            "(RECSKETCH_MIN_LIKES; 0 keeps every model)")
-    ValidModels({mid: with_thumbnail[mid] or _file_version(settings, mid) for mid in valid}).write(folder)
-    return {"valid_models": len(valid), "with_thumbnail": len(with_thumbnail)}
+    return {mid: with_thumbnail[mid] or _file_version(settings, mid) for mid in valid}, len(with_thumbnail)
 
 
 def _file_version(settings: Settings, mid: str) -> str:
@@ -339,14 +349,86 @@ def _incremental_top_k(chunk_store: ChunkStore, previous: TopK, valid: ValidMode
     return topk, f"incremental ({len(order) - len(previous.mids)} new x {len(order)})"
 
 
-def load_stage(settings: Settings, folder: Location, run_id: str, progress: Progress = log.info) -> dict:
-    """Replace the served recommendations with this run's, atomically."""
+EVALUATION_FILE = "evaluation.json"
+
+
+def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: Progress = log.info,
+                       config: EvaluationConfig | None = None) -> dict:
+    """Every method's offline metrics on the catalogue's thresholded likes, over the given models
+    (mid -> thumbnail version) with their features (``recsketch.evaluation``)."""
+    engine = store.connect(settings.resolved_database_url)
+    likes = store.read_likes_frame(engine)
+    if settings.min_likes > 0:
+        likes = threshold_likes(likes, settings.min_likes).likes
+    mids, features, _ = ChunkStore(settings.features_dir, backbone_key(settings)).load_features(versions)
+    if len(mids) < 2:
+        raise RecsketchError(f"only {len(mids)} models have features: nothing to evaluate; run the pipeline first")
+    config = config or EvaluationConfig(max_users=settings.eval_max_users, threads=settings.effective_threads)
+    return evaluate(Likes.from_frame(likes, mids), normalise(features, copy=False), config, progress)
+
+
+def evaluate_stage(settings: Settings, folder: Location, progress: Progress = log.info,
+                   config: EvaluationConfig | None = None) -> dict:
+    """The run's models measured on held-out likes; the report is stored with the run for load
+    (its quality gate, ``run_metrics``) and the gallery."""
+    report = evaluate_catalogue(settings, ValidModels.read(folder).versions, progress, config)
+    files.write_text(folder / EVALUATION_FILE, json.dumps(report, indent=1))
+    method, metric = PRIMARY_METRIC
+    summary = {f"{name}_{metric}": values[metric] for name, values in report["methods"].items()}
+    summary["primary"] = f"{method} {metric} = {report['methods'][method][metric]}"
+    return summary
+
+
+def _metric_rows(report: dict) -> list[dict]:
+    rows = [{"method": method, "metric": metric, "split": "warm", "value": float(value)}
+            for method, values in report.get("methods", {}).items() for metric, value in values.items()]
+    rows += [{"method": method, "metric": metric, "split": "cold_start", "value": float(value)}
+             for method, values in report.get("cold_start", {}).items() for metric, value in values.items()]
+    return rows
+
+
+def quality_gate(settings: Settings, engine: Engine, report: dict | None, run_id: str, force: bool) -> str:
+    """Refuse a run whose primary metric falls below RECSKETCH_GATE_MIN_RATIO x the live run's;
+    returns what was decided, for the log."""
+    method, metric = PRIMARY_METRIC
+    if report is None:
+        return "gate: the run was not evaluated; loaded without a gate"
+    new = report["methods"].get(method, {}).get(metric)
+    live = store.live_metric(engine, method, metric)
+    if new is None or live is None or settings.gate_min_ratio <= 0:
+        return f"gate: nothing to compare with (this run {method} {metric} = {new}); loaded"
+    live_run, old = live
+    floor = settings.gate_min_ratio * old
+    verdict = (f"run {run_id} has {method} {metric} = {new:.4f}, the live run {live_run} {old:.4f} "
+               f"(floor {settings.gate_min_ratio} x {old:.4f} = {floor:.4f})")
+    if new >= floor:
+        return f"gate: passed: {verdict}"
+    if force:
+        return f"gate: FAILED but forced: {verdict}; loaded because force is set"
+    raise QualityGateFailed(f"quality gate: {verdict}: not loaded, {live_run} stays served. Rerun load with the "
+                            "param force=true (or RECSKETCH_GATE_MIN_RATIO=0) to serve it anyway")
+
+
+def load_stage(settings: Settings, folder: Location, run_id: str, progress: Progress = log.info,
+               force: bool = False) -> dict:
+    """Replace the served recommendations with this run's, atomically, if the run passes the
+    quality gate; its metrics are stored in the same transaction."""
     topk = TopKStore.for_run(folder).require("similarity")
     engine = store.connect(settings.resolved_database_url)
-    store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, topk)  # streamed from the arrays
+    try:
+        report = json.loads((folder / EVALUATION_FILE).read_text())
+    except FileNotFoundError:
+        report = None
+    progress(quality_gate(settings, engine, report, run_id, force))
+    store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, topk,  # streamed from the arrays
+                               metrics=_metric_rows(report) if report else ())
     rows = len(topk.mids) * topk.k
     progress(f"load: {rows} recommendations for {len(topk.mids)} models are live as run {run_id}")
-    return {"rows": rows, "models": len(topk.mids), "run_id": run_id}
+    summary: dict = {"rows": rows, "models": len(topk.mids), "run_id": run_id}
+    if report:
+        method, metric = PRIMARY_METRIC
+        summary[f"{method}_{metric}"] = report["methods"][method][metric]
+    return summary
 
 
 def run_pipeline(settings: Settings, run_id: str | None = None, progress: Progress = log.info) -> dict:
@@ -358,5 +440,6 @@ def run_pipeline(settings: Settings, run_id: str | None = None, progress: Progre
     chunk_ids = plan_stage(settings, folder, progress)
     summary["extract"] = [extract_stage(settings, folder, c, progress) for c in chunk_ids]
     summary["similarity"] = similarity_stage(settings, folder, progress)
+    summary["evaluate"] = evaluate_stage(settings, folder, progress)
     summary["load"] = load_stage(settings, folder, run_id, progress)
     return summary

@@ -27,8 +27,9 @@ def test_crawl_stores_models_likes_and_thumbnails(db_url, sketchfab, settings_fo
     assert (tmp_path / "run" / "crawl_stats.json").exists()
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(models)).scalar() == total
-        # 76 models x 10 likes, minus 3 sparse models with 2, the duplicate row counted once
-        assert conn.execute(select(func.count()).select_from(likes)).scalar() == 73 * 10 + 3 * 2
+        # 60 taste-model users x 10 likes, the model without thumbnail's 10, 3 sparse models' 2 each,
+        # the duplicate row counted once
+        assert conn.execute(select(func.count()).select_from(likes)).scalar() == 60 * 10 + 10 + 3 * 2
         missing = conn.execute(select(models.c.name, models.c.thumbnail_reason)
                                .where(models.c.thumbnail_status == "missing")).one()
     assert missing.name == "Model without a thumbnail" and "no thumbnail" in missing.thumbnail_reason

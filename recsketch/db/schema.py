@@ -80,6 +80,17 @@ runs = Table(
     Column("is_live", Boolean, nullable=False, default=False),
 )
 
+run_metrics = Table(  # offline metrics of each loaded run: one row per (method, metric, split)
+    "run_metrics",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("method", String(32), primary_key=True),
+    Column("metric", String(32), primary_key=True),
+    Column("split", String(16), primary_key=True),  # warm | cold_start
+    Column("value", Float, nullable=False),
+    Column("measured_at", DateTime(timezone=True), nullable=False),
+)
+
 recommendations = Table(
     "recommendations",
     metadata,

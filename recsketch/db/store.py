@@ -23,6 +23,7 @@ from recsketch.db.schema import (
     likes,
     models,
     recommendations,
+    run_metrics,
     runs,
 )
 from recsketch.errors import DatabaseUnavailable, SchemaBehind, UnknownModel
@@ -282,17 +283,19 @@ def models_with_thumbnails(engine: Engine) -> dict[str, str | None]:
         return dict(conn.execute(stmt).tuples().all())
 
 
-def load_recommendations(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows) -> None:
+def load_recommendations(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows,
+                         metrics: Sequence[dict] = ()) -> None:
     """Replace the served recommendations with ``rows``: (mid, rank, similar_mid, score) tuples, or
     a top-k result as arrays, streamed into COPY block by block (memory: one block, not N × k).
 
     One transaction, so a reader sees the old set or the new one, never a mix, and a failure
     (or a kill) changes nothing. On PostgreSQL: COPY into a staging table, build its indexes,
     then swap it in; the old table stays served until the swap commits. On SQLite the new
-    rows are inserted and the old ones deleted in the same transaction.
+    rows are inserted and the old ones deleted in the same transaction. The run's ``metrics``
+    (rows of ``run_metrics``) are stored in the same transaction.
     """
     try:
-        _load(engine, run_id, backbone, top_k, rows)
+        _load(engine, run_id, backbone, top_k, rows, metrics)
     except DBAPIError as exc:
         if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
             raise
@@ -316,7 +319,7 @@ def _tuples(rows: Rows, block: int = 10_000) -> Iterator[list[tuple[str, int, st
                for rank, (j, score) in enumerate(zip(rows.indices[i], rows.scores[i], strict=True))]
 
 
-def _load(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows) -> None:
+def _load(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows, metrics: Sequence[dict]) -> None:
     now = datetime.now(UTC)
     n_models = len({row[0] for row in rows}) if isinstance(rows, Sequence) else len(rows.mids)
     with engine.begin() as conn:
@@ -334,6 +337,32 @@ def _load(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows) ->
         conn.execute(runs.insert().values(run_id=run_id, backbone=backbone, top_k=top_k,
                                           n_models=n_models, loaded_at=now, is_live=False))
         conn.execute(update(runs).values(is_live=runs.c.run_id == run_id))
+        conn.execute(delete(run_metrics).where(run_metrics.c.run_id == run_id))
+        if metrics:
+            conn.execute(run_metrics.insert(), [{**row, "run_id": run_id, "measured_at": now} for row in metrics])
+
+
+def live_metric(engine: Engine, method: str, metric: str, split: str = "warm") -> tuple[str, float] | None:
+    """(run id, value) of one metric of the live run, if it was measured."""
+    with engine.connect() as conn:
+        row = conn.execute(select(runs.c.run_id, run_metrics.c.value)
+                           .join(run_metrics, run_metrics.c.run_id == runs.c.run_id)
+                           .where(runs.c.is_live, run_metrics.c.method == method, run_metrics.c.metric == metric,
+                                  run_metrics.c.split == split)).first()
+    return (row.run_id, float(row.value)) if row else None
+
+
+def metrics_history(engine: Engine, limit: int = 30) -> list[dict]:
+    """The metrics of the last ``limit`` loaded runs, oldest first: {run_id, loaded_at, is_live, metrics}."""
+    with engine.connect() as conn:
+        recent = conn.execute(select(runs).order_by(runs.c.loaded_at.desc()).limit(limit)).mappings().all()
+        ids = [r["run_id"] for r in recent]
+        values = conn.execute(select(run_metrics).where(run_metrics.c.run_id.in_(ids))).mappings().all()
+    by_run: dict[str, dict[str, float]] = {run_id: {} for run_id in ids}
+    for row in values:
+        by_run[row["run_id"]][f"{row['split']}/{row['method']}/{row['metric']}"] = row["value"]
+    return [{"run_id": r["run_id"], "loaded_at": r["loaded_at"], "is_live": r["is_live"],
+             "metrics": by_run[r["run_id"]]} for r in reversed(recent)]
 
 
 def _swap_in_postgres(conn: Connection, run_id: str, backbone: str, rows: Rows) -> None:

@@ -1,0 +1,336 @@
+"""Offline evaluation of what recsketch serves: held-out likes, ranked by each method.
+
+The seed's series measured its recommenders this way (precision@k on held-out likes). Here,
+on the likes that survive the threshold:
+
+- a **warm split**: each user's likes, 20 % held out at random (seeded); every method ranks all
+  models the user has not liked in training, and the held-out ones should come first;
+- a **cold-start split**: 10 % of models with all their likes held out before anything is
+  trained, ranked among themselves for the users who liked them: what a model nobody has
+  liked yet gets from each method.
+
+Methods: ``random`` and ``popularity`` (baselines), ``visual`` (a user's profile is the sum of
+the unit features of the models they liked: their held-out likes ranked by cosine to it, the
+seed's visual similarity turned into a user ranking), ``cf`` (implicit ALS on the training
+likes), and ``hybrid``: CF and visual scores, each standardised per user, blended with the
+weight that maximises NDCG@10 on a validation split carved out of training. For cold-start
+models the visual embedding is mapped into the CF factor space by ridge regression fitted on
+the warm models (the DropoutNet idea, linear), so they get CF-like scores too.
+
+Metrics at each k: precision, recall (hits / held-out likes), NDCG (binary relevance) and
+catalogue coverage (share of candidate models recommended to anyone), averaged over the
+evaluated users (at most ``max_users``, sampled with the seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+log = logging.getLogger(__name__)
+
+KS = (10, 20)
+PRIMARY_METRIC = ("visual", "ndcg@10")
+USER_BLOCK = 1024
+HYBRID_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
+
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (users, candidate items) -> scores [users, items]
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    holdout: float = 0.2  # share of each user's likes held out
+    cold_items: float = 0.1  # share of models held out with all their likes
+    seed: int = 0
+    max_users: int = 10_000  # users evaluated (sampled): bounds the cost at any catalogue size
+    factors: int = 64
+    iterations: int = 15
+    regularization: float = 0.05
+    alpha: float = 2.0  # ALS confidence of a like
+    ridge: float = 1.0
+    threads: int = 0  # 0: every core
+    ks: tuple[int, ...] = KS
+
+
+@dataclass
+class Likes:
+    """Likes as integer codes: user u liked item i; items are the catalogue's models in order."""
+
+    users: np.ndarray
+    items: np.ndarray
+    item_ids: list[str]
+    n_users: int
+
+    @classmethod
+    def from_frame(cls, likes: pd.DataFrame, item_ids: Sequence[str] | None = None) -> Likes:
+        """From a (mid, uid) frame; ``item_ids`` (e.g. the models with features) restricts and orders
+        the items, else every liked model, sorted."""
+        mids = likes["mid"].astype(str).to_numpy()
+        ids = sorted(set(mids)) if item_ids is None else list(item_ids)
+        position = pd.Index(ids).get_indexer(mids)
+        keep = position >= 0
+        uid_codes, _ = pd.factorize(likes["uid"].astype(str).to_numpy()[keep])
+        pairs = np.unique(np.stack([uid_codes.astype(np.int64), position[keep].astype(np.int64)]), axis=1)
+        return cls(pairs[0], pairs[1], ids, int(uid_codes.max()) + 1 if len(uid_codes) else 0)
+
+    def matrix(self, mask: np.ndarray | None = None) -> sparse.csr_matrix:
+        users, items = (self.users, self.items) if mask is None else (self.users[mask], self.items[mask])
+        return sparse.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                                 shape=(self.n_users, len(self.item_ids)))
+
+
+@dataclass
+class Split:
+    train: sparse.csr_matrix
+    test: sparse.csr_matrix  # warm held-out likes
+    cold_items: np.ndarray  # item codes held out with all their likes
+    cold_test: sparse.csr_matrix  # the likes of the cold items
+    info: dict = field(default_factory=dict)
+
+
+def _holdout_mask(users: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Per user, round(share × their likes) of them (at least one when they have two or more)."""
+    order = np.lexsort((rng.random(len(users)), users))  # each user's likes in random order
+    sorted_users = users[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, len(users)])
+    take = np.where(counts >= 2, np.maximum(1, np.rint(counts * share)), 0).astype(np.int64)
+    rank = np.arange(len(users)) - np.repeat(starts, counts)
+    held = np.zeros(len(users), dtype=bool)
+    held[order] = rank < np.repeat(take, counts)
+    return held
+
+
+def split_likes(likes: Likes, config: EvaluationConfig) -> Split:
+    rng = np.random.default_rng(config.seed)
+    n_items = len(likes.item_ids)
+    n_cold = round(n_items * config.cold_items) if config.cold_items > 0 else 0
+    cold = np.sort(rng.choice(n_items, size=n_cold, replace=False)) if n_cold else np.zeros(0, np.int64)
+    is_cold = np.isin(likes.items, cold)
+    warm_users, warm_items = likes.users[~is_cold], likes.items[~is_cold]
+    held = _holdout_mask(warm_users, config.holdout, rng)
+    warm = Likes(warm_users, warm_items, likes.item_ids, likes.n_users)
+    info = {"seed": config.seed, "holdout": config.holdout, "cold_share": config.cold_items,
+            "users": likes.n_users, "models": n_items, "likes": len(likes.users),
+            "train_likes": int((~held).sum()), "test_likes": int(held.sum()),
+            "cold_models": n_cold, "cold_likes": int(is_cold.sum())}
+    return Split(warm.matrix(~held), warm.matrix(held), cold, likes.matrix(is_cold), info)
+
+
+def _standardise(scores: np.ndarray) -> np.ndarray:
+    mean = scores.mean(axis=1, keepdims=True)
+    std = scores.std(axis=1, keepdims=True)
+    return (scores - mean) / np.where(std > 0, std, 1.0)
+
+
+class _Accumulator:
+    """Sums of precision, recall and NDCG at each k over user blocks, and the models shown."""
+
+    def __init__(self, ks: Sequence[int], n_candidates: int) -> None:
+        self.ks, self.users = tuple(ks), 0
+        self.totals = {f"{name}@{k}": 0.0 for k in ks for name in ("precision", "recall", "ndcg")}
+        self.shown = {k: np.zeros(n_candidates, dtype=bool) for k in ks}
+        self.discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+
+    def add(self, scores: np.ndarray, truth: sparse.csr_matrix) -> None:
+        """``scores`` [users, candidates] (excluded cells at -inf), ``truth`` the same shape."""
+        kk = min(max(self.ks), scores.shape[1])
+        best = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, 1), axis=1, kind="stable"), 1)
+        relevant = np.diff(truth.indptr)
+        hit = np.zeros(best.shape, dtype=bool)
+        for row in range(best.shape[0]):
+            hit[row] = np.isin(best[row], truth.indices[truth.indptr[row]:truth.indptr[row + 1]])
+        for k in self.ks:
+            hits = hit[:, :k].sum(axis=1)
+            self.totals[f"precision@{k}"] += float((hits / k).sum())
+            self.totals[f"recall@{k}"] += float((hits / np.maximum(relevant, 1)).sum())
+            dcg = (hit[:, :k] * self.discounts[:min(k, kk)]).sum(axis=1)
+            ideal = np.cumsum(self.discounts[:k])[np.clip(relevant, 1, k) - 1]
+            self.totals[f"ndcg@{k}"] += float((dcg / ideal).sum())
+            self.shown[k][np.unique(best[:, :k])] = True
+        self.users += best.shape[0]
+
+    def result(self) -> dict[str, float]:
+        count = max(self.users, 1)
+        result = {name: round(value / count, 5) for name, value in self.totals.items()}
+        for k in self.ks:
+            result[f"coverage@{k}"] = round(float(self.shown[k].mean()) if len(self.shown[k]) else 0.0, 5)
+        return dict(sorted(result.items(), key=lambda item: (int(item[0].split("@")[1]), item[0])))
+
+
+def _blocks(users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
+            candidates: np.ndarray) -> Iterator[tuple[np.ndarray, sparse.csr_matrix, Callable]]:
+    """(user block, its truth over the candidates, a function masking its excluded cells)."""
+    column = np.full(test.shape[1], -1, dtype=np.int64)
+    column[candidates] = np.arange(len(candidates))
+    for start in range(0, len(users), USER_BLOCK):
+        block = users[start:start + USER_BLOCK]
+        truth = test[block][:, candidates].tocsr()
+        truth.sort_indices()
+
+        def mask(scores: np.ndarray, block: np.ndarray = block) -> np.ndarray:
+            if exclude is not None:
+                rows, cols = exclude[block].nonzero()
+                cols = column[cols]
+                scores[rows[cols >= 0], cols[cols >= 0]] = -np.inf
+            return scores
+        yield block, truth, mask
+
+
+def rank_metrics(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
+                 candidates: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """Precision, recall, NDCG and coverage at each k for ``users`` ranking ``candidates``;
+    ``exclude`` (their training likes) never counts as a recommendation."""
+    totals = _Accumulator(ks, len(candidates))
+    for block, truth, mask in _blocks(users, test, exclude, candidates):
+        totals.add(mask(np.array(scorer(block, candidates), dtype=np.float32)), truth)
+    return totals.result()
+
+
+def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(user factors, item factors) of implicit's ALS on the users × items like matrix."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):  # implicit's own threads; BLAS threads on top only contend
+        model = AlternatingLeastSquares(factors=config.factors, regularization=config.regularization,
+                                        alpha=config.alpha, iterations=config.iterations,
+                                        random_state=config.seed, num_threads=config.threads)
+        model.fit(train, show_progress=False)
+    return np.asarray(model.user_factors), np.asarray(model.item_factors)
+
+
+def _profiles(train: sparse.csr_matrix, unit: np.ndarray) -> np.ndarray:
+    """A user's visual profile: the sum of the unit features of the models they liked, normalised."""
+    profiles = np.asarray(train @ unit, dtype=np.float32)
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    return np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+
+
+def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """Users with held-out likes here and training likes to rank from (at most ``limit``, sampled)."""
+    users = np.flatnonzero((np.diff(matrix.indptr) > 0) & (np.diff(train.indptr) > 0))
+    if len(users) > limit:
+        users = np.sort(rng.choice(users, size=limit, replace=False))
+    return users
+
+
+def ridge_map(features: np.ndarray, factors: np.ndarray, ridge: float) -> np.ndarray:
+    """W minimising ||features W − factors||² + ridge ||W||²: visual embedding -> CF factors."""
+    gram = features.T @ features + ridge * np.eye(features.shape[1], dtype=features.dtype)
+    return np.linalg.solve(gram, features.T @ factors)
+
+
+def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: EvaluationConfig,
+             weight: float | None) -> dict[str, Scorer]:
+    """Scorers over every item, trained on ``train``."""
+    rng = np.random.default_rng(config.seed + 1)
+    popularity = np.asarray(train.sum(axis=0)).ravel().astype(np.float64)
+    user_factors, item_factors = _fit_als(train, config)
+    methods: dict[str, Scorer] = {
+        "random": lambda users, items: rng.random((len(users), len(items)), dtype=np.float32),
+        "popularity": lambda users, items: np.broadcast_to(popularity[items], (len(users), len(items))),
+        "cf": lambda users, items: user_factors[users] @ item_factors[items].T,
+    }
+    if unit is not None:
+        profiles = _profiles(train, unit)
+        methods["visual"] = lambda users, items: profiles[users] @ unit[items].T
+        if weight is not None:
+            methods["hybrid"] = lambda users, items: _blend(weight, user_factors[users] @ item_factors[items].T,
+                                                            profiles[users] @ unit[items].T)
+    return methods
+
+
+def _blend(cf_weight: float, cf: np.ndarray, visual: np.ndarray) -> np.ndarray:
+    """CF and visual scores, each standardised per user over the candidates, blended."""
+    return cf_weight * _standardise(cf) + (1 - cf_weight) * _standardise(visual)
+
+
+def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: EvaluationConfig) -> tuple[float, dict]:
+    """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on a validation split
+    carved out of the training likes (models trained on the rest)."""
+    rng = np.random.default_rng(config.seed + 2)
+    coo = train.tocoo()
+    held = _holdout_mask(coo.row.astype(np.int64), config.holdout, rng)
+    inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
+    fit, valid = inner.matrix(~held), inner.matrix(held)
+    user_factors, item_factors = _fit_als(fit, config)
+    profiles = _profiles(fit, unit)
+    users = _users_with(valid, fit, config.max_users, rng)
+    items = np.arange(train.shape[1])
+    totals = {w: _Accumulator((10,), len(items)) for w in HYBRID_WEIGHTS}
+    for block, truth, mask in _blocks(users, valid, fit, items):  # both scores once per block, every weight
+        cf = _standardise(user_factors[block] @ item_factors.T)
+        visual = _standardise(profiles[block] @ unit.T)
+        for w, total in totals.items():
+            total.add(mask(w * cf + (1 - w) * visual), truth)
+    by_weight = {w: total.result()["ndcg@10"] for w, total in totals.items()}
+    best = max(by_weight, key=lambda w: (by_weight[w], -w))
+    return best, {"weights": by_weight, "chosen": best}
+
+
+def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | None = None,
+             progress: Callable[[str], None] = log.info) -> dict:
+    """Every method on the warm split, and (with features) visual and hybrid on the cold start.
+    ``unit``: L2-normalised features, one row per ``likes.item_ids`` entry (None: likes only)."""
+    config = config or EvaluationConfig()
+    started = time.monotonic()
+    if config.threads == 0:
+        config = EvaluationConfig(**{**config.__dict__, "threads": os.cpu_count() or 1})
+    split = split_likes(likes, config)
+    rng = np.random.default_rng(config.seed + 3)
+    weight = None
+    tuning: dict = {}
+    if unit is not None:
+        weight, tuning = tune_hybrid_weight(split.train, unit, config)
+        progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']})")
+    methods = _methods(split.train, unit, config, weight)
+    warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
+    users = _users_with(split.test, split.train, config.max_users, rng)
+    results = {name: rank_metrics(scorer, users, split.test, split.train, warm_items, config.ks)
+               for name, scorer in methods.items()}
+    for name, metrics in results.items():
+        progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
+    report: dict = {"k": list(config.ks), "split": {**split.info, "evaluated_users": len(users)},
+                    "methods": results}
+    if unit is not None and len(split.cold_items) >= 2:
+        report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng)
+        for name, metrics in report["cold_start"].items():
+            progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
+        report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"]}
+    report["seconds"] = round(time.monotonic() - started, 2)
+    return report
+
+
+def _cold_start(split: Split, unit: np.ndarray, config: EvaluationConfig, weight: float,
+                rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """Cold models ranked among themselves for the users who liked them: visual, and hybrid with
+    CF factors predicted from the visual embedding (ridge fitted on the warm models)."""
+    user_factors, item_factors = _fit_als(split.train, config)
+    warm = np.setdiff1d(np.arange(unit.shape[0]), split.cold_items)
+    liked = np.flatnonzero(np.asarray(split.train.sum(axis=0)).ravel() > 0)
+    fitted = np.intersect1d(warm, liked)
+    mapping = ridge_map(unit[fitted].astype(np.float64), item_factors[fitted].astype(np.float64), config.ridge)
+    predicted = np.zeros_like(item_factors)
+    predicted[split.cold_items] = (unit[split.cold_items] @ mapping).astype(item_factors.dtype)
+    profiles = _profiles(split.train, unit)
+    users = _users_with(split.cold_test, split.train, config.max_users, rng)
+    cold = split.cold_items
+    random_rng = np.random.default_rng(config.seed + 4)
+    scorers: dict[str, Scorer] = {
+        "random": lambda block, items: random_rng.random((len(block), len(items)), dtype=np.float32),
+        "visual": lambda block, items: profiles[block] @ unit[items].T,
+        "hybrid": lambda block, items: _blend(weight, user_factors[block] @ predicted[items].T,
+                                              profiles[block] @ unit[items].T),
+    }
+    return {name: rank_metrics(scorer, users, split.cold_test, None, cold, config.ks)
+            for name, scorer in scorers.items()}

@@ -1,0 +1,200 @@
+"""Issue 15: recommendations measured on held-out likes (recsketch.evaluation)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from recsketch.demo import taste_model_likes
+from recsketch.evaluation import EvaluationConfig, Likes, _holdout_mask, evaluate, rank_metrics, split_likes
+
+
+def test_metrics_of_a_known_ranking() -> None:
+    """Two users, five items; the scorer's ranking is fixed, so every figure is worked by hand."""
+    test = sparse.csr_matrix(np.array([[0, 1, 0, 1, 0], [1, 0, 0, 0, 0]], dtype=np.float32))
+    train = sparse.csr_matrix(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=np.float32))
+    order = np.array([[5, 4, 3, 2, 1], [1, 2, 3, 5, 4]], dtype=np.float32)  # higher is better
+
+    metrics = rank_metrics(lambda users, items: order[users][:, items], np.array([0, 1]), test, train,
+                           np.arange(5), (2,))
+    # user 0: item 0 excluded (train) -> ranking 1, 2: one hit of 2 held out, at rank 1
+    # user 1: item 4 excluded -> ranking 3, 2: no hit (item 0 comes last)
+    assert metrics["precision@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert metrics["recall@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert metrics["ndcg@2"] == pytest.approx((1.0 / (1 + 1 / np.log2(3)) + 0) / 2, abs=1e-5)
+    assert metrics["coverage@2"] == pytest.approx(3 / 5)  # items 1, 2 and 3 were shown to someone
+
+
+def test_the_split_is_seeded_per_user_and_cold_models_keep_no_training_like() -> None:
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 200, 5000)
+    items = rng.integers(0, 300, 5000)
+    pairs = np.unique(np.stack([users, items]), axis=1)
+    likes = Likes(pairs[0], pairs[1], [f"m{i}" for i in range(300)], 200)
+    config = EvaluationConfig(holdout=0.2, cold_items=0.1, seed=7)
+    first, again = split_likes(likes, config), split_likes(likes, config)
+    assert (first.train != again.train).nnz == 0 and np.array_equal(first.cold_items, again.cold_items)
+    assert len(first.cold_items) == 30
+    assert first.train[:, first.cold_items].nnz == 0 and first.test[:, first.cold_items].nnz == 0
+    assert first.cold_test.nnz == int(np.isin(likes.items, first.cold_items).sum())
+    # every user with two or more warm likes holds out round(20 %) of them, at least one
+    warm = first.train + first.test
+    per_user = np.diff(warm.tocsr().indptr)
+    held = np.diff(first.test.indptr)
+    expected = np.where(per_user >= 2, np.maximum(1, np.rint(per_user * 0.2)), 0)
+    assert np.array_equal(held, expected)
+    assert (first.train.multiply(first.test)).nnz == 0
+    other = split_likes(likes, EvaluationConfig(seed=8))
+    assert (other.test != first.test).nnz > 0
+
+
+def test_holdout_takes_the_share_of_each_user() -> None:
+    users = np.repeat(np.arange(4), [1, 2, 10, 25])
+    held = _holdout_mask(users, 0.2, np.random.default_rng(0))
+    assert [int(held[users == u].sum()) for u in range(4)] == [0, 1, 2, 5]
+
+
+def _clustered_catalogue(groups: int, per_group: int, users: int, seed: int = 0) -> tuple[pd.DataFrame, list[str],
+                                                                                          np.ndarray]:
+    """Models in visual clusters, liked by users with tastes (recsketch.demo's taste model)."""
+    rng = np.random.default_rng(seed)
+    mids = [f"{i:032x}" for i in range(groups * per_group)]
+    group_of = {mid: f"g{i // per_group}" for i, mid in enumerate(mids)}
+    centres = rng.standard_normal((groups, 32))
+    features = np.repeat(centres, per_group, axis=0) + 0.6 * rng.standard_normal((len(mids), 32))
+    likes = taste_model_likes(group_of, [f"u{n}" for n in range(users)], random.Random(seed), favourites=2,
+                              favourite_likes=6, noise_likes=3)
+    frame = pd.DataFrame(likes, columns=["mid", "uid"])
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    return frame, mids, unit.astype(np.float32)
+
+
+def test_on_likes_with_tastes_every_learned_method_beats_chance_and_hybrid_serves_cold_models() -> None:
+    frame, mids, unit = _clustered_catalogue(groups=40, per_group=15, users=600)
+    report = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=1), progress=lambda _: None)
+    methods, cold = report["methods"], report["cold_start"]
+    assert report["k"] == [10, 20] and set(methods) == {"random", "popularity", "visual", "cf", "hybrid"}
+    assert set(methods["visual"]) == {f"{m}@{k}" for k in (10, 20) for m in ("precision", "recall", "ndcg",
+                                                                                 "coverage")}
+    chance = methods["random"]["ndcg@10"]
+    for name in ("visual", "cf", "hybrid"):
+        assert methods[name]["ndcg@10"] > 3 * chance, (name, methods[name], chance)
+    assert methods["hybrid"]["ndcg@10"] >= 0.9 * max(methods["visual"]["ndcg@10"], methods["cf"]["ndcg@10"])
+    assert cold["visual"]["ndcg@10"] > 2 * cold["random"]["ndcg@10"]
+    assert cold["hybrid"]["ndcg@10"] > 2 * cold["random"]["ndcg@10"]
+    assert 0.0 <= report["hybrid"]["cf_weight"] <= 1.0
+    assert report["split"]["cold_models"] == 60 and report["split"]["evaluated_users"] > 500
+    again = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=1), progress=lambda _: None)
+    assert again["methods"] == methods  # seeded: the same report
+
+
+def test_on_uniform_random_likes_nothing_beats_chance_by_much() -> None:
+    """The control: with no taste in the likes, the learned methods cannot find one."""
+    rng = np.random.default_rng(3)
+    _, mids, unit = _clustered_catalogue(groups=40, per_group=15, users=1)
+    pairs = {(mids[rng.integers(len(mids))], f"u{rng.integers(600)}") for _ in range(6000)}
+    frame = pd.DataFrame(sorted(pairs), columns=["mid", "uid"])
+    report = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=1), progress=lambda _: None)
+    chance = report["methods"]["random"]["ndcg@10"]
+    assert report["methods"]["visual"]["ndcg@10"] < 2 * chance + 0.01
+
+
+def test_on_movielens_cf_beats_popularity() -> None:
+    """Real people's likes (MovieLens-100K, ratings >= 4, read from the recbole wheel at test time):
+    ALS beats popularity, as published results do."""
+    from recsketch.likes import threshold_likes
+    from tools.movielens import movielens_likes
+
+    likes = threshold_likes(movielens_likes(), 5).likes
+    report = evaluate(Likes.from_frame(likes), None, EvaluationConfig(seed=0), progress=lambda _: None)
+    methods = report["methods"]
+    assert set(methods) == {"random", "popularity", "cf"} and "cold_start" not in report
+    assert report["split"]["users"] > 900 and report["split"]["likes"] > 50_000
+    assert methods["cf"]["ndcg@10"] > 1.2 * methods["popularity"]["ndcg@10"]
+    assert methods["cf"]["precision@10"] > methods["popularity"]["precision@10"]
+    assert methods["popularity"]["ndcg@10"] > 3 * methods["random"]["ndcg@10"]
+
+
+def _catalogue_in(settings, frame: pd.DataFrame, mids: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """The models (with a thumbnail of version "v") and likes in the catalogue DB, as a crawl leaves them."""
+    from datetime import UTC, datetime
+
+    from recsketch.db import store
+
+    engine = store.connect(settings.resolved_database_url)
+    now = datetime.now(UTC)
+    store.upsert_models(engine, [{
+        "mid": mid, "name": f"model {mid[-4:]}", "published_at": now, "created_at": now, "like_count": 0,
+        "viewer_url": f"https://sketchfab.com/3d-models/{mid}", "thumbnail_url": None, "thumbnail_status": "ok",
+        "thumbnail_reason": None, "thumbnail_version": "v", "crawled_at": now} for mid in mids])
+    likers = frame.groupby("mid")["uid"].apply(set).to_dict()
+    store.replace_likes(engine, likers, {mid: (len(uids), now) for mid, uids in likers.items()})
+
+
+def _features_for(settings, mids: list[str], unit: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    from recsketch.features.backbones import backbone_key
+    from recsketch.features.chunks import Chunk, ChunkStore
+
+    chunks = ChunkStore(settings.features_dir, backbone_key(settings))
+    chunks.write(Chunk("all", mids, unit, versions=dict.fromkeys(mids, "v")))
+    chunks.register(["all"])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """evaluate -> load stores the run's metrics with it; a run whose visual NDCG@10 falls under
+    RECSKETCH_GATE_MIN_RATIO x the live run's fails with both figures, the live run stays served,
+    and force loads it anyway."""
+    from recsketch.config import Settings
+    from recsketch.db import store
+    from recsketch.errors import QualityGateFailed
+    from recsketch.pipeline import evaluate_stage, load_stage, run_dir, similarity_stage, threshold_stage
+
+    frame, mids, unit = _clustered_catalogue(groups=20, per_group=10, users=300)
+    good = Settings(data_dir=tmp_path / "data", database_url=db_url, top_k=5)
+    _catalogue_in(good, frame, mids)
+    _features_for(good, mids, unit)
+    first = run_dir(good, "good")
+    threshold_stage(good, first)
+    similarity_stage(good, first)
+    measured = evaluate_stage(good, first)
+    assert measured["visual_ndcg@10"] > 2 * measured["random_ndcg@10"]
+    load_stage(good, first, "good")
+    engine = store.connect(db_url)
+    live = store.live_metric(engine, "visual", "ndcg@10")
+    assert live == ("good", pytest.approx(measured["visual_ndcg@10"]))
+    history = store.metrics_history(engine)
+    assert [h["run_id"] for h in history] == ["good"] and history[0]["metrics"]["cold_start/hybrid/ndcg@10"] > 0
+
+    # the same catalogue, but features that carry no picture (a broken weights file, say)
+    broken = good.with_overrides(lite0_precision="bfloat16")  # another backbone key: its own chunks
+    _features_for(broken, mids, np.random.default_rng(9).standard_normal(unit.shape).astype(np.float32))
+    second = run_dir(broken, "broken")
+    threshold_stage(broken, second)
+    similarity_stage(broken, second)
+    worse = evaluate_stage(broken, second)["visual_ndcg@10"]
+    with pytest.raises(QualityGateFailed, match=rf"visual ndcg@10 = {worse:.4f}, the live run good "
+                                                rf"{live[1]:.4f}.*good stays served.*force"):
+        load_stage(broken, second, "broken")
+    assert store.live_run(engine)["run_id"] == "good"
+    assert store.similar(engine, mids[0])[0]["score"] > 0.5  # still the good run's neighbours
+    load_stage(broken, second, "broken", force=True)
+    assert store.live_run(engine)["run_id"] == "broken"
+    assert [h["run_id"] for h in store.metrics_history(engine)] == ["good", "broken"]
+    # a good run passes the gate against the broken one; then, with the gate off, a broken one loads
+    third = run_dir(good, "good-again")
+    threshold_stage(good, third)
+    similarity_stage(good, third)
+    evaluate_stage(good, third)
+    load_stage(good, third, "good-again")
+    assert store.live_run(engine)["run_id"] == "good-again"
+    fourth = run_dir(broken, "broken-again")
+    threshold_stage(broken, fourth)
+    similarity_stage(broken, fourth)
+    evaluate_stage(broken, fourth)
+    load_stage(broken.with_overrides(gate_min_ratio=0.0), fourth, "broken-again")
+    assert store.live_run(engine)["run_id"] == "broken-again"
