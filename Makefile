@@ -75,6 +75,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.storage_bench
 	$(BIN)/python -m benchmarks.scale_bench
 	$(BIN)/python -m benchmarks.dag_bench
+	$(BIN)/python -m benchmarks.evaluate_bench
 
 lint: venv
 	$(BIN)/ruff check .

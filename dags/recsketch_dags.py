@@ -10,7 +10,8 @@ and that, not a clock, starts
 
 ``recsketch_recommendations``: threshold -> plan_chunks -> extract (one mapped task per
 chunk) -> plan_similarity -> similarity_shard (one mapped task per row block, full runs
-only) -> merge_similarity -> evaluate (held-out likes, every method) -> load, which refuses a
+only) -> merge_similarity -> evaluate (held-out likes, every method) -> hybrid (visual and
+likes-based neighbours blended) -> load, which refuses a
 run that measures worse than the live one (the quality gate; param ``force`` overrides it)
 and updates the recommendations Asset with the run's metrics. Asset events
 that arrive while it runs are queued into one next run, so crawls close together coalesce.
@@ -163,6 +164,11 @@ def recsketch_recommendations() -> None:
         """Every method ranked on held-out likes; the report goes with the run to load."""
         return _run_stage("evaluate_stage")
 
+    @task
+    def hybrid() -> dict:
+        """Neighbours from the pictures and the likes together, with the weight evaluate tuned."""
+        return _run_stage("hybrid_stage")
+
     @task(outlets=[RECOMMENDATIONS])
     def load() -> dict:
         context = get_current_context()
@@ -174,7 +180,7 @@ def recsketch_recommendations() -> None:
     threshold() >> chunks
     shards = plan_similarity()
     chunks >> extract.expand(chunk_id=chunks) >> shards
-    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> evaluate() >> load()
+    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> evaluate() >> hybrid() >> load()
 
 
 recsketch()

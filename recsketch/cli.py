@@ -69,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("mid")
     similar.add_argument("--top-k", type=_positive)  # a query's size, not a setting
     similar.add_argument("--json", action="store_true", help="print a JSON list, best first")
+    similar.add_argument("--method", choices=("visual", "hybrid"), default="visual",
+                         help="visual: by the pictures (default); hybrid: pictures and likes together")
 
     for name, help_text in (("crawl", "stage 1: crawl the API into the catalogue"),
                             ("threshold", "stage 2: the like threshold"),
                             ("plan", "stage 3a: plan feature chunks"),
                             ("extract", "stage 3b: extract planned chunks"),
                             ("similarity", "stage 4: top-k cosine similarity"),
+                            ("hybrid", "stage 5b: hybrid neighbours (after evaluate)"),
                             ("load", "stage 6: load recommendations into the DB (after evaluate)")):
         stage = commands.add_parser(name, help=help_text)
         _pipeline_options(stage)
@@ -161,7 +164,7 @@ def _similar(args: argparse.Namespace, settings: Settings) -> int:
     from recsketch.db import store
 
     engine = store.connect(settings.resolved_database_url, read_only=True)
-    results = store.similar(engine, args.mid, args.top_k)
+    results = store.similar(engine, args.mid, args.top_k, method=args.method)
     if args.json:
         print(json.dumps(results))
     else:
@@ -238,6 +241,8 @@ def _stage(args: argparse.Namespace, settings: Settings) -> int:
         result = [pipeline.extract_stage(settings, folder, t) for t in sorted(task_ids)]
     elif args.command == "similarity":
         result = pipeline.similarity_stage(settings, folder)
+    elif args.command == "hybrid":
+        result = pipeline.hybrid_stage(settings, folder)
     else:
         result = pipeline.load_stage(settings, folder, args.run_id, force=args.force)
     print(json.dumps(result, indent=1, default=str))

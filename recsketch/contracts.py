@@ -204,8 +204,9 @@ class TopKStore:
         self.path = path
 
     @classmethod
-    def for_run(cls, folder: Location) -> TopKStore:
-        return cls(folder / TOPK_FILE)
+    def for_run(cls, folder: Location, method: str = "visual") -> TopKStore:
+        """The run's visual neighbours, or another method's (``hybrid``: ``topk-hybrid.npz``)."""
+        return cls(folder / (TOPK_FILE if method == "visual" else f"topk-{method}.npz"))
 
     @classmethod
     def latest(cls, features_root: Location) -> TopKStore:

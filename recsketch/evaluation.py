@@ -12,10 +12,13 @@ on the likes that survive the threshold:
 Methods: ``random`` and ``popularity`` (baselines), ``visual`` (a user's profile is the sum of
 the unit features of the models they liked: their held-out likes ranked by cosine to it, the
 seed's visual similarity turned into a user ranking), ``cf`` (implicit ALS on the training
-likes), and ``hybrid``: CF and visual scores, each standardised per user, blended with the
-weight that maximises NDCG@10 on a validation split carved out of training. For cold-start
-models the visual embedding is mapped into the CF factor space by ridge regression fitted on
-the warm models (the DropoutNet idea, linear), so they get CF-like scores too.
+likes, user × item factors), and ``hybrid``: the neighbours recsketch serves as "hybrid",
+whose item-item similarity is ``(1 - w) × visual cosine + w × cosine of the ALS item factors``
+(``recsketch.hybrid``); a user's score for a model is its summed similarity to the models
+they liked, and ``w`` maximises NDCG@10 on a validation split carved out of training. For
+cold-start models the visual embedding is mapped into the CF factor space by ridge
+regression fitted on the warm models (the DropoutNet idea, linear), so they get hybrid
+neighbours too.
 
 Metrics at each k: precision, recall (hits / held-out likes), NDCG (binary relevance) and
 catalogue coverage (share of candidate models recommended to anyone), averaged over the
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import sparse
+
+from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +129,6 @@ def split_likes(likes: Likes, config: EvaluationConfig) -> Split:
     return Split(warm.matrix(~held), warm.matrix(held), cold, likes.matrix(is_cold), info)
 
 
-def _standardise(scores: np.ndarray) -> np.ndarray:
-    mean = scores.mean(axis=1, keepdims=True)
-    std = scores.std(axis=1, keepdims=True)
-    return (scores - mean) / np.where(std > 0, std, 1.0)
-
-
 class _Accumulator:
     """Sums of precision, recall and NDCG at each k over user blocks, and the models shown."""
 
@@ -196,16 +195,8 @@ def rank_metrics(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exc
 
 
 def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(user factors, item factors) of implicit's ALS on the users × items like matrix."""
-    from implicit.cpu.als import AlternatingLeastSquares
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, "blas"):  # implicit's own threads; BLAS threads on top only contend
-        model = AlternatingLeastSquares(factors=config.factors, regularization=config.regularization,
-                                        alpha=config.alpha, iterations=config.iterations,
-                                        random_state=config.seed, num_threads=config.threads)
-        model.fit(train, show_progress=False)
-    return np.asarray(model.user_factors), np.asarray(model.item_factors)
+    return fit_als(train, factors=config.factors, regularization=config.regularization, alpha=config.alpha,
+                   iterations=config.iterations, seed=config.seed, threads=config.threads)
 
 
 def _profiles(train: sparse.csr_matrix, unit: np.ndarray) -> np.ndarray:
@@ -224,12 +215,6 @@ def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
     return users
 
 
-def ridge_map(features: np.ndarray, factors: np.ndarray, ridge: float) -> np.ndarray:
-    """W minimising ||features W − factors||² + ridge ||W||²: visual embedding -> CF factors."""
-    gram = features.T @ features + ridge * np.eye(features.shape[1], dtype=features.dtype)
-    return np.linalg.solve(gram, features.T @ factors)
-
-
 def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: EvaluationConfig,
              weight: float | None) -> dict[str, Scorer]:
     """Scorers over every item, trained on ``train``."""
@@ -245,14 +230,10 @@ def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: Evaluati
         profiles = _profiles(train, unit)
         methods["visual"] = lambda users, items: profiles[users] @ unit[items].T
         if weight is not None:
-            methods["hybrid"] = lambda users, items: _blend(weight, user_factors[users] @ item_factors[items].T,
-                                                            profiles[users] @ unit[items].T)
+            embedding = hybrid_embedding(unit, unit_rows(item_factors), weight)
+            summed = np.asarray(train @ embedding, dtype=np.float32)  # Σ over liked models of their embedding
+            methods["hybrid"] = lambda users, items: summed[users] @ embedding[items].T
     return methods
-
-
-def _blend(cf_weight: float, cf: np.ndarray, visual: np.ndarray) -> np.ndarray:
-    """CF and visual scores, each standardised per user over the candidates, blended."""
-    return cf_weight * _standardise(cf) + (1 - cf_weight) * _standardise(visual)
 
 
 def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: EvaluationConfig) -> tuple[float, dict]:
@@ -263,16 +244,16 @@ def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: Evalu
     held = _holdout_mask(coo.row.astype(np.int64), config.holdout, rng)
     inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
     fit, valid = inner.matrix(~held), inner.matrix(held)
-    user_factors, item_factors = _fit_als(fit, config)
-    profiles = _profiles(fit, unit)
+    factors = unit_rows(_fit_als(fit, config)[1])
+    visual_sums, cf_sums = np.asarray(fit @ unit, np.float32), np.asarray(fit @ factors, np.float32)
     users = _users_with(valid, fit, config.max_users, rng)
     items = np.arange(train.shape[1])
     totals = {w: _Accumulator((10,), len(items)) for w in HYBRID_WEIGHTS}
-    for block, truth, mask in _blocks(users, valid, fit, items):  # both scores once per block, every weight
-        cf = _standardise(user_factors[block] @ item_factors.T)
-        visual = _standardise(profiles[block] @ unit.T)
+    for block, truth, mask in _blocks(users, valid, fit, items):  # both parts once per block, every weight
+        visual = visual_sums[block] @ unit.T
+        cf = cf_sums[block] @ factors.T
         for w, total in totals.items():
-            total.add(mask(w * cf + (1 - w) * visual), truth)
+            total.add(mask((1 - w) * visual + w * cf), truth)
     by_weight = {w: total.result()["ndcg@10"] for w, total in totals.items()}
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
     return best, {"weights": by_weight, "chosen": best}
@@ -315,22 +296,18 @@ def _cold_start(split: Split, unit: np.ndarray, config: EvaluationConfig, weight
                 rng: np.random.Generator) -> dict[str, dict[str, float]]:
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid with
     CF factors predicted from the visual embedding (ridge fitted on the warm models)."""
-    user_factors, item_factors = _fit_als(split.train, config)
-    warm = np.setdiff1d(np.arange(unit.shape[0]), split.cold_items)
-    liked = np.flatnonzero(np.asarray(split.train.sum(axis=0)).ravel() > 0)
-    fitted = np.intersect1d(warm, liked)
-    mapping = ridge_map(unit[fitted].astype(np.float64), item_factors[fitted].astype(np.float64), config.ridge)
-    predicted = np.zeros_like(item_factors)
-    predicted[split.cold_items] = (unit[split.cold_items] @ mapping).astype(item_factors.dtype)
+    _, item_factors = _fit_als(split.train, config)
+    liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
+    factors = complete_factors(unit, item_factors, liked, config.ridge)  # the cold models have no likes
+    embedding = hybrid_embedding(unit, factors, weight)
     profiles = _profiles(split.train, unit)
+    summed = np.asarray(split.train @ embedding, dtype=np.float32)
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
-    cold = split.cold_items
     random_rng = np.random.default_rng(config.seed + 4)
     scorers: dict[str, Scorer] = {
         "random": lambda block, items: random_rng.random((len(block), len(items)), dtype=np.float32),
         "visual": lambda block, items: profiles[block] @ unit[items].T,
-        "hybrid": lambda block, items: _blend(weight, user_factors[block] @ predicted[items].T,
-                                              profiles[block] @ unit[items].T),
+        "hybrid": lambda block, items: summed[block] @ embedding[items].T,
     }
-    return {name: rank_metrics(scorer, users, split.cold_test, None, cold, config.ks)
+    return {name: rank_metrics(scorer, users, split.cold_test, None, split.cold_items, config.ks)
             for name, scorer in scorers.items()}

@@ -1,7 +1,10 @@
 """The recommendations gallery: a small FastAPI app that the Airflow UI plugin mounts.
 
 For a model picked by its id or its Sketchfab URL it shows the thumbnail and the live run's
-top-N similar models as a grid with names, scores and links, as the seed's notebook did.
+top-N similar models as a grid with names, scores and links, as the seed's notebook did, by
+the pictures (visual) or by pictures and likes together (hybrid). The front page shows each
+recent run's offline metrics (``run_metrics``) and their trend as an inline SVG chart, drawn
+on the server: no script, no chart library.
 Every route takes an ``authenticate`` dependency: inside Airflow that is Airflow's own
 ``get_user`` (JWT header or the UI's session cookie), so nobody reaches the pages, the JSON
 or the thumbnails without logging in to Airflow. HTML is built with escaping only; the DB is
@@ -15,7 +18,7 @@ from collections.abc import Callable
 from functools import cached_property
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, HTTPException, Query
@@ -31,6 +34,9 @@ from recsketch.errors import InvalidModelId, RecsketchError, UnknownModel
 from recsketch.ids import is_model_id, validate_model_id
 
 MAX_TOP_K = 100
+METHODS = ("visual", "hybrid")
+TREND = (("visual", "#2b6cb0"), ("hybrid", "#2f855a"), ("cf", "#b7791f"), ("popularity", "#718096"))
+TREND_METRIC = "ndcg@10"
 SKETCHFAB_HOSTS = ("sketchfab.com", "www.sketchfab.com")
 
 
@@ -83,8 +89,11 @@ class Gallery:
         """Models of the live run, to start browsing from."""
         return store.models_with_recommendations(self.engine, limit)
 
-    def similar(self, mid: str, top_k: int) -> list[dict]:
-        return store.similar(self.engine, mid, top_k, links=True)
+    def similar(self, mid: str, top_k: int, method: str = "visual") -> list[dict]:
+        return store.similar(self.engine, mid, top_k, links=True, method=method)
+
+    def metrics(self, limit: int = 30) -> list[dict]:
+        return store.metrics_history(self.engine, limit)
 
 
 def _page(title: str, body: str) -> str:
@@ -100,6 +109,8 @@ def _page(title: str, body: str) -> str:
  figure img {{ width: 200px; height: 200px; object-fit: cover; display: block; }}
  figcaption {{ font-size: .85rem; overflow-wrap: anywhere; }} .score {{ color: #4a5568; }}
  .error {{ color: #c53030; }} table {{ border-collapse: collapse; }} td, th {{ padding: .2rem .6rem; }}
+ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }} .live {{ font-weight: 600; }}
+ svg.trend text {{ font-size: 11px; fill: #4a5568; }}
 </style></head><body>{body}</body></html>"""
 
 
@@ -108,16 +119,68 @@ def _thumb(mid: str, name: str, size: int = 200) -> str:
             f'loading="lazy" data-mid="{escape(mid)}">')
 
 
-def _link(mid: str, label: str) -> str:
-    return f'<a href="?q={quote(mid)}">{escape(label)}</a>'
+def _link(mid: str, label: str, method: str = "visual") -> str:
+    return f'<a href="?q={quote(mid)}&amp;method={quote(method)}">{escape(label)}</a>'
 
 
-def render_gallery(gallery: Gallery, q: str | None, top_k: int) -> tuple[int, str]:
-    """The page for query ``q`` (status, HTML); without ``q``, the live run and models to try."""
+def metrics_table(history: list[dict]) -> str:
+    """Each run's warm metrics at 10 and the cold-start hybrid NDCG, newest first."""
+    columns = [(f"warm/{m}/{TREND_METRIC}", f"{m} NDCG@10") for m, _ in TREND]
+    columns += [("warm/visual/coverage@10", "visual coverage@10"),
+                ("cold_start/hybrid/ndcg@10", "cold-start hybrid NDCG@10")]
+    head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
+    rows = []
+    for run in reversed(history):
+        cells = "".join(f'<td class="num">{run["metrics"][key]:.4f}</td>' if key in run["metrics"] else "<td>–</td>"
+                        for key, _ in columns)
+        live = ' class="live"' if run["is_live"] else ""
+        rows.append(f'<tr{live} data-run="{escape(run["run_id"])}"><td><code>{escape(run["run_id"])}</code>'
+                    f'{" (live)" if run["is_live"] else ""}</td>{cells}</tr>')
+    return f'<table class="metrics"><tr><th>run</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def trend_chart(history: list[dict], width: int = 640, height: int = 220) -> str:
+    """NDCG@10 of each method over the runs (oldest left), as an inline SVG line chart."""
+    measured = [run for run in history if run["metrics"]]
+    if not measured:
+        return '<p class="trend-empty">No run has been measured yet.</p>'
+    values = [run["metrics"].get(f"warm/{m}/{TREND_METRIC}") for run in measured for m, _ in TREND]
+    top = max([v for v in values if v is not None] + [1e-9]) * 1.1
+    left, right, bottom, pad = 48, 110, 24, 10
+    plot_w, plot_h = width - left - right, height - bottom - pad
+
+    def x(i: int) -> float:
+        return left + (plot_w * i / (len(measured) - 1) if len(measured) > 1 else plot_w / 2)
+
+    def y(v: float) -> float:
+        return pad + plot_h * (1 - v / top)
+
+    parts = [f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{pad + plot_h}" stroke="#a0aec0"/>',
+             f'<line x1="{left}" y1="{pad + plot_h}" x2="{left + plot_w}" y2="{pad + plot_h}" stroke="#a0aec0"/>',
+             f'<text x="4" y="{pad + 8}">{top:.3f}</text><text x="4" y="{pad + plot_h}">0</text>',
+             f'<text x="{left}" y="{height - 6}">{escape(measured[0]["run_id"][:28])}</text>']
+    for slot, (method, colour) in enumerate(TREND):
+        points = [(x(i), y(run["metrics"][f"warm/{method}/{TREND_METRIC}"])) for i, run in enumerate(measured)
+                  if f"warm/{method}/{TREND_METRIC}" in run["metrics"]]
+        if not points:
+            continue
+        line = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+        parts.append(f'<polyline class="series" data-method="{method}" fill="none" stroke="{colour}" '
+                     f'stroke-width="2" points="{line}"/>')
+        parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>' for px, py in points]
+        parts.append(f'<text x="{left + plot_w + 8}" y="{pad + 14 + 16 * slot}" fill="{colour}">{method}</text>')
+    return (f'<svg class="trend" role="img" aria-label="NDCG@10 by method over the last {len(measured)} runs" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>')
+
+
+def render_gallery(gallery: Gallery, q: str | None, top_k: int, method: str = "visual") -> tuple[int, str]:
+    """The page for query ``q`` (status, HTML); without ``q``, the live run, its metrics and models to try."""
     value = escape(q or "")
+    choices = "".join(f'<option value="{m}"{" selected" if m == method else ""}>{m}</option>' for m in METHODS)
     form = (f'<h1>recsketch: more like this</h1><form method="get"><input name="q" value="{value}" '
             f'placeholder="model id or https://sketchfab.com/3d-models/..." aria-label="model id or URL"> '
             f'<input name="top_k" type="number" min="1" max="{MAX_TOP_K}" value="{top_k}" aria-label="top N"> '
+            f'<select name="method" aria-label="method">{choices}</select> '
             '<button type="submit">Show similar models</button></form>')
     live = store.live_run(gallery.engine)
     if live is None:
@@ -132,12 +195,16 @@ def render_gallery(gallery: Gallery, q: str | None, top_k: int) -> tuple[int, st
         history = "".join(f"<tr><td><code>{escape(r['run_id'])}</code></td><td>{escape(r['backbone'])}</td>"
                           f"<td>{r['n_models']}</td><td>{escape(str(r['loaded_at']))[:19]}</td></tr>"
                           for r in gallery.recent_runs())
+        measured = gallery.metrics()
+        quality = ("<h2>Quality of recent runs</h2><p>Held-out likes ranked by each method "
+                   "(<code>recsketch evaluate</code>); the load refuses a run whose visual NDCG@10 falls "
+                   "below the gate's share of the live run's.</p>" + trend_chart(measured) + metrics_table(measured))
         return 200, _page("recsketch", form + run_line + f'<h2>Pick a model</h2><div class="grid">{picks}</div>'
-                          "<h2>Recent loads</h2><table><tr><th>run</th><th>backbone</th><th>models</th>"
+                          + quality + "<h2>Recent loads</h2><table><tr><th>run</th><th>backbone</th><th>models</th>"
                           f"<th>loaded</th></tr>{history}</table>")
     try:
         mid = model_id_from_input(q)
-        results = gallery.similar(mid, top_k)
+        results = gallery.similar(mid, top_k, method)
     except InvalidModelId as exc:
         return 400, _page("recsketch", form + f'<p class="error">{escape(str(exc))}</p>')
     except UnknownModel as exc:
@@ -153,10 +220,11 @@ def render_gallery(gallery: Gallery, q: str | None, top_k: int) -> tuple[int, st
         sketchfab = (f' · <a href="{escape(r["viewer_url"])}" target="_blank" rel="noopener">Sketchfab</a>'
                      if r.get("viewer_url") else "")
         cells.append(f'<figure class="rec" data-rank="{r["rank"]}">{_thumb(r["mid"], r["name"] or r["mid"])}'
-                     f'<figcaption>{r["rank"]}. {_link(r["mid"], r["name"] or r["mid"])}{sketchfab}<br>'
+                     f'<figcaption>{r["rank"]}. {_link(r["mid"], r["name"] or r["mid"], method)}{sketchfab}<br>'
                      f'<span class="score">score {r["score"]:.3f}</span></figcaption></figure>')
     return 200, _page(f"recsketch: {model['name']}", form + run_line + query
-                      + f'<h2>Top {len(results)} similar models</h2><div class="grid">{"".join(cells)}</div>')
+                      + f'<h2 data-method="{method}">Top {len(results)} similar models ({method})</h2>'
+                      f'<div class="grid">{"".join(cells)}</div>')
 
 
 def create_app(settings_factory: Callable[[], Settings], authenticate: Callable[..., Any]) -> FastAPI:
@@ -166,20 +234,26 @@ def create_app(settings_factory: Callable[[], Settings], authenticate: Callable[
                   redoc_url=None, openapi_url=None)
 
     @app.get("/", response_class=HTMLResponse)
-    async def page(q: str | None = Query(None, max_length=500),
-                   top_k: int = Query(10, ge=1, le=MAX_TOP_K)) -> HTMLResponse:
-        status, html = await asyncio.to_thread(render_gallery, gallery, q, top_k)
+    async def page(q: str | None = Query(None, max_length=500), top_k: int = Query(10, ge=1, le=MAX_TOP_K),
+                   method: Literal["visual", "hybrid"] = Query("visual")) -> HTMLResponse:
+        status, html = await asyncio.to_thread(render_gallery, gallery, q, top_k, method)
         return HTMLResponse(html, status_code=status)
 
     @app.get("/api/similar/{mid}")
-    async def similar(mid: str, top_k: int = Query(10, ge=1, le=MAX_TOP_K)) -> list[dict]:
+    async def similar(mid: str, top_k: int = Query(10, ge=1, le=MAX_TOP_K),
+                      method: Literal["visual", "hybrid"] = Query("visual")) -> list[dict]:
         """The same JSON as ``recsketch similar --json``, plus each model's Sketchfab link."""
         try:
-            return await asyncio.to_thread(gallery.similar, validate_model_id(mid, source="path"), top_k)
+            return await asyncio.to_thread(gallery.similar, validate_model_id(mid, source="path"), top_k, method)
         except InvalidModelId as exc:
             raise HTTPException(400, str(exc)) from None
         except UnknownModel as exc:
             raise HTTPException(404, str(exc)) from None
+
+    @app.get("/api/metrics")
+    async def metrics(limit: int = Query(30, ge=1, le=1000)) -> list[dict]:
+        """Each recent run's metrics ({split}/{method}/{metric}: value), oldest first."""
+        return await asyncio.to_thread(gallery.metrics, limit)
 
     @app.get("/thumbs/{name}")
     async def thumbnail(name: str) -> Response:

@@ -40,6 +40,7 @@ from recsketch.features.backbones import backbone_key, create_backbone, set_thre
 from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileRows, RowSink
 from recsketch.features.extract import extract_chunk
 from recsketch.features.images import thumbnail_version
+from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
 from recsketch.likes import threshold_likes
 from recsketch.ratelimit import SharedRateLimiter
 from recsketch.similarity import (
@@ -379,6 +380,47 @@ def evaluate_stage(settings: Settings, folder: Location, progress: Progress = lo
     return summary
 
 
+def hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
+    """The run's hybrid neighbours (``recsketch.hybrid``): visual features and ALS item factors
+    of all the thresholded likes, blended with the CF weight evaluate tuned. Skipped (no
+    hybrid set) when the run was not evaluated with features. Memory: the models' features and
+    factors, in memory (N x (d + 64) floats)."""
+    try:
+        report = json.loads((folder / EVALUATION_FILE).read_text())
+    except FileNotFoundError:
+        raise RecsketchError(f"{folder / EVALUATION_FILE} is missing: run the evaluate stage first") from None
+    weight = (report.get("hybrid") or {}).get("cf_weight")
+    if weight is None:
+        progress("hybrid: the evaluation tuned no CF weight (too few models for a cold-start split): no hybrid set")
+        return {"models": 0, "cf_weight": None}
+    visual = TopKStore.for_run(folder).require("similarity")
+    engine = store.connect(settings.resolved_database_url)
+    likes = store.read_likes_frame(engine)
+    if settings.min_likes > 0:
+        likes = threshold_likes(likes, settings.min_likes).likes
+    started = time.monotonic()
+    mids, features, _ = ChunkStore(settings.features_dir, visual.backbone_key).load_features(
+        dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions else visual.mids)
+    if mids != sorted(visual.mids):
+        raise RecsketchError(f"the features of {len(mids)} models were found for {len(visual.mids)} neighbour lists: "
+                             "run similarity again")
+    row = {mid: i for i, mid in enumerate(mids)}
+    unit = normalise(features[[row[m] for m in visual.mids]], copy=False)  # the visual result's order
+    del features
+    matrix = Likes.from_frame(likes, visual.mids).matrix()
+    set_threads(settings.effective_threads)
+    _, item_factors = fit_als(matrix, threads=settings.effective_threads)
+    liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
+    embedding = hybrid_embedding(unit, complete_factors(unit, item_factors, liked), float(weight))
+    indices, scores = top_k_tiled(embedding, settings.top_k, (0, len(visual.mids)))
+    TopKStore.for_run(folder, "hybrid").write(TopK(visual.mids, indices, scores, visual.backbone_key,
+                                                   visual.versions))
+    progress(f"hybrid: top-{settings.top_k} for {len(visual.mids)} models, CF weight {weight}, "
+             f"{int((~liked).sum())} models without likes given predicted factors, "
+             f"in {time.monotonic() - started:.1f}s")
+    return {"models": len(visual.mids), "cf_weight": weight, "without_likes": int((~liked).sum())}
+
+
 def _metric_rows(report: dict) -> list[dict]:
     rows = [{"method": method, "metric": metric, "split": "warm", "value": float(value)}
             for method, values in report.get("methods", {}).items() for metric, value in values.items()]
@@ -420,10 +462,16 @@ def load_stage(settings: Settings, folder: Location, run_id: str, progress: Prog
     except FileNotFoundError:
         report = None
     progress(quality_gate(settings, engine, report, run_id, force))
+    hybrid = TopKStore.for_run(folder, "hybrid").read()
+    if hybrid is not None and (hybrid.mids != topk.mids or hybrid.k != topk.k):
+        raise RecsketchError(f"the run's hybrid neighbours ({len(hybrid.mids)} models, top-{hybrid.k}) are not of its "
+                             f"visual ones ({len(topk.mids)} models, top-{topk.k}): run evaluate and hybrid again")
     store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, topk,  # streamed from the arrays
-                               metrics=_metric_rows(report) if report else ())
-    rows = len(topk.mids) * topk.k
-    progress(f"load: {rows} recommendations for {len(topk.mids)} models are live as run {run_id}")
+                               metrics=_metric_rows(report) if report else (),
+                               more={"hybrid": hybrid} if hybrid is not None else None)
+    rows = len(topk.mids) * topk.k * (2 if hybrid is not None else 1)
+    progress(f"load: {rows} recommendations ({'visual and hybrid' if hybrid is not None else 'visual'}) for "
+             f"{len(topk.mids)} models are live as run {run_id}")
     summary: dict = {"rows": rows, "models": len(topk.mids), "run_id": run_id}
     if report:
         method, metric = PRIMARY_METRIC
@@ -441,5 +489,6 @@ def run_pipeline(settings: Settings, run_id: str | None = None, progress: Progre
     summary["extract"] = [extract_stage(settings, folder, c, progress) for c in chunk_ids]
     summary["similarity"] = similarity_stage(settings, folder, progress)
     summary["evaluate"] = evaluate_stage(settings, folder, progress)
+    summary["hybrid"] = hybrid_stage(settings, folder, progress)
     summary["load"] = load_stage(settings, folder, run_id, progress)
     return summary

@@ -32,7 +32,7 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     crawl_dag, recs_dag = bag.dags["recsketch"], bag.dags["recsketch_recommendations"]
     assert {t.task_id for t in crawl_dag.tasks} == {"crawl", "publish_catalogue"}
     assert {t.task_id for t in recs_dag.tasks} == {"threshold", "plan_chunks", "extract", "plan_similarity",
-                                                  "similarity_shard", "merge_similarity", "evaluate", "load"}
+                                                  "similarity_shard", "merge_similarity", "evaluate", "hybrid", "load"}
     for dag in (crawl_dag, recs_dag):
         assert "recsketch" in dag.tags and dag.max_active_runs == 1
         for task in dag.tasks:
@@ -49,7 +49,8 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     assert recs_dag.get_task("plan_similarity").trigger_rule == "none_failed"
     assert recs_dag.get_task("merge_similarity").trigger_rule == "none_failed"
     assert set(recs_dag.params.keys()) == {"backbone", "top_k", "min_likes", "chunk_size", "force"}
-    assert recs_dag.get_task("evaluate").downstream_task_ids == {"load"}
+    assert recs_dag.get_task("evaluate").downstream_task_ids == {"hybrid"}
+    assert recs_dag.get_task("hybrid").downstream_task_ids == {"load"}
 
 
 def test_params_are_validated() -> None:

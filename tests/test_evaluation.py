@@ -152,7 +152,7 @@ def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_pa
     from recsketch.config import Settings
     from recsketch.db import store
     from recsketch.errors import QualityGateFailed
-    from recsketch.pipeline import evaluate_stage, load_stage, run_dir, similarity_stage, threshold_stage
+    from recsketch.pipeline import evaluate_stage, hybrid_stage, load_stage, run_dir, similarity_stage, threshold_stage
 
     frame, mids, unit = _clustered_catalogue(groups=20, per_group=10, users=300)
     good = Settings(data_dir=tmp_path / "data", database_url=db_url, top_k=5)
@@ -163,8 +163,16 @@ def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_pa
     similarity_stage(good, first)
     measured = evaluate_stage(good, first)
     assert measured["visual_ndcg@10"] > 2 * measured["random_ndcg@10"]
+    blended = hybrid_stage(good, first)
+    assert blended["models"] == len(mids) and 0 <= blended["cf_weight"] <= 1
     load_stage(good, first, "good")
     engine = store.connect(db_url)
+    group = {mid: i // 10 for i, mid in enumerate(mids)}
+    for method in ("visual", "hybrid"):  # both served; neighbours mostly from the model's own cluster
+        top = {mid: store.similar(engine, mid, method=method) for mid in mids}
+        assert all(len(recs) == 5 for recs in top.values())
+        same = sum(group[recs[0]["mid"]] == group[mid] for mid, recs in top.items())
+        assert same >= 0.8 * len(mids), (method, same)
     live = store.live_metric(engine, "visual", "ndcg@10")
     assert live == ("good", pytest.approx(measured["visual_ndcg@10"]))
     history = store.metrics_history(engine)

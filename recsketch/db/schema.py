@@ -11,7 +11,6 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
-    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -100,13 +99,14 @@ recommendations = Table(
     Column("similar_mid", String(32), nullable=False),
     Column("score", Float, nullable=False),
     Column("backbone", String(64), nullable=False),
-    PrimaryKeyConstraint("run_id", "mid", "rank", name="recommendations_pkey"),
+    Column("method", String(16), nullable=False, server_default="visual"),  # visual | hybrid
+    # the table holds the live run only (a load swaps it whole): one key serves lookups by model
+    PrimaryKeyConstraint("mid", "method", "rank", name="recommendations_pkey"),
 )
-Index("recommendations_mid", recommendations.c.mid)
 
 SIMILAR_MODELS_VIEW = """
 CREATE VIEW similar_models AS
-SELECT r.mid, r.rank, r.similar_mid, m.name AS similar_name, r.score,
+SELECT r.mid, r.method, r.rank, r.similar_mid, m.name AS similar_name, r.score,
        m.thumbnail_url AS similar_thumbnail_url, m.viewer_url AS similar_viewer_url,
        r.backbone, r.run_id
 FROM recommendations r

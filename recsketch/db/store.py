@@ -54,23 +54,24 @@ PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(
 PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 
-def _csv_blocks(run_id: str, backbone: str, rows: Sequence[tuple[str, int, str, float]]) -> Iterator[bytes]:
+def _csv_blocks(run_id: str, backbone: str, rows: Sequence[tuple[str, int, str, float]],
+                method: str = "visual") -> Iterator[bytes]:
     """COPY's CSV input from (mid, rank, similar mid, score) tuples, in blocks."""
     for start in range(0, len(rows), 200_000):
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         for mid, rank, similar_mid, score in rows[start : start + 200_000]:
-            writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone))
+            writer.writerow((run_id, mid, rank, similar_mid, repr(float(score)), backbone, method))
         yield buffer.getvalue().encode()
 
 
-def _binary_blocks(run_id: str, backbone: str, rows: TopKArrays) -> Iterator[bytes]:
+def _binary_blocks(run_id: str, backbone: str, rows: TopKArrays, method: str = "visual") -> Iterator[bytes]:
     """COPY's binary input built by numpy from the top-k arrays, block by block: no Python object
     per row. A binary row is fixed-width once the lengths of its two mids are fixed, so each block
     is split by (mid length, similar mid length), at most a few groups (ids are 26, 27 or 32
     characters), each filled as one structured array. Scores go in as float8, the exact value
     ``repr(float(score))`` would carry through text."""
-    run, bb = run_id.encode(), backbone.encode()
+    run, bb, how = run_id.encode(), backbone.encode(), method.encode()
     encoded = [mid.encode() for mid in rows.mids]
     lengths = np.fromiter((len(m) for m in encoded), np.int64, len(encoded))
     by_length = {int(n): np.array([m if len(m) == n else b"" for m in encoded], dtype=f"S{int(n)}")
@@ -92,14 +93,16 @@ def _binary_blocks(run_id: str, backbone: str, rows: TopKArrays) -> Iterator[byt
                 dtype = np.dtype([("fields", ">i2"), ("l1", ">i4"), ("run", f"S{len(run)}"),
                                   ("l2", ">i4"), ("mid", f"S{a}"), ("l3", ">i4"), ("rank", ">i4"),
                                   ("l4", ">i4"), ("similar", f"S{b}"), ("l5", ">i4"), ("score", ">f8"),
-                                  ("l6", ">i4"), ("backbone", f"S{len(bb)}")])
+                                  ("l6", ">i4"), ("backbone", f"S{len(bb)}"), ("l7", ">i4"),
+                                  ("method", f"S{len(how)}")])
                 block = np.empty(int(pick.sum()), dtype)
-                block["fields"], block["l1"], block["run"] = 6, len(run), run
+                block["fields"], block["l1"], block["run"] = 7, len(run), run
                 block["l2"], block["mid"] = a, by_length[int(a)][owner[pick]]
                 block["l3"], block["rank"] = 4, rank[pick]
                 block["l4"], block["similar"] = b, by_length[int(b)][similar[pick]]
                 block["l5"], block["score"] = 8, score[pick]
                 block["l6"], block["backbone"] = len(bb), bb
+                block["l7"], block["method"] = len(how), how
                 parts.append(block.tobytes())
         yield b"".join(parts)
     yield PGCOPY_TRAILER
@@ -284,7 +287,7 @@ def models_with_thumbnails(engine: Engine) -> dict[str, str | None]:
 
 
 def load_recommendations(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows,
-                         metrics: Sequence[dict] = ()) -> None:
+                         metrics: Sequence[dict] = (), more: Mapping[str, Rows] | None = None) -> None:
     """Replace the served recommendations with ``rows``: (mid, rank, similar_mid, score) tuples, or
     a top-k result as arrays, streamed into COPY block by block (memory: one block, not N × k).
 
@@ -292,10 +295,11 @@ def load_recommendations(engine: Engine, run_id: str, backbone: str, top_k: int,
     (or a kill) changes nothing. On PostgreSQL: COPY into a staging table, build its indexes,
     then swap it in; the old table stays served until the swap commits. On SQLite the new
     rows are inserted and the old ones deleted in the same transaction. The run's ``metrics``
-    (rows of ``run_metrics``) are stored in the same transaction.
+    (rows of ``run_metrics``) are stored in the same transaction. ``rows`` are the visual
+    neighbours; ``more`` maps another method (``hybrid``) to its rows.
     """
     try:
-        _load(engine, run_id, backbone, top_k, rows, metrics)
+        _load(engine, run_id, backbone, top_k, {"visual": rows, **(more or {})}, metrics)
     except DBAPIError as exc:
         if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
             raise
@@ -319,20 +323,23 @@ def _tuples(rows: Rows, block: int = 10_000) -> Iterator[list[tuple[str, int, st
                for rank, (j, score) in enumerate(zip(rows.indices[i], rows.scores[i], strict=True))]
 
 
-def _load(engine: Engine, run_id: str, backbone: str, top_k: int, rows: Rows, metrics: Sequence[dict]) -> None:
+def _load(engine: Engine, run_id: str, backbone: str, top_k: int, by_method: Mapping[str, Rows],
+          metrics: Sequence[dict]) -> None:
     now = datetime.now(UTC)
+    rows = by_method["visual"]
     n_models = len({row[0] for row in rows}) if isinstance(rows, Sequence) else len(rows.mids)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            _swap_in_postgres(conn, run_id, backbone, rows)
-        else:
-            conn.execute(delete(recommendations).where(recommendations.c.run_id == run_id))
-            for block in _tuples(rows):
-                conn.execute(recommendations.insert(), [
-                    {"run_id": run_id, "mid": m, "rank": r, "similar_mid": s, "score": sc, "backbone": backbone}
-                    for m, r, s, sc in block
-                ])
-            conn.execute(delete(recommendations).where(recommendations.c.run_id != run_id))
+            _swap_in_postgres(conn, run_id, backbone, by_method)
+        else:  # the table holds the live run only: the old rows go, in the same transaction
+            conn.execute(delete(recommendations))
+            for method, method_rows in by_method.items():
+                for block in _tuples(method_rows):
+                    conn.execute(recommendations.insert(), [
+                        {"run_id": run_id, "mid": m, "rank": r, "similar_mid": s, "score": sc, "backbone": backbone,
+                         "method": method}
+                        for m, r, s, sc in block
+                    ])
         conn.execute(delete(runs).where(runs.c.run_id == run_id))
         conn.execute(runs.insert().values(run_id=run_id, backbone=backbone, top_k=top_k,
                                           n_models=n_models, loaded_at=now, is_live=False))
@@ -365,15 +372,15 @@ def metrics_history(engine: Engine, limit: int = 30) -> list[dict]:
              "metrics": by_run[r["run_id"]]} for r in reversed(recent)]
 
 
-def _swap_in_postgres(conn: Connection, run_id: str, backbone: str, rows: Rows) -> None:
-    """Staging table, COPY, indexes, then the swap; readers wait only for the renames."""
+def _swap_in_postgres(conn: Connection, run_id: str, backbone: str, by_method: Mapping[str, Rows]) -> None:
+    """Staging table, COPY, its key, then the swap; readers wait only for the renames."""
     conn.execute(text("SELECT pg_advisory_xact_lock(727275)"))  # one load at a time
     conn.execute(text("DROP TABLE IF EXISTS recommendations_staging"))
     conn.execute(text("CREATE TABLE recommendations_staging (LIKE recommendations INCLUDING DEFAULTS)"))
-    copy_rows(conn, "recommendations_staging", run_id, backbone, rows)
+    for method, rows in by_method.items():
+        copy_rows(conn, "recommendations_staging", run_id, backbone, rows, method)
     conn.execute(text("ALTER TABLE recommendations_staging ADD CONSTRAINT recommendations_staging_pkey "
-                      "PRIMARY KEY (run_id, mid, rank)"))
-    conn.execute(text("CREATE INDEX recommendations_staging_mid ON recommendations_staging (mid)"))
+                      "PRIMARY KEY (mid, method, rank)"))
     conn.execute(text("ANALYZE recommendations_staging"))
     # readers lock the view, then its tables: take the locks in that order, or deadlock
     conn.execute(text("LOCK TABLE similar_models IN ACCESS EXCLUSIVE MODE"))
@@ -382,21 +389,21 @@ def _swap_in_postgres(conn: Connection, run_id: str, backbone: str, rows: Rows) 
     conn.execute(text("ALTER TABLE recommendations_staging RENAME TO recommendations"))
     conn.execute(text("ALTER TABLE recommendations RENAME CONSTRAINT recommendations_staging_pkey "
                       "TO recommendations_pkey"))
-    conn.execute(text("ALTER INDEX recommendations_staging_mid RENAME TO recommendations_mid"))
     conn.execute(text(SIMILAR_MODELS_VIEW))
 
 
-def copy_rows(conn: Connection, table: str, run_id: str, backbone: str, rows: Rows) -> None:
+def copy_rows(conn: Connection, table: str, run_id: str, backbone: str, rows: Rows, method: str = "visual") -> None:
     """COPY rows into ``table`` (a fixed name of ours, never user input), streamed block by block."""
     if isinstance(rows, Sequence):
-        stream, form = _BlockStream(_csv_blocks(run_id, backbone, rows)), "csv"
+        stream, form = _BlockStream(_csv_blocks(run_id, backbone, rows, method)), "csv"
     else:
-        stream, form = _BlockStream(_binary_blocks(run_id, backbone, rows)), "binary"
+        stream, form = _BlockStream(_binary_blocks(run_id, backbone, rows, method)), "binary"
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None  # an open Connection always has one
     cursor = dbapi.cursor()
     cursor.copy_expert(
-        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN WITH (FORMAT {form})", stream,
+        f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone, method) FROM STDIN WITH (FORMAT {form})",
+        stream,
         size=1 << 20)
 
 
@@ -414,15 +421,17 @@ def models_with_recommendations(engine: Engine, limit: int) -> list[dict]:
         return [dict(row) for row in conn.execute(query, {"limit": limit}).mappings()]
 
 
-def similar(engine: Engine, mid: str, top_k: int | None = None, *, links: bool = False) -> list[dict]:
-    """The live run's recommendations for ``mid``, best first (bound parameters only); with
-    ``links``, each also carries its Sketchfab page as ``viewer_url`` (the gallery)."""
+def similar(engine: Engine, mid: str, top_k: int | None = None, *, links: bool = False,
+            method: str = "visual") -> list[dict]:
+    """The live run's recommendations for ``mid`` by ``method`` (visual | hybrid), best first
+    (bound parameters only); with ``links``, each also carries its Sketchfab page as
+    ``viewer_url`` (the gallery)."""
     validate_model_id(mid)
     query = text(
         "SELECT rank, similar_mid, similar_name, score, similar_viewer_url FROM similar_models "
-        "WHERE mid = :mid ORDER BY rank" + (" LIMIT :k" if top_k else "")
+        "WHERE mid = :mid AND method = :method ORDER BY rank" + (" LIMIT :k" if top_k else "")
     )
-    params: dict[str, object] = {"mid": mid}
+    params: dict[str, object] = {"mid": mid, "method": method}
     if top_k:
         params["k"] = top_k
     with engine.connect() as conn:
@@ -430,8 +439,9 @@ def similar(engine: Engine, mid: str, top_k: int | None = None, *, links: bool =
         if not found:
             if not conn.execute(select(models.c.mid).where(models.c.mid == mid)).first():
                 raise UnknownModel(f"unknown model id {mid!r}: not in the catalogue")
-            raise UnknownModel(f"model {mid!r} has no recommendations in the live run "
-                               "(filtered out by the like threshold, or no usable thumbnail)")
+            raise UnknownModel(f"model {mid!r} has no recommendations in the live run ({method}) "
+                               "(filtered out by the like threshold, or no usable thumbnail"
+                               f"{'; hybrid ones come from runs that evaluated' if method != 'visual' else ''})")
     results = [{"rank": r, "mid": s, "name": n, "score": round(float(sc), 6)} for r, s, n, sc, _ in found]
     if links:
         for result, row in zip(results, found, strict=True):

@@ -1,0 +1,60 @@
+"""Hybrid neighbours: what the pictures say and what the likes say, in one embedding.
+
+A model's hybrid embedding is ``[sqrt(1 - w) × its unit visual features, sqrt(w) × its unit
+ALS item factors]``: a unit vector whose cosine with another's is ``(1 - w) × visual cosine
++ w × CF cosine``, so the exact top-k machinery of the visual neighbours serves it unchanged.
+``w`` is the CF weight ``recsketch evaluate`` tunes on held-out likes. A model nobody has
+liked has no ALS factors: its factors are predicted from its visual features by a ridge
+regression fitted on the liked models (the DropoutNet idea, linear), so it still gets
+neighbours that carry taste.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+
+def fit_als(likes: sparse.csr_matrix, *, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
+            iterations: int = 15, seed: int = 0, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(user factors, item factors) of implicit's ALS on a users × items like matrix."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):  # implicit runs its own threads; BLAS threads on top only contend
+        model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
+                                        iterations=iterations, random_state=seed, num_threads=threads)
+        model.fit(likes.tocsr().astype(np.float32), show_progress=False)
+    return np.asarray(model.user_factors), np.asarray(model.item_factors)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def ridge_map(features: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
+    """W minimising ||features W - targets||² + ridge ||W||²."""
+    features = np.asarray(features, dtype=np.float64)
+    gram = features.T @ features + ridge * np.eye(features.shape[1])
+    return np.linalg.solve(gram, features.T @ np.asarray(targets, dtype=np.float64))
+
+
+def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, ridge: float = 1.0) -> np.ndarray:
+    """Unit CF factors for every model: ALS's where the model was liked, else predicted from its
+    visual features by ridge regression fitted on the liked ones."""
+    factors = unit_rows(item_factors)
+    cold = ~np.asarray(liked, dtype=bool)
+    if cold.any() and (~cold).sum() >= 2:
+        mapping = ridge_map(unit[~cold], factors[~cold], ridge)
+        factors[cold] = unit_rows(unit[cold] @ mapping)
+    return factors
+
+
+def hybrid_embedding(unit: np.ndarray, factors: np.ndarray, cf_weight: float) -> np.ndarray:
+    """Unit rows whose dot products are ``(1 - cf_weight) × visual cosine + cf_weight × CF cosine``."""
+    if not 0.0 <= cf_weight <= 1.0:
+        raise ValueError(f"the CF weight is a share: between 0 and 1, not {cf_weight}")
+    return np.hstack([np.sqrt(1.0 - cf_weight) * np.asarray(unit, np.float32),
+                      np.sqrt(cf_weight) * unit_rows(factors)]).astype(np.float32)
