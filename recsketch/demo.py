@@ -10,6 +10,7 @@ Sketchfab.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -106,7 +107,7 @@ def taste_model_likes(groups: Mapping[str, str], users: Sequence[str], rng: rand
     deck: list[str] = []
     mids = sorted(groups)
     ranked = rng.sample(mids, len(mids))
-    weights = [1.0 / (rank + 1) for rank in range(len(ranked))]
+    cumulative = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(len(ranked))))
     likes: list[tuple[str, str]] = []
     for uid in users:
         chosen: list[str] = []
@@ -123,7 +124,7 @@ def taste_model_likes(groups: Mapping[str, str], users: Sequence[str], rng: rand
                                                                                           len(members))))
         target = len(liked) + min(noise_likes, len(mids) - len(liked))
         while len(liked) < target:
-            liked.add(rng.choices(ranked, weights)[0])
+            liked.add(rng.choices(ranked, cum_weights=cumulative)[0])
         likes += [(mid, uid) for mid in sorted(liked)]
     return likes
 
