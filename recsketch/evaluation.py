@@ -129,6 +129,18 @@ def split_likes(likes: Likes, config: EvaluationConfig) -> Split:
     return Split(warm.matrix(~held), warm.matrix(held), cold, likes.matrix(is_cold), info)
 
 
+def top_columns(scores: np.ndarray, kk: int) -> np.ndarray:
+    """Each row's ``kk`` best columns, best first. torch.topk where torch is installed: several
+    times faster than numpy's argpartition on these user x model blocks, which otherwise cost
+    more than computing the scores."""
+    try:
+        import torch
+    except ImportError:
+        best = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        return np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, 1), axis=1, kind="stable"), 1)
+    return torch.topk(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)), kk, dim=1).indices.numpy()
+
+
 class _Accumulator:
     """Sums of precision, recall and NDCG at each k over user blocks, and the models shown."""
 
@@ -141,12 +153,9 @@ class _Accumulator:
     def add(self, scores: np.ndarray, truth: sparse.csr_matrix) -> None:
         """``scores`` [users, candidates] (excluded cells at -inf), ``truth`` the same shape."""
         kk = min(max(self.ks), scores.shape[1])
-        best = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, 1), axis=1, kind="stable"), 1)
+        best = top_columns(scores, kk)
         relevant = np.diff(truth.indptr)
-        hit = np.zeros(best.shape, dtype=bool)
-        for row in range(best.shape[0]):
-            hit[row] = np.isin(best[row], truth.indices[truth.indptr[row]:truth.indptr[row + 1]])
+        hit = np.take_along_axis(truth.toarray() > 0, best, axis=1)  # a block of bools: cheap
         for k in self.ks:
             hits = hit[:, :k].sum(axis=1)
             self.totals[f"precision@{k}"] += float((hits / k).sum())
