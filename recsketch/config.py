@@ -93,6 +93,7 @@ class Settings(BaseModel):
     vgg16_pooling: Literal["flatten", "avg"] = "flatten"
     vgg16_precision: Precision = "float32"
     lite0_precision: Precision = "float32"  # bfloat16: ~2.7x faster where the CPU has AVX512-BF16
+    runtime: Literal["auto", "onnxruntime", "openvino", "torch", "tensorflow"] = "auto"  # inference runtime
     top_k: int = Field(10, ge=1)
     min_likes: int = Field(5, ge=0)
     chunk_size: int = Field(256, ge=1)

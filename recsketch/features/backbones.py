@@ -128,7 +128,9 @@ class EfficientNetLite0Backbone:
     dim = 1280
     batch_size = 4
 
-    def __init__(self, precision: str = "float32") -> None:
+    runtime = "torch"
+
+    def __init__(self, precision: str = "float32", runtime: str = "torch") -> None:
         if precision not in ("float32", "bfloat16"):
             raise ConfigError(f"efficientnet_lite0 precision {precision!r} must be 'float32' or 'bfloat16'")
         self.precision = precision
@@ -193,18 +195,15 @@ _task_threads = 0  # set by set_threads(): this process's share of the host's co
 
 
 def set_threads(threads: int) -> None:
-    """Keep torch (and TensorFlow, if this process uses it) to ``threads`` CPU threads: a task
-    gets its share of the host, not every core while other tasks run beside it."""
+    """Keep torch and TensorFlow (if this process has loaded them; a backbone loaded later reads
+    the share) to ``threads`` CPU threads: a task gets its share of the host, not every core
+    while other tasks run beside it. Never imports torch: an exported-graph worker runs without it."""
     import sys
 
     global _task_threads
     _task_threads = threads
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     if "tensorflow" in sys.modules:
         import tensorflow as tf
 
@@ -216,9 +215,26 @@ def set_threads(threads: int) -> None:
 
 
 def create_backbone(settings: Settings) -> Backbone:
+    """The configured backbone on its runtime (RECSKETCH_RUNTIME; ``auto``: the fastest exact one
+    installed, see ``recsketch.features.runtimes``)."""
     if settings.backbone == "efficientnet_lite0":
-        return EfficientNetLite0Backbone(precision=settings.lite0_precision)
+        from recsketch.features import runtimes
+
+        runtime = runtimes.resolve_runtime("efficientnet_lite0", settings.runtime, settings.lite0_precision)
+        if runtime == "torch":
+            return EfficientNetLite0Backbone(precision=settings.lite0_precision)
+        threads = _task_threads or settings.effective_threads
+        try:
+            return runtimes.lite0_backbone(runtime, settings.lite0_precision, settings.data_root / "exports", threads)
+        except runtimes.ExportFailed as exc:
+            if settings.runtime != "auto":
+                raise
+            log.warning("%s; extracting with torch instead", exc)
+            return EfficientNetLite0Backbone(precision=settings.lite0_precision)
     if settings.backbone == "vgg16":
+        from recsketch.features.runtimes import resolve_runtime
+
+        resolve_runtime("vgg16", settings.runtime)  # a runtime that cannot run it is refused, named
         return VGG16Backbone(weights=settings.vgg16_weights, pooling=settings.vgg16_pooling,
                              precision=settings.vgg16_precision)
     raise ConfigError(f"unknown backbone {settings.backbone!r}")
@@ -227,7 +243,10 @@ def create_backbone(settings: Settings) -> Backbone:
 def backbone_key(settings: Settings) -> str:
     """The chunk-store key of the configured backbone and preprocessing, without loading it."""
     if settings.backbone == "efficientnet_lite0":
-        key = lite0_key(settings.lite0_precision)
+        from recsketch.features.runtimes import lite0_key_for, resolve_runtime
+
+        runtime = resolve_runtime("efficientnet_lite0", settings.runtime, settings.lite0_precision)
+        key = lite0_key_for(settings.lite0_precision, runtime)
     else:
         key = vgg16_key(settings.vgg16_weights, settings.vgg16_pooling, settings.vgg16_precision)
     return f"{key}-{settings.preprocess}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from recsketch.features.images import decode_image, thumbnail_version
 from recsketch.storage import Location, read_many
 
 log = logging.getLogger(__name__)
+DECODE_THREADS = 2  # batches decoded ahead, in parallel
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,8 @@ def extract_chunk(
 ) -> ChunkReport:
     """Embed the thumbnails of ``mids`` and write the chunk; an intact chunk is not redone.
 
-    The next batch is decoded on a worker thread while the backbone embeds the current one,
-    so memory holds at most two uint8 batches, never a whole chunk of images.
+    The next batches are decoded on worker threads while the backbone embeds the current one,
+    so memory holds at most ``DECODE_THREADS + 1`` uint8 batches, never a whole chunk of images.
     """
     if not checked and store.read(chunk_id) is not None:  # ``checked``: the caller just looked
         progress(f"chunk {chunk_id}: already extracted, skipping")
@@ -84,26 +87,32 @@ def extract_chunk(
     parts: list[np.ndarray] = []
     failed: dict[str, str] = {}
     versions: dict[str, str] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
-        pending: Future | None = (decoder.submit(_decode_batch, batches[0], backbone.input_size, preprocess)
-                                  if batches else None)
+    reported = started
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as decoder:
+        # DECODE_THREADS batches decode at once (PIL releases the GIL while it decodes and
+        # resizes), ahead of the batch the backbone embeds: at a few hundred images a second a
+        # single decoding thread, not the model, would be the limit
+        pending: deque[Future] = deque(decoder.submit(_decode_batch, batch, backbone.input_size, preprocess)
+                                       for batch in batches[:DECODE_THREADS])
         for index in range(len(batches)):
-            assert pending is not None
-            batch_mids, images, batch_failed, batch_versions = pending.result()
+            batch_mids, images, batch_failed, batch_versions = pending.popleft().result()
             versions.update(batch_versions)
-            pending = (decoder.submit(_decode_batch, batches[index + 1], backbone.input_size, preprocess)
-                       if index + 1 < len(batches) else None)
+            ahead = index + DECODE_THREADS
+            if ahead < len(batches):
+                pending.append(decoder.submit(_decode_batch, batches[ahead], backbone.input_size, preprocess))
             for mid, reason in batch_failed.items():
                 log.warning("quarantined %s: %s", mid, reason)
             failed.update(batch_failed)
             if len(batch_mids):
                 parts.append(backbone.embed(images))
                 done_mids.extend(batch_mids)
-            elapsed = time.monotonic() - started
-            seen = min(len(mids), (index + 1) * batch_size)
-            rate = seen / elapsed if elapsed else 0.0
-            eta = (len(mids) - seen) / rate if rate else 0.0
-            progress(f"chunk {chunk_id}: {seen}/{len(mids)} images, {rate:.1f} img/s, ETA {eta:.0f}s")
+            now = time.monotonic()
+            if now - reported >= PROGRESS_EVERY_S or index + 1 == len(batches):  # a line every few seconds
+                reported, elapsed = now, now - started
+                seen = min(len(mids), (index + 1) * batch_size)
+                rate = seen / elapsed if elapsed else 0.0
+                eta = (len(mids) - seen) / rate if rate else 0.0
+                progress(f"chunk {chunk_id}: {seen}/{len(mids)} images, {rate:.1f} img/s, ETA {eta:.0f}s")
     features = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
     store.write(Chunk(chunk_id, done_mids, features, failed, store.backbone_key, versions))
     seconds = time.monotonic() - started

