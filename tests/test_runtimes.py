@@ -60,8 +60,16 @@ def test_exact_runtimes_reproduce_torch_fp32_on_real_photos(runtime: str, export
     assert backbone_key(settings) == backbone_key(Settings(data_dir=exports, runtime="torch"))
 
 
-def test_auto_picks_onnxruntime_for_exact_lite0_and_refuses_what_cannot_run() -> None:
-    assert runtimes.resolve_runtime("efficientnet_lite0", "auto", "float32") == "onnxruntime"
+def test_auto_picks_the_fastest_exact_runtime_here_and_refuses_what_cannot_run(
+        exports: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runtimes.resolve_runtime("efficientnet_lite0", "auto", "float32") == "exact"
+    monkeypatch.setenv("RECSKETCH_CACHE_DIR", str(tmp_path))
+    backbone = create_backbone(Settings(data_dir=exports))
+    choice = json.loads((tmp_path / "runtime-choice.json").read_text())
+    assert list(choice.values()) == [backbone.runtime] and backbone.runtime in runtimes.EXACT_RUNTIMES
+    measured = []
+    monkeypatch.setattr(runtimes, "check_images", lambda: measured.append(1) or np.zeros((4, 224, 224, 3), np.uint8))
+    assert create_backbone(Settings(data_dir=exports)).runtime == backbone.runtime and not measured  # remembered
     assert runtimes.resolve_runtime("vgg16", "auto") == "tensorflow"
     with pytest.raises(ConfigError, match="cannot run vgg16"):
         runtimes.resolve_runtime("vgg16", "onnxruntime")
@@ -134,9 +142,9 @@ settings = Settings(data_dir=Path({str(exports)!r}))
 set_threads(2)
 backbone = create_backbone(settings)
 store = ChunkStore(Path({str(tmp_path)!r}) / "features", backbone.key)
-thumbs = sorted(Path({str(demo_catalog)!r}, "model_thumbs").glob("*.jpg"))[:10]
-mids = [t.name[:32] for t in thumbs]
-report = extract_chunk(store, backbone, "c1", mids, lambda m: Path({str(demo_catalog)!r}, "model_thumbs", m + "_thumb200.jpg"))
+folder = Path({str(demo_catalog)!r}, "model_thumbs")
+mids = [t.name[:32] for t in sorted(folder.glob("*.jpg"))[:10]]
+report = extract_chunk(store, backbone, "c1", mids, lambda m: folder / (m + "_thumb200.jpg"))
 print(json.dumps({{"torch": "torch" in sys.modules, "images": report.images, "rows": len(store.read("c1").mids)}}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)

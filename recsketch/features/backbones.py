@@ -225,7 +225,8 @@ def create_backbone(settings: Settings) -> Backbone:
             return EfficientNetLite0Backbone(precision=settings.lite0_precision)
         threads = _task_threads or settings.effective_threads
         try:
-            return runtimes.lite0_backbone(runtime, settings.lite0_precision, settings.data_root / "exports", threads)
+            return runtimes.lite0_backbone(runtime, settings.lite0_precision, settings.data_root / "exports", threads,
+                                           pick=runtime == "exact")
         except runtimes.ExportFailed as exc:
             if settings.runtime != "auto":
                 raise

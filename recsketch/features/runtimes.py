@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,9 +236,10 @@ def installed(runtime: str) -> bool:
 def resolve_runtime(backbone: str, runtime: str, precision: str = "float32") -> str:
     """The runtime ``auto`` stands for, or the one asked for if it can run this backbone.
 
-    Lite0: ONNX Runtime (fp32: the fastest exact runtime measured here, ~4x torch eager, see
-    benchmarks/extract_bench.py), else torch; bf16 asked for: OpenVINO if installed, else torch
-    autocast. VGG16: TensorFlow (the seed's path and its reference)."""
+    Lite0 fp32: ``exact`` (whichever of ONNX Runtime and OpenVINO is installed and faster here,
+    picked when the backbone is built; both proven to agree with torch, so they share its chunk
+    key), else torch; bf16: OpenVINO if installed, else torch autocast. VGG16: TensorFlow (the
+    seed's path and its reference)."""
     if backbone == "vgg16":
         if runtime not in ("auto", "tensorflow"):
             raise ConfigError(f"RECSKETCH_RUNTIME={runtime} cannot run vgg16: it runs on tensorflow (or auto)")
@@ -253,16 +255,66 @@ def resolve_runtime(backbone: str, runtime: str, precision: str = "float32") -> 
             raise ConfigError(f"RECSKETCH_RUNTIME={runtime}, but the package {runtime} is not installed")
         return runtime
     if precision == "float32":
-        return "onnxruntime" if installed("onnxruntime") else "torch"
+        return "exact" if any(installed(r) for r in EXACT_RUNTIMES) else "torch"
     return "openvino" if installed("openvino") else "torch"
 
 
-def lite0_backbone(runtime: str, precision: str, exports: Location, threads: int) -> Any:
-    """An exported-graph backbone (the export made and checked on first use)."""
+def lite0_backbone(runtime: str, precision: str, exports: Location, threads: int, *, pick: bool = False) -> Any:
+    """An exported-graph backbone (the export made and checked on first use). ``pick``: the
+    fastest exact runtime installed, measured on this host (:func:`fastest_exact`)."""
     model, _ = ensure_export(exports, threads)
+    if pick:
+        runtime = fastest_exact(model, threads)
     if runtime == "onnxruntime":
         return OnnxRuntimeLite0(model, threads)
     return OpenVinoLite0(model, threads, precision)
+
+
+def _build(runtime: str, model: bytes, threads: int) -> Any:
+    return OnnxRuntimeLite0(model, threads) if runtime == "onnxruntime" else OpenVinoLite0(model, threads)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def fastest_exact(model: bytes, threads: int) -> str:
+    """The exact runtime that embeds fastest here (ONNX Runtime and OpenVINO trade places across
+    CPUs), measured once per host, export and thread count on the check photos (a few seconds)
+    and remembered in ``~/.cache/recsketch/runtime-choice.json`` (RECSKETCH_CACHE_DIR)."""
+    candidates = [r for r in EXACT_RUNTIMES if installed(r)]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else "torch"
+    cache = Path(os.environ.get("RECSKETCH_CACHE_DIR") or Path.home() / ".cache" / "recsketch") / "runtime-choice.json"
+    key = f"{hashlib.sha256(model).hexdigest()[:16]}|{_cpu_model()}|threads={threads}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) in candidates:
+        return str(known[key])
+    images = check_images()[:4]
+    speeds = {}
+    for runtime in candidates:
+        backbone = _build(runtime, model, threads)
+        backbone.embed(images)  # warm up: kernels picked, memory planned
+        started = time.perf_counter()
+        for _ in range(5):
+            backbone.embed(images)
+        speeds[runtime] = 20 / (time.perf_counter() - started)
+    choice = max(speeds, key=lambda runtime: speeds[runtime])
+    log.info("auto runtime: %s (img/s measured here on the check photos: %s)", choice,
+             {r: round(v, 1) for r, v in speeds.items()})
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(cache, json.dumps({**known, key: choice}))
+    return choice
 
 
 def default_threads() -> int:
