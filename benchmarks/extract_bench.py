@@ -176,7 +176,8 @@ def main() -> None:
                           for c in exact) + " (goal >= 0.85)")
     if "lite0-bfloat16-openvino" in results:
         ratio = results["lite0-bfloat16-openvino"]["e2e"]["images_per_s"] / base
-        print(f"goal: Lite0 bf16 (opted in) >= 8x torch eager fp32 -> {ratio:.2f}x ({'met' if ratio >= 8 else 'NOT met'})")
+        print(f"goal: Lite0 bf16 (opted in) >= 8x torch eager fp32 -> {ratio:.2f}x "
+              f"({'met' if ratio >= 8 else 'NOT met'})")
     if "vgg16-float32-tensorflow" in results and "vgg16-bfloat16-tensorflow" in results:
         ratio = (results["vgg16-bfloat16-tensorflow"]["e2e"]["images_per_s"]
                  / results["vgg16-float32-tensorflow"]["e2e"]["images_per_s"])

@@ -399,14 +399,14 @@ def hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.
     if settings.min_likes > 0:
         likes = threshold_likes(likes, settings.min_likes).likes
     started = time.monotonic()
-    mids, features, _ = ChunkStore(settings.features_dir, visual.backbone_key).load_features(
-        dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions else visual.mids)
-    if mids != sorted(visual.mids):
-        raise RecsketchError(f"the features of {len(mids)} models were found for {len(visual.mids)} neighbour lists: "
-                             "run similarity again")
-    row = {mid: i for i, mid in enumerate(mids)}
-    unit = normalise(features[[row[m] for m in visual.mids]], copy=False)  # the visual result's order
-    del features
+    sink = MemoryRows()  # the unit features, gathered straight into the visual result's order: one copy
+    versions = (dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions
+                else dict.fromkeys(visual.mids, ""))
+    gathered = ChunkStore(settings.features_dir, visual.backbone_key).gather(versions, visual.mids, sink, unit=True)
+    if gathered.mids != visual.mids:
+        raise RecsketchError(f"the features of {len(gathered.mids)} models were found for {len(visual.mids)} "
+                             "neighbour lists: run similarity again")
+    unit = sink.array
     matrix = Likes.from_frame(likes, visual.mids).matrix()
     set_threads(settings.effective_threads)
     _, item_factors = fit_als(matrix, threads=settings.effective_threads)
