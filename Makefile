@@ -40,7 +40,7 @@ demo: venv
 	for dag in recsketch recsketch_recommendations; do \
 	    $(AIRFLOW_ENV) $(BIN)/airflow dags test $$dag >> $(DEMO_DIR)/dags-test.log 2>&1 \
 	        || { grep -E "ERROR|Error|recsketch" $(DEMO_DIR)/dags-test.log | tail -40; exit 1; }; done; \
-	grep -E "\] (crawl done|threshold|plan|similarity|load):" $(DEMO_DIR)/dags-test.log | sed -E 's/^[^]]*\] //; s/ +\[recsketch.*//'; \
+	grep -E "\] (crawl done|threshold|plan|similarity|evaluate|hybrid|gate|load):" $(DEMO_DIR)/dags-test.log | sed -E 's/^[^]]*\] //; s/ +\[recsketch.*//'; \
 	echo "task logs: $(DEMO_DIR)/dags-test.log"; \
 	$(BIN)/recsketch show --models 6 --top-k 3
 

@@ -31,8 +31,9 @@ from recsketch.storage import ObjectLocation, location, read_many
 def recommendations(db_url: str) -> list[tuple]:
     engine = create_engine(db_url)
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT mid, rank, similar_mid, score FROM recommendations ORDER BY mid, rank"))
-        result = [(mid, rank, similar, round(score, 4)) for mid, rank, similar, score in rows]
+        rows = conn.execute(text("SELECT method, mid, rank, similar_mid, score FROM recommendations "
+                                 "ORDER BY method, mid, rank"))
+        result = [(method, mid, rank, similar, round(score, 4)) for method, mid, rank, similar, score in rows]
     engine.dispose()
     return result
 
@@ -128,7 +129,7 @@ def test_the_pipeline_on_the_object_store_equals_a_local_disk_run(
     assert isinstance(root, ObjectLocation)
     stored = listed(root)
     kinds = {path[len(root.path) + 1:].split("/")[0] for path in stored}
-    assert kinds == {"thumbs", "features", "runs"}
+    assert kinds == {"thumbs", "features", "runs", "exports"}  # the Lite0 export is shared there too
     assert any(p.endswith("/manifest.json") for p in stored) and any(p.endswith("/topk.npz") for p in stored)
     assert not (Path.cwd() / "data").exists() or not any((Path.cwd() / "data").rglob("chunk-*.npz"))
 
