@@ -95,7 +95,7 @@ def main() -> None:
             prebuilt = io.BytesIO(b"".join(store._binary_blocks("bench", "bench", topk)))
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             started = time.perf_counter()
-            cursor.copy_expert("COPY bare (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN "
+            cursor.copy_expert("COPY bare (run_id, mid, rank, similar_mid, score, backbone, method) FROM STDIN "
                                "WITH (FORMAT binary)", prebuilt, size=1 << 20)
             bare = time.perf_counter() - started
             sample = topk.rows()[:20_000] if not rows else rows[:20_000]

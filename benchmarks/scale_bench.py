@@ -129,7 +129,7 @@ def part_load(args: argparse.Namespace, work: Path) -> dict:
             conn.execute(text("CREATE TABLE bare (LIKE recommendations)"))
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             started = time.perf_counter()
-            cursor.copy_expert("COPY bare (run_id, mid, rank, similar_mid, score, backbone) FROM STDIN "
+            cursor.copy_expert("COPY bare (run_id, mid, rank, similar_mid, score, backbone, method) FROM STDIN "
                                "WITH (FORMAT binary)", prebuilt, size=1 << 20)
             bare = time.perf_counter() - started
         rows = args.models * 10
