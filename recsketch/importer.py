@@ -6,12 +6,18 @@ count), its likers (complete), and its thumbnail (checked, stored under the data
 content hash as version). Bad rows, likes of models the folder does not list, and missing or
 undecodable thumbnails are reported, each naming its input, and the rest is imported.
 Rerunning it gives the same catalogue: models are upserted and each model's likers replaced.
+
+Likes are streamed: the file is parsed row by row into a temporary table of the catalogue DB
+(COPY on PostgreSQL), in blocks, and deduplicated, matched to the folder's models and swapped
+in by SQL in one transaction, so memory holds one block whatever the file's size (tens of
+millions of likes), never a Python object per like.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -19,13 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy import Connection, Engine, text
+
 from recsketch import files
 from recsketch.config import Settings
 from recsketch.crawl import thumbnail_path
 from recsketch.db import store
 from recsketch.errors import BadImageError, BadInputError
 from recsketch.features.images import check_image, thumbnail_version
-from recsketch.psv import read_likes, read_models
+from recsketch.psv import iter_likes, read_models
 
 log = logging.getLogger(__name__)
 BATCH_MODELS = 2_000  # models per transaction (with their likers)
@@ -78,26 +86,13 @@ def import_folder(settings: Settings, folder: Path, progress: Callable[[str], No
     engine = store.connect(settings.resolved_database_url)
     stats = ImportStats()
     models = read_models(folder / "model_urls.psv")
-    likes = read_likes(folder / "model_likes_anon.psv")
-    stats.duplicates = models.duplicates + likes.duplicates
-    for problem in (*models.problems, *likes.problems):
-        stats.bad_rows += 1
-        stats.problems.append(problem)
-        log.warning("%s", problem)
-    known = {row.mid for row in models.rows}
-    likers: dict[str, set[str]] = defaultdict(set)
-    for like in likes.rows:
-        if like.mid in known:
-            likers[like.mid].add(like.uid)
-        else:
-            stats.likes_of_unknown_models += 1
-    if stats.likes_of_unknown_models:
-        message = (f"{folder / 'model_likes_anon.psv'}: {stats.likes_of_unknown_models} likes of models "
-                   "that model_urls.psv does not list were left out")
-        stats.problems.append(message)
-        log.warning("%s", message)
+    if not (folder / "model_likes_anon.psv").is_file():
+        raise BadInputError(f"{folder / 'model_likes_anon.psv'}: file not found")
+    stats.duplicates = models.duplicates
+    for problem in models.problems:
+        _bad_row(stats, problem)
     now = datetime.now(UTC)
-    progress(f"import: {len(models.rows)} models, {sum(len(u) for u in likers.values())} likes from {folder}")
+    progress(f"import: {len(models.rows)} models from {folder}; thumbnails, then likes")
     with ThreadPoolExecutor(max(1, settings.crawl_workers), thread_name_prefix="import") as pool:
         for batch in _batches(models.rows, BATCH_MODELS):
             thumbnails = list(pool.map(lambda row: _thumbnail(settings, folder, row.mid), batch))
@@ -105,7 +100,7 @@ def import_folder(settings: Settings, folder: Path, progress: Callable[[str], No
             for row, (status, detail) in zip(batch, thumbnails, strict=True):
                 rows.append({
                     "mid": row.mid, "name": row.name, "published_at": row.published_at,
-                    "created_at": row.published_at, "like_count": len(likers.get(row.mid, ())),
+                    "created_at": row.published_at, "like_count": 0,  # counted with the likes below
                     "viewer_url": f"https://sketchfab.com/3d-models/{row.mid}", "thumbnail_url": None,
                     "thumbnail_status": status, "thumbnail_reason": None if status == "ok" else detail,
                     "thumbnail_version": detail if status == "ok" else None, "crawled_at": now,
@@ -119,13 +114,85 @@ def import_folder(settings: Settings, folder: Path, progress: Callable[[str], No
                     stats.problems.append(f"thumbnail of {row.mid}: {detail}")
                     log.warning("thumbnail of %s: %s", row.mid, detail)
             store.upsert_models(engine, rows)
-            batch_likers = {row.mid: likers.get(row.mid, set()) for row in batch}
-            store.replace_likes(engine, batch_likers, {mid: (len(uids), now) for mid, uids in batch_likers.items()})
             stats.models += len(batch)
-            stats.likes += sum(len(uids) for uids in batch_likers.values())
-            progress(f"import: {stats.models}/{len(models.rows)} models, {stats.likes} likes, "
-                     f"{stats.thumbnails_ok} thumbnails")
+            progress(f"import: {stats.models}/{len(models.rows)} models, {stats.thumbnails_ok} thumbnails")
+    _import_likes(engine, folder / "model_likes_anon.psv", [row.mid for row in models.rows], now, stats, progress)
     progress(f"import done: {stats.models} models, {stats.likes} likes, thumbnails ok={stats.thumbnails_ok} "
              f"missing={stats.thumbnails_missing} failed={stats.thumbnails_failed}, {stats.bad_rows} bad rows, "
              f"{stats.duplicates} duplicates dropped")
     return stats
+
+
+LIKES_BLOCK = 500_000  # likes parsed before they go to the DB in one COPY
+
+
+def _bad_row(stats: ImportStats, problem: str) -> None:
+    stats.bad_rows += 1
+    if len(stats.problems) < 1000:  # the log has them all
+        stats.problems.append(problem)
+    log.warning("%s", problem)
+
+
+def _import_likes(engine: Engine, path: Path, mids: list[str], now: datetime, stats: ImportStats,
+                  progress: Callable[[str], None]) -> None:
+    """Stream the likes file into a temp table, then, in the same transaction, make each listed
+    model's likers exactly the file's (deduplicated; likes of unlisted models counted and left
+    out) and count them into ``like_count``."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TEMPORARY TABLE import_models (mid VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(text("CREATE TEMPORARY TABLE import_likes (mid VARCHAR(32) NOT NULL, uid VARCHAR(64) NOT NULL)"))
+        _stage(conn, "import_models", ((mid,) for mid in mids), ("mid",))
+        block: list[tuple[str, str]] = []
+        staged = 0
+        for row in iter_likes(path, stream=True):
+            if isinstance(row, str):
+                _bad_row(stats, row)
+                continue
+            block.append((row.mid, row.uid))
+            if len(block) >= LIKES_BLOCK:
+                staged += _stage(conn, "import_likes", block, ("mid", "uid"))
+                block = []
+                progress(f"import: {staged} likes read")
+        staged += _stage(conn, "import_likes", block, ("mid", "uid"))
+        unknown = conn.execute(text("SELECT count(*) FROM import_likes s WHERE NOT EXISTS "
+                                    "(SELECT 1 FROM import_models m WHERE m.mid = s.mid)")).scalar_one()
+        distinct = conn.execute(text("SELECT count(*) FROM (SELECT DISTINCT mid, uid FROM import_likes) d"))\
+            .scalar_one()
+        conn.execute(text("DELETE FROM likes WHERE mid IN (SELECT mid FROM import_models)"))
+        conn.execute(text("INSERT INTO likes (mid, uid) SELECT DISTINCT s.mid, s.uid FROM import_likes s "
+                          "JOIN import_models m ON m.mid = s.mid"))
+        conn.execute(text("UPDATE models SET like_count = (SELECT count(*) FROM likes l WHERE l.mid = models.mid), "
+                          "likes_complete = :done, likes_reason = NULL, likes_fetched_at = :now "
+                          "WHERE mid IN (SELECT mid FROM import_models)"), {"done": True, "now": now})
+        stats.likes = conn.execute(text("SELECT count(*) FROM likes WHERE mid IN (SELECT mid FROM import_models)"))\
+            .scalar_one()
+        conn.execute(text("DROP TABLE import_likes"))
+        conn.execute(text("DROP TABLE import_models"))
+    stats.duplicates += staged - distinct
+    stats.likes_of_unknown_models = int(unknown)
+    if unknown:
+        message = f"{path}: {unknown} likes of models that model_urls.psv does not list were left out"
+        stats.problems.append(message)
+        log.warning("%s", message)
+    progress(f"import: {stats.likes} likes of {len(mids)} models stored")
+
+
+def _stage(conn: Connection, table: str, rows: Iterable[tuple[str, ...]], columns: tuple[str, ...]) -> int:
+    """Rows into a temp table of ours: one COPY on PostgreSQL, batched inserts elsewhere."""
+    if conn.dialect.name == "postgresql":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        count = 0
+        for row in rows:
+            writer.writerow(row)
+            count += 1
+        buffer.seek(0)
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        dbapi.cursor().copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)", buffer)
+        return count
+    values = [dict(zip(columns, row, strict=True)) for row in rows]
+    if values:
+        conn.execute(text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                          f"({', '.join(':' + c for c in columns)})"), values)
+    return len(values)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -61,13 +61,28 @@ def _read_text(path: Path) -> str:
         raise BadInputError(f"{path}:{line}: not UTF-8 ({exc.reason})") from None
 
 
-def _records(path: Path, header: Sequence[str]) -> Iterable[tuple[int, list[str] | str]]:
-    """Yield (line number, fields) or (line number, problem) for each data row."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), RecASketchDialect)
+def _records(path: Path, header: Sequence[str], *, stream: bool = False) -> Iterator[tuple[int, list[str] | str]]:
+    """Yield (line number, fields) or (line number, problem) for each data row. ``stream``: read
+    the file as it is parsed (memory: one row), for files too large to hold as one string."""
+    if not stream:
+        yield from _parse(io.StringIO(_read_text(path), newline=""), path, header)
+        return
+    try:
+        handle = path.open(encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: file not found") from None
+    with handle:
+        yield from _parse(handle, path, header)
+
+
+def _parse(lines: Iterable[str], path: Path, header: Sequence[str]) -> Iterator[tuple[int, list[str] | str]]:
+    reader = csv.reader(lines, RecASketchDialect)
     try:
         first = next(reader)
     except StopIteration:
         raise BadInputError(f"{path}: empty file, expected header {'|'.join(header)}") from None
+    except UnicodeDecodeError as exc:  # a streamed file is decoded as it is read
+        raise BadInputError(f"{path}:1: not UTF-8 ({exc.reason})") from None
     except csv.Error as exc:
         raise BadInputError(f"{path}:1: unreadable header ({exc}), expected {'|'.join(header)}") from None
     if [f.strip() for f in first[: len(header)]] != list(header):
@@ -79,6 +94,8 @@ def _records(path: Path, header: Sequence[str]) -> Iterable[tuple[int, list[str]
             fields = next(reader)
         except StopIteration:
             return
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"{path}: not UTF-8 ({exc.reason}) at or after line {line}") from None
         except csv.Error as exc:
             yield line, f"{path}:{line}: {exc}"
             continue
@@ -124,31 +141,40 @@ def read_models(path: Path) -> ReadResult:
     return result
 
 
+def iter_likes(path: Path, *, stream: bool = False) -> Iterator[LikeRow | str]:
+    """``model_likes_anon.psv`` row by row: a LikeRow, or the problem of a bad row (duplicates
+    are not dropped here)."""
+    for line, fields in _records(path, ("modelname", "mid", "uid"), stream=stream):
+        if isinstance(fields, str):
+            yield fields
+            continue
+        modelname, mid, uid = fields[:3]
+        if not is_model_id(mid):
+            yield f"{path}:{line}: {mid!r} is not a model id"
+            continue
+        if not uid:
+            yield f"{path}:{line}: empty uid"
+            continue
+        liked_at = _optional_time(fields, 3, "liked_at", f"{path}:{line}")
+        if isinstance(liked_at, str):
+            yield liked_at
+            continue
+        yield LikeRow(mid=mid, uid=uid, modelname=modelname, liked_at=liked_at)
+
+
 def read_likes(path: Path) -> ReadResult:
     """``model_likes_anon.psv``: ``modelname|mid|uid`` with an optional ``liked_at`` column;
     duplicate (mid, uid) pairs dropped."""
     result = ReadResult([], [])
     seen: set[tuple[str, str]] = set()
-    for line, fields in _records(path, ("modelname", "mid", "uid")):
-        if isinstance(fields, str):
-            result.problems.append(fields)
-            continue
-        modelname, mid, uid = fields[:3]
-        if not is_model_id(mid):
-            result.problems.append(f"{path}:{line}: {mid!r} is not a model id")
-            continue
-        if not uid:
-            result.problems.append(f"{path}:{line}: empty uid")
-            continue
-        liked_at = _optional_time(fields, 3, "liked_at", f"{path}:{line}")
-        if isinstance(liked_at, str):
-            result.problems.append(liked_at)
-            continue
-        if (mid, uid) in seen:
+    for row in iter_likes(path):
+        if isinstance(row, str):
+            result.problems.append(row)
+        elif (row.mid, row.uid) in seen:
             result.duplicates += 1
-            continue
-        seen.add((mid, uid))
-        result.rows.append(LikeRow(mid=mid, uid=uid, modelname=modelname, liked_at=liked_at))
+        else:
+            seen.add((row.mid, row.uid))
+            result.rows.append(row)
     return result
 
 
