@@ -181,14 +181,19 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def content_digest(path: Path) -> str:
+    """A file's content hash, cached per path, size and mtime (FileNotFoundError if absent)."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def weights_digest(path: Path) -> str:
     """A weights file's content hash (cached per size and mtime); a missing file says so."""
     try:
-        stat = path.stat()
+        return content_digest(path)
     except FileNotFoundError:
         raise WeightsUnavailable(f"VGG16 weights file {path} does not exist "
                                  f"(expected Keras' {VGG16_NOTOP_FILE} or a saved .weights.h5)") from None
-    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 _task_threads = 0  # set by set_threads(): this process's share of the host's cores

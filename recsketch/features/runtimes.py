@@ -19,7 +19,6 @@ with a chunk key of its own.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.metadata
 import io
@@ -62,15 +61,6 @@ def lite0_weights_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -81,9 +71,10 @@ def _version(package: str) -> str:
 def export_key(weights: Path | None = None) -> str:
     """The export's name: a hash of the weights' bytes and of the exporter (torch, opset, this
     module's graph version), computed without importing torch."""
+    from recsketch.features.backbones import content_digest
+
     weights = weights or lite0_weights_path()
-    stat = weights.stat()
-    parts = {"weights": _file_digest(str(weights.resolve()), stat.st_size, stat.st_mtime_ns),
+    parts = {"weights": content_digest(weights),
              "torch": _version("torch"), "opset": OPSET, "export": EXPORT_VERSION}
     return "lite0-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
