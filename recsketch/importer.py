@@ -141,7 +141,7 @@ def _import_likes(engine: Engine, path: Path, mids: list[str], now: datetime, st
     with engine.begin() as conn:
         conn.execute(text("CREATE TEMPORARY TABLE import_models (mid VARCHAR(32) PRIMARY KEY)"))
         conn.execute(text("CREATE TEMPORARY TABLE import_likes (mid VARCHAR(32) NOT NULL, uid VARCHAR(64) NOT NULL)"))
-        _stage(conn, "import_models", ((mid,) for mid in mids), ("mid",))
+        _stage(conn, "import_models", ((mid,) for mid in mids))
         block: list[tuple[str, str]] = []
         staged = 0
         for row in iter_likes(path, stream=True):
@@ -150,10 +150,10 @@ def _import_likes(engine: Engine, path: Path, mids: list[str], now: datetime, st
                 continue
             block.append((row.mid, row.uid))
             if len(block) >= LIKES_BLOCK:
-                staged += _stage(conn, "import_likes", block, ("mid", "uid"))
+                staged += _stage(conn, "import_likes", block)
                 block = []
                 progress(f"import: {staged} likes read")
-        staged += _stage(conn, "import_likes", block, ("mid", "uid"))
+        staged += _stage(conn, "import_likes", block)
         unknown = conn.execute(text("SELECT count(*) FROM import_likes s WHERE NOT EXISTS "
                                     "(SELECT 1 FROM import_models m WHERE m.mid = s.mid)")).scalar_one()
         distinct = conn.execute(text("SELECT count(*) FROM (SELECT DISTINCT mid, uid FROM import_likes) d"))\
@@ -177,8 +177,17 @@ def _import_likes(engine: Engine, path: Path, mids: list[str], now: datetime, st
     progress(f"import: {stats.likes} likes of {len(mids)} models stored")
 
 
-def _stage(conn: Connection, table: str, rows: Iterable[tuple[str, ...]], columns: tuple[str, ...]) -> int:
-    """Rows into a temp table of ours: one COPY on PostgreSQL, batched inserts elsewhere."""
+_STAGING = {  # the temp tables' statements, fixed strings: no SQL is built from values
+    "import_models": (("mid",), "COPY import_models (mid) FROM STDIN WITH (FORMAT csv)",
+                      "INSERT INTO import_models (mid) VALUES (:mid)"),
+    "import_likes": (("mid", "uid"), "COPY import_likes (mid, uid) FROM STDIN WITH (FORMAT csv)",
+                     "INSERT INTO import_likes (mid, uid) VALUES (:mid, :uid)"),
+}
+
+
+def _stage(conn: Connection, table: str, rows: Iterable[tuple[str, ...]]) -> int:
+    """Rows into one of our temp tables: one COPY on PostgreSQL, batched inserts elsewhere."""
+    columns, copy, insert = _STAGING[table]
     if conn.dialect.name == "postgresql":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -189,10 +198,9 @@ def _stage(conn: Connection, table: str, rows: Iterable[tuple[str, ...]], column
         buffer.seek(0)
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
-        dbapi.cursor().copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)", buffer)
+        dbapi.cursor().copy_expert(copy, buffer)
         return count
     values = [dict(zip(columns, row, strict=True)) for row in rows]
     if values:
-        conn.execute(text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                          f"({', '.join(':' + c for c in columns)})"), values)
+        conn.execute(text(insert), values)
     return len(values)
