@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding, unit_rows
+from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
+from recsketch.similarity import normalise
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,7 @@ def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.nda
 
 def _profiles(train: sparse.csr_matrix, unit: np.ndarray) -> np.ndarray:
     """A user's visual profile: the sum of the unit features of the models they liked, normalised."""
-    profiles = np.asarray(train @ unit, dtype=np.float32)
-    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
-    return np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+    return normalise(np.asarray(train @ unit, dtype=np.float32), copy=False)
 
 
 def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
@@ -224,22 +223,21 @@ def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
     return users
 
 
-def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: EvaluationConfig,
-             weight: float | None) -> dict[str, Scorer]:
-    """Scorers over every item, trained on ``train``."""
+def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: EvaluationConfig, weight: float | None,
+             als: tuple[np.ndarray, np.ndarray], profiles: np.ndarray | None) -> dict[str, Scorer]:
+    """Scorers over every item, trained on ``train`` (``als``: its factors, ``profiles``: its users')."""
     rng = np.random.default_rng(config.seed + 1)
     popularity = np.asarray(train.sum(axis=0)).ravel().astype(np.float64)
-    user_factors, item_factors = _fit_als(train, config)
+    user_factors, item_factors = als
     methods: dict[str, Scorer] = {
         "random": lambda users, items: rng.random((len(users), len(items)), dtype=np.float32),
         "popularity": lambda users, items: np.broadcast_to(popularity[items], (len(users), len(items))),
         "cf": lambda users, items: user_factors[users] @ item_factors[items].T,
     }
-    if unit is not None:
-        profiles = _profiles(train, unit)
+    if unit is not None and profiles is not None:
         methods["visual"] = lambda users, items: profiles[users] @ unit[items].T
         if weight is not None:
-            embedding = hybrid_embedding(unit, unit_rows(item_factors), weight)
+            embedding = hybrid_embedding(unit, normalise(item_factors), weight)
             summed = np.asarray(train @ embedding, dtype=np.float32)  # Σ over liked models of their embedding
             methods["hybrid"] = lambda users, items: summed[users] @ embedding[items].T
     return methods
@@ -253,7 +251,7 @@ def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: Evalu
     held = _holdout_mask(coo.row.astype(np.int64), config.holdout, rng)
     inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
     fit, valid = inner.matrix(~held), inner.matrix(held)
-    factors = unit_rows(_fit_als(fit, config)[1])
+    factors = normalise(_fit_als(fit, config)[1])
     visual_sums, cf_sums = np.asarray(fit @ unit, np.float32), np.asarray(fit @ factors, np.float32)
     users = _users_with(valid, fit, config.max_users, rng)
     items = np.arange(train.shape[1])
@@ -283,7 +281,9 @@ def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | N
     if unit is not None:
         weight, tuning = tune_hybrid_weight(split.train, unit, config)
         progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']})")
-    methods = _methods(split.train, unit, config, weight)
+    als = _fit_als(split.train, config)  # once: the warm methods and the cold start share it
+    profiles = _profiles(split.train, unit) if unit is not None else None
+    methods = _methods(split.train, unit, config, weight, als, profiles)
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
     results = {name: rank_metrics(scorer, users, split.test, split.train, warm_items, config.ks)
@@ -292,8 +292,8 @@ def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | N
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
     report: dict = {"k": list(config.ks), "split": {**split.info, "evaluated_users": len(users)},
                     "methods": results}
-    if unit is not None and len(split.cold_items) >= 2:
-        report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng)
+    if unit is not None and profiles is not None and len(split.cold_items) >= 2:
+        report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng, als[1], profiles)
         for name, metrics in report["cold_start"].items():
             progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
         report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"]}
@@ -301,15 +301,13 @@ def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | N
     return report
 
 
-def _cold_start(split: Split, unit: np.ndarray, config: EvaluationConfig, weight: float,
-                rng: np.random.Generator) -> dict[str, dict[str, float]]:
+def _cold_start(split: Split, unit: np.ndarray, config: EvaluationConfig, weight: float, rng: np.random.Generator,
+                item_factors: np.ndarray, profiles: np.ndarray) -> dict[str, dict[str, float]]:
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid with
     CF factors predicted from the visual embedding (ridge fitted on the warm models)."""
-    _, item_factors = _fit_als(split.train, config)
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
     factors = complete_factors(unit, item_factors, liked, config.ridge)  # the cold models have no likes
     embedding = hybrid_embedding(unit, factors, weight)
-    profiles = _profiles(split.train, unit)
     summed = np.asarray(split.train @ embedding, dtype=np.float32)
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
     random_rng = np.random.default_rng(config.seed + 4)

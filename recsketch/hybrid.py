@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from recsketch.similarity import normalise
+
 
 def fit_als(likes: sparse.csr_matrix, *, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
             iterations: int = 15, seed: int = 0, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -28,12 +30,6 @@ def fit_als(likes: sparse.csr_matrix, *, factors: int = 64, regularization: floa
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float32)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
-
-
 def ridge_map(features: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
     """W minimising ||features W - targets||² + ridge ||W||²."""
     features = np.asarray(features, dtype=np.float64)
@@ -44,11 +40,11 @@ def ridge_map(features: np.ndarray, targets: np.ndarray, ridge: float) -> np.nda
 def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     """Unit CF factors for every model: ALS's where the model was liked, else predicted from its
     visual features by ridge regression fitted on the liked ones."""
-    factors = unit_rows(item_factors)
+    factors = normalise(item_factors)
     cold = ~np.asarray(liked, dtype=bool)
     if cold.any() and (~cold).sum() >= 2:
         mapping = ridge_map(unit[~cold], factors[~cold], ridge)
-        factors[cold] = unit_rows(unit[cold] @ mapping)
+        factors[cold] = normalise(unit[cold] @ mapping)
     return factors
 
 
@@ -57,4 +53,4 @@ def hybrid_embedding(unit: np.ndarray, factors: np.ndarray, cf_weight: float) ->
     if not 0.0 <= cf_weight <= 1.0:
         raise ValueError(f"the CF weight is a share: between 0 and 1, not {cf_weight}")
     return np.hstack([np.sqrt(1.0 - cf_weight) * np.asarray(unit, np.float32),
-                      np.sqrt(cf_weight) * unit_rows(factors)]).astype(np.float32)
+                      np.sqrt(cf_weight) * normalise(factors)]).astype(np.float32)

@@ -37,6 +37,7 @@ import numpy as np
 
 from recsketch import files
 from recsketch.errors import BadInputError
+from recsketch.similarity import normalise
 from recsketch.storage import Location
 
 MANIFEST_FILE = "manifest.json"
@@ -267,7 +268,7 @@ class ChunkStore:
                 rows.sort()
                 targets = np.array([p for p, _ in rows], dtype=np.int64)
                 block = chunk.features[[i for _, i in rows]]
-                sink.put(targets, normalise_rows(block) if unit else block)
+                sink.put(targets, normalise(block) if unit else block)
                 written[targets] = True
             failed.update({m: r for m, r in chunk.failed.items()
                            if m in wanted and chunk.versions.get(m, "") == wanted[m]})
@@ -288,13 +289,6 @@ class ChunkStore:
         sink = MemoryRows()
         result = self.gather(wanted, sorted(wanted), sink)
         return result.mids, sink.array, result.failed
-
-
-def normalise_rows(block: np.ndarray) -> np.ndarray:
-    """L2-normalised float32 rows (zero rows stay zero)."""
-    block = np.asarray(block, dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    return np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
 
 
 @dataclass
