@@ -9,7 +9,16 @@ For each configuration, measurements in separate processes (so peak RSS is each 
   seed    - rec-a-sketch's approach (reference runtimes only): decode every image into one
             float64 array, then batches of 32 through the model, no overlap.
 
-    python -m benchmarks.extract_bench [--images 192] [--only lite0-float32-onnxruntime] [--wide]
+Against the machine: the best dense matrix multiply this host does (fp32 and bf16, all cores;
+the most favourable kernel there is) divided by the model's FLOPs is the ceiling no runtime
+can pass. Each configuration prints its GFLOP/s and its share of that ceiling, and the goals
+print the ceiling's own ratio to torch eager beside them: a goal above it cannot be met on
+this CPU by any runtime.
+
+Every measurement runs ``--rounds`` times, interleaved across configurations (drift on a shared
+host then moves them all alike), and the median is printed.
+
+    python -m benchmarks.extract_bench [--images 768] [--rounds 3] [--only lite0-float32-onnxruntime] [--wide]
 
 ``--wide``: 720x405 thumbnails, as crawls fetch them (7x the pixels to decode).
 """
@@ -21,10 +30,12 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,24 +84,26 @@ def build(backbone_name: str, precision: str, runtime: str, exports: Path):  # t
     return runtimes.lite0_backbone(runtime, precision, exports, os.cpu_count() or 1)
 
 
-def measure(config: str, mode: str, folder: Path) -> dict:
+def measure(config: str, mode: str, folder: Path, count: int) -> dict:
     from recsketch.config import Settings
     from recsketch.features.chunks import ChunkStore
-    from recsketch.features.extract import extract_chunk
+    from recsketch.features.extract import embed_many, extract_chunk, lanes_of
     from recsketch.features.images import load_image
 
     backbone = build(*CONFIGS[config], folder.parent / "exports")
-    paths = sorted(folder.glob("*.jpg"))
+    paths = sorted(folder.glob("*.jpg"))[:count]
     batch = backbone.batch_size
     warm = np.stack([load_image(p, 224) for p in paths[:batch]])
-    backbone.embed(warm)  # build graphs / pick kernels before timing
+    embed_many(backbone, [warm] * lanes_of(backbone))  # build graphs / pick kernels on every lane before timing
     started = time.perf_counter()
-    if mode == "model":
+    if mode == "model":  # every lane busy, as extraction runs it
         decoded = np.stack([load_image(p, 224) for p in paths])
         started = time.perf_counter()
-        features = [backbone.embed(decoded[i : i + batch]) for i in range(0, len(decoded), batch)]
+        features = embed_many(backbone, [decoded[i : i + batch] for i in range(0, len(decoded), batch)])
         seconds = time.perf_counter() - started
-        np.save(folder.parent / f"features-{config}.npy", np.concatenate(features))
+        saved = folder.parent / f"features-{config}.npy"
+        if not saved.exists():
+            np.save(saved, np.concatenate(features))
     elif mode == "e2e":
         with tempfile.TemporaryDirectory() as tmp:
             store = ChunkStore(Path(tmp), backbone.key)
@@ -130,57 +143,163 @@ def agreement(work: Path, config: str) -> tuple[float, float]:
     return float(cosines(reference, got).min()), float(np.mean(kept))
 
 
+def lite0_gflop() -> float:
+    """Lite0's convolutions at 224x224, counted on the model itself (forward hooks): GFLOP an image."""
+    import contextlib
+    import io
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from recsketch.features.runtimes import lite0_weights_path
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_weights_path())).eval()
+    flops = []
+
+    def count(conv: torch.nn.Conv2d, _: object, out: torch.Tensor) -> None:
+        flops.append(2 * out[0].numel() * conv.weight[0].numel())  # a multiply-add per weight and output
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model.extract_features(torch.zeros(1, 3, 224, 224))
+    return sum(flops) / 1e9
+
+
+def vgg16_gflop() -> float:
+    """VGG16's 13 convolutions (3x3, same padding) at 224x224: GFLOP an image."""
+    flops, side, channels = 0, 224, 3
+    for block, (width, convs) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]):
+        side = 224 >> block
+        for _ in range(convs):
+            flops += 2 * side * side * width * channels * 9
+            channels = width
+    return flops / 1e9
+
+
+def machine_peak() -> dict[str, float]:
+    """The host's best dense matrix multiply, GFLOP/s on every core: fp32 (OpenBLAS sgemm, or
+    torch's if faster) and bf16 (torch/oneDNN, which uses AVX512-BF16 or AMX where present)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    n, best = 2048, {"float32": 0.0, "bfloat16": 0.0}
+
+    def rate(multiply: Callable[[], object]) -> float:
+        multiply()
+        fastest = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            multiply()
+            fastest = min(fastest, time.perf_counter() - started)
+        return 2 * n**3 / fastest / 1e9
+
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    best["float32"] = rate(lambda: a @ a)
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        t = torch.from_numpy(a).to(dtype)
+        best[name] = max(best[name], rate(lambda t=t: t @ t))
+    return best
+
+
+def decode_ms(folder: Path) -> float:
+    """One core's decoding time per thumbnail (read, decode, resize, crop), milliseconds."""
+    from recsketch.features.images import load_image
+
+    paths = sorted(folder.glob("*.jpg"))[:64]
+    load_image(paths[0], 224)
+    started = time.perf_counter()
+    for path in paths:
+        load_image(path, 224)
+    return (time.perf_counter() - started) / len(paths) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=768, help="thumbnails (3 chunks of the default 256)")
+    parser.add_argument("--vgg16-images", type=int, default=96, help="of those, how many VGG16 embeds (30x the FLOPs)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each measurement (median printed)")
     parser.add_argument("--only", choices=list(CONFIGS), action="append")
     parser.add_argument("--wide", action="store_true", help="720x405 thumbnails, as crawls fetch them")
-    parser.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, metavar=("CONFIG", "MODE", "FOLDER", "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], Path(args.one[2]))))
+        print(json.dumps(measure(args.one[0], args.one[1], Path(args.one[2]), int(args.one[3]))))
         return
-    print(f"extraction benchmark: {args.images} thumbnails of {'720x405' if args.wide else '200x200'}, "
-          f"{os.cpu_count()} cores, batch of each backbone's own size")
-    print(f"{'config':<28}{'model':>8}{'e2e':>8}{'seed':>8}{'e2e/model':>10}{'e2e/torch':>10}{'RSS e2e':>9}"
-          f"{'cosine':>10}{'top-10':>8}   (img/s, MiB; cosine and top-10 kept vs the fp32 reference)")
-    results: dict[str, dict[str, dict]] = {}
+    if args.peak:
+        print(json.dumps(machine_peak()))
+        return
+    cores = os.cpu_count() or 1
     configs = args.only or list(CONFIGS)
     if BASELINE not in configs:
         configs = [BASELINE, *configs]
     configs = sorted(configs, key=lambda c: c not in REFERENCE.values())  # references first
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="recsketch-bench-") as tmp:
         folder = Path(tmp) / "thumbs"
         make_thumbnails(folder, args.images, args.wide)
-        for config in configs:
-            results[config] = {}
-            modes = ("model", "e2e", "seed") if config in REFERENCE.values() else ("model", "e2e")
-            for mode in modes:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.extract_bench", "--one", config, mode,
-                                      str(folder)], capture_output=True, text=True, check=True)
-                results[config][mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = results[config]
-            cosine, kept = agreement(Path(tmp), config)
-            e2e, model = r["e2e"]["images_per_s"], r["model"]["images_per_s"]
-            seed = f"{r['seed']['images_per_s']:>8.1f}" if "seed" in r else f"{'-':>8}"
-            print(f"{config:<28}{model:>8.1f}{e2e:>8.1f}{seed}{e2e / model:>10.2f}"
-                  f"{e2e / results[BASELINE]['e2e']['images_per_s']:>10.2f}{r['e2e']['peak_rss_mib']:>9.0f}"
-                  f"{cosine:>10.6f}{kept:>8.3f}", flush=True)
-    base = results[BASELINE]["e2e"]["images_per_s"]
-    exact = [c for c in ("lite0-float32-onnxruntime", "lite0-float32-openvino") if c in results]
+        peak_out = subprocess.run([sys.executable, "-m", "benchmarks.extract_bench", "--peak"],
+                                  capture_output=True, text=True, check=True)
+        peak = json.loads(peak_out.stdout.strip().splitlines()[-1])
+        gflop = {"efficientnet_lite0": lite0_gflop(), "vgg16": vgg16_gflop()}
+        decode = decode_ms(folder)
+        print(f"extraction benchmark: {args.images} thumbnails ({args.vgg16_images} for VGG16) of "
+              f"{'720x405' if args.wide else '200x200'}, "
+              f"{cores} cores, batch of each backbone's own size, median of {args.rounds} interleaved rounds")
+        print(f"machine: best dense GEMM {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} bf16 "
+              f"(all cores); decoding {decode:.2f} ms a thumbnail on one core; model FLOPs: "
+              + ", ".join(f"{name} {value:.3f} GFLOP/img" for name, value in gflop.items()))
+        for _ in range(args.rounds):
+            for config in configs:
+                modes = ("model", "e2e", "seed") if config in REFERENCE.values() else ("model", "e2e")
+                for mode in modes:
+                    count = args.images if CONFIGS[config][0] != "vgg16" else min(args.images, args.vgg16_images)
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.extract_bench", "--one", config, mode,
+                                          str(folder), str(count)], capture_output=True, text=True, check=True)
+                    runs.setdefault((config, mode), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        agreements = {config: agreement(Path(tmp), config) for config in configs}
+
+    def rate(config: str, mode: str) -> float:
+        return statistics.median(r["images_per_s"] for r in runs[(config, mode)])
+
+    print(f"{'config':<28}{'model':>8}{'e2e':>8}{'seed':>8}{'e2e/model':>10}{'e2e/torch':>10}{'GFLOP/s':>9}"
+          f"{'%peak':>7}{'RSS e2e':>9}{'cosine':>10}{'top-10':>8}")
+    base = rate(BASELINE, "e2e")
+    for config in configs:
+        backbone, precision, _ = CONFIGS[config]
+        model, e2e = rate(config, "model"), rate(config, "e2e")
+        achieved = model * gflop[backbone]
+        seed = f"{rate(config, 'seed'):>8.1f}" if (config, "seed") in runs else f"{'-':>8}"
+        rss = max(r["peak_rss_mib"] for r in runs[(config, "e2e")])
+        cosine, kept = agreements[config]
+        print(f"{config:<28}{model:>8.1f}{e2e:>8.1f}{seed}{e2e / model:>10.2f}{e2e / base:>10.2f}{achieved:>9.0f}"
+              f"{100 * achieved / peak[precision]:>6.0f}%{rss:>9.0f}{cosine:>10.6f}{kept:>8.3f}", flush=True)
+    print("(img/s; GFLOP/s of the model alone and its share of the host's dense-GEMM peak at that precision; "
+          "peak RSS MiB; min cosine and top-10 neighbours kept vs the fp32 reference)")
+
+    def ceiling(precision: str) -> float:
+        """The most Lite0 images a second this host could embed end to end: the GEMM peak spent on
+        the model's FLOPs alone, plus decoding on the same cores."""
+        cpu_seconds = cores * gflop["efficientnet_lite0"] / peak[precision] + decode / 1000
+        return cores / cpu_seconds
+
+    exact = [c for c in ("lite0-float32-onnxruntime", "lite0-float32-openvino") if c in configs]
     if exact:
-        best = max(results[c]["e2e"]["images_per_s"] for c in exact)
+        best = max(rate(c, "e2e") for c in exact)
         print(f"goal: Lite0 exact end to end >= 3.5x torch eager fp32 -> {best / base:.2f}x "
-              f"({'met' if best / base >= 3.5 else 'NOT met'}); e2e/model of the runtimes: "
-              + ", ".join(f"{c} {results[c]['e2e']['images_per_s'] / results[c]['model']['images_per_s']:.2f}"
-                          for c in exact) + " (goal >= 0.85)")
-    if "lite0-bfloat16-openvino" in results:
-        ratio = results["lite0-bfloat16-openvino"]["e2e"]["images_per_s"] / base
+              f"({'met' if best / base >= 3.5 else 'NOT met'}; this host's fp32 ceiling: "
+              f"{ceiling('float32'):.0f} img/s = {ceiling('float32') / base:.2f}x); e2e/model: "
+              + ", ".join(f"{c} {rate(c, 'e2e') / rate(c, 'model'):.2f}" for c in exact) + " (goal >= 0.85)")
+    if "lite0-bfloat16-openvino" in configs:
+        ratio = rate("lite0-bfloat16-openvino", "e2e") / base
         print(f"goal: Lite0 bf16 (opted in) >= 8x torch eager fp32 -> {ratio:.2f}x "
-              f"({'met' if ratio >= 8 else 'NOT met'})")
-    if "vgg16-float32-tensorflow" in results and "vgg16-bfloat16-tensorflow" in results:
-        ratio = (results["vgg16-bfloat16-tensorflow"]["e2e"]["images_per_s"]
-                 / results["vgg16-float32-tensorflow"]["e2e"]["images_per_s"])
+              f"({'met' if ratio >= 8 else 'NOT met'}; this host's bf16 ceiling: "
+              f"{ceiling('bfloat16'):.0f} img/s = {ceiling('bfloat16') / base:.2f}x)")
+    if "vgg16-float32-tensorflow" in configs and "vgg16-bfloat16-tensorflow" in configs:
+        ratio = rate("vgg16-bfloat16-tensorflow", "e2e") / rate("vgg16-float32-tensorflow", "e2e")
         print(f"goal vgg16 bf16 >= 1.5x fp32 -> {ratio:.2f}x ({'met' if ratio >= 1.5 else 'NOT met'})")
 
 

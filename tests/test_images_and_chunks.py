@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 
 from recsketch.errors import BadImageError
 from recsketch.features.chunks import Chunk, ChunkStore, chunk_id_for
-from recsketch.features.extract import extract_chunk
+from recsketch.features.extract import embed_many, extract_chunk
 from recsketch.features.images import decode_image
 
 
@@ -148,6 +150,54 @@ def test_extract_quarantines_bad_images_and_skips_done_chunks(tmp_path: Path) ->
     again = extract_chunk(store, backbone, "c1", mids, lambda m: thumbs / f"{m}.jpg", batch_size=2)
     assert again.skipped and store.path("c1").stat().st_ino == inode
     assert backbone.calls == 4  # the rerun embedded nothing
+
+
+class LanedFakeBackbone(FakeBackbone):
+    """FakeBackbone with two single-threaded lanes: records how many embeds ran at once."""
+
+    lanes = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = self.most_at_once = 0
+        self.lock = threading.Lock()
+        self.threads: set[str] = set()
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            self.most_at_once = max(self.most_at_once, self.active)
+            self.threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # long enough for the other lane to start its batch
+        with self.lock:
+            self.active -= 1
+        return super().embed(images)
+
+
+def test_lanes_embed_batches_at_once_and_keep_the_chunk_in_order(tmp_path: Path) -> None:
+    """A backbone with lanes (the exported runtimes) gets its batches decoded and embedded on
+    every lane at once; the chunk is the same as one lane's, bad images quarantined alike."""
+    thumbs = tmp_path / "thumbs"
+    thumbs.mkdir()
+    mids = [f"{i:032x}" for i in range(23)]
+    for i, mid in enumerate(mids):
+        (thumbs / f"{mid}.jpg").write_bytes(encode(Image.new("RGB", (40, 40), (i * 10, 255 - i * 10, 7)), "PNG"))
+    (thumbs / f"{mids[4]}.jpg").write_bytes(b"not an image")
+    (thumbs / f"{mids[17]}.jpg").unlink()
+    one, laned = ChunkStore(tmp_path / "one", "fake"), ChunkStore(tmp_path / "laned", "fake")
+    backbone = LanedFakeBackbone()
+    extract_chunk(one, FakeBackbone(), "c", mids, lambda m: thumbs / f"{m}.jpg", batch_size=3)
+    report = extract_chunk(laned, backbone, "c", mids, lambda m: thumbs / f"{m}.jpg", batch_size=3)
+    assert backbone.most_at_once == 2 and len(backbone.threads) == 2  # both lanes busy together
+    assert report.images == 23 and report.failed == 2
+    expected, got = one.read("c"), laned.read("c")
+    assert expected is not None and got is not None
+    assert got.mids == expected.mids == [m for m in mids if m not in (mids[4], mids[17])]
+    assert np.array_equal(got.features, expected.features) and got.failed == expected.failed
+    assert got.versions == expected.versions
+    batches = [np.full((2, 32, 32, 3), value, np.uint8) for value in range(9)]
+    embedded = embed_many(backbone, batches)  # in order, whichever lane finished first
+    assert all(np.array_equal(f, FakeBackbone().embed(b)) for f, b in zip(embedded, batches, strict=True))
 
 
 def test_a_chunk_whose_bytes_changed_fails_its_checksum(tmp_path: Path) -> None:

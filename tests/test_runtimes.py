@@ -151,3 +151,20 @@ print(json.dumps({{"torch": "torch" in sys.modules, "images": report.images, "ro
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"torch": False, "images": 10, "rows": 10}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_each_thread_is_a_lane_and_lanes_embed_alike(runtime: str, exports: Path, photos: np.ndarray) -> None:
+    """A backbone built for 2 threads runs 2 single-threaded lanes at once; batches embedded
+    concurrently on them give the same features, in order, as one after another."""
+    if not runtimes.installed(runtime):
+        pytest.skip(f"{runtime} is not installed")
+    from recsketch.features.extract import embed_many
+
+    backbone = runtimes.lite0_backbone(runtime, "float32", exports / "exports", threads=2)
+    assert backbone.lanes == 2
+    batches = [photos[i:i + 4] for i in range(0, len(photos), 4)]
+    at_once = np.concatenate(embed_many(backbone, batches))
+    one_by_one = np.concatenate([backbone.embed(batch) for batch in batches])
+    np.testing.assert_allclose(at_once, one_by_one, rtol=1e-5, atol=1e-6)
+    assert runtimes.lite0_backbone(runtime, "float32", exports / "exports", threads=1).lanes == 1

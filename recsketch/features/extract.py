@@ -1,11 +1,11 @@
-"""Extraction of one chunk: decode on threads while the backbone runs, then checkpoint."""
+"""Extraction of one chunk: decoding overlapped with the backbone, then a checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,6 +60,68 @@ def _decode_batch(paths: Sequence[tuple[str, Location]], size: int,
     return mids, batch, failed, versions
 
 
+@dataclass(frozen=True)
+class _Embedded:
+    """One batch, decoded and embedded: the features of ``mids`` (in order) and what failed."""
+
+    mids: list[str]
+    features: np.ndarray | None
+    failed: dict[str, str]
+    versions: dict[str, str]
+
+
+def lanes_of(backbone: Backbone) -> int:
+    """How many batches the backbone embeds at once (1 unless it has single-threaded lanes)."""
+    return max(1, int(getattr(backbone, "lanes", 1)))
+
+
+def _decode_and_embed(backbone: Backbone, batch: Sequence[tuple[str, Location]], preprocess: str) -> _Embedded:
+    mids, images, failed, versions = _decode_batch(batch, backbone.input_size, preprocess)
+    return _Embedded(mids, backbone.embed(images) if mids else None, failed, versions)
+
+
+def _embedded_batches(backbone: Backbone, batches: Sequence[Sequence[tuple[str, Location]]],
+                      preprocess: str) -> Iterator[_Embedded]:
+    """Each batch decoded and embedded, yielded in order; at most a few batches in memory.
+
+    A backbone with lanes (the exported runtimes: one core each) gets one worker per lane that
+    decodes its batch and then embeds it, so no core waits on another's. Otherwise (torch,
+    TensorFlow: every operator split across the cores) ``DECODE_THREADS`` threads decode the
+    next batches while the backbone embeds the current one."""
+    lanes = lanes_of(backbone)
+    if lanes > 1:
+        with ThreadPoolExecutor(lanes, thread_name_prefix="lane") as pool:
+            running: deque[Future[_Embedded]] = deque(
+                pool.submit(_decode_and_embed, backbone, batch, preprocess) for batch in batches[: 2 * lanes])
+            for index in range(len(batches)):
+                done = running.popleft().result()
+                if index + 2 * lanes < len(batches):
+                    running.append(pool.submit(_decode_and_embed, backbone, batches[index + 2 * lanes], preprocess))
+                yield done
+        return
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as decoder:
+        # DECODE_THREADS batches decode at once (PIL releases the GIL while it decodes and
+        # resizes), ahead of the batch the backbone embeds
+        pending: deque[Future] = deque(decoder.submit(_decode_batch, batch, backbone.input_size, preprocess)
+                                       for batch in batches[:DECODE_THREADS])
+        for index in range(len(batches)):
+            mids, images, failed, versions = pending.popleft().result()
+            if index + DECODE_THREADS < len(batches):
+                pending.append(decoder.submit(_decode_batch, batches[index + DECODE_THREADS], backbone.input_size,
+                                              preprocess))
+            yield _Embedded(mids, backbone.embed(images) if mids else None, failed, versions)
+
+
+def embed_many(backbone: Backbone, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Decoded batches embedded on every lane at once (how extraction runs the model; for
+    measuring a backbone's own speed)."""
+    lanes = lanes_of(backbone)
+    if lanes == 1:
+        return [backbone.embed(batch) for batch in batches]
+    with ThreadPoolExecutor(lanes, thread_name_prefix="lane") as pool:
+        return list(pool.map(backbone.embed, batches))
+
+
 def extract_chunk(
     store: ChunkStore,
     backbone: Backbone,
@@ -74,8 +136,8 @@ def extract_chunk(
 ) -> ChunkReport:
     """Embed the thumbnails of ``mids`` and write the chunk; an intact chunk is not redone.
 
-    The next batches are decoded on worker threads while the backbone embeds the current one,
-    so memory holds at most ``DECODE_THREADS + 1`` uint8 batches, never a whole chunk of images.
+    Decoding overlaps inference (:func:`_embedded_batches`), so memory holds a few uint8
+    batches, never a whole chunk of images.
     """
     if not checked and store.read(chunk_id) is not None:  # ``checked``: the caller just looked
         progress(f"chunk {chunk_id}: already extracted, skipping")
@@ -88,31 +150,21 @@ def extract_chunk(
     failed: dict[str, str] = {}
     versions: dict[str, str] = {}
     reported = started
-    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as decoder:
-        # DECODE_THREADS batches decode at once (PIL releases the GIL while it decodes and
-        # resizes), ahead of the batch the backbone embeds: at a few hundred images a second a
-        # single decoding thread, not the model, would be the limit
-        pending: deque[Future] = deque(decoder.submit(_decode_batch, batch, backbone.input_size, preprocess)
-                                       for batch in batches[:DECODE_THREADS])
-        for index in range(len(batches)):
-            batch_mids, images, batch_failed, batch_versions = pending.popleft().result()
-            versions.update(batch_versions)
-            ahead = index + DECODE_THREADS
-            if ahead < len(batches):
-                pending.append(decoder.submit(_decode_batch, batches[ahead], backbone.input_size, preprocess))
-            for mid, reason in batch_failed.items():
-                log.warning("quarantined %s: %s", mid, reason)
-            failed.update(batch_failed)
-            if len(batch_mids):
-                parts.append(backbone.embed(images))
-                done_mids.extend(batch_mids)
-            now = time.monotonic()
-            if now - reported >= PROGRESS_EVERY_S or index + 1 == len(batches):  # a line every few seconds
-                reported, elapsed = now, now - started
-                seen = min(len(mids), (index + 1) * batch_size)
-                rate = seen / elapsed if elapsed else 0.0
-                eta = (len(mids) - seen) / rate if rate else 0.0
-                progress(f"chunk {chunk_id}: {seen}/{len(mids)} images, {rate:.1f} img/s, ETA {eta:.0f}s")
+    for index, batch in enumerate(_embedded_batches(backbone, batches, preprocess)):
+        versions.update(batch.versions)
+        for mid, reason in batch.failed.items():
+            log.warning("quarantined %s: %s", mid, reason)
+        failed.update(batch.failed)
+        if batch.features is not None:
+            parts.append(batch.features)
+            done_mids.extend(batch.mids)
+        now = time.monotonic()
+        if now - reported >= PROGRESS_EVERY_S or index + 1 == len(batches):  # a line every few seconds
+            reported, elapsed = now, now - started
+            seen = min(len(mids), (index + 1) * batch_size)
+            rate = seen / elapsed if elapsed else 0.0
+            eta = (len(mids) - seen) / rate if rate else 0.0
+            progress(f"chunk {chunk_id}: {seen}/{len(mids)} images, {rate:.1f} img/s, ETA {eta:.0f}s")
     features = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
     store.write(Chunk(chunk_id, done_mids, features, failed, store.backbone_key, versions))
     seconds = time.monotonic() - started
