@@ -10,8 +10,9 @@ and that, not a clock, starts
 
 ``recsketch_recommendations``: threshold -> plan_chunks -> extract (one mapped task per
 chunk) -> plan_similarity -> similarity_shard (one mapped task per row block, full runs
-only) -> merge_similarity -> evaluate (held-out likes, every method) -> hybrid (visual and
-likes-based neighbours blended) -> load, which refuses a
+only) -> merge_similarity -> evaluate (held-out likes, every method) -> plan_hybrid ->
+hybrid_shard (visual and likes-based neighbours blended, sharded alike) -> merge_hybrid ->
+load, which refuses a
 run that measures worse than the live one (the quality gate; param ``force`` overrides it)
 and updates the recommendations Asset with the run's metrics. Asset events
 that arrive while it runs are queued into one next run, so crawls close together coalesce.
@@ -165,9 +166,18 @@ def recsketch_recommendations() -> None:
         return _run_stage("evaluate_stage")
 
     @task
-    def hybrid() -> dict:
-        """Neighbours from the pictures and the likes together, with the weight evaluate tuned."""
-        return _run_stage("hybrid_stage")
+    def plan_hybrid() -> list[str]:
+        """Neighbours from the pictures and the likes together, with the weight evaluate tuned:
+        the blended embedding written once, and its row-block shards returned."""
+        return _run_stage("plan_hybrid_stage")
+
+    @task(map_index_template="rows {{ task.op_kwargs['shard'] }}")
+    def hybrid_shard(shard: str) -> dict:
+        return _run_stage("hybrid_shard_stage", shard)
+
+    @task(trigger_rule="none_failed")  # runs when evaluate tuned no weight (no shard)
+    def merge_hybrid() -> dict:
+        return _run_stage("merge_hybrid_stage")
 
     @task(outlets=[RECOMMENDATIONS])
     def load() -> dict:
@@ -180,7 +190,9 @@ def recsketch_recommendations() -> None:
     threshold() >> chunks
     shards = plan_similarity()
     chunks >> extract.expand(chunk_id=chunks) >> shards
-    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> evaluate() >> hybrid() >> load()
+    hybrid_shards = plan_hybrid()
+    shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> evaluate() >> hybrid_shards
+    hybrid_shards >> hybrid_shard.expand(shard=hybrid_shards) >> merge_hybrid() >> load()
 
 
 recsketch()

@@ -32,6 +32,7 @@ from recsketch.storage import Location
 VALID_MODELS_FILE = "valid_models.json"
 PLAN_FILE = "chunk_plan.json"
 SIMILARITY_PLAN_FILE = "similarity_plan.json"
+HYBRID_PLAN_FILE = "hybrid_plan.json"  # the hybrid neighbours' shards, over the hybrid embedding
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
 SHARD_PREFIX = "similarity-shard-"
@@ -129,12 +130,15 @@ def group_tasks(chunk_ids: list[str], max_tasks: int) -> dict[str, list[str]]:
 @dataclass(frozen=True)
 class SimilarityPlan:
     """How a run's top-k is made: ``full`` (row-block shards over ``mids``, optionally on
-    PCA-reduced features saved with the run) or finished already (incremental, unchanged)."""
+    PCA-reduced features saved with the run) or finished already (incremental, unchanged).
+    ``method``: the visual neighbours, or the hybrid ones (sharded alike over their own
+    embedding; plan, features and shards under names of their own)."""
 
     mode: str
     mids: list[str] | None = None
     recall_at_k: float | None = None  # set when the features were PCA-reduced
     shards: list[tuple[int, int]] = field(default_factory=list)  # row blocks [first, last)
+    method: str = "visual"
 
     @property
     def sharded(self) -> bool:
@@ -144,25 +148,33 @@ class SimilarityPlan:
     def reduced(self) -> bool:
         return self.recall_at_k is not None
 
+    @staticmethod
+    def file_for(method: str) -> str:
+        return SIMILARITY_PLAN_FILE if method == "visual" else HYBRID_PLAN_FILE
+
+    @staticmethod
+    def stage_for(method: str) -> str:
+        return "plan_similarity" if method == "visual" else "plan_hybrid"
+
     def write(self, folder: Location) -> None:
         payload: dict[str, object] = {"mode": self.mode, "mids": self.mids,
                                       "shards": [list(shard) for shard in self.shards]}
         if self.recall_at_k is not None:
             payload["recall_at_k"] = self.recall_at_k
-        _write_json(folder / SIMILARITY_PLAN_FILE, payload)
+        _write_json(folder / self.file_for(self.method), payload)
 
     @classmethod
-    def read(cls, folder: Location) -> SimilarityPlan:
-        payload = _read_json(folder / SIMILARITY_PLAN_FILE, "plan_similarity")
+    def read(cls, folder: Location, method: str = "visual") -> SimilarityPlan:
+        path, stage = folder / cls.file_for(method), cls.stage_for(method)
+        payload = _read_json(path, stage)
         try:
             mids = payload["mids"]
             recall = payload.get("recall_at_k")
             shards = [(int(first), int(last)) for first, last in payload.get("shards", [])]
             return cls(str(payload["mode"]), None if mids is None else [str(m) for m in mids],
-                       None if recall is None else float(recall), shards)
+                       None if recall is None else float(recall), shards, method)
         except (KeyError, TypeError, AttributeError):
-            raise RecsketchError(f"{folder / SIMILARITY_PLAN_FILE} is not a similarity plan: "
-                                 "run plan_similarity again") from None
+            raise RecsketchError(f"{path} is not a similarity plan: run {stage} again") from None
 
     def ordered_mids(self) -> list[str]:
         if self.mids is None:
@@ -172,7 +184,9 @@ class SimilarityPlan:
     @property
     def digest(self) -> str:
         """Names this plan's shard objects, so a shard of another plan is never merged."""
-        return hashlib.sha1("\n".join([self.mode, *(self.mids or [])]).encode()).hexdigest()[:12]
+        named = [self.mode, *(self.mids or [])] if self.method == "visual" else [self.method, self.mode,
+                                                                                *(self.mids or [])]
+        return hashlib.sha1("\n".join(named).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -235,11 +249,13 @@ class TopKStore:
 
 
 def features_file(plan: SimilarityPlan) -> str:
-    return f"{FEATURES_PREFIX}{plan.digest}.npy"
+    prefix = FEATURES_PREFIX if plan.method == "visual" else f"{plan.method}-features-"
+    return f"{prefix}{plan.digest}.npy"
 
 
 def shard_path(folder: Location, plan: SimilarityPlan, first: int, last: int) -> Location:
-    return folder / f"{SHARD_PREFIX}{plan.digest}-{first:09d}-{last:09d}.npz"
+    prefix = SHARD_PREFIX if plan.method == "visual" else f"{plan.method}-shard-"
+    return folder / f"{prefix}{plan.digest}-{first:09d}-{last:09d}.npz"
 
 
 def write_shard(folder: Location, plan: SimilarityPlan, first: int, last: int, indices: np.ndarray,
@@ -256,8 +272,9 @@ def read_shards(folder: Location, plan: SimilarityPlan) -> tuple[int, np.ndarray
         try:
             part = files.load_npz(path)
         except FileNotFoundError:
-            raise RecsketchError(f"similarity shard rows {first}-{last} ({path}) is missing: "
-                                 "run the similarity shards again") from None
+            name = "similarity" if plan.method == "visual" else plan.method
+            raise RecsketchError(f"{name} shard rows {first}-{last} ({path}) is missing: "
+                                 f"run the {name} shards again") from None
         index_parts.append(part["indices"])
         score_parts.append(part["scores"])
     if not index_parts:

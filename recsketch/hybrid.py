@@ -30,21 +30,30 @@ def fit_als(likes: sparse.csr_matrix, *, factors: int = 64, regularization: floa
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-def ridge_map(features: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
-    """W minimising ||features W - targets||² + ridge ||W||²."""
-    features = np.asarray(features, dtype=np.float64)
-    gram = features.T @ features + ridge * np.eye(features.shape[1])
-    return np.linalg.solve(gram, features.T @ np.asarray(targets, dtype=np.float64))
-
-
 def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     """Unit CF factors for every model: ALS's where the model was liked, else predicted from its
     visual features by ridge regression fitted on the liked ones."""
+    liked = np.asarray(liked, dtype=bool)
+    return hybrid_factors(unit, item_factors, liked, fit_cold_start_map(unit[liked], normalise(item_factors[liked]),
+                                                                         ridge))
+
+
+def fit_cold_start_map(unit: np.ndarray, unit_factors: np.ndarray, ridge: float = 1.0) -> np.ndarray | None:
+    """The ridge map from visual features to CF factors, fitted on liked models (None: too few)."""
+    if len(unit) < 2:
+        return None
+    fit = RidgeFit(unit.shape[1], unit_factors.shape[1])
+    fit.add(unit, unit_factors)
+    return fit.solve(ridge)
+
+
+def hybrid_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray,
+                   mapping: np.ndarray | None) -> np.ndarray:
+    """Unit CF factors of a block of models: ALS's where liked, else predicted by ``mapping``."""
     factors = normalise(item_factors)
     cold = ~np.asarray(liked, dtype=bool)
-    if cold.any() and (~cold).sum() >= 2:
-        mapping = ridge_map(unit[~cold], factors[~cold], ridge)
-        factors[cold] = normalise(unit[cold] @ mapping)
+    if mapping is not None and cold.any():
+        factors[cold] = normalise(np.asarray(unit[cold], np.float64) @ mapping)
     return factors
 
 
@@ -54,3 +63,29 @@ def hybrid_embedding(unit: np.ndarray, factors: np.ndarray, cf_weight: float) ->
         raise ValueError(f"the CF weight is a share: between 0 and 1, not {cf_weight}")
     return np.hstack([np.sqrt(1.0 - cf_weight) * np.asarray(unit, np.float32),
                       np.sqrt(cf_weight) * normalise(factors)]).astype(np.float32)
+
+
+class RidgeFit:
+    """:func:`ridge_map` fitted block by block (the Gram matrices summed over row blocks), so
+    the features of a million models never sit in memory at once."""
+
+    def __init__(self, dim: int, targets: int) -> None:
+        self.gram = np.zeros((dim, dim))
+        self.cross = np.zeros((dim, targets))
+        self.rows = 0
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        block = np.asarray(features, dtype=np.float64)
+        self.gram += block.T @ block
+        self.cross += block.T @ np.asarray(targets, dtype=np.float64)
+        self.rows += len(block)
+
+    def solve(self, ridge: float) -> np.ndarray:
+        return np.linalg.solve(self.gram + ridge * np.eye(len(self.gram)), self.cross)
+
+
+def hybrid_rows(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, mapping: np.ndarray | None,
+                cf_weight: float) -> np.ndarray:
+    """A block of :func:`hybrid_embedding` rows, the cold models' factors predicted by ``mapping``
+    (a :class:`RidgeFit` solved over every block first)."""
+    return hybrid_embedding(unit, hybrid_factors(unit, item_factors, liked, mapping), cf_weight)

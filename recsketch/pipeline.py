@@ -8,15 +8,17 @@ alone. Every stage is idempotent: rerunning it gives the same result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sqlalchemy.engine import Engine
 
 from recsketch import files
@@ -40,7 +42,7 @@ from recsketch.features.backbones import backbone_key, create_backbone, set_thre
 from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileRows, RowSink
 from recsketch.features.extract import extract_chunk
 from recsketch.features.images import thumbnail_version
-from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
+from recsketch.hybrid import RidgeFit, fit_als, hybrid_rows
 from recsketch.likes import threshold_likes
 from recsketch.ratelimit import SharedRateLimiter
 from recsketch.similarity import (
@@ -223,9 +225,7 @@ def plan_similarity_stage(settings: Settings, folder: Location, progress: Progre
         finally:
             sink.close()
         dim = sink.shape[1]
-        # at most RECSKETCH_MAX_MAPPED_TASKS shards: blocks grow with the catalogue
-        step = max(settings.similarity_shard_rows, -(-len(mids) // settings.max_mapped_tasks))
-        shards = [(first, min(len(mids), first + step)) for first in range(0, len(mids), step)]
+        shards = row_shards(settings, len(mids))
         plan = SimilarityPlan("full", mids, shards=shards)
         if settings.pca_dim:  # one projection for every shard: computed here (in memory), stored with the run
             unit = np.load(scratch)
@@ -243,8 +243,15 @@ def plan_similarity_stage(settings: Settings, folder: Location, progress: Progre
             files.put_file(scratch, folder / features_file(plan))
     plan.write(folder)
     progress(f"similarity: full top-{settings.top_k} for {len(mids)} models ({dim}-d) "
-             f"in {len(shards)} shards of up to {step} rows")
+             f"in {len(shards)} shards of up to {shards[0][1] - shards[0][0]} rows")
     return [f"{first}-{last}" for first, last in shards]
+
+
+def row_shards(settings: Settings, rows: int) -> list[tuple[int, int]]:
+    """Row blocks [first, last) for the mapped shard tasks: at most RECSKETCH_MAX_MAPPED_TASKS
+    of them, so blocks grow with the catalogue."""
+    step = max(settings.similarity_shard_rows, -(-rows // settings.max_mapped_tasks))
+    return [(first, min(rows, first + step)) for first in range(0, rows, step)]
 
 
 def _chunk_plan_if_any(folder: Location) -> ChunkPlan | None:
@@ -256,14 +263,19 @@ def _chunk_plan_if_any(folder: Location) -> ChunkPlan | None:
 
 
 def similarity_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
-    """One row block of the full top-k: rows first..last against every model, read block by
-    block from the run's consolidated features (copied to local scratch first when the data
-    dir is an object store), in tiles: memory stays a few hundred MB whatever N is."""
+    """One row block of the full visual top-k (:func:`_top_k_shard`)."""
+    return _top_k_shard(settings, folder, shard, "visual", progress)
+
+
+def _top_k_shard(settings: Settings, folder: Location, shard: str, method: str, progress: Progress) -> dict:
+    """One row block of a full top-k: rows first..last against every model, read block by block
+    from the plan's consolidated unit rows (copied to local scratch first when the data dir is
+    an object store), in tiles: memory stays a few hundred MB whatever N is."""
     first, last = (int(part) for part in shard.split("-"))
-    plan = SimilarityPlan.read(folder)
+    plan = SimilarityPlan.read(folder, method)
     order = plan.ordered_mids()
     if (first, last) not in plan.shards:
-        raise RecsketchError(f"rows {shard} are not a shard of the similarity plan in {folder}")
+        raise RecsketchError(f"rows {shard} are not a shard of the {method} plan in {folder}")
     started = time.monotonic()
     set_threads(settings.effective_threads)
     with files.local_copy(folder / features_file(plan)) as path:
@@ -271,12 +283,13 @@ def similarity_shard_stage(settings: Settings, folder: Location, shard: str, pro
         try:
             if unit.shape[0] != len(order):
                 raise RecsketchError(f"{folder / features_file(plan)} has {unit.shape[0]} rows, the "
-                                     f"plan {len(order)}: plan similarity again")
+                                     f"plan {len(order)}: run {SimilarityPlan.stage_for(method)} again")
             indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
         finally:
             unit.close()
     write_shard(folder, plan, first, last, indices, scores)
-    progress(f"similarity shard {shard}: {last - first} rows x {len(order)} models "
+    name = "similarity" if method == "visual" else method
+    progress(f"{name} shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s")
     return {"shard": shard, "rows": last - first}
 
@@ -353,14 +366,17 @@ def _incremental_top_k(chunk_store: ChunkStore, previous: TopK, valid: ValidMode
 EVALUATION_FILE = "evaluation.json"
 
 
+def _thresholded_likes(settings: Settings) -> pd.DataFrame:
+    """The catalogue's likes, thresholded as the run's were (RECSKETCH_MIN_LIKES)."""
+    likes = store.read_likes_frame(store.connect(settings.resolved_database_url))
+    return threshold_likes(likes, settings.min_likes).likes if settings.min_likes > 0 else likes
+
+
 def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: Progress = log.info,
                        config: EvaluationConfig | None = None) -> dict:
     """Every method's offline metrics on the catalogue's thresholded likes, over the given models
     (mid -> thumbnail version) with their features (``recsketch.evaluation``)."""
-    engine = store.connect(settings.resolved_database_url)
-    likes = store.read_likes_frame(engine)
-    if settings.min_likes > 0:
-        likes = threshold_likes(likes, settings.min_likes).likes
+    likes = _thresholded_likes(settings)
     mids, features, _ = ChunkStore(settings.features_dir, backbone_key(settings)).load_features(versions)
     if len(mids) < 2:
         raise RecsketchError(f"only {len(mids)} models have features: nothing to evaluate; run the pipeline first")
@@ -380,45 +396,117 @@ def evaluate_stage(settings: Settings, folder: Location, progress: Progress = lo
     return summary
 
 
-def hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
-    """The run's hybrid neighbours (``recsketch.hybrid``): visual features and ALS item factors
-    of all the thresholded likes, blended with the CF weight evaluate tuned. Skipped (no
-    hybrid set) when the run was not evaluated with features. Memory: the models' features and
-    factors, in memory (N x (d + 64) floats)."""
+def plan_hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
+    """The hybrid embedding (``recsketch.hybrid``) of the run's models, written once as unit rows
+    for row-block shards, as the visual neighbours are: ALS item factors of the thresholded
+    likes, blended with the visual features at the CF weight evaluate tuned. Memory holds the
+    factors (N x 64) and a block of features, never N x d: the features stream from the
+    visual plan's consolidated file (or the chunks) twice, once to fit the cold-start ridge map
+    and once to write the rows. No shards (and no hybrid set) when evaluate tuned no weight."""
     try:
         report = json.loads((folder / EVALUATION_FILE).read_text())
     except FileNotFoundError:
         raise RecsketchError(f"{folder / EVALUATION_FILE} is missing: run the evaluate stage first") from None
     weight = (report.get("hybrid") or {}).get("cf_weight")
     if weight is None:
+        SimilarityPlan("none", method="hybrid").write(folder)
         progress("hybrid: the evaluation tuned no CF weight (too few models for a cold-start split): no hybrid set")
-        return {"models": 0, "cf_weight": None}
+        return []
     visual = TopKStore.for_run(folder).require("similarity")
-    engine = store.connect(settings.resolved_database_url)
-    likes = store.read_likes_frame(engine)
-    if settings.min_likes > 0:
-        likes = threshold_likes(likes, settings.min_likes).likes
     started = time.monotonic()
-    sink = MemoryRows()  # the unit features, gathered straight into the visual result's order: one copy
-    versions = (dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions
-                else dict.fromkeys(visual.mids, ""))
-    gathered = ChunkStore(settings.features_dir, visual.backbone_key).gather(versions, visual.mids, sink, unit=True)
-    if gathered.mids != visual.mids:
-        raise RecsketchError(f"the features of {len(gathered.mids)} models were found for {len(visual.mids)} "
-                             "neighbour lists: run similarity again")
-    unit = sink.array
-    matrix = Likes.from_frame(likes, visual.mids).matrix()
+    matrix = Likes.from_frame(_thresholded_likes(settings), visual.mids).matrix()
     set_threads(settings.effective_threads)
     _, item_factors = fit_als(matrix, threads=settings.effective_threads)
     liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
-    embedding = hybrid_embedding(unit, complete_factors(unit, item_factors, liked), float(weight))
-    indices, scores = top_k_tiled(embedding, settings.top_k, (0, len(visual.mids)))
-    TopKStore.for_run(folder, "hybrid").write(TopK(visual.mids, indices, scores, visual.backbone_key,
-                                                   visual.versions))
-    progress(f"hybrid: top-{settings.top_k} for {len(visual.mids)} models, CF weight {weight}, "
-             f"{int((~liked).sum())} models without likes given predicted factors, "
+    del matrix
+    progress(f"hybrid: ALS factors for {len(visual.mids)} models ({int(liked.sum())} liked) "
              f"in {time.monotonic() - started:.1f}s")
-    return {"models": len(visual.mids), "cf_weight": weight, "without_likes": int((~liked).sum())}
+    shards = row_shards(settings, len(visual.mids))
+    plan = SimilarityPlan(f"full, CF weight {weight}", visual.mids, shards=shards, method="hybrid")
+    with _visual_unit_rows(settings, folder, visual) as source, \
+            files.scratch_file(folder, "hybrid-features.npy") as scratch:
+        unit = NpyRows(source)
+        sink = NpyFileRows(scratch)
+        try:
+            blocks = [(first, min(len(visual.mids), first + HYBRID_BLOCK_ROWS))
+                      for first in range(0, len(visual.mids), HYBRID_BLOCK_ROWS)]
+            fit = RidgeFit(unit.shape[1], item_factors.shape[1])
+            for first, last in blocks:  # pass 1: the cold-start map, fitted on the liked models
+                keep = liked[first:last]
+                fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
+            mapping = fit.solve(1.0) if fit.rows >= 2 and not liked.all() else None
+            sink.open(len(visual.mids), unit.shape[1] + item_factors.shape[1])
+            for first, last in blocks:  # pass 2: the rows
+                sink.put(np.arange(first, last), hybrid_rows(unit[first:last], item_factors[first:last],
+                                                             liked[first:last], mapping, float(weight)))
+        finally:
+            unit.close()
+            sink.close()
+        files.put_file(scratch, folder / features_file(plan))
+    plan.write(folder)
+    progress(f"hybrid: {len(visual.mids)} models embedded (CF weight {weight}, {int((~liked).sum())} without "
+             f"likes given predicted factors) in {time.monotonic() - started:.1f}s; {len(shards)} shards")
+    return [f"{first}-{last}" for first, last in shards]
+
+
+HYBRID_BLOCK_ROWS = 16_384  # features read per step: 80 MB at 1,280-d
+
+
+@contextlib.contextmanager
+def _visual_unit_rows(settings: Settings, folder: Location, visual: TopK) -> Iterator[Path]:
+    """The run's unit visual features in ``visual.mids`` order, as a local ``.npy``: the visual
+    plan's consolidated file when the run made one at full dimension, else gathered from the
+    chunks (incremental and PCA runs)."""
+    plan = SimilarityPlan.read(folder)
+    if plan.sharded and not plan.reduced and plan.ordered_mids() == visual.mids:
+        with files.local_copy(folder / features_file(plan)) as path:
+            yield path
+        return
+    versions = (dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions
+                else dict.fromkeys(visual.mids, ""))
+    with files.scratch_file(folder, "hybrid-visual.npy") as scratch:
+        sink = NpyFileRows(scratch)
+        try:
+            gathered = ChunkStore(settings.features_dir, visual.backbone_key).gather(versions, visual.mids, sink,
+                                                                                     unit=True)
+        finally:
+            sink.close()
+        if gathered.mids != visual.mids:
+            raise RecsketchError(f"the features of {len(gathered.mids)} models were found for {len(visual.mids)} "
+                                 "neighbour lists: run similarity again")
+        yield scratch
+
+
+def hybrid_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
+    """One row block of the hybrid top-k, over the embedding plan_hybrid wrote."""
+    return _top_k_shard(settings, folder, shard, "hybrid", progress)
+
+
+def merge_hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
+    """Join the hybrid shards into the run's hybrid neighbours (``topk-hybrid.npz``)."""
+    plan = SimilarityPlan.read(folder, "hybrid")
+    if not plan.sharded:
+        return {"models": 0, "cf_weight": None}
+    visual = TopKStore.for_run(folder).require("similarity")
+    order = plan.ordered_mids()
+    if order != visual.mids:
+        raise RecsketchError(f"the hybrid plan in {folder} is for other models than the visual neighbours: "
+                             "run plan_hybrid again")
+    shards, indices, scores = read_shards(folder, plan)
+    if len(indices) != len(order):
+        raise RecsketchError(f"{shards} shards cover {len(indices)} of {len(order)} rows: "
+                             "a shard is missing, run the hybrid shards again")
+    TopKStore.for_run(folder, "hybrid").write(TopK(order, indices, scores, visual.backbone_key, visual.versions))
+    weight = json.loads((folder / EVALUATION_FILE).read_text())["hybrid"]["cf_weight"]
+    progress(f"hybrid: top-{indices.shape[1]} for {len(order)} models ready ({shards} shards, CF weight {weight})")
+    return {"models": len(order), "cf_weight": weight, "shards": shards}
+
+
+def hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
+    """The whole hybrid step in this process (``recsketch run`` / ``recsketch hybrid``)."""
+    for shard in plan_hybrid_stage(settings, folder, progress):
+        hybrid_shard_stage(settings, folder, shard, progress)
+    return merge_hybrid_stage(settings, folder, progress)
 
 
 def _metric_rows(report: dict) -> list[dict]:

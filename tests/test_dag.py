@@ -32,7 +32,8 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     crawl_dag, recs_dag = bag.dags["recsketch"], bag.dags["recsketch_recommendations"]
     assert {t.task_id for t in crawl_dag.tasks} == {"crawl", "publish_catalogue"}
     assert {t.task_id for t in recs_dag.tasks} == {"threshold", "plan_chunks", "extract", "plan_similarity",
-                                                  "similarity_shard", "merge_similarity", "evaluate", "hybrid", "load"}
+                                                  "similarity_shard", "merge_similarity", "evaluate", "plan_hybrid",
+                                                  "hybrid_shard", "merge_hybrid", "load"}
     for dag in (crawl_dag, recs_dag):
         assert "recsketch" in dag.tags and dag.max_active_runs == 1
         for task in dag.tasks:
@@ -49,8 +50,11 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     assert recs_dag.get_task("plan_similarity").trigger_rule == "none_failed"
     assert recs_dag.get_task("merge_similarity").trigger_rule == "none_failed"
     assert set(recs_dag.params.keys()) == {"backbone", "top_k", "min_likes", "chunk_size", "force"}
-    assert recs_dag.get_task("evaluate").downstream_task_ids == {"hybrid"}
-    assert recs_dag.get_task("hybrid").downstream_task_ids == {"load"}
+    assert recs_dag.get_task("evaluate").downstream_task_ids == {"plan_hybrid"}
+    assert recs_dag.get_task("plan_hybrid").downstream_task_ids == {"hybrid_shard"}  # sharded as similarity is
+    assert isinstance(recs_dag.get_task("hybrid_shard"), MappedOperator)
+    assert recs_dag.get_task("merge_hybrid").trigger_rule == "none_failed"
+    assert recs_dag.get_task("merge_hybrid").downstream_task_ids == {"load"}
 
 
 def test_params_are_validated() -> None:
@@ -120,6 +124,7 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     chunk_files = list((tmp_path / "data" / "features").rglob("chunk-*.npz"))
     assert len(chunk_files) == 3
     assert len(list((tmp_path / "data" / "runs").glob("*/similarity-shard-*.npz"))) == 3
+    assert len(list((tmp_path / "data" / "runs").glob("*/hybrid-shard-*.npz"))) == 3  # mapped alike
     # the sparse models were removed by the threshold, the model without thumbnail never planned
     valid = json.loads(next((tmp_path / "data" / "runs").glob("*/valid_models.json")).read_text())
     assert sorted(valid) == sorted(demo_groups)

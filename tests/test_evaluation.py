@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -206,3 +207,57 @@ def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_pa
     evaluate_stage(broken, fourth)
     load_stage(broken.with_overrides(gate_min_ratio=0.0), fourth, "broken-again")
     assert store.live_run(engine)["run_id"] == "broken-again"
+
+
+def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """plan_hybrid streams the features in blocks and the shards each take a row block, so no task
+    holds N x d; the neighbours equal the in-memory computation (ALS, the ridge map for unliked
+    models, the blended embedding, exact top-k), from a full visual run's consolidated features
+    and from the chunks when the visual run reused the last result."""
+    from recsketch.config import Settings
+    from recsketch.contracts import SimilarityPlan, TopKStore
+    from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
+    from recsketch.pipeline import (
+        evaluate_stage,
+        hybrid_shard_stage,
+        merge_hybrid_stage,
+        plan_hybrid_stage,
+        run_dir,
+        similarity_stage,
+        threshold_stage,
+    )
+    from recsketch.similarity import top_k_cosine
+
+    frame, mids, unit = _clustered_catalogue(groups=12, per_group=10, users=200)
+    unliked = mids[::7]  # models nobody liked: their factors are predicted from their pictures
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", top_k=5,
+                        min_likes=0, similarity_shard_rows=25, threads=1)
+    _catalogue_in(settings, frame[~frame["mid"].isin(unliked)], mids)
+    _features_for(settings, mids, unit)
+    results = []
+    for run in ("full", "reused"):
+        folder = run_dir(settings, run)
+        threshold_stage(settings, folder)
+        similarity_stage(settings, folder)
+        assert SimilarityPlan.read(folder).sharded == (run == "full")
+        evaluate_stage(settings, folder)
+        shards = plan_hybrid_stage(settings, folder)
+        assert len(shards) == 5  # 120 models in blocks of 25
+        for shard in reversed(shards):  # any order, as mapped tasks finish
+            hybrid_shard_stage(settings, folder, shard)
+        summary = merge_hybrid_stage(settings, folder)
+        assert summary["models"] == len(mids) and summary["shards"] == 5
+        results.append(TopKStore.for_run(folder, "hybrid").require("hybrid"))
+    weight = json.loads((run_dir(settings, "full") / "evaluation.json").read_text())["hybrid"]["cf_weight"]
+    visual = TopKStore.for_run(run_dir(settings, "full")).require("similarity")
+    order = [mids.index(mid) for mid in visual.mids]
+    matrix = Likes.from_frame(frame[~frame["mid"].isin(unliked)], visual.mids).matrix()
+    _, item_factors = fit_als(matrix, threads=1)
+    liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
+    assert (~liked).sum() == len(unliked)
+    embedding = hybrid_embedding(unit[order], complete_factors(unit[order], item_factors, liked), weight)
+    indices, scores = top_k_cosine(embedding, 5)
+    for result in results:
+        assert result.mids == visual.mids
+        np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-5)
+        assert (result.indices == indices).mean() > 0.99  # equal, but for exact ties
