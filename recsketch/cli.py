@@ -187,7 +187,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         pipeline.evaluate_stage(settings, folder, config=config)
         report = json.loads((folder / pipeline.EVALUATION_FILE).read_text())
     else:
-        report = pipeline.evaluate_catalogue(settings, pipeline.valid_models(settings)[0], config=config)
+        versions, _, likes = pipeline.valid_models(settings)
+        report = pipeline.evaluate_catalogue(settings, versions, config=config, likes=likes)
     if args.json:
         print(json.dumps(report))
         return 0

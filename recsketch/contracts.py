@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from recsketch import files
 from recsketch.errors import RecsketchError
 from recsketch.storage import Location
 
 VALID_MODELS_FILE = "valid_models.json"
+RUN_LIKES_FILE = "likes.npz"  # the thresholded likes the run was made from
 PLAN_FILE = "chunk_plan.json"
 SIMILARITY_PLAN_FILE = "similarity_plan.json"
 HYBRID_PLAN_FILE = "hybrid_plan.json"  # the hybrid neighbours' shards, over the hybrid embedding
@@ -72,6 +74,35 @@ class ValidModels:
 
     def __len__(self) -> int:
         return len(self.versions)
+
+
+class RunLikes:
+    """The thresholded likes a run was made from, saved by threshold as integer codes and their
+    names: evaluate and plan_hybrid measure and blend exactly these, even if a crawl changes
+    the catalogue meanwhile, without reading and thresholding the likes table again."""
+
+    @staticmethod
+    def write(folder: Location, likes: pd.DataFrame) -> None:
+        columns = {name: pd.Categorical(likes[name]).remove_unused_categories() for name in ("mid", "uid")}
+        arrays = {}
+        for name, column in columns.items():
+            arrays[f"{name}_codes"] = column.codes.astype(np.int32)
+            arrays[f"{name}_names"] = np.asarray(column.categories, dtype=str)
+        files.save_npz(folder / RUN_LIKES_FILE, **arrays)
+
+    @staticmethod
+    def read(folder: Location) -> pd.DataFrame | None:
+        """The run's likes (columns mid, uid, categorical), or None for a run made before they
+        were saved."""
+        try:
+            data = files.load_npz(folder / RUN_LIKES_FILE)
+        except FileNotFoundError:
+            return None
+        try:
+            return pd.DataFrame({name: pd.Categorical.from_codes(data[f"{name}_codes"], data[f"{name}_names"])
+                                 for name in ("mid", "uid")})
+        except (KeyError, ValueError):
+            raise RecsketchError(f"{folder / RUN_LIKES_FILE} is damaged: run the threshold stage again") from None
 
 
 @dataclass(frozen=True)

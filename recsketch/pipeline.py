@@ -25,6 +25,7 @@ from recsketch import files
 from recsketch.config import INPUT_SIZE, Settings
 from recsketch.contracts import (
     ChunkPlan,
+    RunLikes,
     SimilarityPlan,
     TopK,
     TopKStore,
@@ -105,32 +106,36 @@ def crawl_stage(settings: Settings, folder: Location, *, published_since: dateti
 
 def threshold_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
     """Models that survive the like threshold and have a thumbnail: the run's item set, each
-    with its thumbnail's version (features are keyed by it)."""
-    valid, with_thumbnail = valid_models(settings, progress)
+    with its thumbnail's version (features are keyed by it); and the surviving likes, which
+    evaluate and plan_hybrid use."""
+    valid, with_thumbnail, likes = valid_models(settings, progress)
     if len(valid) < 2:
         raise RecsketchError(
             f"only {len(valid)} of {with_thumbnail} models with a thumbnail have >= {settings.min_likes} "
             "likes from users with as many: nothing to recommend. Lower the threshold with --min-likes "
             "(RECSKETCH_MIN_LIKES; 0 keeps every model)")
+    RunLikes.write(folder, likes)
     ValidModels(valid).write(folder)
-    return {"valid_models": len(valid), "with_thumbnail": with_thumbnail}
+    return {"valid_models": len(valid), "with_thumbnail": with_thumbnail, "likes": len(likes)}
 
 
-def valid_models(settings: Settings, progress: Progress = log.info) -> tuple[dict[str, str], int]:
+def valid_models(settings: Settings, progress: Progress = log.info) -> tuple[dict[str, str], int, pd.DataFrame]:
     """(mid -> thumbnail version of every model that passes the threshold and has a thumbnail,
-    how many models have a thumbnail)."""
+    how many models have a thumbnail, the likes that survive the threshold)."""
     engine = store.connect(settings.resolved_database_url)
     with_thumbnail = store.models_with_thumbnails(engine)
+    likes = store.read_likes_frame(engine)
     if settings.min_likes > 0:
-        result = threshold_likes(store.read_likes_frame(engine), settings.min_likes)
+        result = threshold_likes(likes, settings.min_likes)
         progress(result.summary())
+        likes = result.likes
         kept = set(result.models)
         valid = [mid for mid in with_thumbnail if mid in kept]
     else:
         progress("threshold: min_likes=0, keeping every model with a thumbnail")
         valid = list(with_thumbnail)
     progress(f"threshold: {len(valid)} models pass the threshold and have a thumbnail")
-    return {mid: with_thumbnail[mid] or _file_version(settings, mid) for mid in valid}, len(with_thumbnail)
+    return {mid: with_thumbnail[mid] or _file_version(settings, mid) for mid in valid}, len(with_thumbnail), likes
 
 
 def _file_version(settings: Settings, mid: str) -> str:
@@ -366,17 +371,27 @@ def _incremental_top_k(chunk_store: ChunkStore, previous: TopK, valid: ValidMode
 EVALUATION_FILE = "evaluation.json"
 
 
+def _run_likes(settings: Settings, folder: Location, progress: Progress) -> pd.DataFrame:
+    """The likes the run was thresholded on (saved by threshold); for a run made before they were
+    saved, the catalogue's likes thresholded again."""
+    likes = RunLikes.read(folder)
+    if likes is None:
+        progress(f"{folder} has no saved likes (an older run): reading and thresholding the catalogue's likes")
+        likes = _thresholded_likes(settings)
+    return likes
+
+
 def _thresholded_likes(settings: Settings) -> pd.DataFrame:
-    """The catalogue's likes, thresholded as the run's were (RECSKETCH_MIN_LIKES)."""
+    """The catalogue's likes now, thresholded as a run's are (RECSKETCH_MIN_LIKES)."""
     likes = store.read_likes_frame(store.connect(settings.resolved_database_url))
     return threshold_likes(likes, settings.min_likes).likes if settings.min_likes > 0 else likes
 
 
 def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: Progress = log.info,
-                       config: EvaluationConfig | None = None) -> dict:
-    """Every method's offline metrics on the catalogue's thresholded likes, over the given models
-    (mid -> thumbnail version) with their features (``recsketch.evaluation``)."""
-    likes = _thresholded_likes(settings)
+                       config: EvaluationConfig | None = None, likes: pd.DataFrame | None = None) -> dict:
+    """Every method's offline metrics on thresholded likes (``likes``, else the catalogue's now),
+    over the given models (mid -> thumbnail version) with their features (``recsketch.evaluation``)."""
+    likes = _thresholded_likes(settings) if likes is None else likes
     mids, features, _ = ChunkStore(settings.features_dir, backbone_key(settings)).load_features(versions)
     if len(mids) < 2:
         raise RecsketchError(f"only {len(mids)} models have features: nothing to evaluate; run the pipeline first")
@@ -388,7 +403,8 @@ def evaluate_stage(settings: Settings, folder: Location, progress: Progress = lo
                    config: EvaluationConfig | None = None) -> dict:
     """The run's models measured on held-out likes; the report is stored with the run for load
     (its quality gate, ``run_metrics``) and the gallery."""
-    report = evaluate_catalogue(settings, ValidModels.read(folder).versions, progress, config)
+    report = evaluate_catalogue(settings, ValidModels.read(folder).versions, progress, config,
+                                likes=_run_likes(settings, folder, progress))
     files.write_text(folder / EVALUATION_FILE, json.dumps(report, indent=1))
     method, metric = PRIMARY_METRIC
     summary = {f"{name}_{metric}": values[metric] for name, values in report["methods"].items()}
@@ -414,7 +430,7 @@ def plan_hybrid_stage(settings: Settings, folder: Location, progress: Progress =
         return []
     visual = TopKStore.for_run(folder).require("similarity")
     started = time.monotonic()
-    matrix = Likes.from_frame(_thresholded_likes(settings), visual.mids).matrix()
+    matrix = Likes.from_frame(_run_likes(settings, folder, progress), visual.mids).matrix()
     set_threads(settings.effective_threads)
     _, item_factors = fit_als(matrix, threads=settings.effective_threads)
     liked = np.asarray(matrix.sum(axis=0)).ravel() > 0

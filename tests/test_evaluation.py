@@ -261,3 +261,33 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
         assert result.mids == visual.mids
         np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-5)
         assert (result.indices == indices).mean() > 0.99  # equal, but for exact ties
+
+
+def test_a_run_is_measured_on_the_likes_it_was_thresholded_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """threshold saves the surviving likes with the run; evaluate uses them, so a crawl that
+    changes the catalogue mid-run does not change what the run is measured on."""
+    from recsketch.config import Settings
+    from recsketch.contracts import RunLikes
+    from recsketch.db import store
+    from recsketch.likes import threshold_likes
+    from recsketch.pipeline import evaluate_stage, run_dir, similarity_stage, threshold_stage
+
+    frame, mids, unit = _clustered_catalogue(groups=10, per_group=10, users=150)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", top_k=5,
+                        threads=1)
+    _catalogue_in(settings, frame, mids)
+    _features_for(settings, mids, unit)
+    folder = run_dir(settings, "r")
+    summary = threshold_stage(settings, folder)
+    saved = RunLikes.read(folder)
+    expected = threshold_likes(frame, settings.min_likes).likes
+    assert saved is not None and summary["likes"] == len(saved) == len(expected)
+    as_pairs = lambda likes: set(zip(likes["mid"].astype(str), likes["uid"].astype(str), strict=True))  # noqa: E731
+    assert as_pairs(saved) == as_pairs(expected)
+    similarity_stage(settings, folder)
+    before = evaluate_stage(settings, folder)
+    engine = store.connect(settings.resolved_database_url)  # a crawl drops half the likes meanwhile
+    half = frame.iloc[::2].groupby("mid")["uid"].apply(set).to_dict()
+    store.replace_likes(engine, {mid: half.get(mid, set()) for mid in mids})
+    assert len(store.read_likes_frame(engine)) < len(frame)
+    assert evaluate_stage(settings, folder) == before
