@@ -209,9 +209,16 @@ def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.nda
                    iterations=config.iterations, seed=config.seed, threads=config.threads)
 
 
-def _profiles(train: sparse.csr_matrix, unit: np.ndarray) -> np.ndarray:
+def _sums(train: sparse.csr_matrix, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A user block's sums of ``rows`` over the models each user liked in ``train``, computed per
+    block: memory holds a block's sums, never every user's (users x d at a million users)."""
+    return lambda users: np.asarray(train[users] @ rows, dtype=np.float32)
+
+
+def _profiles(train: sparse.csr_matrix, unit: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """A user's visual profile: the sum of the unit features of the models they liked, normalised."""
-    return normalise(np.asarray(train @ unit, dtype=np.float32), copy=False)
+    sums = _sums(train, unit)
+    return lambda users: normalise(sums(users), copy=False)
 
 
 def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
@@ -224,7 +231,8 @@ def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
 
 
 def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: EvaluationConfig, weight: float | None,
-             als: tuple[np.ndarray, np.ndarray], profiles: np.ndarray | None) -> dict[str, Scorer]:
+             als: tuple[np.ndarray, np.ndarray], profiles: Callable[[np.ndarray], np.ndarray] | None
+             ) -> dict[str, Scorer]:
     """Scorers over every item, trained on ``train`` (``als``: its factors, ``profiles``: its users')."""
     rng = np.random.default_rng(config.seed + 1)
     popularity = np.asarray(train.sum(axis=0)).ravel().astype(np.float64)
@@ -235,11 +243,11 @@ def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: Evaluati
         "cf": lambda users, items: user_factors[users] @ item_factors[items].T,
     }
     if unit is not None and profiles is not None:
-        methods["visual"] = lambda users, items: profiles[users] @ unit[items].T
+        methods["visual"] = lambda users, items: profiles(users) @ unit[items].T
         if weight is not None:
             embedding = hybrid_embedding(unit, normalise(item_factors), weight)
-            summed = np.asarray(train @ embedding, dtype=np.float32)  # Σ over liked models of their embedding
-            methods["hybrid"] = lambda users, items: summed[users] @ embedding[items].T
+            summed = _sums(train, embedding)  # Σ over liked models of their embedding
+            methods["hybrid"] = lambda users, items: summed(users) @ embedding[items].T
     return methods
 
 
@@ -252,13 +260,13 @@ def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: Evalu
     inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
     fit, valid = inner.matrix(~held), inner.matrix(held)
     factors = normalise(_fit_als(fit, config)[1])
-    visual_sums, cf_sums = np.asarray(fit @ unit, np.float32), np.asarray(fit @ factors, np.float32)
+    visual_sums, cf_sums = _sums(fit, unit), _sums(fit, factors)
     users = _users_with(valid, fit, config.max_users, rng)
     items = np.arange(train.shape[1])
     totals = {w: _Accumulator((10,), len(items)) for w in HYBRID_WEIGHTS}
     for block, truth, mask in _blocks(users, valid, fit, items):  # both parts once per block, every weight
-        visual = visual_sums[block] @ unit.T
-        cf = cf_sums[block] @ factors.T
+        visual = visual_sums(block) @ unit.T
+        cf = cf_sums(block) @ factors.T
         for w, total in totals.items():
             total.add(mask((1 - w) * visual + w * cf), truth)
     by_weight = {w: total.result()["ndcg@10"] for w, total in totals.items()}
@@ -302,19 +310,19 @@ def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | N
 
 
 def _cold_start(split: Split, unit: np.ndarray, config: EvaluationConfig, weight: float, rng: np.random.Generator,
-                item_factors: np.ndarray, profiles: np.ndarray) -> dict[str, dict[str, float]]:
+                item_factors: np.ndarray, profiles: Callable[[np.ndarray], np.ndarray]) -> dict[str, dict[str, float]]:
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid with
     CF factors predicted from the visual embedding (ridge fitted on the warm models)."""
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
     factors = complete_factors(unit, item_factors, liked, config.ridge)  # the cold models have no likes
     embedding = hybrid_embedding(unit, factors, weight)
-    summed = np.asarray(split.train @ embedding, dtype=np.float32)
+    summed = _sums(split.train, embedding)
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
     random_rng = np.random.default_rng(config.seed + 4)
     scorers: dict[str, Scorer] = {
         "random": lambda block, items: random_rng.random((len(block), len(items)), dtype=np.float32),
-        "visual": lambda block, items: profiles[block] @ unit[items].T,
-        "hybrid": lambda block, items: summed[block] @ embedding[items].T,
+        "visual": lambda block, items: profiles(block) @ unit[items].T,
+        "hybrid": lambda block, items: summed(block) @ embedding[items].T,
     }
     return {name: rank_metrics(scorer, users, split.cold_test, None, split.cold_items, config.ks)
             for name, scorer in scorers.items()}
