@@ -33,12 +33,10 @@ from recsketch.storage import Location
 VALID_MODELS_FILE = "valid_models.json"
 RUN_LIKES_FILE = "likes.npz"  # the thresholded likes the run was made from
 PLAN_FILE = "chunk_plan.json"
-SIMILARITY_PLAN_FILE = "similarity_plan.json"
-HYBRID_PLAN_FILE = "hybrid_plan.json"  # the hybrid neighbours' shards, over the hybrid embedding
+SIMILARITY_PLAN_FILE = "similarity_plan.json"  # the hybrid neighbours': hybrid_plan.json (SimilarityPlan.name)
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
-SHARD_PREFIX = "similarity-shard-"
-FEATURES_PREFIX = "similarity-features-"  # the run's unit features (PCA-reduced if set), one .npy
+SHARD_PREFIX = "similarity-shard-"  # the visual plan's shards (shard_path: "<plan name>-shard-")
 
 
 def _read_json(path: Location, stage: str) -> Any:
@@ -179,24 +177,27 @@ class SimilarityPlan:
     def reduced(self) -> bool:
         return self.recall_at_k is not None
 
-    @staticmethod
-    def file_for(method: str) -> str:
-        return SIMILARITY_PLAN_FILE if method == "visual" else HYBRID_PLAN_FILE
+    @property
+    def name(self) -> str:
+        """What its files and stages are named after: ``similarity`` (the visual neighbours'
+        ``similarity_plan.json``, ``similarity-shard-*``, ``plan_similarity``) or the method's."""
+        return self.name_of(self.method)
 
     @staticmethod
-    def stage_for(method: str) -> str:
-        return "plan_similarity" if method == "visual" else "plan_hybrid"
+    def name_of(method: str) -> str:
+        return "similarity" if method == "visual" else method
 
     def write(self, folder: Location) -> None:
         payload: dict[str, object] = {"mode": self.mode, "mids": self.mids,
                                       "shards": [list(shard) for shard in self.shards]}
         if self.recall_at_k is not None:
             payload["recall_at_k"] = self.recall_at_k
-        _write_json(folder / self.file_for(self.method), payload)
+        _write_json(folder / f"{self.name}_plan.json", payload)
 
     @classmethod
     def read(cls, folder: Location, method: str = "visual") -> SimilarityPlan:
-        path, stage = folder / cls.file_for(method), cls.stage_for(method)
+        name = cls.name_of(method)
+        path, stage = folder / f"{name}_plan.json", f"plan_{name}"
         payload = _read_json(path, stage)
         try:
             mids = payload["mids"]
@@ -280,13 +281,11 @@ class TopKStore:
 
 
 def features_file(plan: SimilarityPlan) -> str:
-    prefix = FEATURES_PREFIX if plan.method == "visual" else f"{plan.method}-features-"
-    return f"{prefix}{plan.digest}.npy"
+    return f"{plan.name}-features-{plan.digest}.npy"
 
 
 def shard_path(folder: Location, plan: SimilarityPlan, first: int, last: int) -> Location:
-    prefix = SHARD_PREFIX if plan.method == "visual" else f"{plan.method}-shard-"
-    return folder / f"{prefix}{plan.digest}-{first:09d}-{last:09d}.npz"
+    return folder / f"{plan.name}-shard-{plan.digest}-{first:09d}-{last:09d}.npz"
 
 
 def write_shard(folder: Location, plan: SimilarityPlan, first: int, last: int, indices: np.ndarray,
@@ -303,9 +302,8 @@ def read_shards(folder: Location, plan: SimilarityPlan) -> tuple[int, np.ndarray
         try:
             part = files.load_npz(path)
         except FileNotFoundError:
-            name = "similarity" if plan.method == "visual" else plan.method
-            raise RecsketchError(f"{name} shard rows {first}-{last} ({path}) is missing: "
-                                 f"run the {name} shards again") from None
+            raise RecsketchError(f"{plan.name} shard rows {first}-{last} ({path}) is missing: "
+                                 f"run the {plan.name} shards again") from None
         index_parts.append(part["indices"])
         score_parts.append(part["scores"])
     if not index_parts:

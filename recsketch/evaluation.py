@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
+from recsketch.hybrid import DEFAULT_RIDGE, complete_factors, fit_als, hybrid_embedding
 from recsketch.similarity import normalise
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class EvaluationConfig:
     iterations: int = 15
     regularization: float = 0.05
     alpha: float = 2.0  # ALS confidence of a like
-    ridge: float = 1.0
+    ridge: float = DEFAULT_RIDGE
     threads: int = 0  # 0: every core
     ks: tuple[int, ...] = KS
 

@@ -16,6 +16,8 @@ from scipy import sparse
 
 from recsketch.similarity import normalise
 
+DEFAULT_RIDGE = 1.0  # the cold-start map's regularisation (EvaluationConfig.ridge defaults to it)
+
 
 def fit_als(likes: sparse.csr_matrix, *, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
             iterations: int = 15, seed: int = 0, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -30,21 +32,15 @@ def fit_als(likes: sparse.csr_matrix, *, factors: int = 64, regularization: floa
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, ridge: float = 1.0) -> np.ndarray:
+def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray,
+                     ridge: float = DEFAULT_RIDGE) -> np.ndarray:
     """Unit CF factors for every model: ALS's where the model was liked, else predicted from its
     visual features by ridge regression fitted on the liked ones."""
     liked = np.asarray(liked, dtype=bool)
-    return hybrid_factors(unit, item_factors, liked, fit_cold_start_map(unit[liked], normalise(item_factors[liked]),
-                                                                         ridge))
-
-
-def fit_cold_start_map(unit: np.ndarray, unit_factors: np.ndarray, ridge: float = 1.0) -> np.ndarray | None:
-    """The ridge map from visual features to CF factors, fitted on liked models (None: too few)."""
-    if len(unit) < 2:
-        return None
-    fit = RidgeFit(unit.shape[1], unit_factors.shape[1])
-    fit.add(unit, unit_factors)
-    return fit.solve(ridge)
+    fit = RidgeFit(unit.shape[1], item_factors.shape[1])
+    if not liked.all():  # a map only when some model needs one
+        fit.add(unit[liked], normalise(item_factors[liked]))
+    return hybrid_factors(unit, item_factors, liked, fit.solve(ridge))
 
 
 def hybrid_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray,
@@ -66,8 +62,8 @@ def hybrid_embedding(unit: np.ndarray, factors: np.ndarray, cf_weight: float) ->
 
 
 class RidgeFit:
-    """:func:`ridge_map` fitted block by block (the Gram matrices summed over row blocks), so
-    the features of a million models never sit in memory at once."""
+    """W minimising ||X W - Y||² + ridge ||W||², fitted block by block (the Gram matrices summed
+    over row blocks), so the features of a million models never sit in memory at once."""
 
     def __init__(self, dim: int, targets: int) -> None:
         self.gram = np.zeros((dim, dim))
@@ -80,7 +76,10 @@ class RidgeFit:
         self.cross += block.T @ np.asarray(targets, dtype=np.float64)
         self.rows += len(block)
 
-    def solve(self, ridge: float) -> np.ndarray:
+    def solve(self, ridge: float = DEFAULT_RIDGE) -> np.ndarray | None:
+        """The map, or None when fewer than two rows were added (nothing to fit)."""
+        if self.rows < 2:
+            return None
         return np.linalg.solve(self.gram + ridge * np.eye(len(self.gram)), self.cross)
 
 

@@ -288,13 +288,12 @@ def _top_k_shard(settings: Settings, folder: Location, shard: str, method: str, 
         try:
             if unit.shape[0] != len(order):
                 raise RecsketchError(f"{folder / features_file(plan)} has {unit.shape[0]} rows, the "
-                                     f"plan {len(order)}: run {SimilarityPlan.stage_for(method)} again")
+                                     f"plan {len(order)}: run plan_{plan.name} again")
             indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
         finally:
             unit.close()
     write_shard(folder, plan, first, last, indices, scores)
-    name = "similarity" if method == "visual" else method
-    progress(f"{name} shard {shard}: {last - first} rows x {len(order)} models "
+    progress(f"{plan.name} shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s")
     return {"shard": shard, "rows": last - first}
 
@@ -450,7 +449,7 @@ def plan_hybrid_stage(settings: Settings, folder: Location, progress: Progress =
             for first, last in blocks:  # pass 1: the cold-start map, fitted on the liked models
                 keep = liked[first:last]
                 fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
-            mapping = fit.solve(1.0) if fit.rows >= 2 and not liked.all() else None
+            mapping = None if liked.all() else fit.solve()
             sink.open(len(visual.mids), unit.shape[1] + item_factors.shape[1])
             for first, last in blocks:  # pass 2: the rows
                 sink.put(np.arange(first, last), hybrid_rows(unit[first:last], item_factors[first:last],

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from recsketch.features.images import decode_image, thumbnail_version
 from recsketch.storage import Location, read_many
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 DECODE_THREADS = 2  # batches decoded ahead, in parallel
 PROGRESS_EVERY_S = 5.0
 
@@ -80,6 +83,17 @@ def _decode_and_embed(backbone: Backbone, batch: Sequence[tuple[str, Location]],
     return _Embedded(mids, backbone.embed(images) if mids else None, failed, versions)
 
 
+def _in_order(pool: ThreadPoolExecutor, work: Callable[[T], R], items: Sequence[T], ahead: int) -> Iterator[R]:
+    """``work`` of each item, yielded in order, with at most ``ahead`` items submitted at once
+    (so memory holds that many results, never all of them)."""
+    running: deque[Future[R]] = deque(pool.submit(work, item) for item in items[:ahead])
+    for index in range(len(items)):
+        done = running.popleft().result()
+        if index + ahead < len(items):
+            running.append(pool.submit(work, items[index + ahead]))
+        yield done
+
+
 def _embedded_batches(backbone: Backbone, batches: Sequence[Sequence[tuple[str, Location]]],
                       preprocess: str) -> Iterator[_Embedded]:
     """Each batch decoded and embedded, yielded in order; at most a few batches in memory.
@@ -87,28 +101,18 @@ def _embedded_batches(backbone: Backbone, batches: Sequence[Sequence[tuple[str, 
     A backbone with lanes (the exported runtimes: one core each) gets one worker per lane that
     decodes its batch and then embeds it, so no core waits on another's. Otherwise (torch,
     TensorFlow: every operator split across the cores) ``DECODE_THREADS`` threads decode the
-    next batches while the backbone embeds the current one."""
+    next batches (PIL releases the GIL while it decodes and resizes) while the backbone embeds
+    the current one."""
     lanes = lanes_of(backbone)
     if lanes > 1:
         with ThreadPoolExecutor(lanes, thread_name_prefix="lane") as pool:
-            running: deque[Future[_Embedded]] = deque(
-                pool.submit(_decode_and_embed, backbone, batch, preprocess) for batch in batches[: 2 * lanes])
-            for index in range(len(batches)):
-                done = running.popleft().result()
-                if index + 2 * lanes < len(batches):
-                    running.append(pool.submit(_decode_and_embed, backbone, batches[index + 2 * lanes], preprocess))
-                yield done
+            yield from _in_order(pool, lambda batch: _decode_and_embed(backbone, batch, preprocess), batches,
+                                 2 * lanes)
         return
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as decoder:
-        # DECODE_THREADS batches decode at once (PIL releases the GIL while it decodes and
-        # resizes), ahead of the batch the backbone embeds
-        pending: deque[Future] = deque(decoder.submit(_decode_batch, batch, backbone.input_size, preprocess)
-                                       for batch in batches[:DECODE_THREADS])
-        for index in range(len(batches)):
-            mids, images, failed, versions = pending.popleft().result()
-            if index + DECODE_THREADS < len(batches):
-                pending.append(decoder.submit(_decode_batch, batches[index + DECODE_THREADS], backbone.input_size,
-                                              preprocess))
+        decoded = _in_order(decoder, lambda batch: _decode_batch(batch, backbone.input_size, preprocess), batches,
+                            DECODE_THREADS)
+        for mids, images, failed, versions in decoded:
             yield _Embedded(mids, backbone.embed(images) if mids else None, failed, versions)
 
 
