@@ -67,7 +67,8 @@ def precompute_chunks(settings, folder: Path, dim: int) -> int:  # type: ignore[
     features: the same chunk ids (so the DAG's extract tasks find them all done)."""
     from recsketch.contracts import ChunkPlan
     from recsketch.features.chunks import Chunk, ChunkStore
-    from recsketch.pipeline import plan_stage, threshold_stage
+    from recsketch.stages.extract import plan_stage
+    from recsketch.stages.threshold import threshold_stage
 
     threshold_stage(settings, folder, progress=lambda _: None)
     plan_stage(settings, folder, progress=lambda _: None)
@@ -141,7 +142,7 @@ def main() -> None:
             print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "models": stats.models,
                                           "likes": stats.likes}), flush=True)
         elif args.child == "chunks":
-            from recsketch.pipeline import run_dir
+            from recsketch.stages.common import run_dir
 
             chunks = precompute_chunks(settings, run_dir(settings, "precompute"), args.dim)
             print("RESULT " + json.dumps({"chunks": chunks}), flush=True)

@@ -68,7 +68,7 @@ def part_demo(args: argparse.Namespace) -> dict:
     from recsketch.config import INPUT_SIZE, Settings
     from recsketch.demo import build_demo_catalog
     from recsketch.evaluation import Likes, evaluate
-    from recsketch.features.backbones import create_backbone
+    from recsketch.features.factory import create_backbone
     from recsketch.features.images import load_image
     from recsketch.likes import threshold_likes
     from recsketch.psv import read_likes

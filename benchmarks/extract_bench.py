@@ -74,9 +74,10 @@ def make_thumbnails(folder: Path, count: int, wide: bool = False) -> list[Path]:
 
 def build(backbone_name: str, precision: str, runtime: str, exports: Path):  # type: ignore[no-untyped-def]
     from recsketch.features import runtimes
-    from recsketch.features.backbones import EfficientNetLite0Backbone, VGG16Backbone, set_threads
+    from recsketch.features.backbones import EfficientNetLite0Backbone, VGG16Backbone
+    from recsketch.resources import limit_threads
 
-    set_threads(os.cpu_count() or 1)
+    limit_threads(os.cpu_count() or 1)
     if backbone_name == "vgg16":  # speed does not depend on the weights' values
         return VGG16Backbone(weights="random", pooling="flatten", precision=precision)
     if runtime == "torch":

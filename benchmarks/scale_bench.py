@@ -56,7 +56,8 @@ def part_threshold(args: argparse.Namespace, work: Path) -> dict:
 def part_plan(args: argparse.Namespace, work: Path) -> dict:
     from recsketch.config import Settings
     from recsketch.contracts import ChunkPlan, ValidModels
-    from recsketch.pipeline import plan_stage, run_dir
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.extract import plan_stage
 
     settings = Settings(data_dir=work / "plan", chunk_size=256)
     folder = run_dir(settings, "scale")

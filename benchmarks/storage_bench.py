@@ -27,11 +27,12 @@ STAGES = ("crawl", "threshold", "plan", "extract", "similarity", "load")
 
 
 def timed_pipeline(settings: Settings, run_id: str) -> dict[str, float]:
-    from recsketch import pipeline
+    from recsketch import stages
+    from recsketch.stages.common import run_dir
 
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
     times: dict[str, float] = {}
-    folder = pipeline.run_dir(settings, run_id)
+    folder = run_dir(settings, run_id)
 
     def stage(name: str, call: Callable[[], object]) -> object:
         started = time.perf_counter()
@@ -39,13 +40,13 @@ def timed_pipeline(settings: Settings, run_id: str) -> dict[str, float]:
         times[name] = time.perf_counter() - started
         return result
 
-    stage("crawl", lambda: pipeline.crawl_stage(settings, folder, progress=quiet))
-    stage("threshold", lambda: pipeline.threshold_stage(settings, folder, quiet))
-    chunk_ids = stage("plan", lambda: pipeline.plan_stage(settings, folder, quiet))
+    stage("crawl", lambda: stages.CRAWL(settings, folder, progress=quiet))
+    stage("threshold", lambda: stages.THRESHOLD(settings, folder, quiet))
+    chunk_ids = stage("plan", lambda: stages.PLAN_CHUNKS(settings, folder, quiet))
     assert isinstance(chunk_ids, list)
-    stage("extract", lambda: [pipeline.extract_stage(settings, folder, c, quiet) for c in chunk_ids])
-    stage("similarity", lambda: pipeline.similarity_stage(settings, folder, quiet))
-    stage("load", lambda: pipeline.load_stage(settings, folder, run_id, quiet))
+    stage("extract", lambda: [stages.EXTRACT(settings, folder, c, quiet) for c in chunk_ids])
+    stage("similarity", lambda: stages.similarity_stage(settings, folder, quiet))
+    stage("load", lambda: stages.LOAD(settings, folder, run_id, quiet))
     times["total"] = sum(times.values())
     return times
 

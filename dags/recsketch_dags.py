@@ -17,8 +17,9 @@ run that measures worse than the live one (the quality gate; param ``force`` ove
 and updates the recommendations Asset with the run's metrics. Asset events
 that arrive while it runs are queued into one next run, so crawls close together coalesce.
 
-Every task calls one function of ``recsketch.pipeline``; stages hand over through the
-catalogue DB and the run's folder, so any task can be retried alone. Settings come from the
+Every task runs one task of the stage registry ``recsketch.stages`` (the one ``recsketch run``
+and the CLI use); stages hand over through the catalogue DB and the run's folder, so any task
+can be retried alone. Settings come from the
 environment, the ``sketchfab_default`` and ``recsketch_db`` Connections, then the DAG params.
 Heavy libraries (TensorFlow, torch) load inside the tasks, never when this file is parsed.
 """
@@ -29,6 +30,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from recsketch import stages  # the registry only: the stages' modules load when a task runs
 
 CATALOGUE = Asset("recsketch://catalogue", extra={"holds": "models, likes, thumbnails"})
 RECOMMENDATIONS = Asset("recsketch://recommendations", extra={"holds": "top-k similar models per model"})
@@ -59,26 +62,25 @@ FORCE = Param(False, type="boolean", description="load even if the run measures 
                                                  "(the quality gate, RECSKETCH_GATE_MIN_RATIO)")
 
 
-def _run_stage(stage: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-    """Call ``recsketch.pipeline.<stage>`` with this run's settings and folder; the library is
-    imported here, at run time, never when the file is parsed."""
-    from recsketch import pipeline
+def _run(task: stages.Task, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+    """Run ``task`` of the stage registry with this run's settings and folder, logging its summary
+    and peak memory; a failure a retry cannot mend fails the task at once."""
     from recsketch.errors import ConfigError, PermanentApiError, QualityGateFailed
     from recsketch.hooks import airflow_settings
     from recsketch.resources import peak_rss_bytes, reset_peak_rss
+    from recsketch.stages.common import log, run_dir
 
     context = get_current_context()
     params = context["params"]
     settings = airflow_settings(**{name: params.get(name) for name in PARAMS})
-    folder = pipeline.run_dir(settings, context["run_id"])
+    folder = run_dir(settings, context["run_id"])
     reset_peak_rss()
     try:
-        summary = getattr(pipeline, stage)(settings, folder, *args, **kwargs)
+        summary = task(settings, folder, *args, **kwargs)
     except (PermanentApiError, ConfigError, QualityGateFailed) as exc:  # a retry would fail the same way
         raise AirflowFailException(str(exc)) from exc
-    name = stage.removesuffix("_stage")
-    pipeline.log.info("%s summary: %s", name, summary)
-    pipeline.log.info("%s: peak RSS %.0f MiB", name, peak_rss_bytes() / 2**20)
+    log.info("%s summary: %s", task.name, summary)
+    log.info("%s: peak RSS %.0f MiB", task.name, peak_rss_bytes() / 2**20)
     return summary
 
 
@@ -103,9 +105,9 @@ def recsketch() -> None:
         context = get_current_context()
         run_type = context["dag_run"].run_type
         if getattr(run_type, "value", run_type) == "backfill":
-            return _run_stage("crawl_stage", published_since=context["data_interval_start"],
+            return _run(stages.CRAWL, published_since=context["data_interval_start"],
                               published_before=context["data_interval_end"])
-        return _run_stage("crawl_stage")
+        return _run(stages.CRAWL)
 
     @task(outlets=[CATALOGUE])
     def publish_catalogue(stats: dict) -> dict:
@@ -135,54 +137,54 @@ def recsketch() -> None:
 def recsketch_recommendations() -> None:
     @task
     def threshold() -> dict:
-        return _run_stage("threshold_stage")
+        return _run(stages.THRESHOLD)
 
     @task
     def plan_chunks() -> list[str]:
-        return _run_stage("plan_stage")
+        return _run(stages.PLAN_CHUNKS)
 
     # one mapped task per planned task id: one chunk, or a group of chunks once a catalogue has more
     # chunks than RECSKETCH_MAX_MAPPED_TASKS (so it never meets Airflow's max_map_length)
     @task(map_index_template="chunk {{ task.op_kwargs['chunk_id'] }}")
     def extract(chunk_id: str) -> dict:
-        return _run_stage("extract_stage", chunk_id)
+        return _run(stages.EXTRACT, chunk_id)
 
     @task(trigger_rule="none_failed")  # runs when every chunk was already done (no mapped task)
     def plan_similarity() -> list[str]:
         """Incremental or unchanged runs finish here; full runs return their row-block shards."""
-        return _run_stage("plan_similarity_stage")
+        return _run(stages.PLAN_SIMILARITY)
 
     @task(map_index_template="rows {{ task.op_kwargs['shard'] }}")
     def similarity_shard(shard: str) -> dict:
-        return _run_stage("similarity_shard_stage", shard)
+        return _run(stages.SIMILARITY_SHARD, shard)
 
     @task(trigger_rule="none_failed")  # runs when no shard was needed
     def merge_similarity() -> dict:
-        return _run_stage("merge_similarity_stage")
+        return _run(stages.MERGE_SIMILARITY)
 
     @task
     def evaluate() -> dict:
         """Every method ranked on held-out likes; the report goes with the run to load."""
-        return _run_stage("evaluate_stage")
+        return _run(stages.EVALUATE)
 
     @task
     def plan_hybrid() -> list[str]:
         """Neighbours from the pictures and the likes together, with the weight evaluate tuned:
         the blended embedding written once, and its row-block shards returned."""
-        return _run_stage("plan_hybrid_stage")
+        return _run(stages.PLAN_HYBRID)
 
     @task(map_index_template="rows {{ task.op_kwargs['shard'] }}")
     def hybrid_shard(shard: str) -> dict:
-        return _run_stage("hybrid_shard_stage", shard)
+        return _run(stages.HYBRID_SHARD, shard)
 
     @task(trigger_rule="none_failed")  # runs when evaluate tuned no weight (no shard)
     def merge_hybrid() -> dict:
-        return _run_stage("merge_hybrid_stage")
+        return _run(stages.MERGE_HYBRID)
 
     @task(outlets=[RECOMMENDATIONS])
     def load() -> dict:
         context = get_current_context()
-        summary = _run_stage("load_stage", context["run_id"], force=bool(context["params"].get("force")))
+        summary = _run(stages.LOAD, context["run_id"], force=bool(context["params"].get("force")))
         context["outlet_events"][RECOMMENDATIONS].extra = summary
         return summary
 

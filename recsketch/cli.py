@@ -1,4 +1,10 @@
-"""The ``recsketch`` command (docs/contracts.md §3)."""
+"""The ``recsketch`` command (docs/contracts.md §3).
+
+Every subcommand's flags go, as keywords named by their ``dest``, to one handler whose
+parameters are exactly those flags (``tests/unit/test_cli_flags.py`` checks that each one is
+read), so a flag cannot be parsed and dropped. The pipeline's subcommands come from
+``recsketch.stages.STEPS``, the registry the DAG uses too.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,18 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from recsketch.config import BACKBONES, Settings
-from recsketch.contracts import ChunkPlan
 from recsketch.errors import ConfigError, InvalidModelId, RecsketchError, UnknownModel
+from recsketch.stages import STEPS, Option, Step, run_options
 from recsketch.timestamps import parse_utc
 
 log = logging.getLogger("recsketch")
+SETTINGS_FLAGS = ("backbone", "top_k", "min_likes", "chunk_size")  # the pipeline options: Settings overrides
 
 
 def _positive(value: str) -> int:
@@ -31,22 +41,36 @@ def _rate(value: str) -> float:
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", help=f"feature backbone: {', '.join(BACKBONES)} (RECSKETCH_BACKBONE)")
+    parser.add_argument("--backbone", help=f"feature backbone: {', '.join(BACKBONES)} (RECSKETCH_BACKBONE; "
+                        "default efficientnet_lite0)")
     # values are checked by Settings, the one validation layer: argparse only reads them
-    parser.add_argument("--top-k", type=int, help="recommendations per model (default 10)")
-    parser.add_argument("--min-likes", type=int, help="like threshold for users and models (default 5; 0 keeps all)")
-    parser.add_argument("--chunk-size", type=int, help="models per feature chunk (default 256)")
+    parser.add_argument("--top-k", type=int, help="recommendations per model (RECSKETCH_TOP_K; default 10)")
+    parser.add_argument("--min-likes", type=int,
+                        help="like threshold for users and models (RECSKETCH_MIN_LIKES; default 5; 0 keeps all)")
+    parser.add_argument("--chunk-size", type=int, help="models per feature chunk (RECSKETCH_CHUNK_SIZE; default 256)")
+    parser.set_defaults(pipeline_options=True)  # invocation() folds these four into the Settings
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    if option.kind == "flag":
+        parser.add_argument(option.flag, dest=option.name, action="store_true", help=option.help)
+    elif option.kind == "list":
+        parser.add_argument(option.flag, dest=option.name, action="append", help=option.help)
+    else:
+        parser.add_argument(option.flag, dest=option.name, help=option.help,
+                            type=parse_utc if option.kind == "timestamp" else str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsketch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="recsketch", description="Sketchfab thumbnails -> visual "
+                                     "'more like this' recommendations (README.md; docs/ for the rest)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve-sketchfab", help="serve a rec-a-sketch data folder as the Sketchfab API")
-    serve.add_argument("folder", type=Path)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("folder", type=Path, help="a folder with model_urls.psv, model_likes_anon.psv, model_thumbs/")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
     serve.add_argument("--fault-429", type=_rate, default=0.0, help="share of API requests answered 429")
     serve.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with 429s")
     serve.add_argument("--fault-5xx", type=_rate, default=0.0, help="share of API requests answered 503")
@@ -60,80 +84,72 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--thumbnail-url", default=None,
                        help="base URL of another host that serves the thumbnails (e.g. a second serve-sketchfab)")
 
-    run = commands.add_parser("run", help="the whole pipeline, without Airflow")
+    run = commands.add_parser("run", help="the whole pipeline in this process, without Airflow")
     _pipeline_options(run)
-    run.add_argument("--run-id", help="run id (default manual__<UTC time>)")
-    run.add_argument("--published-since", type=parse_utc, help="crawl only models published since (ISO 8601)")
+    run.add_argument("--run-id", help="run id: the run's folder under <data dir>/runs (default manual__<UTC time>)")
+    for option in run_options():
+        _add_option(run, option)
 
-    similar = commands.add_parser("similar", help="recommendations for one model")
-    similar.add_argument("mid")
-    similar.add_argument("--top-k", type=_positive)  # a query's size, not a setting
-    similar.add_argument("--json", action="store_true", help="print a JSON list, best first")
+    similar = commands.add_parser("similar", help="recommendations for one model, from the DB")
+    similar.add_argument("mid", help="the model's id (32 hex characters, or a legacy id)")
+    similar.add_argument("--top-k", type=_positive, help="how many (default: all that are stored)")
+    similar.add_argument("--json", dest="as_json", action="store_true", help="print a JSON list, best first")
     similar.add_argument("--method", choices=("visual", "hybrid"), default="visual",
                          help="visual: by the pictures (default); hybrid: pictures and likes together")
 
-    for name, help_text in (("crawl", "stage 1: crawl the API into the catalogue"),
-                            ("threshold", "stage 2: the like threshold"),
-                            ("plan", "stage 3a: plan feature chunks"),
-                            ("extract", "stage 3b: extract planned chunks"),
-                            ("similarity", "stage 4: top-k cosine similarity"),
-                            ("hybrid", "stage 5b: hybrid neighbours (after evaluate)"),
-                            ("load", "stage 6: load recommendations into the DB (after evaluate)")):
-        stage = commands.add_parser(name, help=help_text)
+    for part in STEPS:
+        if part.name == "evaluate":
+            continue  # its own subcommand below: it also runs without a run
+        stage = commands.add_parser(part.name, help=part.help)
         _pipeline_options(stage)
         stage.add_argument("--run-id", required=True, help="the run whose folder the stages share")
-        if name == "crawl":
-            stage.add_argument("--published-since", type=parse_utc)
-            stage.add_argument("--published-before", type=parse_utc)
-        if name == "load":
-            stage.add_argument("--force", action="store_true", help="load even if the quality gate refuses the run")
-        if name == "extract":
-            stage.add_argument("--chunk", action="append",
-                               help="an extract task or chunk id (default: every planned task)")
+        for option in part.options:
+            _add_option(stage, option)
 
     evaluate = commands.add_parser("evaluate", help="offline quality: every method ranked on held-out likes")
     _pipeline_options(evaluate)
     evaluate.add_argument("--run-id", help="evaluate this run's models and store the report with the run "
                           "(what the DAG's evaluate task does); default: the catalogue's models with features")
-    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    evaluate.add_argument("--holdout", type=float, default=0.2, help="share of each user's likes held out")
-    evaluate.add_argument("--cold", type=float, default=0.1, help="share of models held out with all their likes")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--max-users", type=_positive, help="users ranked for (sampled; default 10000)")
+    evaluate.add_argument("--json", dest="as_json", action="store_true", help="print the whole report as JSON")
+    evaluate.add_argument("--holdout", type=float, default=0.2, help="share of each user's likes held out (0.2)")
+    evaluate.add_argument("--cold", type=float, default=0.1, help="share of models held out with all their likes (0.1)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the split and the samples (0)")
+    evaluate.add_argument("--max-users", type=_positive, help="users ranked for (sampled; RECSKETCH_EVAL_MAX_USERS)")
 
     db = commands.add_parser("db", help="schema migrations of the recommendations DB (Alembic)")
     db.add_argument("action", choices=("upgrade", "current"),
                     help="upgrade: apply every migration the DB lacks; current: its revision and the code's")
 
     demo = commands.add_parser("demo-catalog", help="build the demo catalogue from offline photos")
-    demo.add_argument("folder", type=Path)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("folder", type=Path, help="where to write it (a rec-a-sketch data folder)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the variants and the likes (0)")
 
     importer = commands.add_parser("import", help="a rec-a-sketch folder (model_urls.psv, model_likes_anon.psv, "
                                    "model_thumbs/) straight into the catalogue, no HTTP")
-    importer.add_argument("folder", type=Path)
-    show = commands.add_parser("show", help="print some models with their top recommendations")
-    show.add_argument("--models", type=_positive, default=5)
-    show.add_argument("--top-k", type=_positive, default=3)
+    importer.add_argument("folder", type=Path, help="the rec-a-sketch data folder")
+    show = commands.add_parser("show", help="print some models with their top recommendations, from the DB")
+    show.add_argument("--models", type=_positive, default=5, help="how many models (5)")
+    show.add_argument("--top-k", type=_positive, default=3, help="recommendations each (3)")
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env().with_overrides(
-        backbone=getattr(args, "backbone", None), top_k=getattr(args, "top_k", None),
-        min_likes=getattr(args, "min_likes", None), chunk_size=getattr(args, "chunk_size", None))
+def settings_for(backbone: str | None = None, top_k: int | None = None, min_likes: int | None = None,
+                 chunk_size: int | None = None) -> Settings:
+    return Settings.from_env().with_overrides(backbone=backbone, top_k=top_k, min_likes=min_likes,
+                                              chunk_size=chunk_size)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(folder: Path, host: str, port: int, fault_429: float, retry_after: float | None, fault_5xx: float,
+           fault_truncate: float, fault_bad_json: float, latency_ms: float, seed: int, now: datetime | None,
+           thumbnail_url: str | None) -> int:
     from recsketch.sketchfab.server import Catalog, Faults, SketchfabServer
 
-    faults = Faults(rate_429=args.fault_429, retry_after=args.retry_after, rate_5xx=args.fault_5xx,
-                    rate_truncate=args.fault_truncate, rate_bad_json=args.fault_bad_json,
-                    latency_s=args.latency_ms / 1000.0, seed=args.seed)
-    catalog = Catalog(args.folder)
-    server = SketchfabServer(catalog, (args.host, args.port), faults, now=args.now,
-                             thumbnail_url=args.thumbnail_url.rstrip("/") if args.thumbnail_url else None)
-    print(f"serving {len(catalog.models)} models from {args.folder} at {server.url}", flush=True)
+    faults = Faults(rate_429=fault_429, retry_after=retry_after, rate_5xx=fault_5xx, rate_truncate=fault_truncate,
+                    rate_bad_json=fault_bad_json, latency_s=latency_ms / 1000.0, seed=seed)
+    catalog = Catalog(folder)
+    server = SketchfabServer(catalog, (host, port), faults, now=now,
+                             thumbnail_url=thumbnail_url.rstrip("/") if thumbnail_url else None)
+    print(f"serving {len(catalog.models)} models from {folder} at {server.url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -143,12 +159,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db(args: argparse.Namespace, settings: Settings) -> int:
+def _demo_catalog(folder: Path, seed: int) -> int:
+    from recsketch.demo import build_demo_catalog
+
+    groups = build_demo_catalog(folder, seed=seed)
+    print(f"demo catalogue: {len(groups)} models in {len(set(groups.values()))} groups at {folder}")
+    return 0
+
+
+def _db(settings: Settings, action: str) -> int:
     from recsketch.db import migrate, store
 
     engine = store.engine_for(settings.resolved_database_url)
     try:
-        if args.action == "upgrade":
+        if action == "upgrade":
             before, after = migrate.upgrade(engine)
             print(f"schema: {before or 'none'} -> {after} (head {migrate.head()})")
         else:
@@ -160,12 +184,12 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _similar(args: argparse.Namespace, settings: Settings) -> int:
+def _similar(settings: Settings, mid: str, top_k: int | None, as_json: bool, method: str) -> int:
     from recsketch.db import store
 
     engine = store.connect(settings.resolved_database_url, read_only=True)
-    results = store.similar(engine, args.mid, args.top_k, method=args.method)
-    if args.json:
+    results = store.similar(engine, mid, top_k, method=method)
+    if as_json:
         print(json.dumps(results))
     else:
         for row in results:
@@ -173,23 +197,27 @@ def _similar(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from recsketch import pipeline
+def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: float, cold: float,
+              seed: int, max_users: int | None) -> int:
+    from recsketch.contracts import EvaluationReport
     from recsketch.evaluation import EvaluationConfig
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.evaluate import evaluate_catalogue, evaluate_stage
+    from recsketch.stages.threshold import valid_models
 
-    for name, share in (("--holdout", args.holdout), ("--cold", args.cold)):
+    for name, share in (("--holdout", holdout), ("--cold", cold)):
         if not 0 <= share < 1:
             raise ConfigError(f"{name} is a share of likes or models: between 0 and 1, not {share}")
-    config = EvaluationConfig(holdout=args.holdout, cold_items=args.cold, seed=args.seed,
-                              max_users=args.max_users or settings.eval_max_users, threads=settings.effective_threads)
-    if args.run_id:
-        folder = pipeline.run_dir(settings, args.run_id)
-        pipeline.evaluate_stage(settings, folder, config=config)
-        report = json.loads((folder / pipeline.EVALUATION_FILE).read_text())
+    config = EvaluationConfig(holdout=holdout, cold_items=cold, seed=seed,
+                              max_users=max_users or settings.eval_max_users, threads=settings.effective_threads)
+    if run_id:
+        folder = run_dir(settings, run_id)
+        evaluate_stage(settings, folder, config=config)
+        report = EvaluationReport.require(folder).payload
     else:
-        versions, _, likes = pipeline.valid_models(settings)
-        report = pipeline.evaluate_catalogue(settings, versions, config=config, likes=likes)
-    if args.json:
+        versions, _, likes = valid_models(settings)
+        report = evaluate_catalogue(settings, versions, config=config, likes=likes)
+    if as_json:
         print(json.dumps(report))
         return 0
     ks = report["k"]
@@ -202,7 +230,15 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, settings: Settings) -> int:
+def _import(settings: Settings, folder: Path) -> int:
+    from recsketch.importer import import_folder
+
+    stats = import_folder(settings, folder)
+    print(json.dumps(stats.as_dict(), indent=1, default=str))
+    return 0
+
+
+def _show(settings: Settings, models: int, top_k: int) -> int:
     from sqlalchemy import text
 
     from recsketch.db import store
@@ -215,39 +251,55 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     with engine.connect() as conn:
         query = text("SELECT DISTINCT r.mid, m.name FROM recommendations r JOIN models m ON m.mid = r.mid "
                      "ORDER BY r.mid LIMIT :n")  # mids are random: a spread of models
-        picked = conn.execute(query, {"n": args.models}).all()
+        picked = conn.execute(query, {"n": models}).all()
     for mid, name in picked:
         print(f"\n{name}  [{mid}]")
-        for row in store.similar(engine, mid, args.top_k):
+        for row in store.similar(engine, mid, top_k):
             print(f"  {row['rank']}. {row['score']:.3f}  {row['name']}")
     return 0
 
 
-def _stage(args: argparse.Namespace, settings: Settings) -> int:
-    from recsketch import pipeline
+def _run(settings: Settings, run_id: str | None, **options: Any) -> int:
     from recsketch.db import store
+    from recsketch.stages import run_pipeline
 
-    if args.command in ("crawl", "threshold", "load"):
-        store.connect(settings.resolved_database_url)  # an unreachable DB fails here, before any state
-    folder = pipeline.run_dir(settings, args.run_id)
-    if args.command == "crawl":
-        result: object = pipeline.crawl_stage(settings, folder, published_since=args.published_since,
-                                              published_before=args.published_before)
-    elif args.command == "threshold":
-        result = pipeline.threshold_stage(settings, folder)
-    elif args.command == "plan":
-        result = pipeline.plan_stage(settings, folder)
-    elif args.command == "extract":
-        task_ids = args.chunk or list(ChunkPlan.read(folder).tasks)
-        result = [pipeline.extract_stage(settings, folder, t) for t in sorted(task_ids)]
-    elif args.command == "similarity":
-        result = pipeline.similarity_stage(settings, folder)
-    elif args.command == "hybrid":
-        result = pipeline.hybrid_stage(settings, folder)
-    else:
-        result = pipeline.load_stage(settings, folder, args.run_id, force=args.force)
-    print(json.dumps(result, indent=1, default=str))
+    store.connect(settings.resolved_database_url)  # an unreachable DB fails here, before any state
+    summary = run_pipeline(settings, run_id, **options)
+    print(json.dumps(summary["load"]))
     return 0
+
+
+def _step(part: Step) -> Callable[..., int]:
+    def handler(settings: Settings, run_id: str, **options: Any) -> int:
+        from recsketch.db import store
+        from recsketch.stages.common import log, run_dir
+
+        if part.needs_db:
+            store.connect(settings.resolved_database_url)  # an unreachable DB fails here, before any state
+        result = part.run(settings, run_dir(settings, run_id), run_id, log.info, **options)
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+
+    handler.__name__ = f"step_{part.name}"
+    return handler
+
+
+HANDLERS: dict[str, Callable[..., int]] = {
+    "serve-sketchfab": _serve, "demo-catalog": _demo_catalog, "db": _db, "similar": _similar,
+    "evaluate": _evaluate, "import": _import, "show": _show, "run": _run,
+    **{part.name: _step(part) for part in STEPS if part.name != "evaluate"},
+}
+NO_SETTINGS = ("serve-sketchfab", "demo-catalog")  # these need no data dir, DB or API settings
+
+
+def invocation(args: argparse.Namespace) -> tuple[Callable[..., int], dict[str, Any]]:
+    """The handler of the parsed command and every flag it was given, as its keywords (the
+    pipeline options folded into one Settings)."""
+    given = {name: value for name, value in vars(args).items() if name not in ("command", "verbose")}
+    overrides = {name: given.pop(name) for name in SETTINGS_FLAGS} if given.pop("pipeline_options", False) else {}
+    if args.command not in NO_SETTINGS:
+        given["settings"] = settings_for(**overrides)
+    return HANDLERS[args.command], given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,38 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        if args.command == "serve-sketchfab":
-            return _serve(args)
-        if args.command == "demo-catalog":
-            from recsketch.demo import build_demo_catalog
-
-            groups = build_demo_catalog(args.folder, seed=args.seed)
-            print(f"demo catalogue: {len(groups)} models in {len(set(groups.values()))} groups at {args.folder}")
-            return 0
-        settings = _settings(args)
-        if args.command == "similar":
-            return _similar(args, settings)
-        if args.command == "import":
-            from recsketch.importer import import_folder
-
-            stats = import_folder(settings, args.folder)
-            print(json.dumps(stats.as_dict(), indent=1, default=str))
-            return 0
-        if args.command == "show":
-            return _show(args, settings)
-        if args.command == "db":
-            return _db(args, settings)
-        if args.command == "evaluate":
-            return _evaluate(args, settings)
-        if args.command == "run":
-            from recsketch.db import store
-            from recsketch.pipeline import run_pipeline
-
-            store.connect(settings.resolved_database_url)  # an unreachable DB fails here, before any state
-            summary = run_pipeline(settings, args.run_id)
-            print(json.dumps(summary["load"]))
-            return 0
-        return _stage(args, settings)
+        handler, kwargs = invocation(args)
+        return handler(**kwargs)
     except (UnknownModel, InvalidModelId, ConfigError) as exc:
         print(f"recsketch: {exc}", file=sys.stderr)
         return 2

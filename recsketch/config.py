@@ -173,11 +173,13 @@ class Settings(BaseModel):
         """The recommendations DB; by default an SQLite file inside the data dir."""
         if self.database_url:
             return self.database_url
-        if not isinstance(self.data_dir, Path):
+        from recsketch.storage import is_object_store_url
+
+        if is_object_store_url(self.data_dir):
             raise ConfigError(f"RECSKETCH_DATA_DIR is an object store ({self.data_dir}) and the default "
                               "recommendations DB is an SQLite file inside it: set RECSKETCH_DATABASE_URL "
                               "(or the recsketch_db connection) to a PostgreSQL URL")
-        return f"sqlite:///{(self.data_dir / 'recsketch.sqlite').resolve()}"
+        return f"sqlite:///{(Path(self.data_dir) / 'recsketch.sqlite').resolve()}"
 
     @property
     def likes_base_url(self) -> str:

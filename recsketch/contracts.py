@@ -3,40 +3,48 @@
 Stages run in separate processes (Airflow tasks, CLI commands) and meet in the run's folder
 (``<data dir>/runs/<run id>/``) and beside the feature chunks:
 
-| object | file | written by | read by |
+| class | file | written by | read by |
 | --- | --- | --- | --- |
-| ``ValidModels`` | ``valid_models.json`` | threshold | plan, similarity |
-| ``ChunkPlan`` | ``chunk_plan.json`` | plan | extract |
-| ``SimilarityPlan`` | ``similarity_plan.json`` | plan_similarity | similarity shards, merge |
-| ``TopK`` | ``topk.npz`` (run), ``topk-latest-exact.npz`` (backbone) | ``TopKStore`` | load, the next incremental run |
+| ``CrawlReport`` | ``crawl_stats.json`` | crawl | whoever looks into a run |
+| ``ValidModels`` | ``valid_models.json`` | threshold | plan, similarity, evaluate |
+| ``RunLikes`` | ``likes.npz`` | threshold | evaluate, plan_hybrid |
+| ``ChunkPlan`` | ``chunk_plan.json`` | plan | extract, plan_similarity |
+| ``EvaluationReport`` | ``evaluation.json`` | evaluate | plan_hybrid, load, ``recsketch evaluate`` |
+| ``SimilarityPlan`` | ``<name>_plan.json``, ``<name>-features-<digest>.npy``, ``<name>-shard-<digest>-*.npz`` | plan_<name>, the shards | the shards, merge_<name> |
+| ``TopKStore`` | ``topk.npz``, ``topk-hybrid.npz`` (run), ``topk-latest-exact.npz`` (backbone) | merge, plan_similarity | load, plan_hybrid, the next incremental run |
+| ``ChunkStore`` | ``chunk-*.npz``, ``manifest.json`` (backbone) | extract, plan_similarity | plan, similarity, evaluate |
 
-Every write is atomic (``recsketch.files``); a missing file names the stage to run first.
-The folder is a ``recsketch.storage.Location``: a local path or an object-store prefix.
-No reader lists it: each object is read by the exact key a plan names.
+``<name>`` is ``similarity`` (visual) or ``hybrid`` (``Method.file_name``). Every write is
+atomic (``recsketch.storage``); a missing file names the stage to run first. The folder is a
+``recsketch.storage.Location``: a local path or an object-store prefix. No reader lists it:
+each object is read by the exact key a plan names. :func:`owner_of` names the class of any
+file a run folder holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from recsketch import files
+from recsketch import storage
 from recsketch.errors import RecsketchError
 from recsketch.storage import Location
 
 VALID_MODELS_FILE = "valid_models.json"
 RUN_LIKES_FILE = "likes.npz"  # the thresholded likes the run was made from
 PLAN_FILE = "chunk_plan.json"
-SIMILARITY_PLAN_FILE = "similarity_plan.json"  # the hybrid neighbours': hybrid_plan.json (SimilarityPlan.name)
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
-SHARD_PREFIX = "similarity-shard-"  # the visual plan's shards (shard_path: "<plan name>-shard-")
+EVALUATION_FILE = "evaluation.json"
+CRAWL_STATS_FILE = "crawl_stats.json"
 
 
 def _read_json(path: Location, stage: str) -> Any:
@@ -49,7 +57,7 @@ def _read_json(path: Location, stage: str) -> Any:
 
 
 def _write_json(path: Location, payload: object) -> None:
-    files.write_text(path, json.dumps(payload, indent=1))
+    storage.write_text(path, json.dumps(payload, indent=1))
 
 
 @dataclass(frozen=True)
@@ -86,14 +94,14 @@ class RunLikes:
         for name, column in columns.items():
             arrays[f"{name}_codes"] = column.codes.astype(np.int32)
             arrays[f"{name}_names"] = np.asarray(column.categories, dtype=str)
-        files.save_npz(folder / RUN_LIKES_FILE, **arrays)
+        storage.save_npz(folder / RUN_LIKES_FILE, **arrays)
 
     @staticmethod
     def read(folder: Location) -> pd.DataFrame | None:
         """The run's likes (columns mid, uid, categorical), or None for a run made before they
         were saved."""
         try:
-            data = files.load_npz(folder / RUN_LIKES_FILE)
+            data = storage.load_npz(folder / RUN_LIKES_FILE)
         except FileNotFoundError:
             return None
         try:
@@ -101,6 +109,72 @@ class RunLikes:
                                  for name in ("mid", "uid")})
         except (KeyError, ValueError):
             raise RecsketchError(f"{folder / RUN_LIKES_FILE} is damaged: run the threshold stage again") from None
+
+
+PRIMARY_METRIC = ("visual", "ndcg@10")  # what the quality gate compares
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What evaluate measured (``recsketch.evaluation.evaluate``'s report, also what
+    ``recsketch evaluate --json`` prints): load stores its metrics and gates on them,
+    plan_hybrid blends at its tuned CF weight, the gallery shows it."""
+
+    payload: dict[str, Any]
+
+    def write(self, folder: Location) -> None:
+        _write_json(folder / EVALUATION_FILE, self.payload)
+
+    @classmethod
+    def read(cls, folder: Location) -> EvaluationReport | None:
+        """The run's report, or None when the run was not evaluated."""
+        try:
+            return cls(_read_json(folder / EVALUATION_FILE, "evaluate"))
+        except RecsketchError:
+            if not (folder / EVALUATION_FILE).exists():
+                return None
+            raise
+
+    @classmethod
+    def require(cls, folder: Location) -> EvaluationReport:
+        return cls(_read_json(folder / EVALUATION_FILE, "evaluate"))
+
+    @property
+    def cf_weight(self) -> float | None:
+        """The hybrid's tuned CF weight (None: too few models to tune one)."""
+        weight = (self.payload.get("hybrid") or {}).get("cf_weight")
+        return None if weight is None else float(weight)
+
+    def metric(self, method: str, metric: str) -> float | None:
+        value = self.payload.get("methods", {}).get(method, {}).get(metric)
+        return None if value is None else float(value)
+
+    @property
+    def primary(self) -> float | None:
+        return self.metric(*PRIMARY_METRIC)
+
+    def metric_rows(self) -> list[dict]:
+        """The ``run_metrics`` rows: one per (method, metric, split)."""
+        return [{"method": method, "metric": metric, "split": split, "value": float(value)}
+                for section, split in (("methods", "warm"), ("cold_start", "cold_start"))
+                for method, values in self.payload.get(section, {}).items() for metric, value in values.items()]
+
+
+class CrawlReport:
+    """A crawl's statistics (``CrawlStats.as_dict``), kept with the run for whoever looks into
+    it later: the operations guide and the crawl tests read it."""
+
+    @staticmethod
+    def write(folder: Location, stats: Mapping[str, Any]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        storage.write_text(folder / CRAWL_STATS_FILE, json.dumps(stats, indent=2, default=str))
+
+    @staticmethod
+    def read(folder: Location) -> dict[str, Any]:
+        payload = _read_json(folder / CRAWL_STATS_FILE, "crawl")
+        if not isinstance(payload, dict):
+            raise RecsketchError(f"{folder / CRAWL_STATS_FILE} is not a crawl's statistics: run the crawl again")
+        return payload
 
 
 @dataclass(frozen=True)
@@ -156,22 +230,58 @@ def group_tasks(chunk_ids: list[str], max_tasks: int) -> dict[str, list[str]]:
     return tasks
 
 
+class Method(StrEnum):
+    """A kind of neighbour list a run serves (``recommendations.method``)."""
+
+    VISUAL = "visual"
+    HYBRID = "hybrid"
+
+    @property
+    def file_name(self) -> str:
+        """What its files and tasks are named after: ``similarity`` for the visual lists (the
+        names of the first release), else the method."""
+        return "similarity" if self is Method.VISUAL else self.value
+
+
+class PlanMode(StrEnum):
+    """How a run's neighbours are made: row-block shards over every model, or finished at plan
+    time (worked into the last result, reused whole), or not at all."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+    UNCHANGED = "unchanged"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[PlanMode, str]:
+        """(mode, detail) of a plan's ``mode`` as written: the enum value with a ``detail``
+        beside it, or the free text of releases before it (``full, PCA 6->3-d``)."""
+        for mode in cls:
+            if text == mode.value:
+                return mode, ""
+            if text.startswith(mode.value + ", ") or text.startswith(mode.value + " ("):
+                return mode, text[len(mode.value) + 2:].removesuffix(")" if text[len(mode.value) + 1] == "(" else "")
+        raise ValueError(f"unknown plan mode {text!r}")
+
+
 @dataclass(frozen=True)
 class SimilarityPlan:
-    """How a run's top-k is made: ``full`` (row-block shards over ``mids``, optionally on
-    PCA-reduced features saved with the run) or finished already (incremental, unchanged).
-    ``method``: the visual neighbours, or the hybrid ones (sharded alike over their own
-    embedding; plan, features and shards under names of their own)."""
+    """How a run's neighbours of one ``method`` are made (``mode``). A full plan names the
+    models (``mids``, the rows of its unit features file) and the row-block ``shards`` to
+    compute; ``recall_at_k`` is set when the features were PCA-reduced. The plan, its features
+    and its shards are named after the method (``Method.file_name``) and the plan's digest,
+    so a shard of another plan is never merged."""
 
-    mode: str
+    mode: PlanMode
     mids: list[str] | None = None
-    recall_at_k: float | None = None  # set when the features were PCA-reduced
+    recall_at_k: float | None = None
     shards: list[tuple[int, int]] = field(default_factory=list)  # row blocks [first, last)
-    method: str = "visual"
+    method: Method = Method.VISUAL
+    detail: str = ""  # what the log and the summary add to the mode: "PCA 6->3-d", "20 new x 60"
 
     @property
     def sharded(self) -> bool:
-        return self.mode.startswith("full")
+        return self.mode is PlanMode.FULL
 
     @property
     def reduced(self) -> bool:
@@ -179,46 +289,83 @@ class SimilarityPlan:
 
     @property
     def name(self) -> str:
-        """What its files and stages are named after: ``similarity`` (the visual neighbours'
-        ``similarity_plan.json``, ``similarity-shard-*``, ``plan_similarity``) or the method's."""
-        return self.name_of(self.method)
+        return self.method.file_name
+
+    @property
+    def label(self) -> str:
+        """The mode as the summaries print it: ``full``, ``full, PCA 6->3-d``, ``incremental (20 new x 60)``."""
+        if not self.detail:
+            return self.mode.value
+        if self.mode is PlanMode.FULL:
+            return f"{self.mode.value}, {self.detail}"
+        return f"{self.mode.value} ({self.detail})"
 
     @staticmethod
-    def name_of(method: str) -> str:
-        return "similarity" if method == "visual" else method
+    def path(folder: Location, method: Method) -> Location:
+        return folder / f"{method.file_name}_plan.json"
 
     def write(self, folder: Location) -> None:
-        payload: dict[str, object] = {"mode": self.mode, "mids": self.mids,
+        payload: dict[str, object] = {"mode": self.mode.value, "detail": self.detail, "mids": self.mids,
                                       "shards": [list(shard) for shard in self.shards]}
         if self.recall_at_k is not None:
             payload["recall_at_k"] = self.recall_at_k
-        _write_json(folder / f"{self.name}_plan.json", payload)
+        _write_json(self.path(folder, self.method), payload)
 
     @classmethod
-    def read(cls, folder: Location, method: str = "visual") -> SimilarityPlan:
-        name = cls.name_of(method)
-        path, stage = folder / f"{name}_plan.json", f"plan_{name}"
+    def read(cls, folder: Location, method: Method = Method.VISUAL) -> SimilarityPlan:
+        method = Method(method)
+        path, stage = cls.path(folder, method), f"plan_{method.file_name}"
         payload = _read_json(path, stage)
         try:
+            mode, detail = PlanMode.parse(str(payload["mode"]))
             mids = payload["mids"]
             recall = payload.get("recall_at_k")
             shards = [(int(first), int(last)) for first, last in payload.get("shards", [])]
-            return cls(str(payload["mode"]), None if mids is None else [str(m) for m in mids],
-                       None if recall is None else float(recall), shards, method)
-        except (KeyError, TypeError, AttributeError):
+            return cls(mode, None if mids is None else [str(m) for m in mids],
+                       None if recall is None else float(recall), shards, method,
+                       str(payload.get("detail", detail)))
+        except (KeyError, TypeError, AttributeError, ValueError):
             raise RecsketchError(f"{path} is not a similarity plan: run {stage} again") from None
 
     def ordered_mids(self) -> list[str]:
         if self.mids is None:
-            raise RecsketchError(f"similarity plan {self.mode!r} has no shards to compute")
+            raise RecsketchError(f"similarity plan {self.label!r} has no shards to compute")
         return self.mids
 
     @property
     def digest(self) -> str:
-        """Names this plan's shard objects, so a shard of another plan is never merged."""
-        named = [self.mode, *(self.mids or [])] if self.method == "visual" else [self.method, self.mode,
-                                                                                *(self.mids or [])]
+        """Names this plan's features and shards (the same digest as releases before the enum)."""
+        named = [self.label, *(self.mids or [])]
+        if self.method is not Method.VISUAL:
+            named.insert(0, self.method.value)
         return hashlib.sha1("\n".join(named).encode()).hexdigest()[:12]
+
+    def features_path(self, folder: Location) -> Location:
+        """The plan's unit rows, one per model of ``mids``: what every shard reads."""
+        return folder / f"{self.name}-features-{self.digest}.npy"
+
+    def shard_path(self, folder: Location, first: int, last: int) -> Location:
+        return folder / f"{self.name}-shard-{self.digest}-{first:09d}-{last:09d}.npz"
+
+    def write_shard(self, folder: Location, first: int, last: int, indices: np.ndarray, scores: np.ndarray) -> None:
+        storage.save_npz(self.shard_path(folder, first, last), indices=indices, scores=scores)
+
+    def read_shards(self, folder: Location) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, scores) of every shard, by their exact keys, in row order; a missing one
+        raises, naming it."""
+        index_parts, score_parts = [], []
+        for first, last in self.shards:
+            path = self.shard_path(folder, first, last)
+            try:
+                part = storage.load_npz(path)
+            except FileNotFoundError:
+                raise RecsketchError(f"{self.name} shard rows {first}-{last} ({path}) is missing: "
+                                     f"run the {self.name} shards again") from None
+            index_parts.append(part["indices"])
+            score_parts.append(part["scores"])
+        if not index_parts:
+            return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+        return np.concatenate(index_parts), np.concatenate(score_parts)
 
 
 @dataclass(frozen=True)
@@ -250,22 +397,23 @@ class TopKStore:
         self.path = path
 
     @classmethod
-    def for_run(cls, folder: Location, method: str = "visual") -> TopKStore:
+    def for_run(cls, folder: Location, method: Method = Method.VISUAL) -> TopKStore:
         """The run's visual neighbours, or another method's (``hybrid``: ``topk-hybrid.npz``)."""
-        return cls(folder / (TOPK_FILE if method == "visual" else f"topk-{method}.npz"))
+        method = Method(method)  # a Method, or its value as a caller wrote it
+        return cls(folder / (TOPK_FILE if method is Method.VISUAL else f"topk-{method.value}.npz"))
 
     @classmethod
     def latest(cls, features_root: Location) -> TopKStore:
         return cls(features_root / LATEST_TOPK_FILE)
 
     def write(self, topk: TopK) -> None:
-        files.save_npz(self.path, mids=np.array(topk.mids, dtype=str), indices=topk.indices, scores=topk.scores,
+        storage.save_npz(self.path, mids=np.array(topk.mids, dtype=str), indices=topk.indices, scores=topk.scores,
                        backbone_key=np.array(topk.backbone_key), versions=np.array(topk.versions, dtype=str))
 
     def read(self) -> TopK | None:
         """The stored result, or None when there is none (or it is unreadable: recomputed)."""
         try:
-            data = files.load_npz(self.path)
+            data = storage.load_npz(self.path)
             return TopK([str(m) for m in data["mids"]], data["indices"], data["scores"],
                         str(data["backbone_key"]), [str(v) for v in data["versions"]])
         except (OSError, KeyError, ValueError, EOFError):
@@ -280,32 +428,18 @@ class TopKStore:
         return topk
 
 
-def features_file(plan: SimilarityPlan) -> str:
-    return f"{plan.name}-features-{plan.digest}.npy"
+RUN_FOLDER_FILES: tuple[tuple[str, str], ...] = (  # (file name pattern, the class that owns it)
+    (re.escape(CRAWL_STATS_FILE), "CrawlReport"),
+    (re.escape(VALID_MODELS_FILE), "ValidModels"),
+    (re.escape(RUN_LIKES_FILE), "RunLikes"),
+    (re.escape(PLAN_FILE), "ChunkPlan"),
+    (re.escape(EVALUATION_FILE), "EvaluationReport"),
+    (r"(similarity|hybrid)_plan\.json", "SimilarityPlan"),
+    (r"(similarity|hybrid)-(features|shard)-[0-9a-f]{12}(-\d{9}-\d{9})?\.(npy|npz)", "SimilarityPlan"),
+    (r"topk(-hybrid)?\.npz", "TopKStore"),
+)
 
 
-def shard_path(folder: Location, plan: SimilarityPlan, first: int, last: int) -> Location:
-    return folder / f"{plan.name}-shard-{plan.digest}-{first:09d}-{last:09d}.npz"
-
-
-def write_shard(folder: Location, plan: SimilarityPlan, first: int, last: int, indices: np.ndarray,
-                scores: np.ndarray) -> None:
-    files.save_npz(shard_path(folder, plan, first, last), indices=indices, scores=scores)
-
-
-def read_shards(folder: Location, plan: SimilarityPlan) -> tuple[int, np.ndarray, np.ndarray]:
-    """(shards found, indices, scores) of the plan's shards, by their exact keys, in row order;
-    a missing shard raises, naming it."""
-    index_parts, score_parts = [], []
-    for first, last in plan.shards:
-        path = shard_path(folder, plan, first, last)
-        try:
-            part = files.load_npz(path)
-        except FileNotFoundError:
-            raise RecsketchError(f"{plan.name} shard rows {first}-{last} ({path}) is missing: "
-                                 f"run the {plan.name} shards again") from None
-        index_parts.append(part["indices"])
-        score_parts.append(part["scores"])
-    if not index_parts:
-        return 0, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
-    return len(index_parts), np.concatenate(index_parts), np.concatenate(score_parts)
+def owner_of(name: str) -> str | None:
+    """The contract class that writes and reads a run folder's file ``name`` (None: no contract)."""
+    return next((owner for pattern, owner in RUN_FOLDER_FILES if re.fullmatch(pattern, name)), None)

@@ -13,7 +13,6 @@ the reason and the crawl goes on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -22,15 +21,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from recsketch import files
+from recsketch import storage
 from recsketch.config import Settings
+from recsketch.contracts import CrawlReport
 from recsketch.db import store
 from recsketch.db.schema import models as models_table
 from recsketch.errors import RecsketchError
@@ -96,7 +95,7 @@ class ThumbnailIndex:
     """
 
     def __init__(self, folder: Location) -> None:
-        self.path = folder / "index.tsv" if isinstance(folder, Path) else None
+        self.path = storage.local_path(folder / "index.tsv")
         self._lock = threading.Lock()
         self.urls: dict[str, str] = {}
         if self.path is not None and self.path.exists():
@@ -129,7 +128,7 @@ def _fetch_thumbnail(client: SketchfabClient, settings: Settings, model: ModelIn
         check_image(body, model.thumbnail_url)
     except RecsketchError as exc:
         return "failed", str(exc)
-    files.write_bytes(thumbnail_path(settings, model.mid), body)
+    storage.write_bytes(thumbnail_path(settings, model.mid), body)
     index.add(model.mid, model.thumbnail_url)
     return "ok", thumbnail_version(body)
 
@@ -249,8 +248,7 @@ def crawl(
                f"retries={stats.http['retries']}, 429s={stats.http['throttled_429']}, {stats.duration_s:.1f}s")
     progress(summary)
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(run_dir / "crawl_stats.json", json.dumps(stats.as_dict(), indent=2, default=str))
+        CrawlReport.write(run_dir, stats.as_dict())
     return stats
 
 
@@ -344,7 +342,8 @@ def _store_page(settings: Settings, engine: Engine, client: SketchfabClient, poo
         if status == "ok" and url == info.thumbnail_url:
             # a local file is checked (a deleted one is fetched again); an object store is
             # trusted, not asked once per listed model every day
-            return path.is_file() if isinstance(path, Path) else bool(row.get("thumbnail_version"))
+            local = storage.local_path(path)
+            return local.is_file() if local is not None else bool(row.get("thumbnail_version"))
         return status != "failed" and index.has(info.mid, info.thumbnail_url, path)
 
     reasons = {info.mid: likers_refresh_reason(stored.get(info.mid), info, now, max_age) for info in infos}

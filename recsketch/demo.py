@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from recsketch.features.photos import load_photo
 from recsketch.psv import read_models, write_psv
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -27,17 +27,6 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
           "clock", "cell", "motorcycle")
 VARIANTS = ("photo", "crop", "mirror", "recolour")
 GROUPS_FILE = "groups.json"
-
-
-def load_photo(name: str) -> Image.Image:
-    import skimage.data
-
-    array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
-    from recsketch.features.images import to_rgb
-
-    return to_rgb(Image.fromarray(array))
 
 
 def variant(image: Image.Image, kind: str, rng: random.Random) -> Image.Image:

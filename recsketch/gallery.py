@@ -17,7 +17,6 @@ import asyncio
 from collections.abc import Callable
 from functools import cached_property
 from html import escape
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
@@ -32,6 +31,7 @@ from recsketch.db import store
 from recsketch.db.schema import models, runs
 from recsketch.errors import InvalidModelId, RecsketchError, UnknownModel
 from recsketch.ids import is_model_id, validate_model_id
+from recsketch.storage import local_path
 
 MAX_TOP_K = 100
 METHODS = ("visual", "hybrid")
@@ -263,10 +263,10 @@ def create_app(settings_factory: Callable[[], Settings], authenticate: Callable[
         except InvalidModelId as exc:
             raise HTTPException(400, str(exc)) from None
         headers = {"Cache-Control": "private, max-age=3600"}
-        if isinstance(path, Path):
-            if not path.is_file():
+        if (local := local_path(path)) is not None:
+            if not local.is_file():
                 raise HTTPException(404, f"no thumbnail stored for {mid}")
-            return FileResponse(path, media_type="image/jpeg", headers=headers)
+            return FileResponse(local, media_type="image/jpeg", headers=headers)
         try:  # an object store: one GET, off the event loop
             body = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
@@ -21,6 +20,7 @@ from sqlalchemy.engine import URL
 
 from recsketch.config import Settings
 from recsketch.errors import ConfigError
+from recsketch.storage import is_object_store_url
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def airflow_settings(**overrides: Any) -> Settings:
              "connection " + RECSKETCH_DB_CONN_ID if database_url else "environment")
     storage_conn_id = os.environ.get("RECSKETCH_STORAGE_CONN_ID") or STORAGE_CONN_ID
     settings = settings.with_overrides(**sketchfab, database_url=database_url, storage_conn_id=storage_conn_id)
-    if not isinstance(settings.data_dir, Path):
+    if is_object_store_url(settings.data_dir):
         log.info("settings: artefacts in %s through ObjectStoragePath (connection %s)", settings.data_dir,
                  storage_conn_id)
     return settings.with_overrides(**overrides)

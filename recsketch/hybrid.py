@@ -11,6 +11,8 @@ neighbours that carry taste.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 from scipy import sparse
 
@@ -88,3 +90,29 @@ def hybrid_rows(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, m
     """A block of :func:`hybrid_embedding` rows, the cold models' factors predicted by ``mapping``
     (a :class:`RidgeFit` solved over every block first)."""
     return hybrid_embedding(unit, hybrid_factors(unit, item_factors, liked, mapping), cf_weight)
+
+
+BLOCK_ROWS = 16_384  # features read per step: 80 MB at 1,280-d
+
+
+class RowWriter(Protocol):
+    def open(self, rows: int, dim: int) -> None: ...
+    def put(self, positions: np.ndarray, rows: np.ndarray) -> None: ...
+
+
+def write_embedding(unit, item_factors: np.ndarray, liked: np.ndarray, cf_weight: float, sink: RowWriter,
+                    block_rows: int = BLOCK_ROWS) -> None:
+    """Every model's hybrid row into ``sink``, streaming ``unit`` (an array or ``NpyRows``) twice
+    in row blocks: first to fit the cold-start map on the liked models, then to write the rows.
+    Memory holds the factors and one block of features, never N x d."""
+    n = unit.shape[0]
+    blocks = [(first, min(n, first + block_rows)) for first in range(0, n, block_rows)]
+    fit = RidgeFit(unit.shape[1], item_factors.shape[1])
+    for first, last in blocks:
+        keep = liked[first:last]
+        fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
+    mapping = None if liked.all() else fit.solve()
+    sink.open(n, unit.shape[1] + item_factors.shape[1])
+    for first, last in blocks:
+        sink.put(np.arange(first, last), hybrid_rows(unit[first:last], item_factors[first:last], liked[first:last],
+                                                     mapping, cf_weight))

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, text
 
-from recsketch import files
+from recsketch import storage
 from recsketch.config import Settings
 from recsketch.crawl import thumbnail_path
 from recsketch.db import store
@@ -74,7 +74,7 @@ def _thumbnail(settings: Settings, folder: Path, mid: str) -> tuple[str, str | N
         check_image(body, str(source))
     except BadImageError as exc:
         return "failed", str(exc)
-    files.write_bytes(thumbnail_path(settings, mid), body)
+    storage.write_bytes(thumbnail_path(settings, mid), body)
     return "ok", thumbnail_version(body)
 
 

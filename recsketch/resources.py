@@ -29,3 +29,22 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def limit_threads(threads: int) -> None:
+    """Keep torch and TensorFlow, if this process has loaded them, to ``threads`` CPU threads: a
+    task gets its share of the host (RECSKETCH_THREADS), not every core while other tasks run
+    beside it. Never imports either: an exported-graph worker runs without them. A backbone
+    loaded later is given its threads explicitly (``create_backbone(settings, threads)``)."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        except RuntimeError:  # TensorFlow already started: it keeps what it has
+            pass

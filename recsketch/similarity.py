@@ -76,40 +76,26 @@ def top_k_cosine(
     return indices, scores
 
 
-def _select(block: np.ndarray, kk: int, features: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+def _select(block: np.ndarray, kk: int, features, start: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``kk`` best columns of each row of ``block`` (scores of rows start.. vs all items),
     ordered by (-score, index); identical vectors rescored to exactly 1.0."""
-    n = block.shape[1]
-    candidates, candidate_scores = _largest(block, kk)
-    order = np.lexsort((candidates, -candidate_scores), axis=1)
-    best = np.take_along_axis(candidates, order, axis=1)
-    best_scores = np.take_along_axis(candidate_scores, order, axis=1)
-    # argpartition picks arbitrarily among values tied with the k-th: redo those rows exactly
-    kth = best_scores[:, -1:]
-    for row in np.flatnonzero((block >= kth).sum(axis=1) > kk):
-        exact = np.lexsort((np.arange(n), -block[row]))[:kk]
-        best[row], best_scores[row] = exact, block[row, exact]
-    # float32 dot products of identical unit vectors land a hair off 1.0: rescore those exactly
-    rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
-    if len(rows_near_one):
-        a = _dense_rows(features, start + rows_near_one).astype(np.float64)
-        b = _dense_rows(features, best[rows_near_one, cols]).astype(np.float64)
-        exact = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
-        order = np.lexsort((best, -best_scores), axis=1)
-        best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
-    return best, best_scores
+    return _rescore_near_one(features, start, *exact_largest(block, kk))
 
 
-def _largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unordered (indices, values) of the ``kk`` largest per row. torch.topk when available:
-    6x faster than numpy's argpartition here, which at 512-d costs as much as the multiply."""
+def largest(block: np.ndarray, kk: int, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of the ``kk`` largest per row, best first if ``ordered`` (ties in no
+    particular order). torch.topk when available: 6x faster than numpy's argpartition here,
+    which at 512-d costs as much as the multiply."""
     try:
         import torch
     except ImportError:
         candidates = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
-        return candidates, np.take_along_axis(block, candidates, axis=1)
-    top = torch.topk(torch.from_numpy(block), kk, dim=1, sorted=False)
+        values = np.take_along_axis(block, candidates, axis=1)
+        if ordered:
+            order = np.argsort(-values, axis=1, kind="stable")
+            candidates, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(values, order, 1)
+        return candidates, values
+    top = torch.topk(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)), kk, dim=1, sorted=ordered)
     return top.indices.numpy(), top.values.numpy()
 
 
@@ -176,7 +162,7 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int], query_block: int = 2048,
             own = np.arange(max(q_start, c_start), min(q_stop, c_stop))
             tile[own - q_start, own - c_start] = -np.inf  # never recommend a model to itself
             take = min(kk, c_stop - c_start)
-            candidates, values = _exact_largest(tile, take)
+            candidates, values = exact_largest(tile, take)
             merged = np.concatenate([best, candidates + c_start], axis=1)
             merged_scores = np.concatenate([best_scores, values], axis=1)
             order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
@@ -187,9 +173,11 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int], query_block: int = 2048,
     return indices, scores
 
 
-def _exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``kk`` best columns of each row by (-score, index), ties at the k-th resolved exactly."""
-    candidates, values = _largest(block, kk)
+def exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k selection every neighbour list goes through: the ``kk`` best columns of
+    each row by (-score, index), ties at the k-th resolved exactly (argpartition and topk pick
+    arbitrarily among values tied with the k-th)."""
+    candidates, values = largest(block, kk)
     order = np.lexsort((candidates, -values), axis=1)
     candidates, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(values, order, 1)
     kth = values[:, -1:]
@@ -204,8 +192,8 @@ def _rescore_near_one(unit, start: int, best: np.ndarray,
     """Identical vectors score a hair off 1.0 in float32: rescore those in float64 and re-sort."""
     rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
     if len(rows_near_one):
-        a = np.asarray(unit[start + rows_near_one], dtype=np.float64)
-        b = np.asarray(unit[best[rows_near_one, cols]], dtype=np.float64)
+        a = _dense_rows(unit, start + rows_near_one).astype(np.float64)
+        b = _dense_rows(unit, best[rows_near_one, cols]).astype(np.float64)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         exact = np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0)
         best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
@@ -265,3 +253,12 @@ def recall_at_k(exact: np.ndarray, approximate: np.ndarray) -> float:
     """Share of the exact top-k neighbours that the approximate top-k also found."""
     hits = sum(len(set(a) & set(b)) for a, b in zip(exact, approximate, strict=True))
     return hits / exact.size if exact.size else 1.0
+
+
+def reduce_measured(unit: np.ndarray, dim: int, k: int, sample_rows: int = 500) -> tuple[np.ndarray, float, int]:
+    """(unit rows projected to ``dim`` (:func:`reduce_dimensions`), the recall@k of their top-k
+    against the exact one, measured on the first ``sample_rows`` rows, how many rows that was)."""
+    reduced = normalise(reduce_dimensions(unit, dim), copy=False)
+    sample = (0, min(len(unit), sample_rows))
+    recall = recall_at_k(top_k_cosine(unit, k, rows=sample)[0], top_k_cosine(reduced, k, rows=sample)[0])
+    return reduced, recall, sample[1]

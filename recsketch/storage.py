@@ -1,29 +1,48 @@
-"""Where artefacts live: a local folder or an object store, behind one small path type.
+"""Where artefacts live and how they are written: a local folder or an object store, one interface.
 
 ``RECSKETCH_DATA_DIR`` is a path (or ``file://`` URL), or an object-store URL such as
 ``s3://bucket/prefix``. A local data dir gives :class:`pathlib.Path` locations; an object
-store gives :class:`ObjectLocation`, which offers the few path operations the stages use
-(``/``, ``name``, ``read_bytes``, ``exists``) plus the two writes an object store can do
-atomically: a whole object in one PUT, and a create-if-absent PUT (``If-None-Match: *``).
+store gives :class:`ObjectLocation`, which offers the path operations the stages use (``/``,
+``name``, ``read_bytes``, ``exists``). Every write goes through this module, which is the only
+place that tells the two apart:
 
-Nothing here lists a prefix: object-store listings can be stale (s3fs caches them, and
-another host may have written since), so a stage that needs a set of objects reads a
-manifest of their exact keys (see ``ChunkStore``).
+- every file or object appears whole or not at all: locally a temp file beside the target is
+  renamed over it (a killed process leaves only a temp file, swept later); on an object store
+  a whole object is one PUT (or one multipart upload, visible only once complete);
+- write-once (:func:`create_bytes`): locally a hard link, which fails if the name exists; on
+  an object store a PUT with ``If-None-Match: *``;
+- nothing lists a prefix: object-store listings can be stale (s3fs caches them, and another
+  host may have written since), so a stage that needs a set of objects reads a manifest of
+  their exact keys (see ``ChunkStore``). :func:`local_path` says when a location is a local
+  file, for the few readers that may list or stat a local disk.
 
-The filesystem comes from Airflow's ``ObjectStoragePath`` with the connection
+Why our own small type rather than ``ObjectStoragePath`` / ``universal_pathlib`` for the
+object store: their ``exists`` is an ``info`` call that lists the prefix on a miss, and
+their writes have no create-if-absent; ours is one HEAD and one conditional PUT. The
+filesystem itself does come from Airflow's ``ObjectStoragePath`` with the connection
 ``settings.storage_conn_id`` inside Airflow tasks, and from fsspec with the standard AWS
 variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) outside.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
+import os
 import posixpath
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 from urllib.parse import urlsplit
 
-from recsketch.errors import ConfigError, RecsketchError
+import numpy as np
+
+from recsketch.errors import ConfigError, RecsketchError, StorageFull
 
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "az", "memory")
 
@@ -186,3 +205,200 @@ def read_many(paths: list[Location]) -> list[bytes | Exception]:
             except OSError as exc:
                 results.append(exc)
     return results
+
+
+def local_path(location: Location) -> Path | None:
+    """The location as a local file or folder, or None on an object store: for the readers that
+    may list or stat a local disk (a folder without a manifest, a file to stream as a response)."""
+    return location if isinstance(location, Path) else None
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _temp_name(path: Path, pid: int) -> Path:
+    """Beside the target, named by host and process, so a sweep knows whose it is."""
+    return path.with_name(f".{path.name}.{_HOST}.{pid}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: Location) -> int:
+    """Remove temp files that a killed process of this host left in ``folder``; returns how many.
+
+    A SIGKILL skips the cleanup in :func:`atomic_write`; the target itself is intact (old or
+    absent), only the temp file is garbage. Temps of live processes and of other hosts (a
+    shared volume) are left alone.
+    """
+    if not isinstance(folder, Path) or not folder.is_dir():
+        return 0  # an object store has no temp objects: a killed PUT leaves nothing visible
+    removed = 0
+    for tmp in folder.glob(f".*.{_HOST}.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    """A full disk (or quota) is said as such, naming the file; nothing partial is left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFull(f"disk full while writing {path}: the partial file was removed and nothing "
+                          "else changed; free space on that disk and rerun") from exc
+
+
+@contextmanager
+def atomic_write(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` when the block ends without error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, os.getpid())
+    try:
+        with tmp.open("wb") as handle:
+            yield handle
+            if fsync:  # survive a power loss too, not only a killed process
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path)
+        raise
+
+
+def write_bytes(path: Location, data: bytes, *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` whole (rename locally, one PUT on an object store)."""
+    if not isinstance(path, Path):
+        path.write_bytes(data)
+        return
+    with atomic_write(path, fsync=fsync) as handle:
+        handle.write(data)
+
+
+def create_bytes(path: Location, data: bytes, *, fsync: bool = False) -> bool:
+    """Write-once: store ``data`` at ``path`` unless something is there; True if this call wrote it.
+
+    Locally the complete temp file is hard-linked to the name (``link`` fails if the name
+    exists, atomically); on an object store it is a conditional PUT.
+    """
+    if not isinstance(path, Path):
+        return path.create(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, os.getpid())
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        _raise_if_disk_full(exc, path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()
+
+
+def save_npz(path: Location, *, fsync: bool = False, **arrays: np.ndarray) -> None:
+    if isinstance(path, Path):  # streamed to the temp file: no second copy in memory
+        with atomic_write(path, fsync=fsync) as handle:
+            np.savez(handle, allow_pickle=False, **arrays)
+        return
+    write_bytes(path, npz_bytes(**arrays))
+
+
+def load_npz(path: Location) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (FileNotFoundError if absent; a damaged one raises what numpy raises)."""
+    source: Path | io.BytesIO = path if isinstance(path, Path) else io.BytesIO(path.read_bytes())
+    with np.load(source, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_npy(path: Location, array: np.ndarray) -> None:
+    """Streamed to the file (locally: temp file, renamed) or to the object (a multipart upload that
+    appears only once complete): never a second copy of a large array in memory."""
+    if isinstance(path, Path):
+        with atomic_write(path) as handle:
+            np.save(handle, array, allow_pickle=False)
+        return
+    with path.fs.open(path.path, "wb", block_size=64 << 20) as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def load_npy(path: Location) -> np.ndarray:
+    if isinstance(path, Path):
+        return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
+@contextmanager
+def local_copy(path: Location) -> Iterator[Path]:
+    """``path`` as a local file for the block: itself on a local disk, else a copy in local
+    scratch (the task's own temp dir), streamed down and removed afterwards."""
+    if isinstance(path, Path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        yield path
+        return
+
+    with tempfile.TemporaryDirectory(prefix="recsketch-") as scratch:
+        target = Path(scratch) / path.name
+        try:
+            with path.fs.open(path.path, "rb") as source, target.open("wb") as handle:
+                shutil.copyfileobj(source, handle, 16 << 20)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist") from None
+        yield target
+
+
+def write_text(path: Location, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+
+
+
+@contextmanager
+def scratch_file(folder: Location, name: str) -> Iterator[Path]:
+    """A local file to build something in before :func:`put_file` publishes it: beside the
+    target folder locally (a temp name a sweep removes if the process is killed), else in the
+    task's own temp dir. Removed when the block ends, unless it was published."""
+    if isinstance(folder, Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = _temp_name(folder / name, os.getpid())
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="recsketch-") as scratch:
+        yield Path(scratch) / name
+
+
+def put_file(source: Path, path: Location) -> None:
+    """Publish a complete local file as ``path``: renamed into place locally, one multipart upload
+    (visible only once complete) to an object store."""
+    if isinstance(path, Path):
+        os.replace(source, path)
+        return
+
+    with source.open("rb") as handle, path.fs.open(path.path, "wb", block_size=64 << 20) as target:
+        shutil.copyfileobj(handle, target, 16 << 20)

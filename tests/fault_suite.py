@@ -35,8 +35,8 @@ from sqlalchemy import create_engine, text
 
 from recsketch import contracts
 from recsketch.config import Settings
-from recsketch.features.backbones import backbone_key
 from recsketch.features.chunks import Chunk, ChunkStore
+from recsketch.features.keys import backbone_key
 from recsketch.psv import write_psv
 from recsketch.sketchfab.server import Faults, start_in_thread
 

@@ -10,7 +10,8 @@ import pytest
 
 from recsketch.demo import load_photo, variant
 from recsketch.errors import WeightsUnavailable
-from recsketch.features.backbones import VGG16_NOTOP_FILE, EfficientNetLite0Backbone, VGG16Backbone
+from recsketch.features.backbones import EfficientNetLite0Backbone, VGG16Backbone
+from recsketch.features.keys import VGG16_NOTOP_FILE
 
 
 def photos(*names: str, size: int = 224) -> np.ndarray:

@@ -20,7 +20,7 @@ import pytest
 
 from recsketch.config import Settings
 from recsketch.db import store
-from recsketch.pipeline import run_pipeline
+from recsketch.stages import run_pipeline
 from tests.fault_suite import Databases
 from tests.test_object_storage import recommendations
 from tools.celery_airflow import CeleryAirflow, storage_connection

@@ -89,7 +89,9 @@ def test_a_catalogue_without_enough_likes_gets_a_clear_error(tmp_path: Path, ser
     import pytest
 
     from recsketch.errors import RecsketchError
-    from recsketch.pipeline import crawl_stage, run_dir, threshold_stage
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.crawl import crawl_stage
+    from recsketch.stages.threshold import threshold_stage
 
     folder = tmp_path / "catalog"
     (folder / "model_thumbs").mkdir(parents=True)

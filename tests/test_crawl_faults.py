@@ -195,7 +195,7 @@ def test_token_goes_in_the_header_and_never_into_logs(real_catalog, serve, setti
     server = serve(folder, Faults(rate_5xx=0.2, rate_429=0.1, seed=2))
     settings = settings_for(server, sketchfab_token="tok-SECRET-123", http_retries=0)
     from recsketch.errors import ApiError
-    from recsketch.pipeline import crawl_stage
+    from recsketch.stages.crawl import crawl_stage
 
     caplog.set_level("DEBUG")
     try:

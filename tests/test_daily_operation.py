@@ -23,9 +23,9 @@ from recsketch.crawl import crawl, refresh_age
 from recsketch.db import store
 from recsketch.demo import build_daily_catalog
 from recsketch.likes import threshold_likes
-from recsketch.pipeline import crawl_stage
 from recsketch.sketchfab.client import SketchfabClient
 from recsketch.sketchfab.server import Catalog, Faults
+from recsketch.stages.crawl import crawl_stage
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 MAX_AGE = timedelta(days=7)

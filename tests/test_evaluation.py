@@ -137,8 +137,8 @@ def _catalogue_in(settings, frame: pd.DataFrame, mids: list[str]) -> None:  # ty
 
 
 def _features_for(settings, mids: list[str], unit: np.ndarray) -> None:  # type: ignore[no-untyped-def]
-    from recsketch.features.backbones import backbone_key
     from recsketch.features.chunks import Chunk, ChunkStore
+    from recsketch.features.keys import backbone_key
 
     chunks = ChunkStore(settings.features_dir, backbone_key(settings))
     chunks.write(Chunk("all", mids, unit, versions=dict.fromkeys(mids, "v")))
@@ -153,7 +153,11 @@ def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_pa
     from recsketch.config import Settings
     from recsketch.db import store
     from recsketch.errors import QualityGateFailed
-    from recsketch.pipeline import evaluate_stage, hybrid_stage, load_stage, run_dir, similarity_stage, threshold_stage
+    from recsketch.stages import hybrid_stage, similarity_stage
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.evaluate import evaluate_stage
+    from recsketch.stages.load import load_stage
+    from recsketch.stages.threshold import threshold_stage
 
     frame, mids, unit = _clustered_catalogue(groups=20, per_group=10, users=300)
     good = Settings(data_dir=tmp_path / "data", database_url=db_url, top_k=5)
@@ -217,16 +221,12 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
     from recsketch.config import Settings
     from recsketch.contracts import SimilarityPlan, TopKStore
     from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
-    from recsketch.pipeline import (
-        evaluate_stage,
-        hybrid_shard_stage,
-        merge_hybrid_stage,
-        plan_hybrid_stage,
-        run_dir,
-        similarity_stage,
-        threshold_stage,
-    )
     from recsketch.similarity import top_k_cosine
+    from recsketch.stages import similarity_stage
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.evaluate import evaluate_stage
+    from recsketch.stages.neighbours import hybrid_shard_stage, merge_hybrid_stage, plan_hybrid_stage
+    from recsketch.stages.threshold import threshold_stage
 
     frame, mids, unit = _clustered_catalogue(groups=12, per_group=10, users=200)
     unliked = mids[::7]  # models nobody liked: their factors are predicted from their pictures
@@ -270,7 +270,10 @@ def test_a_run_is_measured_on_the_likes_it_was_thresholded_on(tmp_path) -> None:
     from recsketch.contracts import RunLikes
     from recsketch.db import store
     from recsketch.likes import threshold_likes
-    from recsketch.pipeline import evaluate_stage, run_dir, similarity_stage, threshold_stage
+    from recsketch.stages import similarity_stage
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.evaluate import evaluate_stage
+    from recsketch.stages.threshold import threshold_stage
 
     frame, mids, unit = _clustered_catalogue(groups=10, per_group=10, users=150)
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", top_k=5,

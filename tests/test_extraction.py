@@ -14,11 +14,15 @@ import numpy as np
 from recsketch.config import Settings
 from recsketch.contracts import ValidModels
 from recsketch.crawl import thumbnail_path
-from recsketch.features.backbones import VGG16Backbone, backbone_key
+from recsketch.features.backbones import VGG16Backbone
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.images import load_image
-from recsketch.pipeline import crawl_stage, extract_stage, plan_stage, run_dir, threshold_stage
+from recsketch.features.keys import backbone_key
 from recsketch.similarity import top_k_cosine
+from recsketch.stages.common import run_dir
+from recsketch.stages.crawl import crawl_stage
+from recsketch.stages.extract import extract_stage, plan_stage
+from recsketch.stages.threshold import threshold_stage
 
 
 def prepared(settings: Settings) -> tuple[Path, list[str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from recsketch import storage
 from tests.fault_suite import STAGES, FaultSuite
 
 KILLS = int(os.environ.get("RECSKETCH_TEST_FAULT_KILLS", "3"))
@@ -39,16 +40,16 @@ def test_a_killed_writer_leaves_only_a_temp_file_that_the_next_stage_sweeps(tmp_
     import subprocess
     import sys
 
-    from recsketch import files
 
-    code = ("import sys, time\nfrom pathlib import Path\nfrom recsketch import files\n"
-            "with files.atomic_write(Path(sys.argv[1])) as h:\n    h.write(b'half'); h.flush(); print('ok', flush=True)"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom recsketch import storage\n"
+            "with storage.atomic_write(Path(sys.argv[1])) as h:\n"
+            "    h.write(b'half'); h.flush(); print('ok', flush=True)"
             "; time.sleep(60)\n")
     target = tmp_path / "chunk-x.npz"
     victim = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
     assert victim.stdout.readline().strip() == "ok"
-    assert files.sweep_stale_temps(tmp_path) == 0  # the writer is alive: its temp file stays
+    assert storage.sweep_stale_temps(tmp_path) == 0  # the writer is alive: its temp file stays
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not target.exists() and len(list(tmp_path.glob(".*.tmp"))) == 1
-    assert files.sweep_stale_temps(tmp_path) == 1 and list(tmp_path.iterdir()) == []
+    assert storage.sweep_stale_temps(tmp_path) == 1 and list(tmp_path.iterdir()) == []

@@ -23,7 +23,11 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, list[str]]:
     """Three evaluated and loaded runs (the second's features carry no picture: forced in)."""
     from recsketch.config import Settings
-    from recsketch.pipeline import evaluate_stage, hybrid_stage, load_stage, run_dir, similarity_stage, threshold_stage
+    from recsketch.stages import hybrid_stage, similarity_stage
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.evaluate import evaluate_stage
+    from recsketch.stages.load import load_stage
+    from recsketch.stages.threshold import threshold_stage
 
     tmp = tmp_path_factory.mktemp("gallery")
     frame, mids, unit = _clustered_catalogue(groups=20, per_group=10, users=300)

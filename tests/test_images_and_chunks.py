@@ -60,7 +60,7 @@ def test_crop_keeps_proportions_and_seed_stretches_like_keras_load_img() -> None
 
 def test_the_preprocessing_is_part_of_the_feature_key() -> None:
     from recsketch.config import Settings
-    from recsketch.features.backbones import backbone_key
+    from recsketch.features.keys import backbone_key
 
     assert backbone_key(Settings()) != backbone_key(Settings(preprocess="seed"))
     assert backbone_key(Settings(backbone="vgg16")).endswith("-crop")

@@ -15,7 +15,11 @@ from recsketch.config import Settings
 from recsketch.db import store
 from recsketch.db.schema import likes, models
 from recsketch.importer import import_folder
-from recsketch.pipeline import extract_stage, load_stage, plan_stage, run_dir, similarity_stage, threshold_stage
+from recsketch.stages import similarity_stage
+from recsketch.stages.common import run_dir
+from recsketch.stages.extract import extract_stage, plan_stage
+from recsketch.stages.load import load_stage
+from recsketch.stages.threshold import threshold_stage
 
 
 def damaged_copy(demo_catalog: Path, tmp_path: Path) -> tuple[Path, str, str]:

@@ -18,13 +18,17 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from recsketch import files
+from recsketch import storage
 from recsketch.config import Settings
 from recsketch.contracts import ValidModels
 from recsketch.errors import ConfigError
-from recsketch.features.backbones import backbone_key
 from recsketch.features.chunks import Chunk, ChunkStore
-from recsketch.pipeline import crawl_stage, extract_stage, plan_stage, run_dir, run_pipeline, threshold_stage
+from recsketch.features.keys import backbone_key
+from recsketch.stages import run_pipeline
+from recsketch.stages.common import run_dir
+from recsketch.stages.crawl import crawl_stage
+from recsketch.stages.extract import extract_stage, plan_stage
+from recsketch.stages.threshold import threshold_stage
 from recsketch.storage import ObjectLocation, location, read_many
 
 
@@ -74,10 +78,10 @@ def test_write_once_whole_objects_and_reads_by_key(s3_data_dir: str, no_listing:
     assert not key.exists()
     with pytest.raises(FileNotFoundError, match=r"chunk-abc\.npz"):
         key.read_bytes()
-    assert files.create_bytes(key, b"first") is True
-    assert files.create_bytes(key, b"second") is False  # If-None-Match: * refused it
+    assert storage.create_bytes(key, b"first") is True
+    assert storage.create_bytes(key, b"second") is False  # If-None-Match: * refused it
     assert key.read_bytes() == b"first" and key.exists()
-    files.write_bytes(key, b"replaced")  # a whole-object PUT replaces
+    storage.write_bytes(key, b"replaced")  # a whole-object PUT replaces
     assert key.read_bytes() == b"replaced"
     got = read_many([key, root / "missing.jpg"])
     assert got[0] == b"replaced" and isinstance(got[1], FileNotFoundError)
@@ -86,8 +90,8 @@ def test_write_once_whole_objects_and_reads_by_key(s3_data_dir: str, no_listing:
 
 def test_local_create_once_links_a_complete_file(tmp_path: Path) -> None:
     target = tmp_path / "a" / "chunk.npz"
-    assert files.create_bytes(target, b"one") is True
-    assert files.create_bytes(target, b"two") is False
+    assert storage.create_bytes(target, b"one") is True
+    assert storage.create_bytes(target, b"two") is False
     assert target.read_bytes() == b"one"
     assert [p.name for p in target.parent.iterdir()] == ["chunk.npz"]  # no temp left behind
 
@@ -203,7 +207,7 @@ def test_inside_airflow_the_store_is_reached_through_the_connection(object_store
     settings = airflow_settings()
     assert settings.storage_conn_id == "recsketch_storage"
     key = settings.data_root / "probe.txt"
-    assert files.create_bytes(key, b"through the connection")
+    assert storage.create_bytes(key, b"through the connection")
     assert key.read_bytes() == b"through the connection"
     storage._filesystem.cache_clear()
 
@@ -216,7 +220,7 @@ def test_the_gallery_serves_thumbnails_from_the_object_store(s3_data_dir: str, p
 
     settings = Settings(data_dir=s3_data_dir, database_url=pg_url)
     mid = "c" * 32
-    files.write_bytes(thumbnail_path(settings, mid), b"\xff\xd8 a jpeg")
+    storage.write_bytes(thumbnail_path(settings, mid), b"\xff\xd8 a jpeg")
     client = TestClient(create_app(lambda: settings, authenticate=lambda: None))
     answer = client.get(f"/thumbs/{mid}.jpg")
     assert answer.status_code == 200 and answer.content == b"\xff\xd8 a jpeg"

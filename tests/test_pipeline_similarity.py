@@ -10,10 +10,11 @@ import pytest
 
 from recsketch.config import Settings
 from recsketch.contracts import TOPK_FILE
-from recsketch.features.backbones import backbone_key
 from recsketch.features.chunks import Chunk, ChunkStore
-from recsketch.pipeline import run_dir, similarity_stage
+from recsketch.features.keys import backbone_key
 from recsketch.similarity import top_k_cosine
+from recsketch.stages import similarity_stage
+from recsketch.stages.common import run_dir
 
 
 def test_new_models_cost_new_x_all_and_equal_a_full_run(tmp_path: Path) -> None:
@@ -60,7 +61,7 @@ def one_chunk_run(settings: Settings, run_id: str, seed: int) -> tuple[Path, np.
 
 def test_sharded_full_run_equals_one_block(tmp_path: Path) -> None:
     from recsketch.errors import RecsketchError
-    from recsketch.pipeline import merge_similarity_stage, plan_similarity_stage, similarity_shard_stage
+    from recsketch.stages.neighbours import merge_similarity_stage, plan_similarity_stage, similarity_shard_stage
 
     settings = Settings(data_dir=tmp_path, top_k=4, similarity_shard_rows=7)
     folder, features = one_chunk_run(settings, "sharded", seed=3)
@@ -78,8 +79,8 @@ def test_sharded_full_run_equals_one_block(tmp_path: Path) -> None:
 
 
 def test_pca_option_reports_recall_and_every_shard_uses_one_projection(tmp_path: Path) -> None:
-    from recsketch.pipeline import similarity_stage
     from recsketch.similarity import reduce_dimensions
+    from recsketch.stages import similarity_stage
 
     settings = Settings(data_dir=tmp_path, top_k=4, similarity_shard_rows=8, pca_dim=3)
     folder, features = one_chunk_run(settings, "pca", seed=8)
@@ -96,7 +97,7 @@ def test_pca_option_reports_recall_and_every_shard_uses_one_projection(tmp_path:
 def test_a_pca_run_never_serves_a_later_exact_run(tmp_path: Path) -> None:
     """RECSKETCH_PCA_DIM=3, then an exact run over the same models: the exact run computes the
     exact result (as a fresh exact run does), never reusing the PCA neighbours."""
-    from recsketch.pipeline import similarity_stage
+    from recsketch.stages import similarity_stage
 
     pca = Settings(data_dir=tmp_path, top_k=4, pca_dim=3)
     folder, features = one_chunk_run(pca, "pca", seed=11)
@@ -120,7 +121,7 @@ def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: 
     from recsketch.contracts import PLAN_FILE
     from recsketch.crawl import thumbnail_path
     from recsketch.features.images import thumbnail_version
-    from recsketch.pipeline import extract_stage, plan_stage
+    from recsketch.stages.extract import extract_stage, plan_stage
 
     settings = Settings(data_dir=tmp_path, top_k=3, chunk_size=4)
     mids = [f"{i:032x}" for i in range(10)]
@@ -164,8 +165,9 @@ def test_each_handover_file_has_one_reader_and_one_writer() -> None:
     """Stages meet only through recsketch.contracts: no other module names a handover file."""
     from recsketch import contracts
 
-    names = [contracts.VALID_MODELS_FILE, contracts.PLAN_FILE, contracts.SIMILARITY_PLAN_FILE,
-             contracts.TOPK_FILE, contracts.LATEST_TOPK_FILE, contracts.SHARD_PREFIX]
+    names = [contracts.VALID_MODELS_FILE, contracts.PLAN_FILE, contracts.RUN_LIKES_FILE, contracts.EVALUATION_FILE,
+             contracts.CRAWL_STATS_FILE, contracts.TOPK_FILE, contracts.LATEST_TOPK_FILE, "_plan.json", "-shard-",
+             "-features-", "topk-"]
     package = Path(contracts.__file__).parent
     for path in package.rglob("*.py"):
         if path.name != "contracts.py":

@@ -15,8 +15,10 @@ import pytest
 
 from recsketch.config import Settings
 from recsketch.errors import ConfigError
-from recsketch.features import runtimes
-from recsketch.features.backbones import EfficientNetLite0Backbone, backbone_key, create_backbone
+from recsketch.features import keys, runtimes
+from recsketch.features.backbones import EfficientNetLite0Backbone
+from recsketch.features.factory import create_backbone
+from recsketch.features.keys import backbone_key
 
 REPO = Path(__file__).parents[1]
 
@@ -62,7 +64,7 @@ def test_exact_runtimes_reproduce_torch_fp32_on_real_photos(runtime: str, export
 
 def test_auto_picks_the_fastest_exact_runtime_here_and_refuses_what_cannot_run(
         exports: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert runtimes.resolve_runtime("efficientnet_lite0", "auto", "float32") == "exact"
+    assert keys.resolve_runtime("efficientnet_lite0", "auto", "float32") == "exact"
     monkeypatch.setenv("RECSKETCH_CACHE_DIR", str(tmp_path))
     backbone = create_backbone(Settings(data_dir=exports))
     choice = json.loads((tmp_path / "runtime-choice.json").read_text())
@@ -70,13 +72,13 @@ def test_auto_picks_the_fastest_exact_runtime_here_and_refuses_what_cannot_run(
     measured = []
     monkeypatch.setattr(runtimes, "check_images", lambda: measured.append(1) or np.zeros((4, 224, 224, 3), np.uint8))
     assert create_backbone(Settings(data_dir=exports)).runtime == backbone.runtime and not measured  # remembered
-    assert runtimes.resolve_runtime("vgg16", "auto") == "tensorflow"
+    assert keys.resolve_runtime("vgg16", "auto") == "tensorflow"
     with pytest.raises(ConfigError, match="cannot run vgg16"):
-        runtimes.resolve_runtime("vgg16", "onnxruntime")
+        keys.resolve_runtime("vgg16", "onnxruntime")
     with pytest.raises(ConfigError, match="float32 only"):
-        runtimes.resolve_runtime("efficientnet_lite0", "onnxruntime", "bfloat16")
+        keys.resolve_runtime("efficientnet_lite0", "onnxruntime", "bfloat16")
     with pytest.raises(ConfigError, match="cannot run efficientnet_lite0"):
-        runtimes.resolve_runtime("efficientnet_lite0", "tensorflow")
+        keys.resolve_runtime("efficientnet_lite0", "tensorflow")
 
 
 def test_reduced_precision_chunks_are_keyed_by_runtime(tmp_path: Path) -> None:
@@ -135,12 +137,13 @@ def test_a_worker_with_the_export_extracts_without_importing_torch(exports: Path
 import json, sys
 from pathlib import Path
 from recsketch.config import Settings
-from recsketch.features.backbones import create_backbone, set_threads
+from recsketch.features.factory import create_backbone
+from recsketch.resources import limit_threads
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.extract import extract_chunk
 settings = Settings(data_dir=Path({str(exports)!r}))
-set_threads(2)
-backbone = create_backbone(settings)
+limit_threads(2)
+backbone = create_backbone(settings, 2)
 store = ChunkStore(Path({str(tmp_path)!r}) / "features", backbone.key)
 folder = Path({str(demo_catalog)!r}, "model_thumbs")
 mids = [t.name[:32] for t in sorted(folder.glob("*.jpg"))[:10]]

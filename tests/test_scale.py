@@ -10,9 +10,11 @@ import pytest
 
 from recsketch.config import Settings
 from recsketch.contracts import ChunkPlan, SimilarityPlan, ValidModels, group_tasks
-from recsketch.features.backbones import backbone_key
 from recsketch.features.chunks import Chunk, ChunkStore
-from recsketch.pipeline import plan_similarity_stage, plan_stage, run_dir
+from recsketch.features.keys import backbone_key
+from recsketch.stages.common import run_dir
+from recsketch.stages.extract import plan_stage
+from recsketch.stages.neighbours import plan_similarity_stage
 
 
 def test_planning_a_million_models_stays_under_the_task_ceiling(tmp_path: Path) -> None:
@@ -37,8 +39,10 @@ def test_group_tasks_names_single_chunks_by_themselves() -> None:
 
 def test_one_task_extracts_a_group_of_chunks_with_one_backbone(sketchfab, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from recsketch import pipeline
-    from recsketch.pipeline import crawl_stage, extract_stage, threshold_stage
+    from recsketch.stages import extract as extract_stage_module
+    from recsketch.stages.crawl import crawl_stage
+    from recsketch.stages.extract import extract_stage
+    from recsketch.stages.threshold import threshold_stage
 
     settings = Settings(data_dir=tmp_path / "data", sketchfab_url=sketchfab.url, chunk_size=8, max_mapped_tasks=2)
     folder = run_dir(settings, "r")
@@ -48,8 +52,9 @@ def test_one_task_extracts_a_group_of_chunks_with_one_backbone(sketchfab, tmp_pa
     plan = ChunkPlan.read(folder)
     assert len(plan.chunks) == 9 and len(tasks) == 2
     loads = []
-    real = pipeline.create_backbone
-    monkeypatch.setattr(pipeline, "create_backbone", lambda s: loads.append(1) or real(s))
+    real = extract_stage_module.create_backbone
+    monkeypatch.setattr(extract_stage_module, "create_backbone",
+                        lambda s, threads=None: loads.append(1) or real(s, threads))
     summaries = [extract_stage(settings, folder, task) for task in tasks]
     assert len(loads) == 2  # one backbone per task, not per chunk
     assert [s["chunks"] for s in summaries] == [5, 4] and sum(s["images"] for s in summaries) == 72
@@ -250,7 +255,7 @@ def test_consolidating_features_holds_one_chunk_in_memory_not_the_matrix(tmp_pat
 def test_an_incremental_run_equals_a_full_run(tmp_path: Path) -> None:
     """The incremental path (one in-memory copy of unit rows, old first) gives the full run's top-k."""
     from recsketch.contracts import TopKStore
-    from recsketch.pipeline import similarity_stage
+    from recsketch.stages import similarity_stage
 
     rng = np.random.default_rng(9)
     mids = [f"{i:032x}" for i in range(300)]

@@ -23,8 +23,8 @@ from recsketch.db.schema import likes, models
 from recsketch.errors import BadInputError, InvalidModelId
 from recsketch.features.chunks import ChunkStore
 from recsketch.gallery import create_app
-from recsketch.pipeline import run_dir
 from recsketch.sketchfab.client import SketchfabClient
+from recsketch.stages.common import run_dir
 
 REPO = Path(__file__).parents[1]
 A, B, C = "a" * 32, "b" * 32, "c" * 32

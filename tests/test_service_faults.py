@@ -175,8 +175,8 @@ def test_disk_full_while_writing_a_chunk(tmp_path: Path, demo_catalog: Path) -> 
         assert "the partial file was removed" in str(error)
         files_left = sorted(p.name for p in mount.rglob("*") if p.is_file())
         assert files_left == sorted(f"chunk-{c}.npz" for c in written)  # no half chunk, no temp file
-        from recsketch.features.backbones import backbone_key
         from recsketch.features.chunks import ChunkStore
+        from recsketch.features.keys import backbone_key
 
         store_ = ChunkStore(settings.features_dir, backbone_key(settings))
         assert all(store_.read(c) is not None for c in written)  # what was written before is intact

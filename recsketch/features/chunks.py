@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsketch import files
+from recsketch import storage
 from recsketch.errors import BadInputError
 from recsketch.similarity import normalise
 from recsketch.storage import Location
@@ -99,18 +99,18 @@ class ChunkStore:
         is replaced."""
         final = self.path(chunk.chunk_id)
         data = self._encode(chunk)
-        if not files.create_bytes(final, data, fsync=True):
+        if not storage.create_bytes(final, data, fsync=True):
             if self.read(chunk.chunk_id) is not None:
                 log.info("chunk %s was already written (by another worker); kept it", final)
             else:
                 log.warning("chunk %s was damaged; replaced it", final)
-                files.write_bytes(final, data, fsync=True)
+                storage.write_bytes(final, data, fsync=True)
         return final
 
     def _encode(self, chunk: Chunk) -> bytes:
         failed = sorted(chunk.failed.items())
         features = np.ascontiguousarray(chunk.features, dtype=np.float32)
-        return files.npz_bytes(
+        return storage.npz_bytes(
             mids=np.array(chunk.mids, dtype=str),
             features=features,
             sha256=np.array(_checksum(chunk.mids, features)),
@@ -124,7 +124,7 @@ class ChunkStore:
         """The chunk, or None if it is absent, partial, corrupt or from another backbone."""
         path = self.path(chunk_id)
         try:
-            data = files.load_npz(path)
+            data = storage.load_npz(path)
             key = str(data["backbone_key"])
             mids = [str(m) for m in data["mids"]]
             features = data["features"]
@@ -165,15 +165,15 @@ class ChunkStore:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s is unreadable (%s); the chunks are found by listing (local) or extracted "
                         "again (object store)", self.manifest_path, exc)
-        return self._listed() if isinstance(self.root, Path) else {}
+        root = storage.local_path(self.root)
+        return self._listed(root) if root is not None else {}
 
-    def _listed(self) -> dict[str, list[tuple[str, str]]]:
+    def _listed(self, root: Path) -> dict[str, list[tuple[str, str]]]:
         """A local folder without a manifest: its intact chunks, found by listing it."""
-        assert isinstance(self.root, Path)
-        if not self.root.is_dir():
+        if not root.is_dir():
             return {}
         found = {}
-        for file in sorted(self.root.glob("chunk-*.npz")):
+        for file in sorted(root.glob("chunk-*.npz")):
             chunk = self.read(file.name[len("chunk-"):-len(".npz")])
             if chunk is not None:
                 found[chunk.chunk_id] = list(chunk.entries())
@@ -199,7 +199,7 @@ class ChunkStore:
         """One whole object (one PUT, or a rename locally): readers see the old or the new."""
         payload = {"backbone_key": self.backbone_key,
                    "chunks": {cid: [list(e) for e in entries] for cid, entries in sorted(manifest.items())}}
-        files.write_text(self.manifest_path, json.dumps(payload, separators=(",", ":")))
+        storage.write_text(self.manifest_path, json.dumps(payload, separators=(",", ":")))
 
     def chunk_ids(self) -> list[str]:
         return sorted(self.manifest())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import io
 import json
 import logging
@@ -33,8 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from recsketch import files
-from recsketch.errors import ConfigError, RecsketchError, WeightsUnavailable
+from recsketch import storage
+from recsketch.errors import RecsketchError, WeightsUnavailable
+from recsketch.features.backbones import EfficientNetLite0Backbone
+from recsketch.features.extract import embed_many
+from recsketch.features.images import decode_image
+from recsketch.features.keys import EXACT_RUNTIMES, content_digest, installed, lite0_key, version_of
+from recsketch.features.photos import load_photo
 from recsketch.storage import Location
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,6 @@ OPSET = 17
 EXACT_COSINE = 0.9999
 INPUT = "images"  # uint8 [n, 224, 224, 3]
 OUTPUT = "features"  # float32 [n, 1280]
-EXACT_RUNTIMES = ("onnxruntime", "openvino")
 CHECK_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "hubble_deep_field")
 
 
@@ -62,29 +65,17 @@ def lite0_weights_path() -> Path:
     return path
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
 def export_key(weights: Path | None = None) -> str:
     """The export's name: a hash of the weights' bytes and of the exporter (torch, opset, this
     module's graph version), computed without importing torch."""
-    from recsketch.features.backbones import content_digest
-
     weights = weights or lite0_weights_path()
     parts = {"weights": content_digest(weights),
-             "torch": _version("torch"), "opset": OPSET, "export": EXPORT_VERSION}
+             "torch": version_of("torch"), "opset": OPSET, "export": EXPORT_VERSION}
     return "lite0-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_images(size: int = 224) -> np.ndarray:
     """The fixed set of real photos every export is checked on (skimage's, offline)."""
-    from recsketch.demo import load_photo
-    from recsketch.features.images import decode_image
-
     images = []
     for name in CHECK_PHOTOS:
         buffer = io.BytesIO()
@@ -127,8 +118,6 @@ def _export_onnx(weights: Path) -> bytes:
 
 
 def _torch_reference(images: np.ndarray) -> np.ndarray:
-    from recsketch.features.backbones import EfficientNetLite0Backbone
-
     return EfficientNetLite0Backbone("float32", runtime="torch").embed(images)
 
 
@@ -149,7 +138,7 @@ def ensure_export(exports: Location, threads: int = 1) -> tuple[bytes, Location]
         raise ExportFailed(f"the ONNX export of EfficientNet-Lite0 agrees with torch only to cosine "
                            f"{agreement.min():.6f} (< {EXACT_COSINE}) on {len(images)} photos: not kept; "
                            "set RECSKETCH_RUNTIME=torch")
-    files.create_bytes(path, data)
+    storage.create_bytes(path, data)
     log.info("export %s kept: min cosine %.7f vs torch fp32 on %d photos", path, agreement.min(), len(images))
     return data, path
 
@@ -182,7 +171,7 @@ class OnnxRuntimeLite0:
 
     @property
     def key(self) -> str:
-        return lite0_key_for("float32", self.runtime)
+        return lite0_key("float32", self.runtime)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(images, dtype=np.uint8)
@@ -221,7 +210,7 @@ class OpenVinoLite0:
 
     @property
     def key(self) -> str:
-        return lite0_key_for(self.precision, self.runtime)
+        return lite0_key(self.precision, self.runtime)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(images, dtype=np.uint8)
@@ -230,43 +219,6 @@ class OpenVinoLite0:
             return np.array(request.infer({0: batch})[0], dtype=np.float32, copy=True)
         finally:
             self._requests.put(request)
-
-
-def lite0_key_for(precision: str, runtime: str) -> str:
-    """Exact runtimes (proven at export) share torch fp32's chunks; reduced precision differs
-    per runtime (torch autocast and OpenVINO bf16 round differently), so it is in the key."""
-    key = f"efficientnet_lite0-avg-{precision}-imagenet"
-    return key if precision == "float32" or runtime == "torch" else f"{key}-{runtime}"
-
-
-def installed(runtime: str) -> bool:
-    return _version(runtime) != "absent"
-
-
-def resolve_runtime(backbone: str, runtime: str, precision: str = "float32") -> str:
-    """The runtime ``auto`` stands for, or the one asked for if it can run this backbone.
-
-    Lite0 fp32: ``exact`` (whichever of ONNX Runtime and OpenVINO is installed and faster here,
-    picked when the backbone is built; both proven to agree with torch, so they share its chunk
-    key), else torch; bf16: OpenVINO if installed, else torch autocast. VGG16: TensorFlow (the
-    seed's path and its reference)."""
-    if backbone == "vgg16":
-        if runtime not in ("auto", "tensorflow"):
-            raise ConfigError(f"RECSKETCH_RUNTIME={runtime} cannot run vgg16: it runs on tensorflow (or auto)")
-        return "tensorflow"
-    if runtime == "tensorflow":
-        raise ConfigError("RECSKETCH_RUNTIME=tensorflow cannot run efficientnet_lite0: use auto, onnxruntime, "
-                          "openvino or torch")
-    if runtime == "onnxruntime" and precision != "float32":
-        raise ConfigError("onnxruntime runs efficientnet_lite0 in float32 only: set RECSKETCH_LITE0_PRECISION="
-                          "float32, or RECSKETCH_RUNTIME=openvino or torch for bfloat16")
-    if runtime != "auto":
-        if runtime != "torch" and not installed(runtime):
-            raise ConfigError(f"RECSKETCH_RUNTIME={runtime}, but the package {runtime} is not installed")
-        return runtime
-    if precision == "float32":
-        return "exact" if any(installed(r) for r in EXACT_RUNTIMES) else "torch"
-    return "openvino" if installed("openvino") else "torch"
 
 
 def lite0_backbone(runtime: str, precision: str, exports: Location, threads: int, *, pick: bool = False) -> Any:
@@ -309,8 +261,6 @@ def fastest_exact(model: bytes, threads: int) -> str:
         known = {}
     if known.get(key) in candidates:
         return str(known[key])
-    from recsketch.features.extract import embed_many
-
     images = check_images()
     batches = [images[i : i + 4] for i in range(0, len(images), 4)] * 3
     speeds = {}
@@ -325,7 +275,7 @@ def fastest_exact(model: bytes, threads: int) -> str:
              {r: round(v, 1) for r, v in speeds.items()})
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
-        files.write_text(cache, json.dumps({**known, key: choice}))
+        storage.write_text(cache, json.dumps({**known, key: choice}))
     return choice
 
 

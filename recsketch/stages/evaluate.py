@@ -1,0 +1,41 @@
+"""Stage 5: every method measured on held-out likes; the report goes with the run."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from recsketch.config import Settings
+from recsketch.contracts import PRIMARY_METRIC, EvaluationReport, ValidModels
+from recsketch.errors import RecsketchError
+from recsketch.evaluation import EvaluationConfig, Likes, evaluate
+from recsketch.features.chunks import ChunkStore
+from recsketch.features.keys import backbone_key
+from recsketch.similarity import normalise
+from recsketch.stages.common import Progress, log, run_likes, thresholded_likes
+from recsketch.storage import Location
+
+
+def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: Progress = log.info,
+                       config: EvaluationConfig | None = None, likes: pd.DataFrame | None = None) -> dict:
+    """Every method's offline metrics on thresholded likes (``likes``, else the catalogue's now),
+    over the given models (mid -> thumbnail version) with their features (``recsketch.evaluation``)."""
+    likes = thresholded_likes(settings) if likes is None else likes
+    mids, features, _ = ChunkStore(settings.features_dir, backbone_key(settings)).load_features(versions)
+    if len(mids) < 2:
+        raise RecsketchError(f"only {len(mids)} models have features: nothing to evaluate; run the pipeline first")
+    config = config or EvaluationConfig(max_users=settings.eval_max_users, threads=settings.effective_threads)
+    return evaluate(Likes.from_frame(likes, mids), normalise(features, copy=False), config, progress)
+
+
+def evaluate_stage(settings: Settings, folder: Location, progress: Progress = log.info,
+                   config: EvaluationConfig | None = None) -> dict:
+    """The run's models measured on held-out likes; the report is stored with the run for load
+    (its quality gate, ``run_metrics``), plan_hybrid (its CF weight) and the gallery."""
+    report = EvaluationReport(evaluate_catalogue(settings, ValidModels.read(folder).versions, progress, config,
+                                                 likes=run_likes(settings, folder, progress)))
+    report.write(folder)
+    method, metric = PRIMARY_METRIC
+    summary: dict[str, object] = {f"{name}_{metric}": values[metric]
+                                  for name, values in report.payload["methods"].items()}
+    summary["primary"] = f"{method} {metric} = {report.primary}"
+    return summary
