@@ -63,7 +63,7 @@ test: venv
 # `make test` runs the short variants of the same code.
 faults: venv
 	$(BIN)/python -m tests.fault_suite --kills 20
-	RECSKETCH_TEST_OUTAGE_S=120 $(BIN)/pytest -q -p no:cacheprovider tests/test_service_faults.py
+	RECSKETCH_TEST_OUTAGE_S=120 $(BIN)/pytest -q -p no:cacheprovider tests/faults/test_service_faults.py
 	$(BIN)/python -m tests.load_suite --clients 50 --seconds 60
 
 # speed goals, measured against the naive baseline in the same run (never asserted in tests)

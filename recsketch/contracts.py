@@ -3,16 +3,19 @@
 Stages run in separate processes (Airflow tasks, CLI commands) and meet in the run's folder
 (``<data dir>/runs/<run id>/``) and beside the feature chunks:
 
-| class | file | written by | read by |
-| --- | --- | --- | --- |
-| ``CrawlReport`` | ``crawl_stats.json`` | crawl | whoever looks into a run |
-| ``ValidModels`` | ``valid_models.json`` | threshold | plan, similarity, evaluate |
-| ``RunLikes`` | ``likes.npz`` | threshold | evaluate, plan_hybrid |
-| ``ChunkPlan`` | ``chunk_plan.json`` | plan | extract, plan_similarity |
-| ``EvaluationReport`` | ``evaluation.json`` | evaluate | plan_hybrid, load, ``recsketch evaluate`` |
-| ``SimilarityPlan`` | ``<name>_plan.json``, ``<name>-features-<digest>.npy``, ``<name>-shard-<digest>-*.npz`` | plan_<name>, the shards | the shards, merge_<name> |
-| ``TopKStore`` | ``topk.npz``, ``topk-hybrid.npz`` (run), ``topk-latest-exact.npz`` (backbone) | merge, plan_similarity | load, plan_hybrid, the next incremental run |
-| ``ChunkStore`` | ``chunk-*.npz``, ``manifest.json`` (backbone) | extract, plan_similarity | plan, similarity, evaluate |
+- ``CrawlReport``: ``crawl_stats.json``, by crawl, for whoever looks into a run;
+- ``ValidModels``: ``valid_models.json``, by threshold, for plan, similarity and evaluate;
+- ``RunLikes``: ``likes.npz``, by threshold, for evaluate and plan_hybrid;
+- ``ChunkPlan``: ``chunk_plan.json``, by plan, for extract and plan_similarity;
+- ``EvaluationReport``: ``evaluation.json``, by evaluate, for plan_hybrid, load and the CLI;
+- ``SimilarityPlan``: ``<name>_plan.json``, ``<name>-features-<digest>.npy`` and
+  ``<name>-shard-<digest>-<first>-<last>.npz``, by plan_<name> and the shards, for the shards
+  and merge_<name>;
+- ``TopKStore``: ``topk.npz`` and ``topk-hybrid.npz`` (run), ``topk-latest-exact.npz``
+  (beside the chunks), by merge or plan_similarity, for load, plan_hybrid and the next
+  incremental run;
+- ``ChunkStore`` (``recsketch.features.chunks``): ``chunk-*.npz`` and ``manifest.json``
+  beside the chunks, by extract and plan_similarity, for plan, similarity and evaluate.
 
 ``<name>`` is ``similarity`` (visual) or ``hybrid`` (``Method.file_name``). Every write is
 atomic (``recsketch.storage``); a missing file names the stage to run first. The folder is a

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.test_evaluation import _catalogue_in, _clustered_catalogue, _features_for
+from tests.integration.test_evaluation import _catalogue_in, _clustered_catalogue, _features_for
 from tools.object_store import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

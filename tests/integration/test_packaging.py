@@ -11,7 +11,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def declared() -> set[str]:

@@ -19,7 +19,7 @@ from recsketch.db import migrate, store
 from recsketch.db.schema import metadata
 from recsketch.errors import SchemaBehind
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 A, B, C = "a" * 32, "b" * 32, "c" * 32
 
 

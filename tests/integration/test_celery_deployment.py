@@ -22,7 +22,7 @@ from recsketch.config import Settings
 from recsketch.db import store
 from recsketch.stages import run_pipeline
 from tests.fault_suite import Databases
-from tests.test_object_storage import recommendations
+from tests.integration.test_object_storage import recommendations
 from tools.celery_airflow import CeleryAirflow, storage_connection
 from tools.local_airflow import connection_env, free_port
 from tools.object_store import ACCESS_KEY, SECRET_KEY

@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from recsketch import contracts, pipeline
+from recsketch import contracts
 from recsketch.config import Settings
 from recsketch.contracts import TopK, TopKStore
 from recsketch.db import store
 from recsketch.errors import StorageFull
 from recsketch.sketchfab.server import Faults
+from recsketch.stages.common import run_dir
+from recsketch.stages.extract import extract_stage, plan_stage
 from tests.fault_suite import FaultSuite
 
 PG_BIN = Path("/usr/lib/postgresql") / (os.listdir("/usr/lib/postgresql")[0] if Path("/usr/lib/postgresql").is_dir()
@@ -158,14 +160,14 @@ def test_disk_full_while_writing_a_chunk(tmp_path: Path, demo_catalog: Path) -> 
             shutil.copy(demo_catalog / "model_thumbs" / f"{mid}_thumb200.jpg", thumbs / f"{mid}.jpg")
         (data / "features").symlink_to(mount)  # the chunks go to the small disk
         settings = Settings(data_dir=data, chunk_size=16, min_likes=0)
-        folder = pipeline.run_dir(settings, "r")
+        folder = run_dir(settings, "r")
         (folder / contracts.VALID_MODELS_FILE).write_text(json.dumps(mids))
-        chunk_ids = pipeline.plan_stage(settings, folder)
+        chunk_ids = plan_stage(settings, folder)
         assert len(chunk_ids) == 3
         written, error = [], None
         for chunk_id in chunk_ids:
             try:
-                pipeline.extract_stage(settings, folder, chunk_id)
+                extract_stage(settings, folder, chunk_id)
                 written.append(chunk_id)
             except StorageFull as exc:
                 error = exc

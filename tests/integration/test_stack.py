@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 COMPOSE = REPO / "docker-compose.yaml"
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker",
                     "airflow-triggerer", "airflow-init"}

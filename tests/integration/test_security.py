@@ -26,7 +26,7 @@ from recsketch.gallery import create_app
 from recsketch.sketchfab.client import SketchfabClient
 from recsketch.stages.common import run_dir
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 A, B, C = "a" * 32, "b" * 32, "c" * 32
 INJECTIONS = ["' OR '1'='1", "x'); DROP TABLE models; --", '"; DELETE FROM likes; --',
               "%' UNION SELECT mid, name FROM models --", "Robert'); DROP TABLE recommendations;--",

@@ -16,7 +16,7 @@ import pytest
 
 from tools.local_airflow import free_port
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def launch_and_terminate(args: list[str], ready_text: str, env: dict[str, str], timeout_s: float = 240) -> list[str]:

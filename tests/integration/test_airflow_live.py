@@ -24,7 +24,7 @@ from recsketch.psv import read_models
 from tests.fault_suite import Databases
 from tools.local_airflow import LocalAirflow, connection_env, free_port
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 ARTIFACTS = Path(os.environ.get("RECSKETCH_TEST_ARTIFACTS", REPO / "test-artifacts"))
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

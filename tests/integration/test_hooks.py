@@ -9,7 +9,7 @@ import yaml
 
 from recsketch.errors import ConfigError
 from recsketch.hooks import RecsketchDbHook, SketchfabHook, airflow_settings
-from tests.test_stack import COMPOSE
+from tests.integration.test_stack import COMPOSE
 
 
 def test_without_connections_the_environment_decides(monkeypatch, tmp_path) -> None:

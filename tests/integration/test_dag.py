@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 DAG_FILE = REPO / "dags" / "recsketch_dags.py"
 
 

@@ -20,7 +20,7 @@ from recsketch.features.backbones import EfficientNetLite0Backbone
 from recsketch.features.factory import create_backbone
 from recsketch.features.keys import backbone_key
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
