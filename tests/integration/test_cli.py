@@ -93,3 +93,28 @@ def test_serve_run_similar_as_a_user_would(tmp_path: Path, pg_url: str) -> None:
         out = subprocess.run([*RECSKETCH, "similar", bad], env=env, capture_output=True, text=True)
         assert out.returncode == 2 and out.stdout == ""
         assert len(out.stderr.strip().splitlines()) == 1 and "model id" in out.stderr
+
+
+def test_run_published_since_crawls_only_the_models_published_since(sketchfab, demo_catalog: Path,
+                                                                     tmp_path: Path) -> None:
+    """``recsketch run --published-since D``: the catalogue holds the models published since D,
+    none before (the flag was once parsed and dropped, and every model was crawled)."""
+    from sqlalchemy import select
+
+    from recsketch.config import Settings
+    from recsketch.db import store
+    from recsketch.db.schema import models
+
+    rows = read_models(demo_catalog / "model_urls.psv").rows
+    since = sorted(row.published_at for row in rows)[len(rows) // 2]  # about half the demo's models are older
+    newer = {row.mid for row in rows if row.published_at >= since}
+    assert 0 < len(newer) < len(rows)
+    env = {**os.environ, "RECSKETCH_SKETCHFAB_URL": sketchfab.url, "RECSKETCH_DATA_DIR": str(tmp_path / "data"),
+           "RECSKETCH_RUNTIME": "torch"}
+    run = subprocess.run([*RECSKETCH, "run", "--published-since", since.isoformat(), "--min-likes", "0",
+                          "--top-k", "2"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    engine = store.connect(Settings(data_dir=tmp_path / "data").resolved_database_url)
+    with engine.connect() as conn:
+        stored = {row.mid for row in conn.execute(select(models.c.mid))}
+    assert stored == newer
