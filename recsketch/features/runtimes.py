@@ -168,6 +168,7 @@ class OnnxRuntimeLite0:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.embed(np.zeros((1, self.input_size, self.input_size, 3), np.uint8))  # first call in one thread (below)
 
     @property
     def key(self) -> str:
@@ -205,8 +206,13 @@ class OpenVinoLite0:
                                   "NUM_STREAMS": self.lanes, "INFERENCE_NUM_THREADS": self.lanes}
         compiled = core.compile_model(network, "CPU", config)
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        blank = np.zeros((1, self.input_size, self.input_size, 3), np.uint8)
         for _ in range(self.lanes):
-            self._requests.put(compiled.create_infer_request())
+            request = compiled.create_infer_request()
+            # one call per request here, in one thread: the bindings' first call initialises C++
+            # statics, and two lanes making it at once deadlock (a static-init guard against the GIL)
+            request.infer({0: blank})
+            self._requests.put(request)
 
     @property
     def key(self) -> str:

@@ -105,8 +105,8 @@ def test_the_export_cache_is_keyed_by_weights_and_exporter(tmp_path: Path, monke
     monkeypatch.setattr(runtimes, "EXPORT_VERSION", runtimes.EXPORT_VERSION + 1)
     assert runtimes.export_key(weights) != key  # another graph version: another export
     monkeypatch.undo()
-    real = runtimes._version
-    monkeypatch.setattr(runtimes, "_version", lambda package: "9.9.9" if package == "torch" else real(package))
+    real = runtimes.version_of
+    monkeypatch.setattr(runtimes, "version_of", lambda package: "9.9.9" if package == "torch" else real(package))
     assert runtimes.export_key(weights) != key  # another exporter: another export
 
 
