@@ -17,11 +17,16 @@ venv: $(STAMP)
 
 # torch==2.13.0 comes from pip's find-links (CPU wheel); the pinned lock is installed first, then
 # recsketch itself, editable, without resolving its (already satisfied) dependencies again.
+# pip's "Location ... is ignored" warnings (find-links folders this machine's pip config names but
+# lacks) are dropped; anything else pip says, and its exit status, come through.
+QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing requirements.txt into $(VENV) (a few minutes the first time)"
+	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check -r requirements.txt $(QUIET_PIP)
+	@set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check --no-deps -e . $(QUIET_PIP)
+	@touch $(STAMP)
 
 lock:
 	uv pip compile requirements.in --python-version 3.11 --quiet | $(PYTHON) tools/strip_gpu_pins.py > requirements.txt
@@ -40,9 +45,15 @@ demo: venv
 	for dag in recsketch recsketch_recommendations; do \
 	    $(AIRFLOW_ENV) $(BIN)/airflow dags test $$dag >> $(DEMO_DIR)/dags-test.log 2>&1 \
 	        || { grep -E "ERROR|Error|recsketch" $(DEMO_DIR)/dags-test.log | tail -40; exit 1; }; done; \
-	grep -E "\] (crawl done|threshold|plan|similarity|evaluate|hybrid|gate|load):" $(DEMO_DIR)/dags-test.log | sed -E 's/^[^]]*\] //; s/ +\[recsketch.*//'; \
+	echo; $(BIN)/python -m tools.demo_report $(DEMO_DIR)/dags-test.log; \
 	echo "task logs: $(DEMO_DIR)/dags-test.log"; \
-	$(BIN)/recsketch show --models 6 --top-k 3
+	mid=$$($(BIN)/python -c "import json; print(next(iter(json.load(open('$(DEMO_DIR)/catalog/groups.json')))))"); \
+	echo; echo "query what the run loaded (from this folder):"; \
+	echo "  RECSKETCH_DATA_DIR=$(DEMO_DIR)/data $(BIN)/recsketch similar $$mid --top-k 3"; \
+	echo "  RECSKETCH_DATA_DIR=$(DEMO_DIR)/data $(BIN)/recsketch similar $$mid --method hybrid --json"; \
+	echo "  RECSKETCH_DATA_DIR=$(DEMO_DIR)/data $(BIN)/recsketch show --models 6 --top-k 3"; \
+	echo; echo "$$ RECSKETCH_DATA_DIR=$(DEMO_DIR)/data $(BIN)/recsketch similar $$mid --top-k 3"; \
+	RECSKETCH_DATA_DIR=$(DEMO_DIR)/data $(BIN)/recsketch similar $$mid --top-k 3
 
 # a real local Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor, PostgreSQL
 # metadata) with dags/ and plugins/, crawling the demo catalogue served on DEMO_PORT. Ctrl-C stops it.
@@ -53,10 +64,11 @@ airflow: venv
 	RECSKETCH_DATA_DIR=$(CURDIR)/$(DEMO_DIR)/airflow-data $(BIN)/python -m tools.local_airflow \
 	    --port $(AIRFLOW_PORT) --sketchfab-url http://127.0.0.1:$(DEMO_PORT)
 
+# -rs: every skipped test is listed with its reason (.ci/run installs or starts what they need)
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 # the long fault suite (~40 min): 20 seeded SIGKILLs per stage, PostgreSQL stopped and
 # unreachable, a full disk, 2-minute API outages per fault mode, 50 clients for 60 s.

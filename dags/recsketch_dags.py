@@ -65,6 +65,9 @@ FORCE = Param(False, type="boolean", description="load even if the run measures 
 def _run(task: stages.Task, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
     """Run ``task`` of the stage registry with this run's settings and folder, logging its summary
     and peak memory; a failure a retry cannot mend fails the task at once."""
+    import json
+    import time
+
     from recsketch.errors import ConfigError, PermanentApiError, QualityGateFailed
     from recsketch.hooks import airflow_settings
     from recsketch.resources import peak_rss_bytes, reset_peak_rss
@@ -75,11 +78,13 @@ def _run(task: stages.Task, *args: object, **kwargs: object):  # type: ignore[no
     settings = airflow_settings(**{name: params.get(name) for name in PARAMS})
     folder = run_dir(settings, context["run_id"])
     reset_peak_rss()
+    started = time.monotonic()
     try:
         summary = task(settings, folder, *args, **kwargs)
     except (PermanentApiError, ConfigError, QualityGateFailed) as exc:  # a retry would fail the same way
         raise AirflowFailException(str(exc)) from exc
-    log.info("%s summary: %s", task.name, summary)
+    log.info("%s summary: %s", task.name, json.dumps(summary, default=str))
+    log.info("%s: done in %.3f s", task.name, time.monotonic() - started)
     log.info("%s: peak RSS %.0f MiB", task.name, peak_rss_bytes() / 2**20)
     return summary
 

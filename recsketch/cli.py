@@ -160,10 +160,10 @@ def _serve(folder: Path, host: str, port: int, fault_429: float, retry_after: fl
 
 
 def _demo_catalog(folder: Path, seed: int) -> int:
-    from recsketch.demo import build_demo_catalog
+    from recsketch.demo import build_demo_catalog, describe_demo_catalog
 
-    groups = build_demo_catalog(folder, seed=seed)
-    print(f"demo catalogue: {len(groups)} models in {len(set(groups.values()))} groups at {folder}")
+    build_demo_catalog(folder, seed=seed)
+    print(describe_demo_catalog(folder))
     return 0
 
 

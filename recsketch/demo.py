@@ -176,3 +176,16 @@ def build_daily_catalog(folder: Path, days: int, models_per_day: int, n_users: i
     write_psv(folder / "model_urls.psv", ("name", "mid", "published_at"), models)
     write_psv(folder / "model_likes_anon.psv", ("modelname", "mid", "uid", "liked_at"), likes)
     return truth
+
+
+def describe_demo_catalog(folder: Path) -> str:
+    """What the demo catalogue holds, and why the pipeline's counts differ from the listing's."""
+    groups = json.loads((Path(folder) / GROUPS_FILE).read_text())
+    listed = len(read_models(Path(folder) / "model_urls.psv").rows)
+    thumbs = {p.name[:32] for p in (Path(folder) / "model_thumbs").glob("*_thumb200.jpg")}
+    extras = listed - len(groups)
+    without = listed - len(thumbs)
+    return (f"demo catalogue: {listed} models at {folder}: {len(set(groups.values()))} photos x {len(VARIANTS)} "
+            f"variants ({', '.join(VARIANTS)}) = {len(groups)} models whose true neighbours are their own photo's "
+            f"variants, plus {extras} planted extras: {extras - without} rarely liked (the 5/5 like threshold drops "
+            f"them) and {without} without a thumbnail (listed and liked, never embedded)")

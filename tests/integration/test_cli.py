@@ -118,3 +118,13 @@ def test_run_published_since_crawls_only_the_models_published_since(sketchfab, d
     with engine.connect() as conn:
         stored = {row.mid for row in conn.execute(select(models.c.mid))}
     assert stored == newer
+
+
+def test_a_reader_never_creates_a_db(tmp_path: Path) -> None:
+    """``similar`` and ``show`` on a data dir the pipeline never wrote: one line that says where
+    to look, exit 2, and no empty SQLite file left behind."""
+    env = {**os.environ, "RECSKETCH_DATA_DIR": str(tmp_path / "data")}
+    for argv in (["similar", "a" * 32], ["show"]):
+        out = subprocess.run([*RECSKETCH, *argv], env=env, capture_output=True, text=True)
+        assert out.returncode == 2 and "there is no recommendations DB" in out.stderr and "make demo" in out.stderr
+        assert not (tmp_path / "data" / "recsketch.sqlite").exists()
