@@ -76,9 +76,10 @@ def top_k_cosine(
     return indices, scores
 
 
-def _select(block: np.ndarray, kk: int, features, start: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``kk`` best columns of each row of ``block`` (scores of rows start.. vs all items),
-    ordered by (-score, index); identical vectors rescored to exactly 1.0."""
+def _select(block: np.ndarray, kk: int, features, start: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``kk`` best columns of each row of ``block`` (scores of rows ``start``.., or of the
+    rows an index array names, vs all items), ordered by (-score, index); identical vectors
+    rescored to exactly 1.0."""
     return _rescore_near_one(features, start, *exact_largest(block, kk))
 
 
@@ -187,12 +188,14 @@ def exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     return candidates, values
 
 
-def _rescore_near_one(unit, start: int, best: np.ndarray,
+def _rescore_near_one(unit, start: int | np.ndarray, best: np.ndarray,
                       best_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Identical vectors score a hair off 1.0 in float32: rescore those in float64 and re-sort."""
+    """Identical vectors score a hair off 1.0 in float32: rescore those in float64 and re-sort.
+    ``start``: the first query row (contiguous queries), or the query rows themselves."""
     rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
     if len(rows_near_one):
-        a = _dense_rows(unit, start + rows_near_one).astype(np.float64)
+        queries = start + rows_near_one if isinstance(start, int) else np.asarray(start)[rows_near_one]
+        a = _dense_rows(unit, queries).astype(np.float64)
         b = _dense_rows(unit, best[rows_near_one, cols]).astype(np.float64)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         exact = np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0)
@@ -229,6 +232,51 @@ def merge_new_items(
         block[:, old_count:] = _scores(unit, start, stop, slice(old_count, None))
         indices[start:stop], scores[start:stop] = _select(block, kk, features, start)
     return indices, scores
+
+
+def refresh_top_k(unit: np.ndarray, k: int, known_indices: np.ndarray, known_scores: np.ndarray,
+                  clean: np.ndarray, fresh: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of every row of ``unit`` (unit rows) from a previous result.
+
+    ``clean`` rows kept their features and their known list (``known_indices``/``scores``,
+    in this row order) holds only models that also kept theirs, so it is still exact among
+    those; they are scored only against the ``fresh`` columns (new models, changed features)
+    and merged with their list. Every other row (new, changed, or whose list held a model
+    that is gone or changed) is computed against all rows. Equal to a full recompute; costs
+    (dirty rows x N) + (clean rows x fresh columns) instead of N x N.
+    """
+    n = unit.shape[0]
+    kk = min(k, n - 1)
+    indices = np.zeros((n, max(kk, 0)), dtype=np.int64)
+    scores = np.zeros((n, max(kk, 0)), dtype=np.float32)
+    if kk <= 0:
+        return indices, scores
+    fresh = np.asarray(fresh, dtype=np.int64)
+    clean = np.asarray(clean, dtype=bool)
+    if clean.any() and known_indices.shape[1] < kk:
+        raise ValueError(f"the known lists hold {known_indices.shape[1]} neighbours, fewer than k = {kk}")
+    step = block_rows or block_rows_for(n)
+    dirty_rows = np.flatnonzero(~clean)
+    for first in range(0, len(dirty_rows), step):
+        rows = dirty_rows[first : first + step]
+        block = (unit[rows] @ unit.T).astype(np.float32, copy=False)
+        block[np.arange(len(rows)), rows] = -np.inf  # never recommend a model to itself
+        indices[rows], scores[rows] = _select(block, kk, unit, rows)
+    clean_rows = np.flatnonzero(clean)
+    for first in range(0, len(clean_rows), step):
+        rows = clean_rows[first : first + step]
+        block = np.full((len(rows), n), -np.inf, dtype=np.float32)  # only known and fresh candidates compete
+        np.put_along_axis(block, known_indices[rows, :kk], known_scores[rows, :kk], axis=1)
+        if len(fresh):
+            block[:, fresh] = unit[rows] @ unit[fresh].T
+        indices[rows], scores[rows] = _select(block, kk, unit, rows)
+    return indices, scores
+
+
+def refresh_cost(dirty_rows: int, clean_rows: int, fresh: int) -> float:
+    """The share of a full N x N pass that :func:`refresh_top_k` computes."""
+    n = dirty_rows + clean_rows
+    return (dirty_rows * n + clean_rows * fresh) / max(1, n * n)
 
 
 def reduce_dimensions(features: np.ndarray, dim: int, seed: int = 0, power_iterations: int = 2) -> np.ndarray:

@@ -36,7 +36,7 @@ from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileR
 from recsketch.features.keys import backbone_key
 from recsketch.hybrid import fit_als, write_embedding
 from recsketch.resources import limit_threads
-from recsketch.similarity import NpyRows, merge_new_items, reduce_measured, top_k_tiled
+from recsketch.similarity import NpyRows, reduce_measured, refresh_cost, refresh_top_k, top_k_tiled
 from recsketch.stages.common import Progress, chunk_plan_if_any, log, run_likes, sweep
 from recsketch.storage import Location
 
@@ -158,8 +158,8 @@ def merge_neighbours(settings: Settings, folder: Location, method: Method, progr
 
 
 class VisualSource:
-    """The pictures: the run's unit features from the chunks. A run whose models all kept their
-    thumbnails since the backbone's last exact result is worked into it (new x all) instead."""
+    """The pictures: the run's unit features from the chunks. While the backbone's last exact
+    result can be worked forward for less than a full pass costs, it is (``_incremental``)."""
 
     method = Method.VISUAL
 
@@ -171,9 +171,11 @@ class VisualSource:
             added = chunk_store.register(chunk_plan.chunks)
             progress(f"similarity: {added} new chunks registered in {chunk_store.manifest_path}")
         sweep(progress, chunk_store.root, folder)
-        previous = None if settings.pca_dim else _reusable_previous(chunk_store, settings.top_k, valid.versions)
+        previous = None if settings.pca_dim else _reusable_previous(chunk_store, settings.top_k)
         if previous is not None:
-            return _incremental(chunk_store, previous, valid, chunk_plan, settings.top_k, progress)
+            done = _incremental(chunk_store, previous, valid, chunk_plan, settings.top_k, progress)
+            if done is not None:
+                return done
         sink = NpyFileRows(scratch)
         try:
             mids = gather_unit_rows(chunk_store, valid, sorted(valid.versions), sink, chunk_plan, progress).mids
@@ -273,35 +275,69 @@ def gather_unit_rows(chunk_store: ChunkStore, valid: ValidModels, order: list[st
     return gathered
 
 
-def _reusable_previous(chunk_store: ChunkStore, k: int, versions: dict[str, str]) -> TopK | None:
-    """The backbone's last exact result, if it still holds: same k, no model gone, every old
-    model's thumbnail unchanged (so its features, and its neighbours among old models, are too)."""
+def _reusable_previous(chunk_store: ChunkStore, k: int) -> TopK | None:
+    """The backbone's last exact result, if the next one can be worked into it: same backbone
+    key and k, and lists as long as this run's will be."""
     previous = TopKStore.latest(chunk_store.root).read()
     if previous is None or previous.backbone_key != chunk_store.backbone_key:
         return None
-    if previous.k != k or len(previous.mids) < 2 or not set(previous.mids) <= set(versions):
-        return None
-    if [versions.get(mid, "") for mid in previous.mids] != previous.versions:
+    if previous.k != k or len(previous.mids) < 2 or len(previous.versions) != len(previous.mids):
         return None
     return previous
 
 
+FULL_PASS_SHARE = 1.0  # a refresh that computes as much as a full pass runs as one (sharded, mapped)
+
+
 def _incremental(chunk_store: ChunkStore, previous: TopK, valid: ValidModels, chunk_plan: ChunkPlan | None,
-                 k: int, progress: Progress) -> Done:
-    """New x all merged into the previous result. Memory holds one copy of the unit features
-    (old rows first, then new ones), gathered chunk by chunk."""
-    new = sorted(set(valid.versions) - set(previous.mids))
-    if not new:
+                 k: int, progress: Progress) -> Done | None:
+    """The previous exact result worked forward (``similarity.refresh_top_k``): new models and
+    changed thumbnails are computed against all, as is every row whose list held a model that
+    is gone (deleted, below the threshold) or changed; every other row keeps its list, merged
+    with the new and changed models. None when that costs as much as a full pass (most
+    rows dirty: most features changed, or lists full of gone models)."""
+    old_version = dict(zip(previous.mids, previous.versions, strict=True))
+    if old_version == valid.versions:
         return Done(PlanMode.UNCHANGED, "reused", previous)
+    kept_or_changed = [mid for mid in previous.mids if mid in valid.versions]
+    new = sorted(set(valid.versions) - set(old_version))
     sink = MemoryRows()
-    gathered = gather_unit_rows(chunk_store, valid, previous.mids + new, sink, chunk_plan, progress)
-    order = gathered.mids  # the old models all have features (their versions are unchanged)
-    if len(order) == len(previous.mids):
+    order = gather_unit_rows(chunk_store, valid, kept_or_changed + new, sink, chunk_plan, progress).mids
+    changed = {mid for mid in order if mid in old_version and old_version[mid] != valid.versions[mid]}
+    stable = [mid for mid in order if mid in old_version and mid not in changed]
+    if len(stable) == len(previous.mids) == len(order):  # nothing gone or changed, no new model with features
         return Done(PlanMode.UNCHANGED, "reused; the new models have no features", previous)
-    indices, scores = merge_new_items(sink.array, len(previous.mids), previous.indices, previous.scores, k,
-                                      normalised=True)
-    topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions.get(m, "") for m in order])
-    return Done(PlanMode.INCREMENTAL, f"{len(order) - len(previous.mids)} new x {len(order)}", topk)
+    position = {mid: row for row, mid in enumerate(order)}
+    old_to_new = np.full(len(previous.mids), -1, dtype=np.int64)  # -1: gone, or its features changed
+    for old_row, mid in enumerate(previous.mids):
+        if mid in position and mid not in changed:
+            old_to_new[old_row] = position[mid]
+    kk = min(k, len(order) - 1)
+    clean = np.zeros(len(order), dtype=bool)
+    known_indices = np.zeros((len(order), kk), dtype=np.int64)
+    known_scores = np.zeros((len(order), kk), dtype=np.float32)
+    if previous.indices.shape[1] >= kk:
+        old_rows = np.flatnonzero(old_to_new >= 0)
+        mapped = old_to_new[previous.indices[old_rows, :kk]]
+        intact = (mapped >= 0).all(axis=1)
+        rows = old_to_new[old_rows[intact]]
+        clean[rows] = True
+        known_indices[rows], known_scores[rows] = mapped[intact], previous.scores[old_rows[intact], :kk]
+    fresh = np.array(sorted(position[mid] for mid in order if mid not in old_version or mid in changed), np.int64)
+    dirty = int((~clean).sum())
+    share = refresh_cost(dirty, int(clean.sum()), len(fresh))
+    gone = len(previous.mids) - len(stable) - len(changed)
+    detail = f"{len(order) - len(stable) - len(changed)} new x {len(order)}"
+    if changed or gone:
+        detail += f"; {len(changed)} changed, {gone} gone: {dirty} rows x {len(order)}"
+    if share >= FULL_PASS_SHARE:
+        progress(f"similarity: working the last result forward ({detail}) would cost {share:.0%} of a full pass: "
+                 "a full pass instead")
+        return None
+    indices, scores = refresh_top_k(sink.array, k, known_indices, known_scores, clean, fresh)
+    topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions[m] for m in order])
+    progress(f"similarity: {detail}, {share:.1%} of a full pass")
+    return Done(PlanMode.INCREMENTAL, detail, topk)
 
 
 @contextlib.contextmanager

@@ -44,8 +44,9 @@ def test_new_models_cost_new_x_all_and_equal_a_full_run(tmp_path: Path) -> None:
     third, order3, indices3 = run("r3", mids)
     assert third["mode"] == "unchanged (reused)" and order3 == order and (indices3 == indices).all()
 
-    fewer, _, _ = run("r4", mids[5:])  # a model left the valid set: the old lists no longer hold
-    assert fewer["mode"] == "full"
+    fewer, order4, indices4 = run("r4", mids[5:])  # models left: only the rows whose lists held them redone
+    assert fewer["mode"].startswith("incremental (0 new x 55; 0 changed, 5 gone: ")
+    assert (indices4 == top_k_cosine(np.stack([vectors[m] for m in order4]), 5)[0]).all()
 
 
 def one_chunk_run(settings: Settings, run_id: str, seed: int) -> tuple[Path, np.ndarray]:
@@ -158,7 +159,10 @@ def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: 
     row = order.index(changed)
     assert not np.allclose(new[row], old[row])  # the new image's features are the ones read
     assert np.allclose(np.delete(new, row, axis=0), np.delete(old, row, axis=0))
-    assert similarity_stage(settings, second)["mode"] == "full"
+    assert "1 changed, 0 gone" in similarity_stage(settings, second)["mode"]  # worked forward, not a full pass
+    with np.load(second / TOPK_FILE) as data:
+        order2 = [str(m) for m in data["mids"]]
+        assert (data["indices"] == top_k_cosine(new[[order.index(m) for m in order2]], 3)[0]).all()
 
 
 def test_each_handover_file_has_one_reader_and_one_writer() -> None:
