@@ -118,11 +118,11 @@ def recsketch() -> None:
     def publish_catalogue(stats: dict) -> dict:
         """Update the catalogue Asset (which starts recsketch_recommendations) only when the
         crawl changed likers or thumbnails; a day without change is skipped and starts nothing."""
-        changed = stats["likes_changed"] + stats["thumbnails_ok"]
+        changed = stats["likes_changed"] + stats["thumbnails_ok"] + stats.get("models_deleted", 0)
         if not changed:
             raise AirflowSkipException("the crawl stored no model: the catalogue is unchanged")
-        summary = {key: stats[key] for key in ("models", "models_repaired", "likes", "likes_changed",
-                                               "thumbnails_ok")}
+        summary = {key: stats.get(key, 0) for key in ("models", "models_repaired", "likes", "likes_changed",
+                                                      "thumbnails_ok", "models_deleted")}
         get_current_context()["outlet_events"][CATALOGUE].extra = summary
         return summary
 

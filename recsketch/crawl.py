@@ -59,6 +59,8 @@ class CrawlStats:
     likes_changed: int = 0  # models whose stored likers differ after this crawl (new ones included)
     likes_count_gaps: int = 0  # likers fetched far from the listed likeCount
     bad_model_entries: int = 0
+    models_deleted: int = 0  # gone from a full listing and 404 on their own page: deleted with their likes
+    deletions_unconfirmed: int = 0  # gone from the listing, but their page did not answer 404 (kept)
     likes: int = 0
     likes_failed: int = 0
     thumbnails_ok: int = 0
@@ -196,6 +198,8 @@ def crawl(
         stats.resumed_at_page = saved[1] + 1
     pages_done = saved[1] if saved else 0
     seen: set[str] = set()
+    listed: set[str] = set()  # every uid the listing showed, parsable or not
+    full_listing = published_since is None and published_before is None and not saved
     index = ThumbnailIndex(settings.thumbs_dir)
 
     def past_window(page: list) -> bool:
@@ -209,6 +213,8 @@ def crawl(
             stats.pages += 1
             infos: list[ModelInfo] = []
             for entry in page:
+                if isinstance(entry, dict) and isinstance(entry.get("uid"), str):
+                    listed.add(entry["uid"])
                 try:
                     info = parse_model(entry, client.thumbnail_min_side)
                 except RecsketchError as exc:
@@ -236,6 +242,8 @@ def crawl(
             if stats.stopped_at_window_end:
                 break
         _repair(settings, engine, client, pool, index, published_since, published_before, seen, stats, now)
+    if full_listing:  # a backfill or a resumed crawl saw part of the catalogue: it deletes nothing
+        _delete_vanished(engine, client, listed, stats, progress)
     stats.http = client.stats.as_dict()
     stats.duration_s = round(time.monotonic() - started, 3)
     refreshed = ", ".join(f"{reason}={n}" for reason, n in sorted(stats.likes_refreshed.items())) or "none"
@@ -244,12 +252,32 @@ def crawl(
                f"thumbnails ok={stats.thumbnails_ok} skipped={stats.thumbnails_skipped} "
                f"missing={stats.thumbnails_missing} failed={sum(stats.thumbnails_failed.values())}, "
                f"likes failed={stats.likes_failed}, likeCount gaps={stats.likes_count_gaps}, "
-               f"repaired={stats.models_repaired}, requests={stats.http['requests']}, "
+               f"repaired={stats.models_repaired}, deleted={stats.models_deleted}, requests={stats.http['requests']}, "
                f"retries={stats.http['retries']}, 429s={stats.http['throttled_429']}, {stats.duration_s:.1f}s")
     progress(summary)
     if run_dir is not None:
         CrawlReport.write(run_dir, stats.as_dict())
     return stats
+
+
+def _delete_vanished(engine: Engine, client: SketchfabClient, listed: set[str], stats: CrawlStats,
+                     progress: Callable[[str], None]) -> None:
+    """Stored models that a whole listing no longer shows are asked for by their own page;
+    those that answer 404 are deleted with their likes. Any other answer keeps the model."""
+    vanished = sorted(store.stored_model_ids(engine) - listed)
+    if not vanished:
+        return
+    gone = []
+    for mid in vanished:
+        try:
+            if not client.model_exists(mid):
+                gone.append(mid)
+        except RecsketchError as exc:
+            stats.deletions_unconfirmed += 1
+            stats.problems.append(f"{mid}: not listed, and its page did not answer 404, so it is kept: {exc}")
+    stats.models_deleted = store.delete_models(engine, gone)
+    progress(f"crawl: {len(vanished)} stored models are no longer listed: {stats.models_deleted} deleted "
+             f"(their page answers 404), {len(vanished) - len(gone)} kept")
 
 
 def _created_at(entry: object) -> datetime:

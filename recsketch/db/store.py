@@ -224,6 +224,24 @@ def replace_likes(engine: Engine, likers: Mapping[str, Iterable[str]],
                          [{"b_mid": mid, "b_count": count, "b_at": at} for mid, (count, at) in fetched.items()])
 
 
+def stored_model_ids(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {str(mid) for (mid,) in conn.execute(select(models.c.mid))}
+
+
+def delete_models(engine: Engine, mids: Iterable[str]) -> int:
+    """Models deleted from Sketchfab, with their likes, in one transaction: they no longer count
+    in thresholding, and the next run serves them nowhere. Returns how many were stored."""
+    wanted = sorted(set(mids))
+    deleted = 0
+    with engine.begin() as conn:
+        for batch in _batches([{"mid": m} for m in wanted]):
+            ids = [row["mid"] for row in batch]
+            conn.execute(delete(likes).where(likes.c.mid.in_(ids)))
+            deleted += conn.execute(delete(models).where(models.c.mid.in_(ids))).rowcount or 0
+    return deleted
+
+
 def saved_crawl_position(engine: Engine, window: str) -> tuple[str, int] | None:
     """(next page URL, pages done) of an unfinished crawl of ``window``, if any."""
     with engine.connect() as conn:

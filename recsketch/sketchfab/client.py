@@ -351,6 +351,18 @@ class SketchfabClient:
             yield results, next_url
             url, params = next_url, None
 
+    def model_exists(self, mid: str) -> bool:
+        """Whether ``GET /v3/models/{uid}`` finds the model: False on 404 (deleted), True on 200.
+        Anything else (5xx after the retries, a timeout, another 4xx) raises: a transient error
+        is never read as a deletion."""
+        validate_model_id(mid)
+        response, _ = self._request(f"{self.api_url}/v3/models/{mid}", None, None, True, True, expect_json=True)
+        if response.status_code == 404:
+            return False
+        if response.status_code == 200:
+            return True
+        raise ApiError(f"GET {response.url}: HTTP {response.status_code} {_detail(response)}")
+
     def likers(self, mid: str) -> list[str]:
         """Every user who liked ``mid``, across all pages of ``/i/likes``."""
         validate_model_id(mid)

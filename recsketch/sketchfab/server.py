@@ -58,6 +58,7 @@ class Faults:
     rate_bad_json: float = 0.0  # 200 with a syntactically broken JSON body
     latency_s: float = 0.0
     likes_as_models: bool = False  # /i/likes answers model entries instead of users (a changed API)
+    unavailable_paths: frozenset[str] = frozenset()  # these exact API paths always answer 503
     seed: int = 0
 
 
@@ -129,6 +130,11 @@ class Catalog:
         """New likes for a model (tests and benchmarks change the catalogue while it is served)."""
         model = self.by_mid[mid]
         self._replace(replace(model, likers=model.likers + tuple(likes)))
+
+    def remove(self, mid: str) -> None:
+        """A model deleted from Sketchfab: gone from the listing, and its page answers 404."""
+        self.models = [m for m in self.models if m.mid != mid]
+        self.by_mid.pop(mid, None)
 
     def _replace(self, model: CatalogModel) -> None:
         self.by_mid[model.mid] = model
@@ -214,6 +220,9 @@ class SketchfabHandler(BaseHTTPRequestHandler):
 
     def _inject_fault(self) -> bool:
         faults = self.server.faults
+        if urlsplit(self.path).path in faults.unavailable_paths:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, "Service temporarily unavailable.")
+            return True
         roll = self.server.roll()
         if roll < faults.rate_429:
             headers = {} if faults.retry_after is None else {"Retry-After": f"{faults.retry_after:g}"}
