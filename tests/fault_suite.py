@@ -1,7 +1,7 @@
 """Process faults: SIGKILL each stage at seeded random moments, rerun it, compare with an
 uninterrupted run.
 
-For every stage (crawl, extract, similarity, load) the suite runs the stage's real command
+For every stage (crawl, extract, similarity, incremental, load) the suite runs the stage's real command
 (``recsketch <stage> --run-id r``) from a prepared state, kills it with SIGKILL after a delay
 drawn by a seeded generator from [0, the stage's uninterrupted wall time), checks what the
 kill left (the served recommendations are complete; finished chunks and thumbnails are
@@ -41,7 +41,8 @@ from recsketch.psv import write_psv
 from recsketch.sketchfab.server import Faults, start_in_thread
 
 PG_ADMIN_URL = os.environ.get("RECSKETCH_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-STAGES = ("crawl", "extract", "similarity", "load")
+STAGES = ("crawl", "extract", "similarity", "incremental", "load")
+COMMANDS = {"incremental": "similarity"}  # the similarity step, working the last result forward
 RUN_ID = "r"
 
 
@@ -136,7 +137,7 @@ class FaultSuite:
 
     @staticmethod
     def command(stage: str) -> list[str]:
-        return [sys.executable, "-m", "recsketch.cli", stage, "--run-id", RUN_ID]
+        return [sys.executable, "-m", "recsketch.cli", COMMANDS.get(stage, stage), "--run-id", RUN_ID]
 
     def run(self, stage: str, env: dict[str, str]) -> float:
         started = time.monotonic()
@@ -226,6 +227,7 @@ class FaultSuite:
         self.reference["similarity"] = self.run("similarity", env)
         with np.load(self.syn_dir / "runs" / RUN_ID / "topk.npz") as data:
             self.ref_topk = {k: data[k].copy() for k in ("mids", "indices", "scores")}
+        self.setup_incremental(mids)
         # a previous run is live before the loads under test: it must stay served through a kill
         shutil.copytree(self.syn_dir / "runs" / RUN_ID, self.syn_dir / "runs" / "previous")
         subprocess.run([sys.executable, "-m", "recsketch.cli", "load", "--run-id", "previous"], env=env,
@@ -235,6 +237,33 @@ class FaultSuite:
         self.dbs.names.append(f"{self.syn_db_name}_tpl")
         self.reference["load"] = self.run("load", env)
         self.ref_served = self.served_rows(syn_db)
+
+    def setup_incremental(self, mids: list[str]) -> None:
+        """The last exact result over mids[1000:], then a day that adds mids[:1000] and loses the
+        last 500: the similarity step works it forward, and a kill must leave either result."""
+        base = self.workdir / "incremental-base"
+        shutil.copytree(self.syn_dir / "features", base / "features", copy_function=os.link)
+        for latest in (base / "features").rglob(contracts.LATEST_TOPK_FILE):
+            latest.unlink()
+        (base / "runs" / RUN_ID).mkdir(parents=True)
+        (base / "runs" / RUN_ID / "valid_models.json").write_text(json.dumps(mids[1000:]))
+        self.run("similarity", self.env(base, f"sqlite:///{base / 'unused.sqlite'}"))
+        self.incremental_base = base
+        self.incremental_valid = mids[:-500]
+        self.previous_latest = next((base / "features").rglob(contracts.LATEST_TOPK_FILE)).read_bytes()
+        reference = self.workdir / "incremental-reference"
+        self.reference["incremental"] = self.run("incremental", self._prepare_incremental(reference))
+        plan = json.loads((reference / "runs" / RUN_ID / "similarity_plan.json").read_text())
+        if plan["mode"] != "incremental":
+            raise RuntimeError(f"the incremental reference ran {plan['mode']!r}, not incremental")
+        with np.load(reference / "runs" / RUN_ID / "topk.npz") as data:
+            self.ref_incremental = {k: data[k].copy() for k in ("mids", "indices", "scores")}
+        if self._latest(reference).read_bytes() == self.previous_latest:
+            raise RuntimeError("the incremental reference did not replace the last result")
+
+    @staticmethod
+    def _latest(round_dir: Path) -> Path:
+        return next((round_dir / "features").rglob(contracts.LATEST_TOPK_FILE))
 
     # --- states compared with the reference ---------------------------------------------------
     @staticmethod
@@ -369,6 +398,28 @@ class FaultSuite:
             for key, reference in self.ref_topk.items():
                 if not np.array_equal(data[key], reference):
                     raise AssertionError(f"top-k {key} differ from the uninterrupted run")
+
+    # incremental: the last result worked forward; a kill leaves the old or the new last result whole
+    def _prepare_incremental(self, round_dir: Path) -> dict[str, str]:
+        round_dir.mkdir(parents=True)
+        shutil.copytree(self.incremental_base / "features", round_dir / "features", copy_function=os.link)
+        (round_dir / "runs" / RUN_ID).mkdir(parents=True)
+        (round_dir / "runs" / RUN_ID / "valid_models.json").write_text(json.dumps(self.incremental_valid))
+        return self.env(round_dir, f"sqlite:///{round_dir / 'unused.sqlite'}")
+
+    def _recover_incremental(self, round_dir: Path, env: dict[str, str], report: StageReport) -> None:
+        latest = self._latest(round_dir).read_bytes()
+        if latest != self.previous_latest:  # replaced: then it must be the finished new result
+            report.mid_work += 1
+            with np.load(self._latest(round_dir)) as data:
+                if not np.array_equal(data["indices"], self.ref_incremental["indices"]):
+                    raise AssertionError("the kill left a last result that is neither the old nor the new one")
+        self.run("incremental", env)
+        report.leftovers += len(_temps(round_dir))
+        with np.load(round_dir / "runs" / RUN_ID / "topk.npz") as data:
+            for key, reference in self.ref_incremental.items():
+                if not np.array_equal(data[key], reference):
+                    raise AssertionError(f"top-k {key} differ from the uninterrupted incremental run")
 
     # load: "previous" is live; a kill must leave one complete run served, the rerun the new one
     def _prepare_load(self, round_dir: Path) -> dict[str, str]:
