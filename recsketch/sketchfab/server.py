@@ -262,9 +262,17 @@ class SketchfabHandler(BaseHTTPRequestHandler):
     do_HEAD = do_GET  # noqa: N815 (http.server naming)
 
     def do_POST(self) -> None:
-        """``POST /_clock?now=ISO`` moves the server's clock (tests replaying days; not Sketchfab's)."""
+        """``POST /_clock?now=ISO`` moves the server's clock; ``POST /_reload`` reads the folder
+        again, so a replay can add, change and delete models without a restart (a model gone
+        from the folder then answers 404). Neither is Sketchfab's."""
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if url.path == "/_reload":
+            try:
+                self.server.catalog = Catalog(self.server.catalog.folder)
+            except BadInputError as exc:
+                return self._error(HTTPStatus.BAD_REQUEST, str(exc))
+            return self._json(HTTPStatus.OK, {"models": len(self.server.catalog.models)})
         if url.path != "/_clock" or "now" not in query:
             return self._error(HTTPStatus.NOT_FOUND, "Not found.")
         try:

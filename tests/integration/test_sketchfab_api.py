@@ -211,3 +211,35 @@ def test_thumbnail_choice_and_model_validation() -> None:
 def test_non_http_thumbnail_urls_are_refused() -> None:
     with pytest.raises(BadInputError, match="only http"):
         SketchfabClient("http://127.0.0.1:9").download("file:///etc/passwd", 1000)
+
+
+def test_reload_reads_the_folder_again_a_removed_model_answers_404_and_a_new_thumbnail_new_uids(
+        demo_catalog: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from recsketch.psv import read_models, write_psv
+    from recsketch.sketchfab.server import start_in_thread
+
+    folder = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, folder)
+    server = start_in_thread(folder)
+    try:
+        rows = read_models(folder / "model_urls.psv").rows
+        gone, redrawn = rows[0].mid, rows[1].mid
+        before = requests.get(f"{server.url}/v3/models/{redrawn}", timeout=10).json()
+        assert requests.get(f"{server.url}/v3/models/{gone}", timeout=10).status_code == 200
+        write_psv(folder / "model_urls.psv", ("name", "mid", "published_at"),
+                  [(r.name, r.mid, r.published_at.isoformat()) for r in rows[1:]])
+        Image.new("RGB", (200, 200), (255, 0, 0)).save(folder / "model_thumbs" / f"{redrawn}_thumb200.jpg")
+        assert requests.get(f"{server.url}/v3/models/{gone}", timeout=10).status_code == 200  # not until reloaded
+        reloaded = requests.post(f"{server.url}/_reload", timeout=10)
+        assert reloaded.status_code == 200 and reloaded.json() == {"models": len(rows) - 1}
+        assert requests.get(f"{server.url}/v3/models/{gone}", timeout=10).status_code == 404
+        listed = {entry["uid"] for page, _ in SketchfabClient(server.url).model_pages() for entry in page}
+        assert gone not in listed and redrawn in listed
+        after = requests.get(f"{server.url}/v3/models/{redrawn}", timeout=10).json()
+        uids = lambda model: {image["uid"] for image in model["thumbnails"]["images"]}  # noqa: E731
+        assert uids(before).isdisjoint(uids(after))
+    finally:
+        server.shutdown()
+        server.server_close()
