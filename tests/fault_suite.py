@@ -392,12 +392,17 @@ class FaultSuite:
 
     def _recover_similarity(self, round_dir: Path, env: dict[str, str], report: StageReport) -> None:
         report.mid_work += any((round_dir / "runs" / RUN_ID).glob("similarity-*"))
-        self.run("similarity", env)
+        self._rerun_and_compare("similarity", round_dir, env, report, self.ref_topk)
+
+    def _rerun_and_compare(self, stage: str, round_dir: Path, env: dict[str, str], report: StageReport,
+                           reference: dict[str, np.ndarray]) -> None:
+        """Rerun the stage; its top-k must equal the uninterrupted run's, with no temp file left."""
+        self.run(stage, env)
         report.leftovers += len(_temps(round_dir))
         with np.load(round_dir / "runs" / RUN_ID / "topk.npz") as data:
-            for key, reference in self.ref_topk.items():
-                if not np.array_equal(data[key], reference):
-                    raise AssertionError(f"top-k {key} differ from the uninterrupted run")
+            for key, expected in reference.items():
+                if not np.array_equal(data[key], expected):
+                    raise AssertionError(f"top-k {key} differ from the uninterrupted {stage} run")
 
     # incremental: the last result worked forward; a kill leaves the old or the new last result whole
     def _prepare_incremental(self, round_dir: Path) -> dict[str, str]:
@@ -414,12 +419,7 @@ class FaultSuite:
             with np.load(self._latest(round_dir)) as data:
                 if not np.array_equal(data["indices"], self.ref_incremental["indices"]):
                     raise AssertionError("the kill left a last result that is neither the old nor the new one")
-        self.run("incremental", env)
-        report.leftovers += len(_temps(round_dir))
-        with np.load(round_dir / "runs" / RUN_ID / "topk.npz") as data:
-            for key, reference in self.ref_incremental.items():
-                if not np.array_equal(data[key], reference):
-                    raise AssertionError(f"top-k {key} differ from the uninterrupted incremental run")
+        self._rerun_and_compare("incremental", round_dir, env, report, self.ref_incremental)
 
     # load: "previous" is live; a kill must leave one complete run served, the rerun the new one
     def _prepare_load(self, round_dir: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ A third method is a third source: a ``rows`` that writes its embedding and an ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ def row_shards(settings: Settings, rows: int) -> list[tuple[int, int]]:
     return [(first, min(rows, first + step)) for first in range(0, rows, step)]
 
 
-def plan_neighbours(settings: Settings, folder: Location, method: Method, progress: Progress = log.info) -> list[str]:
+def plan_neighbours(settings: Settings, folder: Location, progress: Progress = log.info, *,
+                    method: Method) -> list[str]:
     """The method's plan: its rows written once for the shards (returned, as ``first-last``
     ids), or its lists finished here (no shards)."""
     source = SOURCES[method]
@@ -105,8 +107,8 @@ def plan_neighbours(settings: Settings, folder: Location, method: Method, progre
     return [f"{first}-{last}" for first, last in shards]
 
 
-def shard_neighbours(settings: Settings, folder: Location, shard: str, method: Method,
-                     progress: Progress = log.info) -> dict:
+def shard_neighbours(settings: Settings, folder: Location, shard: str, progress: Progress = log.info, *,
+                     method: Method) -> dict:
     """One row block of a full top-k: rows first..last against every model, read block by block
     from the plan's unit rows (copied to local scratch first when the data dir is an object
     store), in tiles: memory stays a few hundred MB whatever N is."""
@@ -133,7 +135,8 @@ def shard_neighbours(settings: Settings, folder: Location, shard: str, method: M
     return {"shard": shard, "rows": last - first}
 
 
-def merge_neighbours(settings: Settings, folder: Location, method: Method, progress: Progress = log.info) -> dict:
+def merge_neighbours(settings: Settings, folder: Location, progress: Progress = log.info, *,
+                     method: Method) -> dict:
     """Join the shards (if the plan was full) into the run's lists."""
     source = SOURCES[method]
     plan = SimilarityPlan.read(folder, method)
@@ -365,26 +368,10 @@ def visual_unit_rows(settings: Settings, folder: Location, visual: TopK) -> Iter
         yield scratch
 
 
-# the tasks of the registry, bound to a method
-def plan_similarity_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
-    return plan_neighbours(settings, folder, Method.VISUAL, progress)
-
-
-def similarity_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
-    return shard_neighbours(settings, folder, shard, Method.VISUAL, progress)
-
-
-def merge_similarity_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
-    return merge_neighbours(settings, folder, Method.VISUAL, progress)
-
-
-def plan_hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> list[str]:
-    return plan_neighbours(settings, folder, Method.HYBRID, progress)
-
-
-def hybrid_shard_stage(settings: Settings, folder: Location, shard: str, progress: Progress = log.info) -> dict:
-    return shard_neighbours(settings, folder, shard, Method.HYBRID, progress)
-
-
-def merge_hybrid_stage(settings: Settings, folder: Location, progress: Progress = log.info) -> dict:
-    return merge_neighbours(settings, folder, Method.HYBRID, progress)
+# the tasks of the registry: the one job bound to a method
+plan_similarity_stage = functools.partial(plan_neighbours, method=Method.VISUAL)
+similarity_shard_stage = functools.partial(shard_neighbours, method=Method.VISUAL)
+merge_similarity_stage = functools.partial(merge_neighbours, method=Method.VISUAL)
+plan_hybrid_stage = functools.partial(plan_neighbours, method=Method.HYBRID)
+hybrid_shard_stage = functools.partial(shard_neighbours, method=Method.HYBRID)
+merge_hybrid_stage = functools.partial(merge_neighbours, method=Method.HYBRID)

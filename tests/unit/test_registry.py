@@ -19,7 +19,7 @@ def test_every_task_resolves_to_a_stage_function_taking_settings_and_folder() ->
     for task in stages.TASKS:
         function = task.resolve()
         assert list(inspect.signature(function).parameters)[:2] == ["settings", "folder"], task.name
-        assert function.__module__ == f"recsketch.stages.{task.module}"
+        assert getattr(function, "func", function).__module__ == f"recsketch.stages.{task.module}"
 
 
 def test_the_dag_runs_each_registered_task_under_its_name() -> None:
