@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -263,8 +265,16 @@ def refresh_top_k(unit: np.ndarray, k: int, known_indices: np.ndarray, known_sco
         block[np.arange(len(rows)), rows] = -np.inf  # never recommend a model to itself
         indices[rows], scores[rows] = _select(block, kk, unit, rows)
     clean_rows = np.flatnonzero(clean)
+    compact = kk + len(fresh) <= n // 4  # few candidates: sort them, rather than select among N columns
     for first in range(0, len(clean_rows), step):
         rows = clean_rows[first : first + step]
+        if compact:  # a clean row's list holds no fresh model, and the row itself is not fresh
+            candidates = np.concatenate([known_indices[rows, :kk], np.broadcast_to(fresh, (len(rows), len(fresh)))], 1)
+            values = np.concatenate([known_scores[rows, :kk], (unit[rows] @ unit[fresh].T).astype(np.float32)], 1)
+            order = np.lexsort((candidates, -values), axis=1)[:, :kk]
+            best, best_scores = np.take_along_axis(candidates, order, 1), np.take_along_axis(values, order, 1)
+            indices[rows], scores[rows] = _rescore_near_one(unit, rows, best, best_scores)
+            continue
         block = np.full((len(rows), n), -np.inf, dtype=np.float32)  # only known and fresh candidates compete
         np.put_along_axis(block, known_indices[rows, :kk], known_scores[rows, :kk], axis=1)
         if len(fresh):
@@ -273,10 +283,47 @@ def refresh_top_k(unit: np.ndarray, k: int, known_indices: np.ndarray, known_sco
     return indices, scores
 
 
-def refresh_cost(dirty_rows: int, clean_rows: int, fresh: int) -> float:
-    """The share of a full N x N pass that :func:`refresh_top_k` computes."""
-    n = dirty_rows + clean_rows
-    return (dirty_rows * n + clean_rows * fresh) / max(1, n * n)
+@dataclass(frozen=True)
+class Refresh:
+    """What :func:`refresh_top_k` needs to work a previous result forward, in the new row order."""
+
+    clean: np.ndarray  # bool [n]: the row keeps its known list
+    known_indices: np.ndarray  # int64 [n, k]: the previous list in new positions (clean rows)
+    known_scores: np.ndarray  # float32 [n, k]
+    fresh: np.ndarray  # int64: the rows whose features are new (new models, changed ones)
+
+    @property
+    def dirty(self) -> int:
+        return int((~self.clean).sum())
+
+    @property
+    def cost(self) -> float:
+        """The share of a full N x N pass that the refresh computes."""
+        n = len(self.clean)
+        return (self.dirty * n + (n - self.dirty) * len(self.fresh)) / max(1, n * n)
+
+
+def plan_refresh(old_ids: Sequence[str], old_indices: np.ndarray, old_scores: np.ndarray, new_ids: Sequence[str],
+                 changed: set[str], k: int) -> Refresh:
+    """Map a previous top-k (rows ``old_ids``) onto ``new_ids``: a row is clean when its model
+    and every model of its list are still there with the same features (not in ``changed``);
+    the models new to ``new_ids`` and the changed ones are fresh."""
+    position = {mid: row for row, mid in enumerate(new_ids)}
+    old_to_new = np.array([position.get(mid, -1) if mid not in changed else -1 for mid in old_ids], dtype=np.int64)
+    kk = min(k, len(new_ids) - 1)
+    clean = np.zeros(len(new_ids), dtype=bool)
+    known_indices = np.zeros((len(new_ids), max(kk, 0)), dtype=np.int64)
+    known_scores = np.zeros((len(new_ids), max(kk, 0)), dtype=np.float32)
+    if kk > 0 and old_indices.shape[1] >= kk:
+        old_rows = np.flatnonzero(old_to_new >= 0)
+        mapped = old_to_new[old_indices[old_rows, :kk]]
+        intact = (mapped >= 0).all(axis=1)
+        rows = old_to_new[old_rows[intact]]
+        clean[rows] = True
+        known_indices[rows], known_scores[rows] = mapped[intact], old_scores[old_rows[intact], :kk]
+    old = set(old_ids)
+    fresh = np.array([row for row, mid in enumerate(new_ids) if mid not in old or mid in changed], dtype=np.int64)
+    return Refresh(clean, known_indices, known_scores, fresh)
 
 
 def reduce_dimensions(features: np.ndarray, dim: int, seed: int = 0, power_iterations: int = 2) -> np.ndarray:

@@ -37,7 +37,7 @@ from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileR
 from recsketch.features.keys import backbone_key
 from recsketch.hybrid import fit_als, write_embedding
 from recsketch.resources import limit_threads
-from recsketch.similarity import NpyRows, reduce_measured, refresh_cost, refresh_top_k, top_k_tiled
+from recsketch.similarity import NpyRows, plan_refresh, reduce_measured, refresh_top_k, top_k_tiled
 from recsketch.stages.common import Progress, chunk_plan_if_any, log, run_likes, sweep
 from recsketch.storage import Location
 
@@ -310,25 +310,8 @@ def _incremental(chunk_store: ChunkStore, previous: TopK, valid: ValidModels, ch
     stable = [mid for mid in order if mid in old_version and mid not in changed]
     if len(stable) == len(previous.mids) == len(order):  # nothing gone or changed, no new model with features
         return Done(PlanMode.UNCHANGED, "reused; the new models have no features", previous)
-    position = {mid: row for row, mid in enumerate(order)}
-    old_to_new = np.full(len(previous.mids), -1, dtype=np.int64)  # -1: gone, or its features changed
-    for old_row, mid in enumerate(previous.mids):
-        if mid in position and mid not in changed:
-            old_to_new[old_row] = position[mid]
-    kk = min(k, len(order) - 1)
-    clean = np.zeros(len(order), dtype=bool)
-    known_indices = np.zeros((len(order), kk), dtype=np.int64)
-    known_scores = np.zeros((len(order), kk), dtype=np.float32)
-    if previous.indices.shape[1] >= kk:
-        old_rows = np.flatnonzero(old_to_new >= 0)
-        mapped = old_to_new[previous.indices[old_rows, :kk]]
-        intact = (mapped >= 0).all(axis=1)
-        rows = old_to_new[old_rows[intact]]
-        clean[rows] = True
-        known_indices[rows], known_scores[rows] = mapped[intact], previous.scores[old_rows[intact], :kk]
-    fresh = np.array(sorted(position[mid] for mid in order if mid not in old_version or mid in changed), np.int64)
-    dirty = int((~clean).sum())
-    share = refresh_cost(dirty, int(clean.sum()), len(fresh))
+    refresh = plan_refresh(previous.mids, previous.indices, previous.scores, order, changed, k)
+    dirty, share = refresh.dirty, refresh.cost
     gone = len(previous.mids) - len(stable) - len(changed)
     detail = f"{len(order) - len(stable) - len(changed)} new x {len(order)}"
     if changed or gone:
@@ -337,7 +320,8 @@ def _incremental(chunk_store: ChunkStore, previous: TopK, valid: ValidModels, ch
         progress(f"similarity: working the last result forward ({detail}) would cost {share:.0%} of a full pass: "
                  "a full pass instead")
         return None
-    indices, scores = refresh_top_k(sink.array, k, known_indices, known_scores, clean, fresh)
+    indices, scores = refresh_top_k(sink.array, k, refresh.known_indices, refresh.known_scores, refresh.clean,
+                                    refresh.fresh)
     topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions[m] for m in order])
     progress(f"similarity: {detail}, {share:.1%} of a full pass")
     return Done(PlanMode.INCREMENTAL, detail, topk)

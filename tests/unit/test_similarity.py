@@ -123,3 +123,30 @@ def test_normalised_input_skips_the_copy_and_gives_the_same_result() -> None:
     assert (top_k_cosine(unit, 5, normalised=True)[0] == top_k_cosine(features, 5)[0]).all()
     in_place = features.copy()
     assert normalise(in_place, copy=False) is in_place and np.allclose(in_place, unit) and not in_place[3].any()
+
+
+@pytest.mark.parametrize(("added", "changed", "gone"), [(2, 1, 1), (0, 0, 5), (60, 10, 10), (0, 40, 0)])
+def test_refresh_equals_a_full_recompute(added: int, changed: int, gone: int) -> None:
+    """Working a previous top-k forward (few fresh models: a sort of the candidates; many: a
+    selection among all columns) gives the full recompute's lists, ties and all."""
+    from recsketch.similarity import normalise, plan_refresh, refresh_top_k, top_k_cosine
+
+    rng = np.random.default_rng(added + 3 * changed + 7 * gone)
+    ids = [f"m{i:03d}" for i in range(200)]
+    rows = {mid: row for mid, row in zip(ids, normalise(rng.normal(size=(200, 8))), strict=True)}
+    rows["m001"] = rows["m000"].copy()  # identical pictures: a tie at exactly 1.0
+    old_indices, old_scores = top_k_cosine(np.stack([rows[m] for m in ids]), 5, normalised=True)
+    picked = rng.choice(np.arange(2, 200), changed + gone, replace=False)
+    moved = {ids[i] for i in picked[:changed]}
+    for mid in moved:
+        rows[mid] = normalise(rng.normal(size=(1, 8)))[0]
+    new_ids = [m for i, m in enumerate(ids) if i not in set(picked[changed:].tolist())]
+    new_ids += [f"n{i:03d}" for i in range(added)]
+    rows.update({mid: normalise(rng.normal(size=(1, 8)))[0] for mid in new_ids if mid.startswith("n")})
+    day = np.stack([rows[m] for m in new_ids]).astype(np.float32)
+    refresh = plan_refresh(ids, old_indices, old_scores, new_ids, moved, 5)
+    assert len(refresh.fresh) == added + changed
+    indices, scores = refresh_top_k(day, 5, refresh.known_indices, refresh.known_scores, refresh.clean,
+                                    refresh.fresh)
+    full_indices, full_scores = top_k_cosine(day, 5, normalised=True)
+    assert (indices == full_indices).all() and np.abs(scores - full_scores).max() <= 1e-6
