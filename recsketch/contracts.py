@@ -8,7 +8,8 @@ Stages run in separate processes (Airflow tasks, CLI commands) and meet in the r
 - ``RunLikes``: ``likes.npz``, by threshold, for evaluate and plan_hybrid;
 - ``ChunkPlan``: ``chunk_plan.json``, by plan, for extract and plan_similarity;
 - ``EvaluationReport``: ``evaluation.json``, by evaluate, for plan_hybrid, load and the CLI;
-- ``SimilarityPlan``: ``<name>_plan.json``, ``<name>-features-<digest>.npy`` and
+- ``SimilarityPlan``: ``<name>_plan.json``, ``<name>-features-<digest>.npy``,
+  ``<name>-refresh-<digest>.npz`` (incremental plans) and
   ``<name>-shard-<digest>-<first>-<last>.npz``, by plan_<name> and the shards, for the shards
   and merge_<name>;
 - ``TopKStore``: ``topk.npz`` and ``topk-hybrid.npz`` (run), ``topk-latest-exact.npz``
@@ -284,7 +285,8 @@ class SimilarityPlan:
 
     @property
     def sharded(self) -> bool:
-        return self.mode is PlanMode.FULL
+        """Made by row-block shards over the plan's unit rows: a full pass, or a large refresh."""
+        return bool(self.shards)
 
     @property
     def reduced(self) -> bool:
@@ -352,6 +354,21 @@ class SimilarityPlan:
 
     def write_shard(self, folder: Location, first: int, last: int, indices: np.ndarray, scores: np.ndarray) -> None:
         storage.save_npz(self.shard_path(folder, first, last), indices=indices, scores=scores)
+
+    def refresh_path(self, folder: Location) -> Location:
+        """An incremental plan's refresh (``similarity.Refresh``): which rows keep their lists."""
+        return folder / f"{self.name}-refresh-{self.digest}.npz"
+
+    def write_refresh(self, folder: Location, clean: np.ndarray, known_indices: np.ndarray,
+                      known_scores: np.ndarray, fresh: np.ndarray) -> None:
+        storage.save_npz(self.refresh_path(folder), clean=clean, known_indices=known_indices,
+                         known_scores=known_scores, fresh=fresh)
+
+    def read_refresh(self, folder: Location) -> dict[str, np.ndarray]:
+        try:
+            return storage.load_npz(self.refresh_path(folder))
+        except FileNotFoundError:
+            raise RecsketchError(f"{self.refresh_path(folder)} is missing: run plan_{self.name} again") from None
 
     def read_shards(self, folder: Location) -> tuple[np.ndarray, np.ndarray]:
         """(indices, scores) of every shard, by their exact keys, in row order; a missing one
@@ -438,7 +455,7 @@ RUN_FOLDER_FILES: tuple[tuple[str, str], ...] = (  # (file name pattern, the cla
     (re.escape(PLAN_FILE), "ChunkPlan"),
     (re.escape(EVALUATION_FILE), "EvaluationReport"),
     (r"(similarity|hybrid)_plan\.json", "SimilarityPlan"),
-    (r"(similarity|hybrid)-(features|shard)-[0-9a-f]{12}(-\d{9}-\d{9})?\.(npy|npz)", "SimilarityPlan"),
+    (r"(similarity|hybrid)-(features|shard|refresh)-[0-9a-f]{12}(-\d{9}-\d{9})?\.(npy|npz)", "SimilarityPlan"),
     (r"topk(-hybrid)?\.npz", "TopKStore"),
 )
 

@@ -136,34 +136,36 @@ class NpyRows:
             np.zeros((0, self.shape[1]), self.dtype)
 
 
-def top_k_tiled(unit, k: int, rows: tuple[int, int], query_block: int = 2048,
+def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: int = 2048,
                 candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
     """``top_k_cosine(unit, k, rows=rows, normalised=True)`` with both sides tiled: memory holds a
     query block, a candidate block and their score tile (~``query_block × candidate_block``
     floats), never a row block × N. ``unit`` may be an array, a memory map or :class:`NpyRows`
     over the run's consolidated features (unit rows): a shard of 10 k rows against 1 M items
-    reads each candidate block once per query block.
+    reads each candidate block once per query block. ``rows``: a block (first, last), or the
+    query rows themselves (an index array, as a refresh's dirty rows are).
 
     Each tile's best are chosen exactly by (-score, index) and merged the same way, so the
     result is the exact top-k; scores near 1.0 are rescored in float64 as ``top_k_cosine`` does.
     """
     n = unit.shape[0]
-    first, last = rows
+    queries = np.arange(*rows) if isinstance(rows, tuple) else np.asarray(rows, dtype=np.int64)
     kk = min(k, n - 1)
-    indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
-    scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
+    indices = np.zeros((len(queries), max(kk, 0)), dtype=np.int64)
+    scores = np.zeros((len(queries), max(kk, 0)), dtype=np.float32)
     if kk <= 0:
         return indices, scores
-    for q_start in range(first, last, query_block):
-        q_stop = min(last, q_start + query_block)
-        query = np.asarray(unit[q_start:q_stop], dtype=np.float32)
-        best = np.zeros((q_stop - q_start, 0), dtype=np.int64)
-        best_scores = np.zeros((q_stop - q_start, 0), dtype=np.float32)
+    for q_first in range(0, len(queries), query_block):
+        q_rows = queries[q_first : q_first + query_block]
+        contiguous = q_rows[-1] - q_rows[0] + 1 == len(q_rows)
+        query = np.asarray(unit[q_rows[0]:q_rows[-1] + 1] if contiguous else unit[q_rows], dtype=np.float32)
+        best = np.zeros((len(q_rows), 0), dtype=np.int64)
+        best_scores = np.zeros((len(q_rows), 0), dtype=np.float32)
         for c_start in range(0, n, candidate_block):
             c_stop = min(n, c_start + candidate_block)
             tile = query @ np.asarray(unit[c_start:c_stop], dtype=np.float32).T
-            own = np.arange(max(q_start, c_start), min(q_stop, c_stop))
-            tile[own - q_start, own - c_start] = -np.inf  # never recommend a model to itself
+            own = np.flatnonzero((q_rows >= c_start) & (q_rows < c_stop))
+            tile[own, q_rows[own] - c_start] = -np.inf  # never recommend a model to itself
             take = min(kk, c_stop - c_start)
             candidates, values = exact_largest(tile, take)
             merged = np.concatenate([best, candidates + c_start], axis=1)
@@ -171,8 +173,8 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int], query_block: int = 2048,
             order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
             best = np.take_along_axis(merged, order, axis=1)
             best_scores = np.take_along_axis(merged_scores, order, axis=1)
-        out = slice(q_start - first, q_stop - first)
-        indices[out], scores[out] = _rescore_near_one(unit, q_start, best, best_scores)
+        out = slice(q_first, q_first + len(q_rows))
+        indices[out], scores[out] = _rescore_near_one(unit, q_rows, best, best_scores)
     return indices, scores
 
 
@@ -236,50 +238,49 @@ def merge_new_items(
     return indices, scores
 
 
-def refresh_top_k(unit: np.ndarray, k: int, known_indices: np.ndarray, known_scores: np.ndarray,
-                  clean: np.ndarray, fresh: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top-k of every row of ``unit`` (unit rows) from a previous result.
+def refresh_top_k(unit, k: int, known_indices: np.ndarray, known_scores: np.ndarray, clean: np.ndarray,
+                  fresh: np.ndarray, rows: tuple[int, int] | None = None, block_rows: int = 2048,
+                  candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of rows ``first..last`` (default: all) of ``unit`` from a previous result.
 
-    ``clean`` rows kept their features and their known list (``known_indices``/``scores``,
-    in this row order) holds only models that also kept theirs, so it is still exact among
-    those; they are scored only against the ``fresh`` columns (new models, changed features)
-    and merged with their list. Every other row (new, changed, or whose list held a model
-    that is gone or changed) is computed against all rows. Equal to a full recompute; costs
-    (dirty rows x N) + (clean rows x fresh columns) instead of N x N.
+    ``clean`` rows kept their features and their known list (``known_indices``/``scores``, in
+    this row order) holds only models that also kept theirs, so it is still exact among those;
+    they are scored only against the ``fresh`` columns (new models, changed features) and
+    merged with their list. Every other row (new, changed, or whose list held a model that is
+    gone or changed) is computed against all rows, tiled. Equal to a full recompute; costs
+    (dirty rows x N) + (clean rows x fresh columns) instead of N x N. ``unit`` may be an array
+    or :class:`NpyRows`: memory holds blocks and the fresh rows, never N x d.
     """
     n = unit.shape[0]
+    first, last = rows if rows is not None else (0, n)
     kk = min(k, n - 1)
-    indices = np.zeros((n, max(kk, 0)), dtype=np.int64)
-    scores = np.zeros((n, max(kk, 0)), dtype=np.float32)
+    indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
+    scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
     if kk <= 0:
         return indices, scores
     fresh = np.asarray(fresh, dtype=np.int64)
     clean = np.asarray(clean, dtype=bool)
-    if clean.any() and known_indices.shape[1] < kk:
+    if clean[first:last].any() and known_indices.shape[1] < kk:
         raise ValueError(f"the known lists hold {known_indices.shape[1]} neighbours, fewer than k = {kk}")
-    step = block_rows or block_rows_for(n)
-    dirty_rows = np.flatnonzero(~clean)
-    for first in range(0, len(dirty_rows), step):
-        rows = dirty_rows[first : first + step]
-        block = (unit[rows] @ unit.T).astype(np.float32, copy=False)
-        block[np.arange(len(rows)), rows] = -np.inf  # never recommend a model to itself
-        indices[rows], scores[rows] = _select(block, kk, unit, rows)
-    clean_rows = np.flatnonzero(clean)
-    compact = kk + len(fresh) <= n // 4  # few candidates: sort them, rather than select among N columns
-    for first in range(0, len(clean_rows), step):
-        rows = clean_rows[first : first + step]
-        if compact:  # a clean row's list holds no fresh model, and the row itself is not fresh
-            candidates = np.concatenate([known_indices[rows, :kk], np.broadcast_to(fresh, (len(rows), len(fresh)))], 1)
-            values = np.concatenate([known_scores[rows, :kk], (unit[rows] @ unit[fresh].T).astype(np.float32)], 1)
-            order = np.lexsort((candidates, -values), axis=1)[:, :kk]
-            best, best_scores = np.take_along_axis(candidates, order, 1), np.take_along_axis(values, order, 1)
-            indices[rows], scores[rows] = _rescore_near_one(unit, rows, best, best_scores)
-            continue
-        block = np.full((len(rows), n), -np.inf, dtype=np.float32)  # only known and fresh candidates compete
-        np.put_along_axis(block, known_indices[rows, :kk], known_scores[rows, :kk], axis=1)
-        if len(fresh):
-            block[:, fresh] = unit[rows] @ unit[fresh].T
-        indices[rows], scores[rows] = _select(block, kk, unit, rows)
+    dirty_rows = first + np.flatnonzero(~clean[first:last])
+    if len(dirty_rows):
+        indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, k, dirty_rows)
+    clean_rows = first + np.flatnonzero(clean[first:last])
+    fresh = np.sort(fresh)
+    tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
+    loaded = [np.asarray(unit[tile], dtype=np.float32) for tile in tiles] if len(tiles) == 1 else None
+    for start in range(0, len(clean_rows), block_rows):
+        block = clean_rows[start : start + block_rows]  # a clean row's list holds no fresh model, nor is it fresh
+        query = np.asarray(unit[block], dtype=np.float32)
+        best, best_scores = known_indices[block, :kk], known_scores[block, :kk]
+        for number, tile in enumerate(tiles):  # the fresh models, a tile at a time, merged into the lists
+            rows_of_tile = loaded[number] if loaded is not None else np.asarray(unit[tile], dtype=np.float32)
+            candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(kk, len(tile)))
+            merged = np.concatenate([best, tile[candidates]], axis=1)
+            merged_scores = np.concatenate([best_scores, values], axis=1)
+            order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
+            best, best_scores = np.take_along_axis(merged, order, 1), np.take_along_axis(merged_scores, order, 1)
+        indices[block - first], scores[block - first] = _rescore_near_one(unit, block, best, best_scores)
     return indices, scores
 
 

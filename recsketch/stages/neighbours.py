@@ -33,22 +33,24 @@ from recsketch.contracts import (
 )
 from recsketch.errors import RecsketchError
 from recsketch.evaluation import Likes
-from recsketch.features.chunks import ChunkStore, Gathered, MemoryRows, NpyFileRows, RowSink
+from recsketch.features.chunks import ChunkStore, Gathered, NpyFileRows, RowSink
 from recsketch.features.keys import backbone_key
 from recsketch.hybrid import fit_als, write_embedding
 from recsketch.resources import limit_threads
-from recsketch.similarity import NpyRows, plan_refresh, reduce_measured, refresh_top_k, top_k_tiled
+from recsketch.similarity import NpyRows, Refresh, plan_refresh, reduce_measured, refresh_top_k, top_k_tiled
 from recsketch.stages.common import Progress, chunk_plan_if_any, log, run_likes, sweep
 from recsketch.storage import Location
 
 
 @dataclass(frozen=True)
 class Rows:
-    """A source's rows for a full pass, written to the scratch file: the models in row order."""
+    """A source's unit rows, written to the scratch file (the models in row order), for a full
+    pass, or for a refresh of the last result (``refresh``) too large to finish at plan time."""
 
     mids: list[str]
     detail: str = ""
     recall_at_k: float | None = None
+    refresh: Refresh | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,15 @@ class Source(Protocol):
         """What the merge's summary adds for this method."""
 
 
-def row_shards(settings: Settings, rows: int) -> list[tuple[int, int]]:
-    """Row blocks [first, last) for the mapped shard tasks: at most RECSKETCH_MAX_MAPPED_TASKS
-    of them, so blocks grow with the catalogue."""
-    step = max(settings.similarity_shard_rows, -(-rows // settings.max_mapped_tasks))
+def row_shards(settings: Settings, rows: int, work_rows: float | None = None) -> list[tuple[int, int]]:
+    """Row blocks [first, last) for the mapped shard tasks: one per RECSKETCH_SIMILARITY_SHARD_ROWS
+    rows of full work (``work_rows``: a refresh's work in full rows' worth, default every row),
+    at most RECSKETCH_MAX_MAPPED_TASKS of them, so blocks grow with the catalogue."""
+    if work_rows is None:
+        step = max(settings.similarity_shard_rows, -(-rows // settings.max_mapped_tasks))
+    else:
+        count = max(1, min(settings.max_mapped_tasks, int(np.ceil(work_rows / settings.similarity_shard_rows))))
+        step = -(-rows // count)
     return [(first, min(rows, first + step)) for first in range(0, rows, step)]
 
 
@@ -98,8 +105,12 @@ def plan_neighbours(settings: Settings, folder: Location, progress: Progress = l
             if planned.topk is not None:
                 progress(f"{plan.name}: top-{planned.topk.k} for {len(planned.topk.mids)} models, {plan.label}")
             return []
-        shards = row_shards(settings, len(planned.mids))
-        plan = SimilarityPlan(PlanMode.FULL, planned.mids, planned.recall_at_k, shards, method, planned.detail)
+        refresh = planned.refresh
+        shards = row_shards(settings, len(planned.mids), None if refresh is None else refresh.cost * len(planned.mids))
+        mode = PlanMode.FULL if refresh is None else PlanMode.INCREMENTAL
+        plan = SimilarityPlan(mode, planned.mids, planned.recall_at_k, shards, method, planned.detail)
+        if refresh is not None:
+            plan.write_refresh(folder, refresh.clean, refresh.known_indices, refresh.known_scores, refresh.fresh)
         storage.put_file(scratch, plan.features_path(folder))
     plan.write(folder)
     progress(f"{plan.name}: {plan.label} top-{settings.top_k} for {len(planned.mids)} models "
@@ -126,7 +137,13 @@ def shard_neighbours(settings: Settings, folder: Location, shard: str, progress:
             if unit.shape[0] != len(order):
                 raise RecsketchError(f"{features} has {unit.shape[0]} rows, the plan {len(order)}: "
                                      f"run plan_{plan.name} again")
-            indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
+            if plan.mode is PlanMode.INCREMENTAL:  # the last result worked forward, this block of rows
+                refresh = plan.read_refresh(folder)
+                indices, scores = refresh_top_k(unit, settings.top_k, refresh["known_indices"],
+                                                refresh["known_scores"], refresh["clean"], refresh["fresh"],
+                                                rows=(first, last))
+            else:
+                indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
         finally:
             unit.close()
     plan.write_shard(folder, first, last, indices, scores)
@@ -176,9 +193,7 @@ class VisualSource:
         sweep(progress, chunk_store.root, folder)
         previous = None if settings.pca_dim else _reusable_previous(chunk_store, settings.top_k)
         if previous is not None:
-            done = _incremental(chunk_store, previous, valid, chunk_plan, settings.top_k, progress)
-            if done is not None:
-                return done
+            return _incremental(settings, chunk_store, previous, valid, chunk_plan, scratch, progress)
         sink = NpyFileRows(scratch)
         try:
             mids = gather_unit_rows(chunk_store, valid, sorted(valid.versions), sink, chunk_plan, progress).mids
@@ -289,41 +304,50 @@ def _reusable_previous(chunk_store: ChunkStore, k: int) -> TopK | None:
     return previous
 
 
-FULL_PASS_SHARE = 1.0  # a refresh that computes as much as a full pass runs as one (sharded, mapped)
+FULL_PASS_SHARE = 1.0  # a refresh that computes as much as a full pass runs as one
 
 
-def _incremental(chunk_store: ChunkStore, previous: TopK, valid: ValidModels, chunk_plan: ChunkPlan | None,
-                 k: int, progress: Progress) -> Done | None:
+def _incremental(settings: Settings, chunk_store: ChunkStore, previous: TopK, valid: ValidModels,
+                 chunk_plan: ChunkPlan | None, scratch: Path, progress: Progress) -> Rows | Done:
     """The previous exact result worked forward (``similarity.refresh_top_k``): new models and
     changed thumbnails are computed against all, as is every row whose list held a model that
     is gone (deleted, below the threshold) or changed; every other row keeps its list, merged
-    with the new and changed models. None when that costs as much as a full pass (most
-    rows dirty: most features changed, or lists full of gone models)."""
+    with the new and changed models. The unit rows stream into ``scratch`` (memory holds a
+    chunk, then blocks); a refresh of more than one shard's work is planned as shards, one that
+    costs as much as a full pass becomes one (over the same rows)."""
     old_version = dict(zip(previous.mids, previous.versions, strict=True))
     if old_version == valid.versions:
         return Done(PlanMode.UNCHANGED, "reused", previous)
     kept_or_changed = [mid for mid in previous.mids if mid in valid.versions]
     new = sorted(set(valid.versions) - set(old_version))
-    sink = MemoryRows()
-    order = gather_unit_rows(chunk_store, valid, kept_or_changed + new, sink, chunk_plan, progress).mids
+    sink = NpyFileRows(scratch)
+    try:
+        order = gather_unit_rows(chunk_store, valid, kept_or_changed + new, sink, chunk_plan, progress).mids
+    finally:
+        sink.close()
     changed = {mid for mid in order if mid in old_version and old_version[mid] != valid.versions[mid]}
     stable = [mid for mid in order if mid in old_version and mid not in changed]
     if len(stable) == len(previous.mids) == len(order):  # nothing gone or changed, no new model with features
         return Done(PlanMode.UNCHANGED, "reused; the new models have no features", previous)
-    refresh = plan_refresh(previous.mids, previous.indices, previous.scores, order, changed, k)
-    dirty, share = refresh.dirty, refresh.cost
+    refresh = plan_refresh(previous.mids, previous.indices, previous.scores, order, changed, settings.top_k)
     gone = len(previous.mids) - len(stable) - len(changed)
     detail = f"{len(order) - len(stable) - len(changed)} new x {len(order)}"
     if changed or gone:
-        detail += f"; {len(changed)} changed, {gone} gone: {dirty} rows x {len(order)}"
-    if share >= FULL_PASS_SHARE:
-        progress(f"similarity: working the last result forward ({detail}) would cost {share:.0%} of a full pass: "
-                 "a full pass instead")
-        return None
-    indices, scores = refresh_top_k(sink.array, k, refresh.known_indices, refresh.known_scores, refresh.clean,
-                                    refresh.fresh)
+        detail += f"; {len(changed)} changed, {gone} gone: {refresh.dirty} rows x {len(order)}"
+    if refresh.cost >= FULL_PASS_SHARE:
+        progress(f"similarity: working the last result forward ({detail}) would cost {refresh.cost:.0%} of a full "
+                 "pass: a full pass instead")
+        return Rows(order)
+    progress(f"similarity: {detail}, {refresh.cost:.1%} of a full pass")
+    if refresh.cost * len(order) > settings.similarity_shard_rows:  # more than one shard's work: mapped
+        return Rows(order, detail, refresh=refresh)
+    unit = NpyRows(scratch)
+    try:
+        indices, scores = refresh_top_k(unit, settings.top_k, refresh.known_indices, refresh.known_scores,
+                                        refresh.clean, refresh.fresh)
+    finally:
+        unit.close()
     topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions[m] for m in order])
-    progress(f"similarity: {detail}, {share:.1%} of a full pass")
     return Done(PlanMode.INCREMENTAL, detail, topk)
 
 

@@ -113,3 +113,27 @@ def test_each_kind_of_change_is_worked_forward_and_a_large_one_runs_in_full(tmp_
     assert_equals_a_full_recompute(world, folder, k)
     summary, _ = world.run()
     assert summary["mode"] == "unchanged (reused)"
+
+
+def test_a_large_refresh_is_mapped_over_shards_and_equals_a_full_recompute(tmp_path: Path) -> None:
+    """More than one shard's work: the refresh is planned as row-block shards over the run's
+    unit rows (as a full pass is), each shard refreshes its rows, and the merge equals a full
+    recompute; its plan names the rows that keep their lists."""
+    from recsketch.contracts import SimilarityPlan
+
+    k = 4
+    world = World(Settings(data_dir=tmp_path, top_k=k, similarity_shard_rows=5), seed=11)
+    world.add(60)
+    world.run()
+    world.add(3)
+    world.replace(2)
+    world.remove(2)
+    summary, folder = world.run()
+    assert summary["mode"].startswith("incremental (3 new x 61; 2 changed, 2 gone") and summary["shards"] >= 2
+    plan = SimilarityPlan.read(folder)
+    assert plan.sharded and plan.refresh_path(folder).exists() and plan.features_path(folder).exists()
+    assert_equals_a_full_recompute(world, folder, k)
+    world.add(1)
+    summary, folder = world.run()  # and the next day works forward from the merged result
+    assert summary["mode"].startswith("incremental (1 new x 62")
+    assert_equals_a_full_recompute(world, folder, k)

@@ -126,10 +126,11 @@ def test_normalised_input_skips_the_copy_and_gives_the_same_result() -> None:
 
 
 @pytest.mark.parametrize(("added", "changed", "gone"), [(2, 1, 1), (0, 0, 5), (60, 10, 10), (0, 40, 0)])
-def test_refresh_equals_a_full_recompute(added: int, changed: int, gone: int) -> None:
-    """Working a previous top-k forward (few fresh models: a sort of the candidates; many: a
-    selection among all columns) gives the full recompute's lists, ties and all."""
-    from recsketch.similarity import normalise, plan_refresh, refresh_top_k, top_k_cosine
+def test_refresh_equals_a_full_recompute(added: int, changed: int, gone: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Working a previous top-k forward gives the full recompute's lists, ties and all: in
+    memory or from the run's file of unit rows, in one row block or by blocks, the fresh
+    models in one tile or many."""
+    from recsketch.similarity import NpyRows, normalise, plan_refresh, refresh_top_k, top_k_cosine
 
     rng = np.random.default_rng(added + 3 * changed + 7 * gone)
     ids = [f"m{i:03d}" for i in range(200)]
@@ -150,3 +151,13 @@ def test_refresh_equals_a_full_recompute(added: int, changed: int, gone: int) ->
                                     refresh.fresh)
     full_indices, full_scores = top_k_cosine(day, 5, normalised=True)
     assert (indices == full_indices).all() and np.abs(scores - full_scores).max() <= 1e-6
+    np.save(tmp_path / "unit.npy", day)
+    rows = NpyRows(tmp_path / "unit.npy")
+    try:
+        parts = [refresh_top_k(rows, 5, refresh.known_indices, refresh.known_scores, refresh.clean, refresh.fresh,
+                               rows=(first, min(len(new_ids), first + 64)), block_rows=16, candidate_block=7)
+                 for first in range(0, len(new_ids), 64)]
+    finally:
+        rows.close()
+    assert (np.concatenate([p[0] for p in parts]) == full_indices).all()
+    assert np.abs(np.concatenate([p[1] for p in parts]) - full_scores).max() <= 1e-6
