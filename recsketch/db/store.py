@@ -26,7 +26,7 @@ from recsketch.db.schema import (
     run_metrics,
     runs,
 )
-from recsketch.errors import ConfigError, DatabaseUnavailable, SchemaBehind, UnknownModel
+from recsketch.errors import DatabaseUnavailable, SchemaBehind, UnknownModel
 from recsketch.ids import validate_model_id
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,9 @@ def connect(url: str, *, read_only: bool = False) -> Engine:
     database = engine.url.database
     if read_only and engine.dialect.name == "sqlite" and database and database != ":memory:" \
             and not Path(database).exists():
-        raise ConfigError(f"there is no recommendations DB at {database}: run the pipeline first (`recsketch run`, "
-                           "or `make demo`), or point RECSKETCH_DATA_DIR or RECSKETCH_DATABASE_URL at the one it "
-                           "wrote (the demo's is demo-data/data)")
+        raise SchemaBehind(f"the recommendations DB at {database} is empty: run the pipeline first (`recsketch run`, "
+                           "or `make demo`): there is no such file; or point RECSKETCH_DATA_DIR or "
+                           "RECSKETCH_DATABASE_URL at the one it wrote (the demo's is demo-data/data)")
     try:
         migrate.check(engine, initialise=not read_only)
     except SchemaBehind:

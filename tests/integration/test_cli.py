@@ -126,5 +126,5 @@ def test_a_reader_never_creates_a_db(tmp_path: Path) -> None:
     env = {**os.environ, "RECSKETCH_DATA_DIR": str(tmp_path / "data")}
     for argv in (["similar", "a" * 32], ["show"]):
         out = subprocess.run([*RECSKETCH, *argv], env=env, capture_output=True, text=True)
-        assert out.returncode == 2 and "there is no recommendations DB" in out.stderr and "make demo" in out.stderr
+        assert out.returncode == 2 and "there is no such file" in out.stderr and "make demo" in out.stderr
         assert not (tmp_path / "data" / "recsketch.sqlite").exists()
