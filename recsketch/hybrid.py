@@ -11,6 +11,7 @@ neighbours that carry taste.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,8 @@ import numpy as np
 from scipy import sparse
 
 from recsketch.similarity import exact_largest, normalise
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 1.0  # the cold-start map's regularisation (EvaluationConfig.ridge defaults to it)
 
@@ -43,7 +46,15 @@ def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarr
     fit = RidgeFit(unit.shape[1], item_factors.shape[1])
     if not liked.all():  # a map only when some model needs one
         fit.add(unit[liked], normalise(item_factors[liked]))
-    return hybrid_factors(unit, item_factors, liked, fit.solve(ridge))
+    mapping = fit.solve(ridge)
+    _say_if_sampled(fit)
+    return hybrid_factors(unit, item_factors, liked, mapping)
+
+
+def _say_if_sampled(fit: RidgeFit) -> None:
+    if fit.sampled:
+        log.info("hybrid: the cold-start map of %d-d features was fitted in the dual on the first %d of %d liked "
+                 "models", fit.kept[0][0].shape[1], fit.dual_max_rows, fit.rows)
 
 
 def hybrid_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray,
@@ -64,26 +75,52 @@ def hybrid_embedding(unit: np.ndarray, factors: np.ndarray, cf_weight: float) ->
                       np.sqrt(cf_weight) * normalise(factors)]).astype(np.float32)
 
 
-class RidgeFit:
-    """W minimising ||X W - Y||² + ridge ||W||², fitted block by block (the Gram matrices summed
-    over row blocks), so the features of a million models never sit in memory at once."""
+PRIMAL_MAX_DIM = 4096  # wider features (VGG16 flattened: 25,088-d) are fitted in the dual
+DUAL_MAX_ROWS = 4096  # rows kept for a dual fit; past this, the first ones (mids are random)
 
-    def __init__(self, dim: int, targets: int) -> None:
-        self.gram = np.zeros((dim, dim))
-        self.cross = np.zeros((dim, targets))
+
+class RidgeFit:
+    """W minimising ||X W - Y||² + ridge ||W||², fitted block by block.
+
+    Up to ``primal_max_dim`` features the d x d Gram matrices are summed over row blocks, so
+    the features of a million models never sit in memory at once. Wider features would need a
+    d x d matrix of gigabytes (25,088² float64 is 5 GB), so they are fitted in the dual,
+    ``W = Xᵀ (X Xᵀ + ridge I)⁻¹ Y``: the same map, from the rows themselves, on at most
+    ``dual_max_rows`` of them (a sample of the first rows past that, which the log says)."""
+
+    def __init__(self, dim: int, targets: int, primal_max_dim: int = PRIMAL_MAX_DIM,
+                 dual_max_rows: int = DUAL_MAX_ROWS) -> None:
+        self.primal = dim <= primal_max_dim
+        self.gram = np.zeros((dim, dim)) if self.primal else None
+        self.cross = np.zeros((dim, targets)) if self.primal else None
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self.dual_max_rows = dual_max_rows
         self.rows = 0
 
+    @property
+    def sampled(self) -> bool:
+        return not self.primal and self.rows > self.dual_max_rows
+
     def add(self, features: np.ndarray, targets: np.ndarray) -> None:
-        block = np.asarray(features, dtype=np.float64)
-        self.gram += block.T @ block
-        self.cross += block.T @ np.asarray(targets, dtype=np.float64)
-        self.rows += len(block)
+        if self.gram is not None and self.cross is not None:
+            block = np.asarray(features, dtype=np.float64)
+            self.gram += block.T @ block
+            self.cross += block.T @ np.asarray(targets, dtype=np.float64)
+        else:
+            room = self.dual_max_rows - sum(len(x) for x, _ in self.kept)
+            if room > 0:
+                self.kept.append((np.array(features[:room], np.float32), np.array(targets[:room], np.float64)))
+        self.rows += len(features)
 
     def solve(self, ridge: float = DEFAULT_RIDGE) -> np.ndarray | None:
-        """The map, or None when fewer than two rows were added (nothing to fit)."""
+        """The map (d x targets), or None when fewer than two rows were added (nothing to fit)."""
         if self.rows < 2:
             return None
-        return np.linalg.solve(self.gram + ridge * np.eye(len(self.gram)), self.cross)
+        if self.gram is not None and self.cross is not None:
+            return np.linalg.solve(self.gram + ridge * np.eye(len(self.gram)), self.cross)
+        x = np.concatenate([features for features, _ in self.kept]).astype(np.float64)
+        y = np.concatenate([targets for _, targets in self.kept])
+        return x.T @ np.linalg.solve(x @ x.T + ridge * np.eye(len(x)), y)
 
 
 def hybrid_rows(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, mapping: np.ndarray | None,
@@ -113,6 +150,7 @@ def write_embedding(unit, item_factors: np.ndarray, liked: np.ndarray, cf_weight
         keep = liked[first:last]
         fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
     mapping = None if liked.all() else fit.solve()
+    _say_if_sampled(fit)
     sink.open(n, unit.shape[1] + item_factors.shape[1])
     for first, last in blocks:
         sink.put(np.arange(first, last), hybrid_rows(unit[first:last], item_factors[first:last], liked[first:last],
