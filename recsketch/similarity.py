@@ -62,9 +62,7 @@ def top_k_cosine(
     unit = features if normalised else normalise(features)
     n = unit.shape[0]
     first, last = rows if rows is not None else (0, n)
-    kk = min(k, n - 1)
-    indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
-    scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
+    kk, indices, scores = _empty_lists(last - first, n, k)
     if kk <= 0:
         return indices, scores
     step = block_rows or block_rows_for(n)
@@ -76,6 +74,12 @@ def top_k_cosine(
         out = slice(start - first, stop - first)
         indices[out], scores[out] = _select(block, kk, features, start)
     return indices, scores
+
+
+def _empty_lists(rows: int, n: int, k: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(k' = min(k, n - 1), the rows' neighbour indices and scores to fill)."""
+    kk = min(k, n - 1)
+    return kk, np.zeros((rows, max(kk, 0)), dtype=np.int64), np.zeros((rows, max(kk, 0)), dtype=np.float32)
 
 
 def _select(block: np.ndarray, kk: int, features, start: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +154,7 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
     """
     n = unit.shape[0]
     queries = np.arange(*rows) if isinstance(rows, tuple) else np.asarray(rows, dtype=np.int64)
-    kk = min(k, n - 1)
-    indices = np.zeros((len(queries), max(kk, 0)), dtype=np.int64)
-    scores = np.zeros((len(queries), max(kk, 0)), dtype=np.float32)
+    kk, indices, scores = _empty_lists(len(queries), n, k)
     if kk <= 0:
         return indices, scores
     for q_first in range(0, len(queries), query_block):
@@ -253,9 +255,7 @@ def refresh_top_k(unit, k: int, known_indices: np.ndarray, known_scores: np.ndar
     """
     n = unit.shape[0]
     first, last = rows if rows is not None else (0, n)
-    kk = min(k, n - 1)
-    indices = np.zeros((last - first, max(kk, 0)), dtype=np.int64)
-    scores = np.zeros((last - first, max(kk, 0)), dtype=np.float32)
+    kk, indices, scores = _empty_lists(last - first, n, k)
     if kk <= 0:
         return indices, scores
     fresh = np.asarray(fresh, dtype=np.int64)
