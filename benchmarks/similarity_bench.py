@@ -151,7 +151,7 @@ def day_refresh(n: int, d: int) -> None:
     day = np.stack([rows[mid] for mid in new_ids])
     started = time.perf_counter()
     refresh = plan_refresh(ids, old_indices, old_scores, new_ids, changed, K)
-    indices, scores = refresh_top_k(day, K, refresh.known_indices, refresh.known_scores, refresh.clean, refresh.fresh)
+    indices, scores = refresh_top_k(day, K, refresh)
     refreshed = time.perf_counter() - started
     started = time.perf_counter()
     full_indices, full_scores = top_k_cosine(day, K, normalised=True)

@@ -40,6 +40,7 @@ import pandas as pd
 
 from recsketch import storage
 from recsketch.errors import RecsketchError
+from recsketch.similarity import Refresh
 from recsketch.storage import Location
 
 VALID_MODELS_FILE = "valid_models.json"
@@ -359,16 +360,18 @@ class SimilarityPlan:
         """An incremental plan's refresh (``similarity.Refresh``): which rows keep their lists."""
         return folder / f"{self.name}-refresh-{self.digest}.npz"
 
-    def write_refresh(self, folder: Location, clean: np.ndarray, known_indices: np.ndarray,
-                      known_scores: np.ndarray, fresh: np.ndarray) -> None:
-        storage.save_npz(self.refresh_path(folder), clean=clean, known_indices=known_indices,
-                         known_scores=known_scores, fresh=fresh)
+    def write_refresh(self, folder: Location, refresh: Refresh) -> None:
+        storage.save_npz(self.refresh_path(folder), clean=refresh.clean, known_indices=refresh.known_indices,
+                         known_scores=refresh.known_scores, fresh=refresh.fresh)
 
-    def read_refresh(self, folder: Location) -> dict[str, np.ndarray]:
+    def read_refresh(self, folder: Location) -> Refresh:
         try:
-            return storage.load_npz(self.refresh_path(folder))
+            data = storage.load_npz(self.refresh_path(folder))
+            return Refresh(data["clean"], data["known_indices"], data["known_scores"], data["fresh"])
         except FileNotFoundError:
             raise RecsketchError(f"{self.refresh_path(folder)} is missing: run plan_{self.name} again") from None
+        except (KeyError, ValueError):
+            raise RecsketchError(f"{self.refresh_path(folder)} is damaged: run plan_{self.name} again") from None
 
     def read_shards(self, folder: Location) -> tuple[np.ndarray, np.ndarray]:
         """(indices, scores) of every shard, by their exact keys, in row order; a missing one

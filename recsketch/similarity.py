@@ -240,19 +240,20 @@ def merge_new_items(
     return indices, scores
 
 
-def refresh_top_k(unit, k: int, known_indices: np.ndarray, known_scores: np.ndarray, clean: np.ndarray,
-                  fresh: np.ndarray, rows: tuple[int, int] | None = None, block_rows: int = 2048,
+def refresh_top_k(unit, k: int, refresh: Refresh, rows: tuple[int, int] | None = None, block_rows: int = 2048,
                   candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k of rows ``first..last`` (default: all) of ``unit`` from a previous result.
 
-    ``clean`` rows kept their features and their known list (``known_indices``/``scores``, in
-    this row order) holds only models that also kept theirs, so it is still exact among those;
-    they are scored only against the ``fresh`` columns (new models, changed features) and
-    merged with their list. Every other row (new, changed, or whose list held a model that is
-    gone or changed) is computed against all rows, tiled. Equal to a full recompute; costs
+    ``refresh.clean`` rows kept their features and their known list (``known_indices``/``scores``,
+    in this row order) holds only models that also kept theirs, so it is still exact among
+    those; they are scored only against the ``fresh`` columns (new models, changed features)
+    and merged with their list. Every other row (new, changed, or whose list held a model that
+    is gone or changed) is computed against all rows, tiled. Equal to a full recompute; costs
     (dirty rows x N) + (clean rows x fresh columns) instead of N x N. ``unit`` may be an array
     or :class:`NpyRows`: memory holds blocks and the fresh rows, never N x d.
     """
+    known_indices, known_scores, clean, fresh = refresh.known_indices, refresh.known_scores, refresh.clean, \
+        refresh.fresh
     n = unit.shape[0]
     first, last = rows if rows is not None else (0, n)
     kk, indices, scores = _empty_lists(last - first, n, k)
@@ -265,13 +266,15 @@ def refresh_top_k(unit, k: int, known_indices: np.ndarray, known_scores: np.ndar
     dirty_rows = first + np.flatnonzero(~clean[first:last])
     if len(dirty_rows):
         indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, k, dirty_rows)
-    clean_rows = first + np.flatnonzero(clean[first:last])
     fresh = np.sort(fresh)
     tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
     loaded = [np.asarray(unit[tile], dtype=np.float32) for tile in tiles] if len(tiles) == 1 else None
-    for start in range(0, len(clean_rows), block_rows):
-        block = clean_rows[start : start + block_rows]  # a clean row's list holds no fresh model, nor is it fresh
-        query = np.asarray(unit[block], dtype=np.float32)
+    for start in range(first, last, block_rows):  # one read of each row range; its clean rows picked from it
+        stop = min(last, start + block_rows)
+        block = start + np.flatnonzero(clean[start:stop])  # a clean row's list holds no fresh model, nor is it fresh
+        if not len(block):
+            continue
+        query = np.asarray(unit[start:stop], dtype=np.float32)[block - start]
         best, best_scores = known_indices[block, :kk], known_scores[block, :kk]
         for number, tile in enumerate(tiles):  # the fresh models, a tile at a time, merged into the lists
             rows_of_tile = loaded[number] if loaded is not None else np.asarray(unit[tile], dtype=np.float32)

@@ -110,7 +110,7 @@ def plan_neighbours(settings: Settings, folder: Location, progress: Progress = l
         mode = PlanMode.FULL if refresh is None else PlanMode.INCREMENTAL
         plan = SimilarityPlan(mode, planned.mids, planned.recall_at_k, shards, method, planned.detail)
         if refresh is not None:
-            plan.write_refresh(folder, refresh.clean, refresh.known_indices, refresh.known_scores, refresh.fresh)
+            plan.write_refresh(folder, refresh)
         storage.put_file(scratch, plan.features_path(folder))
     plan.write(folder)
     progress(f"{plan.name}: {plan.label} top-{settings.top_k} for {len(planned.mids)} models "
@@ -138,10 +138,7 @@ def shard_neighbours(settings: Settings, folder: Location, shard: str, progress:
                 raise RecsketchError(f"{features} has {unit.shape[0]} rows, the plan {len(order)}: "
                                      f"run plan_{plan.name} again")
             if plan.mode is PlanMode.INCREMENTAL:  # the last result worked forward, this block of rows
-                refresh = plan.read_refresh(folder)
-                indices, scores = refresh_top_k(unit, settings.top_k, refresh["known_indices"],
-                                                refresh["known_scores"], refresh["clean"], refresh["fresh"],
-                                                rows=(first, last))
+                indices, scores = refresh_top_k(unit, settings.top_k, plan.read_refresh(folder), rows=(first, last))
             else:
                 indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
         finally:
@@ -343,8 +340,7 @@ def _incremental(settings: Settings, chunk_store: ChunkStore, previous: TopK, va
         return Rows(order, detail, refresh=refresh)
     unit = NpyRows(scratch)
     try:
-        indices, scores = refresh_top_k(unit, settings.top_k, refresh.known_indices, refresh.known_scores,
-                                        refresh.clean, refresh.fresh)
+        indices, scores = refresh_top_k(unit, settings.top_k, refresh)
     finally:
         unit.close()
     topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions[m] for m in order])

@@ -147,15 +147,14 @@ def test_refresh_equals_a_full_recompute(added: int, changed: int, gone: int, tm
     day = np.stack([rows[m] for m in new_ids]).astype(np.float32)
     refresh = plan_refresh(ids, old_indices, old_scores, new_ids, moved, 5)
     assert len(refresh.fresh) == added + changed
-    indices, scores = refresh_top_k(day, 5, refresh.known_indices, refresh.known_scores, refresh.clean,
-                                    refresh.fresh)
+    indices, scores = refresh_top_k(day, 5, refresh)
     full_indices, full_scores = top_k_cosine(day, 5, normalised=True)
     assert (indices == full_indices).all() and np.abs(scores - full_scores).max() <= 1e-6
     np.save(tmp_path / "unit.npy", day)
     rows = NpyRows(tmp_path / "unit.npy")
     try:
-        parts = [refresh_top_k(rows, 5, refresh.known_indices, refresh.known_scores, refresh.clean, refresh.fresh,
-                               rows=(first, min(len(new_ids), first + 64)), block_rows=16, candidate_block=7)
+        parts = [refresh_top_k(rows, 5, refresh, rows=(first, min(len(new_ids), first + 64)), block_rows=16,
+                               candidate_block=7)
                  for first in range(0, len(new_ids), 64)]
     finally:
         rows.close()
