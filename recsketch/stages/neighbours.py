@@ -55,11 +55,13 @@ class Rows:
 
 @dataclass(frozen=True)
 class Done:
-    """Neighbours the source finished at plan time (``topk``), or none to make (``None``)."""
+    """Neighbours the source finished at plan time (``topk``), or none to make (``None``);
+    ``rows_written``: the scratch file holds their unit rows, in ``topk.mids`` order."""
 
     mode: PlanMode
     detail: str
     topk: TopK | None = None
+    rows_written: bool = False
 
 
 class Source(Protocol):
@@ -100,7 +102,10 @@ def plan_neighbours(settings: Settings, folder: Location, progress: Progress = l
         if isinstance(planned, Done):
             if planned.topk is not None:
                 source.publish(settings, folder, planned.topk, exact=True)
-            plan = SimilarityPlan(planned.mode, method=method, detail=planned.detail)
+            mids = planned.topk.mids if planned.topk is not None and planned.rows_written else None
+            plan = SimilarityPlan(planned.mode, mids, method=method, detail=planned.detail)
+            if mids is not None:  # kept for the hybrid step, which would otherwise gather them again
+                storage.put_file(scratch, plan.features_path(folder))
             plan.write(folder)
             if planned.topk is not None:
                 progress(f"{plan.name}: top-{planned.topk.k} for {len(planned.topk.mids)} models, {plan.label}")
@@ -344,16 +349,16 @@ def _incremental(settings: Settings, chunk_store: ChunkStore, previous: TopK, va
     finally:
         unit.close()
     topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions[m] for m in order])
-    return Done(PlanMode.INCREMENTAL, detail, topk)
+    return Done(PlanMode.INCREMENTAL, detail, topk, rows_written=True)
 
 
 @contextlib.contextmanager
 def visual_unit_rows(settings: Settings, folder: Location, visual: TopK) -> Iterator[Path]:
     """The run's unit visual features in ``visual.mids`` order, as a local ``.npy``: the visual
-    plan's features file when the run made one at full dimension, else gathered from the
-    chunks (incremental and PCA runs)."""
+    plan's features file when the run wrote one at full dimension (full and incremental runs),
+    else gathered from the chunks (reused and PCA runs)."""
     plan = SimilarityPlan.read(folder)
-    if plan.sharded and not plan.reduced and plan.ordered_mids() == visual.mids:
+    if plan.mids == visual.mids and not plan.reduced:  # a plan that names its models wrote their rows
         with storage.local_copy(plan.features_path(folder)) as path:
             yield path
         return

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from recsketch.config import Settings
-from recsketch.contracts import TopKStore
+from recsketch.contracts import SimilarityPlan, TopKStore
 from recsketch.features.chunks import Chunk, ChunkStore
 from recsketch.features.keys import backbone_key
-from recsketch.similarity import top_k_cosine
+from recsketch.similarity import normalise, top_k_cosine
 from recsketch.stages import similarity_stage
 from recsketch.stages.common import run_dir
 
@@ -107,6 +107,10 @@ def test_each_kind_of_change_is_worked_forward_and_a_large_one_runs_in_full(tmp_
         summary, folder = world.run()
         assert summary["mode"].startswith("incremental (") and expected in summary["mode"], summary["mode"]
         assert_equals_a_full_recompute(world, folder, k)
+        plan = SimilarityPlan.read(folder)  # the day's unit rows stay with the run, for the hybrid step
+        written = np.load(plan.features_path(folder))
+        assert plan.mids == TopKStore.for_run(folder).require("similarity").mids
+        assert np.allclose(written, normalise(np.stack([world.features[m] for m in plan.mids])), atol=1e-6)
     world.replace(60)  # most features change: a full pass is cheaper
     summary, folder = world.run()
     assert summary["mode"] == "full"
@@ -119,8 +123,6 @@ def test_a_large_refresh_is_mapped_over_shards_and_equals_a_full_recompute(tmp_p
     """More than one shard's work: the refresh is planned as row-block shards over the run's
     unit rows (as a full pass is), each shard refreshes its rows, and the merge equals a full
     recompute; its plan names the rows that keep their lists."""
-    from recsketch.contracts import SimilarityPlan
-
     k = 4
     world = World(Settings(data_dir=tmp_path, top_k=k, similarity_shard_rows=5), seed=11)
     world.add(60)
