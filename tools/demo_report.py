@@ -14,10 +14,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from recsketch import stages
+
 SUMMARY = re.compile(r"\b(\w+) summary: (\{.*\}|\[.*\])")
 DONE = re.compile(r"\b(\w+): done in ([\d.]+) s")
-ORDER = ("crawl", "threshold", "plan_chunks", "extract", "plan_similarity", "similarity_shard", "merge_similarity",
-         "evaluate", "plan_hybrid", "hybrid_shard", "merge_hybrid", "load")
+ORDER = tuple(task.name for task in stages.TASKS)  # the DAG's tasks, in the order they run
 
 
 def read_log(path: Path) -> tuple[dict[str, list[Any]], dict[str, float]]:
@@ -85,10 +86,9 @@ def report(path: Path) -> list[str]:
         if task not in summaries:
             continue
         took = seconds.get(task, 0.0)
-        if task == "merge_similarity":
-            took += seconds.get("plan_similarity", 0.0) + seconds.get("similarity_shard", 0.0)
-        if task == "merge_hybrid":
-            took += seconds.get("plan_hybrid", 0.0) + seconds.get("hybrid_shard", 0.0)
+        if task in names:  # a step's line: its plan, shards and merge together
+            part = stages.step(names[task])
+            took += sum(seconds.get(t.name, 0.0) for t in (part.plan, part.each) if t is not None)
         text = _line(task, summaries[task], took)
         if text is not None:
             lines.append(f"{names.get(task, task):<11}{text} [{_took(took)}]")

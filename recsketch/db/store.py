@@ -235,8 +235,8 @@ def delete_models(engine: Engine, mids: Iterable[str]) -> int:
     wanted = sorted(set(mids))
     deleted = 0
     with engine.begin() as conn:
-        for batch in _batches([{"mid": m} for m in wanted]):
-            ids = [row["mid"] for row in batch]
+        for first in range(0, len(wanted), BATCH_ROWS):
+            ids = wanted[first : first + BATCH_ROWS]
             conn.execute(delete(likes).where(likes.c.mid.in_(ids)))
             deleted += conn.execute(delete(models).where(models.c.mid.in_(ids))).rowcount or 0
     return deleted
