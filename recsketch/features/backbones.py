@@ -17,6 +17,7 @@ import numpy as np
 
 from recsketch.errors import ConfigError, WeightsUnavailable
 from recsketch.features.keys import VGG16_NOTOP_FILE, lite0_key, vgg16_key
+from recsketch.resources import limit_threads
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class VGG16Backbone:
     batch_size = 16
 
     def __init__(self, weights: str = "imagenet", pooling: str = "flatten",
-                 precision: str = "float32", seed: int = 0) -> None:
+                 precision: str = "float32", seed: int = 0, threads: int = 0) -> None:
         if pooling not in ("flatten", "avg"):
             raise ConfigError(f"vgg16 pooling {pooling!r} must be 'flatten' or 'avg'")
         if precision not in ("float32", "bfloat16"):
@@ -62,6 +63,8 @@ class VGG16Backbone:
         import keras
         import tensorflow as tf
 
+        if threads:  # the task's share of the host, set before TensorFlow starts its pools
+            limit_threads(threads)
         self.weights, self.pooling, self.precision = weights, pooling, precision
         # named when loaded: the key describes the weights this instance holds, even if the file changes later
         self._key = vgg16_key(weights, pooling, precision)

@@ -33,5 +33,5 @@ def create_backbone(settings: Settings, threads: int | None = None) -> Backbone:
     if settings.backbone == "vgg16":
         resolve_runtime("vgg16", settings.runtime)  # a runtime that cannot run it is refused, named
         return VGG16Backbone(weights=settings.vgg16_weights, pooling=settings.vgg16_pooling,
-                             precision=settings.vgg16_precision)
+                             precision=settings.vgg16_precision, threads=threads)
     raise ConfigError(f"unknown backbone {settings.backbone!r}")
