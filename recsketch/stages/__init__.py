@@ -53,8 +53,8 @@ class Option:
 
 @dataclass(frozen=True)
 class Step:
-    """A subcommand: ``plan`` returns the ids ``each`` runs on (or ``--chunk`` names them), then
-    ``finish`` runs once; every part optional. ``in_run``: part of ``recsketch run``."""
+    """A subcommand, and a stage of ``recsketch run``: ``plan`` returns the ids ``each`` runs on
+    (or ``--chunk`` names them), then ``finish`` runs once; every part optional."""
 
     name: str
     help: str
@@ -63,7 +63,6 @@ class Step:
     finish: Task | None = None
     options: tuple[Option, ...] = ()
     needs_db: bool = False  # an unreachable DB fails before any state is written
-    in_run: bool = True
     takes_run_id: bool = False  # finish gets the run id (load: the served run's name)
     ids_option: str | None = None  # the option that names the ids instead of plan
 
@@ -85,25 +84,21 @@ class Step:
         return self.finish(settings, folder, *extra, progress=progress, **options)
 
 
-def _task(name: str, module: str, function: str, help: str) -> Task:
-    return Task(name, module, function, help)
-
-
-CRAWL = _task("crawl", "crawl", "crawl_stage", "the API into the catalogue DB and the thumbnail store")
-THRESHOLD = _task("threshold", "threshold", "threshold_stage", "the like threshold: the run's models and likes")
-PLAN_CHUNKS = _task("plan_chunks", "extract", "plan_stage", "the models without features, in chunks and tasks")
-PLANNED_EXTRACT_TASKS = _task("planned_extract_tasks", "extract", "planned_tasks", "the chunk plan's task ids")
-EXTRACT = _task("extract", "extract", "extract_stage", "one planned task's chunks of features")
-PLAN_SIMILARITY = _task("plan_similarity", "neighbours", "plan_similarity_stage",
+CRAWL = Task("crawl", "crawl", "crawl_stage", "the API into the catalogue DB and the thumbnail store")
+THRESHOLD = Task("threshold", "threshold", "threshold_stage", "the like threshold: the run's models and likes")
+PLAN_CHUNKS = Task("plan_chunks", "extract", "plan_stage", "the models without features, in chunks and tasks")
+PLANNED_EXTRACT_TASKS = Task("planned_extract_tasks", "extract", "planned_tasks", "the chunk plan's task ids")
+EXTRACT = Task("extract", "extract", "extract_stage", "one planned task's chunks of features")
+PLAN_SIMILARITY = Task("plan_similarity", "neighbours", "plan_similarity_stage",
                         "the visual rows written once for the shards, or the lists worked into the last ones")
-SIMILARITY_SHARD = _task("similarity_shard", "neighbours", "similarity_shard_stage", "one row block's visual top-k")
-MERGE_SIMILARITY = _task("merge_similarity", "neighbours", "merge_similarity_stage", "the visual lists joined")
-EVALUATE = _task("evaluate", "evaluate", "evaluate_stage", "every method ranked on held-out likes")
-PLAN_HYBRID = _task("plan_hybrid", "neighbours", "plan_hybrid_stage",
+SIMILARITY_SHARD = Task("similarity_shard", "neighbours", "similarity_shard_stage", "one row block's visual top-k")
+MERGE_SIMILARITY = Task("merge_similarity", "neighbours", "merge_similarity_stage", "the visual lists joined")
+EVALUATE = Task("evaluate", "evaluate", "evaluate_stage", "every method ranked on held-out likes")
+PLAN_HYBRID = Task("plan_hybrid", "neighbours", "plan_hybrid_stage",
                     "pictures and likes blended into rows written once for the shards")
-HYBRID_SHARD = _task("hybrid_shard", "neighbours", "hybrid_shard_stage", "one row block's hybrid top-k")
-MERGE_HYBRID = _task("merge_hybrid", "neighbours", "merge_hybrid_stage", "the hybrid lists joined")
-LOAD = _task("load", "load", "load_stage", "the run's lists served, if it passes the quality gate")
+HYBRID_SHARD = Task("hybrid_shard", "neighbours", "hybrid_shard_stage", "one row block's hybrid top-k")
+MERGE_HYBRID = Task("merge_hybrid", "neighbours", "merge_hybrid_stage", "the hybrid lists joined")
+LOAD = Task("load", "load", "load_stage", "the run's lists served, if it passes the quality gate")
 
 TASKS: tuple[Task, ...] = (CRAWL, THRESHOLD, PLAN_CHUNKS, EXTRACT, PLAN_SIMILARITY, SIMILARITY_SHARD,
                            MERGE_SIMILARITY, EVALUATE, PLAN_HYBRID, HYBRID_SHARD, MERGE_HYBRID, LOAD)
@@ -123,7 +118,7 @@ STEPS: tuple[Step, ...] = (
                          "list"),), ids_option="chunk"),
     Step("similarity", "stage 4: visual neighbours (exact cosine top-k)", plan=PLAN_SIMILARITY,
          each=SIMILARITY_SHARD, finish=MERGE_SIMILARITY),
-    Step("evaluate", "stage 5: offline quality of every method", finish=EVALUATE, in_run=True),
+    Step("evaluate", "stage 5: offline quality of every method", finish=EVALUATE),
     Step("hybrid", "stage 5b: hybrid neighbours (after evaluate)", plan=PLAN_HYBRID, each=HYBRID_SHARD,
          finish=MERGE_HYBRID),
     Step("load", "stage 6: load recommendations into the DB (after evaluate)", finish=LOAD,
@@ -150,15 +145,14 @@ def run_pipeline(settings: Settings, run_id: str | None = None, progress: Callab
     folder = run_dir(settings, run_id)
     summary: dict = {"run_id": run_id}
     for part in STEPS:
-        if part.in_run:
-            given = {o.name: options[o.name] for o in part.options if o.name in options}
-            summary[part.name] = part.run(settings, folder, run_id, progress, **given)
+        given = {o.name: options[o.name] for o in part.options if o.name in options}
+        summary[part.name] = part.run(settings, folder, run_id, progress, **given)
     return summary
 
 
 def run_options() -> list[Option]:
-    """The options ``recsketch run`` takes: every in-run step's, but those naming mapped ids."""
-    return [o for part in STEPS if part.in_run for o in part.options if o.name != part.ids_option]
+    """The options ``recsketch run`` takes: every step's, but those naming mapped ids."""
+    return [o for part in STEPS for o in part.options if o.name != part.ids_option]
 
 
 def similarity_stage(settings: Settings, folder: Location, progress: Callable[[str], None] | None = None) -> dict:

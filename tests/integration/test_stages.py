@@ -14,7 +14,7 @@ from recsketch.stages.common import run_dir
 def test_a_run_writes_only_contract_files_and_summarises_every_step(sketchfab, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", sketchfab_url=sketchfab.url, runtime="torch", top_k=3)
     summary = stages.run_pipeline(settings, "day-1", progress=lambda _: None)
-    assert list(summary) == ["run_id", *(part.name for part in stages.STEPS if part.in_run)]
+    assert list(summary) == ["run_id", *(part.name for part in stages.STEPS)]
     assert summary["similarity"]["mode"] == "full" and summary["hybrid"]["models"] == summary["load"]["models"]
     files = sorted(p.name for p in Path(run_dir(settings, "day-1")).iterdir())
     assert {name: owner_of(name) for name in files if owner_of(name) is None} == {}

@@ -98,7 +98,7 @@ def test_every_flag_reaches_the_command(command: str, argv: list[str], expected:
         if name != "options":
             assert _reads(handler, name), f"{command}: {handler.__name__} never reads {name}"
     if takes_any:  # a pipeline step (or run): its options go on to the tasks it calls
-        parts = [stages.step(command)] if command != "run" else [p for p in stages.STEPS if p.in_run]
+        parts = [stages.step(command)] if command != "run" else list(stages.STEPS)
         for dest in set(kwargs) - {"settings", "run_id"}:
             takers = [task for part in parts for task in (part.finish, part.plan) if task is not None
                       and dest in inspect.signature(task.resolve()).parameters]
