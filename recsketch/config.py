@@ -95,6 +95,7 @@ class Settings(BaseModel):
     lite0_precision: Precision = "float32"  # bfloat16: ~2.7x faster where the CPU has AVX512-BF16
     runtime: Literal["auto", "onnxruntime", "openvino", "torch", "tensorflow"] = "auto"  # inference runtime
     top_k: int = Field(10, ge=1)
+    neighbour_depth: int = Field(100, ge=1)  # exact visual neighbours kept per model: the hybrid's bound, deletions
     min_likes: int = Field(5, ge=0)
     chunk_size: int = Field(256, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: the backbone's own fastest batch

@@ -47,7 +47,8 @@ VALID_MODELS_FILE = "valid_models.json"
 RUN_LIKES_FILE = "likes.npz"  # the thresholded likes the run was made from
 PLAN_FILE = "chunk_plan.json"
 TOPK_FILE = "topk.npz"
-LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks; exact runs only
+LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks: the deep lists of the last exact run
+DEEP_TOPK_FILE = "topk-deep.npz"  # a run's exact visual lists to RECSKETCH_NEIGHBOUR_DEPTH (exact runs only)
 EVALUATION_FILE = "evaluation.json"
 CRAWL_STATS_FILE = "crawl_stats.json"
 
@@ -254,6 +255,7 @@ class PlanMode(StrEnum):
 
     FULL = "full"
     INCREMENTAL = "incremental"
+    BOUNDED = "bounded"  # hybrid: exact from the visual lists and one scan of the CF factors
     UNCHANGED = "unchanged"
     NONE = "none"
 
@@ -350,6 +352,10 @@ class SimilarityPlan:
         """The plan's unit rows, one per model of ``mids``: what every shard reads."""
         return folder / f"{self.name}-features-{self.digest}.npy"
 
+    def visual_rows_path(self, folder: Location) -> Location:
+        """A hybrid plan's unit visual rows, when the visual plan wrote none for its models."""
+        return folder / f"{self.name}-visual-{self.digest}.npy"
+
     def shard_path(self, folder: Location, first: int, last: int) -> Location:
         return folder / f"{self.name}-shard-{self.digest}-{first:09d}-{last:09d}.npz"
 
@@ -362,12 +368,12 @@ class SimilarityPlan:
 
     def write_refresh(self, folder: Location, refresh: Refresh) -> None:
         storage.save_npz(self.refresh_path(folder), clean=refresh.clean, known_indices=refresh.known_indices,
-                         known_scores=refresh.known_scores, fresh=refresh.fresh)
+                         known_scores=refresh.known_scores, fresh=refresh.fresh, limit=refresh.limit)
 
     def read_refresh(self, folder: Location) -> Refresh:
         try:
             data = storage.load_npz(self.refresh_path(folder))
-            return Refresh(data["clean"], data["known_indices"], data["known_scores"], data["fresh"])
+            return Refresh(data["clean"], data["known_indices"], data["known_scores"], data["fresh"], data["limit"])
         except FileNotFoundError:
             raise RecsketchError(f"{self.refresh_path(folder)} is missing: run plan_{self.name} again") from None
         except (KeyError, ValueError):
@@ -429,6 +435,12 @@ class TopKStore:
     def latest(cls, features_root: Location) -> TopKStore:
         return cls(features_root / LATEST_TOPK_FILE)
 
+    @classmethod
+    def deep_for_run(cls, folder: Location) -> TopKStore:
+        """The run's exact visual lists to their full depth (-1 / -inf pads where a list is
+        shorter): what the hybrid's bound reads."""
+        return cls(folder / DEEP_TOPK_FILE)
+
     def write(self, topk: TopK) -> None:
         storage.save_npz(self.path, mids=np.array(topk.mids, dtype=str), indices=topk.indices, scores=topk.scores,
                        backbone_key=np.array(topk.backbone_key), versions=np.array(topk.versions, dtype=str))
@@ -458,8 +470,9 @@ RUN_FOLDER_FILES: tuple[tuple[str, str], ...] = (  # (file name pattern, the cla
     (re.escape(PLAN_FILE), "ChunkPlan"),
     (re.escape(EVALUATION_FILE), "EvaluationReport"),
     (r"(similarity|hybrid)_plan\.json", "SimilarityPlan"),
-    (r"(similarity|hybrid)-(features|shard|refresh)-[0-9a-f]{12}(-\d{9}-\d{9})?\.(npy|npz)", "SimilarityPlan"),
-    (r"topk(-hybrid)?\.npz", "TopKStore"),
+    (r"(similarity|hybrid)-(features|visual|shard|refresh)-[0-9a-f]{12}(-\d{9}-\d{9})?\.(npy|npz)",
+     "SimilarityPlan"),
+    (r"topk(-hybrid|-deep)?\.npz", "TopKStore"),
 )
 
 

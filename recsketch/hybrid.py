@@ -2,7 +2,10 @@
 
 A model's hybrid embedding is ``[sqrt(1 - w) × its unit visual features, sqrt(w) × its unit
 ALS item factors]``: a unit vector whose cosine with another's is ``(1 - w) × visual cosine
-+ w × CF cosine``, so the exact top-k machinery of the visual neighbours serves it unchanged.
++ w × CF cosine``, so the exact top-k machinery of the visual neighbours serves it unchanged
+(:class:`BlendedRows`: the rows are made per tile, never written). Once a day's exact visual
+lists are known to some depth, the hybrid lists follow from them and one scan of the f-d
+factors (:func:`bounded_top_k`), exactly, for a small share of the blended pass's work.
 ``w`` is the CF weight ``recsketch evaluate`` tunes on held-out likes. A model nobody has
 liked has no ALS factors: its factors are predicted from its visual features by a ridge
 regression fitted on the liked models (the DropoutNet idea, linear), so it still gets
@@ -12,7 +15,7 @@ neighbours that carry taste.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
@@ -56,12 +59,12 @@ def _say_if_sampled(fit: RidgeFit) -> None:
                  "models", fit.kept[0][0].shape[1], fit.dual_max_rows, fit.rows)
 
 
-def hybrid_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray,
+def hybrid_factors(unit: np.ndarray | None, item_factors: np.ndarray, liked: np.ndarray,
                    mapping: np.ndarray | None) -> np.ndarray:
     """Unit CF factors of a block of models: ALS's where liked, else predicted by ``mapping``."""
     factors = normalise(item_factors)
     cold = ~np.asarray(liked, dtype=bool)
-    if mapping is not None and cold.any():
+    if mapping is not None and unit is not None and cold.any():
         factors[cold] = normalise(np.asarray(unit[cold], np.float64) @ mapping)
     return factors
 
@@ -122,35 +125,191 @@ class RidgeFit:
         return x.T @ np.linalg.solve(x @ x.T + ridge * np.eye(len(x)), y)
 
 
-def hybrid_rows(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray, mapping: np.ndarray | None,
-                cf_weight: float) -> np.ndarray:
-    """A block of :func:`hybrid_embedding` rows, the cold models' factors predicted by ``mapping``
-    (a :class:`RidgeFit` solved over every block first)."""
-    return hybrid_embedding(unit, hybrid_factors(unit, item_factors, liked, mapping), cf_weight)
-
-
 BLOCK_ROWS = 16_384  # features read per step: 80 MB at 1,280-d
 
 
-class RowWriter(Protocol):
-    def open(self, rows: int, dim: int) -> None: ...
-    def put(self, positions: np.ndarray, rows: np.ndarray) -> None: ...
-
-
-def write_embedding(unit, item_factors: np.ndarray, liked: np.ndarray, cf_weight: float, sink: RowWriter,
-                    block_rows: int = BLOCK_ROWS) -> None:
-    """Every model's hybrid row into ``sink``, streaming ``unit`` (an array or ``NpyRows``) twice
-    in row blocks: first to fit the cold-start map on the liked models, then to write the rows.
-    Memory holds the factors and one block of features, never N x d."""
+def stream_factors(unit, item_factors: np.ndarray, liked: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """:func:`complete_factors` over ``unit`` an array or ``NpyRows``, streamed in row blocks:
+    the cold-start map is fitted on the liked models' blocks, then each block's cold models get
+    theirs. Memory holds the N x f factors and one block of features, never N x d."""
     n = unit.shape[0]
     blocks = [(first, min(n, first + block_rows)) for first in range(0, n, block_rows)]
     fit = RidgeFit(unit.shape[1], item_factors.shape[1])
-    for first, last in blocks:
-        keep = liked[first:last]
-        fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
-    mapping = None if liked.all() else fit.solve()
+    if not liked.all():  # a map only when some model needs one
+        for first, last in blocks:
+            keep = liked[first:last]
+            fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
+    mapping = fit.solve()
     _say_if_sampled(fit)
-    sink.open(n, unit.shape[1] + item_factors.shape[1])
+    out = np.zeros(item_factors.shape, dtype=np.float32)
     for first, last in blocks:
-        sink.put(np.arange(first, last), hybrid_rows(unit[first:last], item_factors[first:last], liked[first:last],
-                                                     mapping, cf_weight))
+        block_liked = liked[first:last]
+        needs_map = mapping is not None and not block_liked.all()  # read features only for cold models
+        out[first:last] = hybrid_factors(unit[first:last] if needs_map else None, item_factors[first:last],
+                                         block_liked, mapping if needs_map else None)
+    return out
+
+
+class BlendedRows:
+    """The hybrid embedding's rows, made on demand from the unit visual rows (an array or
+    ``NpyRows``) and the unit CF factors (in memory): what ``similarity.top_k_tiled`` reads as
+    if the N x (d + f) matrix were written, which it never is."""
+
+    def __init__(self, unit, factors: np.ndarray, cf_weight: float) -> None:
+        if unit.shape[0] != len(factors):
+            raise ValueError(f"{unit.shape[0]} visual rows but {len(factors)} factor rows")
+        self.unit, self.factors, self.cf_weight = unit, factors, cf_weight
+        self.shape = (unit.shape[0], unit.shape[1] + factors.shape[1])
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        return hybrid_embedding(self.unit[key], self.factors[key], self.cf_weight)
+
+
+@dataclass(frozen=True)
+class BoundedResult:
+    indices: np.ndarray
+    scores: np.ndarray
+    fallback_rows: int  # rows the bound could not settle, computed against every model
+    candidates: int  # (row, model) pairs scored beyond the visual lists
+
+
+EPSILON = 1e-6  # slack on the bound for float32 rounding (the blended full pass rounds otherwise)
+
+
+def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_scores: np.ndarray,
+                  rows: tuple[int, int], cf_weight: float, k: int, *, max_candidates: int | None = None,
+                  query_block: int = 2048, candidate_block: int = 32768, pair_budget: int = 8_000_000) -> BoundedResult:
+    """The exact hybrid top-k of rows ``first..last`` without the N x (d + f) blended pass.
+
+    ``visual_indices``/``visual_scores`` (rows first..last, -1 / -inf pads) are each row's exact
+    visual top-D. A model j outside row i's list has visual cosine ``v(i, j) ≤ v_D`` (the list's
+    last score), so its hybrid score ``(1 - w) v + w c`` is at most ``(1 - w) v_D + w c(i, j)``.
+    With ``s_k`` the k-th best hybrid score among the listed models, j can only enter the top-k
+    if ``c(i, j) ≥ τ = (s_k - (1 - w) v_D) / w``: one scan of the f-d factors (f = 64 against the
+    blended d + f) finds those j, their visual cosines are read for just those pairs, and the
+    merged list is exact. A row whose τ admits more than ``max_candidates`` models (default
+    N / 100, at least 512) is computed against every model instead (``fallback_rows``).
+    ``unit``: array or ``NpyRows``; memory holds the factors, a query block's tiles and at most
+    ``pair_budget`` pending pairs."""
+    from recsketch.similarity import _empty_lists, top_k_tiled
+
+    first, last = rows
+    n = len(factors)
+    kk, indices, scores = _empty_lists(last - first, n, k)
+    if kk <= 0:
+        return BoundedResult(indices, scores, 0, 0)
+    if cf_weight == 0.0:  # the hybrid is the visual list
+        return BoundedResult(visual_indices[:, :kk].copy(), visual_scores[:, :kk].copy(), 0, 0)
+    cap = max(512, n // 100) if max_candidates is None else max_candidates
+    factors = np.asarray(factors, dtype=np.float32)
+    fallback = np.zeros(last - first, dtype=bool)
+    listed_scores = np.full(visual_indices.shape, -np.inf, dtype=np.float32)
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    settled_from, pairs_seen = 0, 0
+    for q_first in range(0, last - first, query_block):
+        q = slice(q_first, min(last - first, q_first + query_block))
+        pending.append(_scan(factors, visual_indices[q], visual_scores[q], first + q.start, cf_weight, kk, cap,
+                             candidate_block, listed_scores[q], fallback[q]))
+        pending[-1] = (pending[-1][0] + q.start, pending[-1][1], pending[-1][2])
+        pairs_seen += len(pending[-1][0])
+        if sum(len(part[0]) for part in pending) >= pair_budget or q.stop == last - first:
+            pair_rows, pair_cols, pair_cf = (np.concatenate(parts) for parts in zip(*pending, strict=True))
+            _settle(unit, factors, cf_weight, kk, first, (settled_from, q.stop), visual_indices, listed_scores,
+                    fallback, pair_rows, pair_cols, pair_cf, cap, indices, scores)
+            pending, settled_from = [], q.stop
+    if fallback.any():
+        again = np.flatnonzero(fallback)
+        indices[again], scores[again] = top_k_tiled(BlendedRows(unit, factors, cf_weight), kk, first + again)
+    return BoundedResult(indices, scores, int(fallback.sum()), pairs_seen)
+
+
+def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_first: int, w: float, kk: int, cap: int,
+          candidate_block: int, listed_scores: np.ndarray, fallback: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query block: its listed models' hybrid scores (into ``listed_scores``), its bound τ,
+    and the (row, model, CF cosine) pairs past τ outside the lists, from one scan of the factors;
+    rows past ``cap`` pairs are marked in ``fallback`` and give none."""
+    n = len(factors)
+    valid = listed >= 0
+    queries = np.arange(query_first, query_first + len(listed))
+    query = factors[queries]
+    cf = np.einsum("md,mjd->mj", query, factors[np.maximum(listed, 0)])
+    listed_scores[:] = np.where(valid, (1 - w) * visual + w * cf, -np.inf)
+    count = valid.sum(axis=1)
+    kth = -np.sort(-listed_scores, axis=1)[:, kk - 1] if listed.shape[1] >= kk else np.full(len(count), -np.inf)
+    last_visual = np.where(count > 0, visual[np.arange(len(count)), np.maximum(count - 1, 0)], -np.inf)
+    complete = count >= n - 1  # the list holds every other model: nothing unseen
+    threshold = np.where(complete, np.inf, (kth - (1 - w) * last_visual - EPSILON) / w)
+    fallback |= (count < kk) & ~complete
+    listed_rows, listed_cols = np.nonzero(valid)
+    listed_models = listed[listed_rows, listed_cols]
+    taken = np.zeros(len(count), dtype=np.int64)
+    found_rows, found_cols, found_cf = [], [], []
+    for c_start in range(0, n, candidate_block):
+        tile = query @ factors[c_start : c_start + candidate_block].T
+        inside = (listed_models >= c_start) & (listed_models < c_start + tile.shape[1])
+        tile[listed_rows[inside], listed_models[inside] - c_start] = -np.inf  # listed: scored exactly already
+        own = np.flatnonzero((queries >= c_start) & (queries < c_start + tile.shape[1]))
+        tile[own, queries[own] - c_start] = -np.inf  # never a model's own neighbour
+        hits = tile >= threshold[:, None]
+        hits[fallback] = False
+        over = taken + hits.sum(axis=1) > cap
+        fallback |= over
+        hits[over] = False
+        hit_rows, hit_cols = np.nonzero(hits)
+        taken += np.bincount(hit_rows, minlength=len(taken))
+        found_rows.append(hit_rows)
+        found_cols.append(hit_cols + c_start)
+        found_cf.append(tile[hit_rows, hit_cols])
+    fallback |= taken > cap
+    rows, cols, cfs = np.concatenate(found_rows), np.concatenate(found_cols), np.concatenate(found_cf)
+    keep = ~fallback[rows]
+    return rows[keep], cols[keep], cfs[keep]
+
+
+def _settle(unit, factors: np.ndarray, w: float, kk: int, first: int, span: tuple[int, int],
+            visual_indices: np.ndarray, listed_scores: np.ndarray, fallback: np.ndarray, pair_rows: np.ndarray,
+            pair_cols: np.ndarray, pair_cf: np.ndarray, cap: int, indices: np.ndarray, scores: np.ndarray) -> None:
+    """Rows ``span`` (shard-local) that the bound settles: their pairs' visual cosines read,
+    the pairs merged with the listed models, exactly by (-score, index)."""
+    from recsketch.similarity import _rescore_near_one, merge_lists
+
+    lo, hi = span
+    settled = lo + np.flatnonzero(~fallback[lo:hi])
+    if not len(settled):
+        return
+    pair_score = ((1 - w) * pair_visual(unit, first + lo, first + hi, pair_rows - lo, pair_cols)
+                  + w * pair_cf).astype(np.float32)
+    slot = np.searchsorted(settled, pair_rows)
+    order = np.lexsort((pair_cols, slot))
+    slot, column, value = slot[order], pair_cols[order], pair_score[order]
+    width = int(np.bincount(slot, minlength=1).max()) if len(slot) else 0
+    extra = np.full((len(settled), max(width, 1)), -1, dtype=np.int64)  # each row's pairs, padded
+    extra_scores = np.full(extra.shape, -np.inf, dtype=np.float32)
+    rank = np.arange(len(slot)) - np.searchsorted(slot, slot)
+    extra[slot, rank], extra_scores[slot, rank] = column, value
+    best, best_scores = merge_lists(visual_indices[settled], listed_scores[settled], extra, extra_scores, kk)
+    indices[settled], scores[settled] = _rescore_near_one(BlendedRows(unit, factors, w), first + settled, best,
+                                                          best_scores)
+
+
+def pair_visual(unit, first: int, last: int, pair_rows: np.ndarray, pair_cols: np.ndarray,
+                block_rows: int = BLOCK_ROWS, pairs_per_step: int = 32_768) -> np.ndarray:
+    """Visual cosines of (query row ``first + pair_rows``, model ``pair_cols``) pairs: ``unit``
+    read once, block by block, for the blocks the pairs name; memory holds the queries, a block
+    and a step of pairs."""
+    out = np.zeros(len(pair_rows), dtype=np.float32)
+    if not len(pair_rows):
+        return out
+    queries = np.asarray(unit[first:last], dtype=np.float32)
+    order = np.argsort(pair_cols, kind="stable")
+    cols = pair_cols[order]
+    for start in range(0, unit.shape[0], block_rows):
+        lo, hi = np.searchsorted(cols, [start, start + block_rows])
+        if lo == hi:
+            continue
+        block = np.asarray(unit[start : start + block_rows], dtype=np.float32)
+        for step in range(lo, hi, pairs_per_step):
+            picked = order[step : min(hi, step + pairs_per_step)]
+            out[picked] = np.einsum("ij,ij->i", queries[pair_rows[picked]], block[pair_cols[picked] - start])
+    return out

@@ -170,11 +170,7 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
             tile[own, q_rows[own] - c_start] = -np.inf  # never recommend a model to itself
             take = min(kk, c_stop - c_start)
             candidates, values = exact_largest(tile, take)
-            merged = np.concatenate([best, candidates + c_start], axis=1)
-            merged_scores = np.concatenate([best_scores, values], axis=1)
-            order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
-            best = np.take_along_axis(merged, order, axis=1)
-            best_scores = np.take_along_axis(merged_scores, order, axis=1)
+            best, best_scores = merge_lists(best, best_scores, candidates + c_start, values, kk)
         out = slice(q_first, q_first + len(q_rows))
         indices[out], scores[out] = _rescore_near_one(unit, q_rows, best, best_scores)
     return indices, scores
@@ -240,32 +236,35 @@ def merge_new_items(
     return indices, scores
 
 
-def refresh_top_k(unit, k: int, refresh: Refresh, rows: tuple[int, int] | None = None, block_rows: int = 2048,
+def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | None = None, block_rows: int = 2048,
                   candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top-k of rows ``first..last`` (default: all) of ``unit`` from a previous result.
+    """The exact top-``depth`` of rows ``first..last`` (default: all) of ``unit`` from a previous
+    result, as ``(indices, scores)`` padded with -1 / -inf where a row's list is shorter.
 
-    ``refresh.clean`` rows kept their features and their known list (``known_indices``/``scores``,
-    in this row order) holds only models that also kept theirs, so it is still exact among
-    those; they are scored only against the ``fresh`` columns (new models, changed features)
-    and merged with their list. Every other row (new, changed, or whose list held a model that
-    is gone or changed) is computed against all rows, tiled. Equal to a full recompute; costs
-    (dirty rows x N) + (clean rows x fresh columns) instead of N x N. ``unit`` may be an array
-    or :class:`NpyRows`: memory holds blocks and the fresh rows, never N x d.
+    ``refresh.clean`` rows kept their features, and their known list (``known_indices``/``scores``,
+    in this row order, without the models that are gone or changed) is still the exact top
+    ``refresh.limit`` among the models that kept theirs; they are scored only against the
+    ``fresh`` columns (new models, changed features) and merged with their list, which stays
+    exact to its ``limit``. Every other row (new, changed, or whose list lost too many models)
+    is computed against all rows, tiled, to the full depth. Equal to a full recompute to each
+    row's limit; costs (dirty rows x N) + (clean rows x fresh columns) instead of N x N.
+    ``unit`` may be an array or :class:`NpyRows`: memory holds blocks and the fresh rows.
     """
     known_indices, known_scores, clean, fresh = refresh.known_indices, refresh.known_scores, refresh.clean, \
         refresh.fresh
     n = unit.shape[0]
     first, last = rows if rows is not None else (0, n)
-    kk, indices, scores = _empty_lists(last - first, n, k)
+    kk, indices, scores = _empty_lists(last - first, n, depth)
     if kk <= 0:
         return indices, scores
+    indices[:], scores[:] = -1, -np.inf
     fresh = np.asarray(fresh, dtype=np.int64)
     clean = np.asarray(clean, dtype=bool)
     if clean[first:last].any() and known_indices.shape[1] < kk:
-        raise ValueError(f"the known lists hold {known_indices.shape[1]} neighbours, fewer than k = {kk}")
+        raise ValueError(f"the known lists hold {known_indices.shape[1]} neighbours, fewer than depth {kk}")
     dirty_rows = first + np.flatnonzero(~clean[first:last])
     if len(dirty_rows):
-        indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, k, dirty_rows)
+        indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, kk, dirty_rows)
     fresh = np.sort(fresh)
     tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
     loaded = [np.asarray(unit[tile], dtype=np.float32) for tile in tiles] if len(tiles) == 1 else None
@@ -279,12 +278,20 @@ def refresh_top_k(unit, k: int, refresh: Refresh, rows: tuple[int, int] | None =
         for number, tile in enumerate(tiles):  # the fresh models, a tile at a time, merged into the lists
             rows_of_tile = loaded[number] if loaded is not None else np.asarray(unit[tile], dtype=np.float32)
             candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(kk, len(tile)))
-            merged = np.concatenate([best, tile[candidates]], axis=1)
-            merged_scores = np.concatenate([best_scores, values], axis=1)
-            order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
-            best, best_scores = np.take_along_axis(merged, order, 1), np.take_along_axis(merged_scores, order, 1)
+            best, best_scores = merge_lists(best, best_scores, tile[candidates], values, kk)
+        beyond = np.arange(kk)[None, :] >= refresh.limit[block][:, None]  # past a row's limit nothing is known
+        best, best_scores = np.where(beyond, -1, best), np.where(beyond, -np.inf, best_scores).astype(np.float32)
         indices[block - first], scores[block - first] = _rescore_near_one(unit, block, best, best_scores)
     return indices, scores
+
+
+def merge_lists(best: np.ndarray, best_scores: np.ndarray, candidates: np.ndarray, values: np.ndarray,
+                kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``kk`` best of two candidate lists per row by (-score, index); -1 / -inf pads sort last."""
+    merged = np.concatenate([best, candidates], axis=1)
+    merged_scores = np.concatenate([best_scores, values], axis=1)
+    order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
+    return np.take_along_axis(merged, order, 1), np.take_along_axis(merged_scores, order, 1)
 
 
 @dataclass(frozen=True)
@@ -292,9 +299,10 @@ class Refresh:
     """What :func:`refresh_top_k` needs to work a previous result forward, in the new row order."""
 
     clean: np.ndarray  # bool [n]: the row keeps its known list
-    known_indices: np.ndarray  # int64 [n, k]: the previous list in new positions (clean rows)
-    known_scores: np.ndarray  # float32 [n, k]
+    known_indices: np.ndarray  # int64 [n, depth]: the previous list in new positions, gone ones removed, -1 pads
+    known_scores: np.ndarray  # float32 [n, depth], -inf pads
     fresh: np.ndarray  # int64: the rows whose features are new (new models, changed ones)
+    limit: np.ndarray  # int64 [n]: how deep a clean row's list stays exact once the fresh models are merged
 
     @property
     def dirty(self) -> int:
@@ -308,26 +316,42 @@ class Refresh:
 
 
 def plan_refresh(old_ids: Sequence[str], old_indices: np.ndarray, old_scores: np.ndarray, new_ids: Sequence[str],
-                 changed: set[str], k: int) -> Refresh:
-    """Map a previous top-k (rows ``old_ids``) onto ``new_ids``: a row is clean when its model
-    and every model of its list are still there with the same features (not in ``changed``);
-    the models new to ``new_ids`` and the changed ones are fresh."""
+                 changed: set[str], k: int, depth: int | None = None) -> Refresh:
+    """Map a previous top-``depth`` (rows ``old_ids``, -1 pads allowed) onto ``new_ids``.
+
+    A model that is gone or ``changed`` leaves every list it was in, and what remains of a list
+    is still exact, only shorter (removing models does not reorder the others): a row stays
+    clean while it keeps its model, its features, and at least ``max(k, depth / 2)`` neighbours
+    (or holds every other model that kept its features, when the catalogue is that small), so
+    a deletion dirties a row only once its list has worn down. New and changed models are fresh.
+    """
+    depth = k if depth is None else max(k, depth)
     position = {mid: row for row, mid in enumerate(new_ids)}
     old_to_new = np.array([position.get(mid, -1) if mid not in changed else -1 for mid in old_ids], dtype=np.int64)
-    kk = min(k, len(new_ids) - 1)
-    clean = np.zeros(len(new_ids), dtype=bool)
-    known_indices = np.zeros((len(new_ids), max(kk, 0)), dtype=np.int64)
-    known_scores = np.zeros((len(new_ids), max(kk, 0)), dtype=np.float32)
-    if kk > 0 and old_indices.shape[1] >= kk:
-        old_rows = np.flatnonzero(old_to_new >= 0)
-        mapped = old_to_new[old_indices[old_rows, :kk]]
-        intact = (mapped >= 0).all(axis=1)
-        rows = old_to_new[old_rows[intact]]
-        clean[rows] = True
-        known_indices[rows], known_scores[rows] = mapped[intact], old_scores[old_rows[intact], :kk]
+    n = len(new_ids)
+    kk = min(depth, n - 1)
     old = set(old_ids)
     fresh = np.array([row for row, mid in enumerate(new_ids) if mid not in old or mid in changed], dtype=np.int64)
-    return Refresh(clean, known_indices, known_scores, fresh)
+    clean = np.zeros(n, dtype=bool)
+    limit = np.zeros(n, dtype=np.int64)
+    known_indices = np.full((n, max(kk, 0)), -1, dtype=np.int64)
+    known_scores = np.full((n, max(kk, 0)), -np.inf, dtype=np.float32)
+    if kk > 0 and old_indices.shape[1] > 0:
+        old_rows = np.flatnonzero(old_to_new >= 0)
+        listed = old_indices[old_rows]
+        mapped = np.where(listed >= 0, old_to_new[np.maximum(listed, 0)], -1)
+        order = np.argsort(mapped < 0, axis=1, kind="stable")[:, :kk]  # what remains, in its order, then pads
+        mapped = np.take_along_axis(mapped, order, 1)
+        mapped_scores = np.where(mapped >= 0, np.take_along_axis(old_scores[old_rows], order, 1), -np.inf)
+        width = mapped.shape[1]
+        remaining = (mapped >= 0).sum(axis=1)
+        complete = remaining >= n - len(fresh) - 1  # every other model that kept its features is listed
+        keep = complete | (remaining >= min(kk, max(k, -(-depth // 2))))
+        rows = old_to_new[old_rows[keep]]
+        clean[rows] = True
+        limit[rows] = np.where(complete[keep], kk, remaining[keep])
+        known_indices[rows, :width], known_scores[rows, :width] = mapped[keep], mapped_scores[keep]
+    return Refresh(clean, known_indices, known_scores, fresh, limit)
 
 
 def reduce_dimensions(features: np.ndarray, dim: int, seed: int = 0, power_iterations: int = 2) -> np.ndarray:

@@ -9,10 +9,9 @@ A third method is a third source: a ``rows`` that writes its embedding and an ``
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import hashlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,7 +34,7 @@ from recsketch.errors import RecsketchError
 from recsketch.evaluation import Likes
 from recsketch.features.chunks import ChunkStore, Gathered, NpyFileRows, RowSink
 from recsketch.features.keys import backbone_key
-from recsketch.hybrid import fit_als, write_embedding
+from recsketch.hybrid import BlendedRows, bounded_top_k, fit_als, stream_factors
 from recsketch.resources import limit_threads
 from recsketch.similarity import NpyRows, Refresh, plan_refresh, reduce_measured, refresh_top_k, top_k_tiled
 from recsketch.stages.common import Progress, chunk_plan_if_any, log, run_likes, sweep
@@ -51,6 +50,7 @@ class Rows:
     detail: str = ""
     recall_at_k: float | None = None
     refresh: Refresh | None = None
+    bounded: bool = False  # hybrid: bounded by the exact visual lists (PlanMode.BOUNDED)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,10 @@ class Source(Protocol):
 
     def identity(self, settings: Settings, folder: Location, mids: list[str]) -> tuple[str, list[str]]:
         """(backbone key, thumbnail versions of ``mids``) that the merged lists are stamped with."""
+
+    def shard(self, settings: Settings, folder: Location, plan: SimilarityPlan, first: int,
+              last: int) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+        """(indices, scores, what the shard's summary adds) of rows first..last of the plan."""
 
     def publish(self, settings: Settings, folder: Location, topk: TopK, exact: bool) -> None:
         """Store the run's lists (and whatever the method keeps beyond the run)."""
@@ -112,7 +116,7 @@ def plan_neighbours(settings: Settings, folder: Location, progress: Progress = l
             return []
         refresh = planned.refresh
         shards = row_shards(settings, len(planned.mids), None if refresh is None else refresh.cost * len(planned.mids))
-        mode = PlanMode.FULL if refresh is None else PlanMode.INCREMENTAL
+        mode = PlanMode.INCREMENTAL if refresh is not None else PlanMode.BOUNDED if planned.bounded else PlanMode.FULL
         plan = SimilarityPlan(mode, planned.mids, planned.recall_at_k, shards, method, planned.detail)
         if refresh is not None:
             plan.write_refresh(folder, refresh)
@@ -135,23 +139,12 @@ def shard_neighbours(settings: Settings, folder: Location, shard: str, progress:
         raise RecsketchError(f"rows {shard} are not a shard of the {method} plan in {folder}")
     started = time.monotonic()
     limit_threads(settings.effective_threads)
-    features = plan.features_path(folder)
-    with storage.local_copy(features) as path:
-        unit = NpyRows(path)  # blocks read on demand and freed: RSS holds a block, not the file
-        try:
-            if unit.shape[0] != len(order):
-                raise RecsketchError(f"{features} has {unit.shape[0]} rows, the plan {len(order)}: "
-                                     f"run plan_{plan.name} again")
-            if plan.mode is PlanMode.INCREMENTAL:  # the last result worked forward, this block of rows
-                indices, scores = refresh_top_k(unit, settings.top_k, plan.read_refresh(folder), rows=(first, last))
-            else:
-                indices, scores = top_k_tiled(unit, settings.top_k, (first, last))
-        finally:
-            unit.close()
+    indices, scores, extra = SOURCES[method].shard(settings, folder, plan, first, last)
     plan.write_shard(folder, first, last, indices, scores)
+    said = "".join(f", {key} {value}" for key, value in extra.items())
     progress(f"{plan.name} shard {shard}: {last - first} rows x {len(order)} models "
-             f"in {time.monotonic() - started:.1f}s")
-    return {"shard": shard, "rows": last - first}
+             f"in {time.monotonic() - started:.1f}s{said}")
+    return {"shard": shard, "rows": last - first, **extra}
 
 
 def merge_neighbours(settings: Settings, folder: Location, progress: Progress = log.info, *,
@@ -179,9 +172,24 @@ def merge_neighbours(settings: Settings, folder: Location, progress: Progress = 
     return {**summary, **source.summary(folder)}
 
 
+def visual_depth(settings: Settings) -> int:
+    """How deep the exact visual lists are kept (served: the first ``top_k``): PCA lists are
+    approximate and never worked forward, so they are made only as deep as served."""
+    return settings.top_k if settings.pca_dim else max(settings.top_k, settings.neighbour_depth)
+
+
+def _rows_of(path: Path, order: list[str], features: Location) -> NpyRows:
+    unit = NpyRows(path)  # blocks read on demand and freed: RSS holds a block, not the file
+    if unit.shape[0] != len(order):
+        unit.close()
+        raise RecsketchError(f"{features} has {unit.shape[0]} rows, the plan {len(order)}: run the plan again")
+    return unit
+
+
 class VisualSource:
     """The pictures: the run's unit features from the chunks. While the backbone's last exact
-    result can be worked forward for less than a full pass costs, it is (``_incremental``)."""
+    result can be worked forward for less than a full pass costs, it is (``_incremental``).
+    Lists are made to :func:`visual_depth`; the run serves their first ``top_k``."""
 
     method = Method.VISUAL
 
@@ -193,7 +201,7 @@ class VisualSource:
             added = chunk_store.register(chunk_plan.chunks)
             progress(f"similarity: {added} new chunks registered in {chunk_store.manifest_path}")
         sweep(progress, chunk_store.root, folder)
-        previous = None if settings.pca_dim else _reusable_previous(chunk_store, settings.top_k)
+        previous = None if settings.pca_dim else _reusable_previous(chunk_store, visual_depth(settings), progress)
         if previous is not None:
             return _incremental(settings, chunk_store, previous, valid, chunk_plan, scratch, progress)
         sink = NpyFileRows(scratch)
@@ -210,15 +218,38 @@ class VisualSource:
                  f"(measured on {sampled} models against the exact top-{settings.top_k})")
         return Rows(mids, f"PCA {sink.shape[1]}->{reduced.shape[1]}-d", round(recall, 4))
 
+    def shard(self, settings: Settings, folder: Location, plan: SimilarityPlan, first: int,
+              last: int) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+        """Rows first..last against every model (or the last result worked forward, for these
+        rows), read block by block from the plan's unit rows (copied to local scratch first when
+        the data dir is an object store), in tiles: memory stays a few hundred MB whatever N is."""
+        features = plan.features_path(folder)
+        with storage.local_copy(features) as path:
+            unit = _rows_of(path, plan.ordered_mids(), features)
+            try:
+                if plan.mode is PlanMode.INCREMENTAL:
+                    refresh = plan.read_refresh(folder)
+                    indices, scores = refresh_top_k(unit, visual_depth(settings), refresh, rows=(first, last))
+                else:
+                    indices, scores = top_k_tiled(unit, visual_depth(settings), (first, last))
+            finally:
+                unit.close()
+        return indices, scores, {}
+
     def identity(self, settings: Settings, folder: Location, mids: list[str]) -> tuple[str, list[str]]:
         versions = ValidModels.read(folder).versions
         return backbone_key(settings), [versions.get(m, "") for m in mids]
 
     def publish(self, settings: Settings, folder: Location, topk: TopK, exact: bool) -> None:
-        """The run's lists; and, for exact ones, the backbone's latest, the base of the next
-        incremental run (a PCA result never becomes it)."""
-        TopKStore.for_run(folder).write(topk)
+        """The run's served lists (the first ``top_k`` of ``topk``); and, for exact ones, the
+        whole depth: the run's (the hybrid's bound reads it) and the backbone's latest, the
+        base of the next incremental run (a PCA result never becomes it)."""
+        served = min(settings.top_k, topk.k)
+        TopKStore.for_run(folder).write(TopK(topk.mids, np.ascontiguousarray(topk.indices[:, :served]),
+                                             np.ascontiguousarray(topk.scores[:, :served]), topk.backbone_key,
+                                             topk.versions))
         if exact:
+            TopKStore.deep_for_run(folder).write(topk)
             TopKStore.latest(ChunkStore(settings.features_dir, topk.backbone_key).root).write(topk)
 
     def summary(self, folder: Location) -> dict[str, object]:
@@ -228,7 +259,11 @@ class VisualSource:
 class HybridSource:
     """The pictures and the likes: ALS item factors of the run's likes blended with the unit
     visual features at the CF weight evaluate tuned (``recsketch.hybrid``), over the models of
-    the visual lists. No lists when evaluate tuned no weight."""
+    the visual lists. No lists when evaluate tuned no weight. The plan writes the N x f
+    factors (cold models' predicted from their pictures); when the run's exact visual lists
+    are deep enough to bound it (``hybrid.bounded_top_k``), a shard computes its rows from them
+    and one scan of the factors; else (PCA lists) a full pass over the blended rows, which are
+    made per tile (``hybrid.BlendedRows``) and never written."""
 
     method = Method.HYBRID
 
@@ -246,17 +281,51 @@ class HybridSource:
         del matrix
         progress(f"hybrid: ALS factors for {len(visual.mids)} models ({int(liked.sum())} liked) "
                  f"in {time.monotonic() - started:.1f}s")
-        with visual_unit_rows(settings, folder, visual) as source:
-            unit = NpyRows(source)
-            sink = NpyFileRows(scratch)
+        location = visual_rows(settings, folder, visual, progress)
+        with storage.local_copy(location) as path:
+            unit = _rows_of(path, visual.mids, location)
             try:
-                write_embedding(unit, item_factors, liked, weight, sink)
+                factors = stream_factors(unit, item_factors, liked)
             finally:
                 unit.close()
-                sink.close()
-        progress(f"hybrid: {len(visual.mids)} models embedded (CF weight {weight}, {int((~liked).sum())} without "
-                 f"likes given predicted factors) in {time.monotonic() - started:.1f}s")
-        return Rows(visual.mids, f"CF weight {weight}")
+        with scratch.open("wb") as handle:
+            np.save(handle, factors, allow_pickle=False)
+        deep = TopKStore.deep_for_run(folder).read()
+        bounded = deep is not None and deep.mids == visual.mids
+        progress(f"hybrid: {len(visual.mids)} models' factors ready (CF weight {weight}, {int((~liked).sum())} "
+                 f"without likes given predicted factors) in {time.monotonic() - started:.1f}s; "
+                 + (f"bounded by the exact visual top-{deep.k}" if bounded and deep is not None
+                    else "the visual lists are approximate (PCA): a full blended pass"))
+        detail = f"CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
+        return Rows(visual.mids, detail, bounded=bounded)
+
+    def shard(self, settings: Settings, folder: Location, plan: SimilarityPlan, first: int,
+              last: int) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+        weight = EvaluationReport.require(folder).cf_weight
+        if weight is None:
+            raise RecsketchError(f"the evaluation in {folder} tuned no CF weight: run evaluate and plan_hybrid again")
+        visual = TopKStore.for_run(folder).require("similarity")
+        order = plan.ordered_mids()
+        if order != visual.mids:
+            raise RecsketchError(f"the hybrid plan in {folder} is for other models than the visual neighbours: "
+                                 "run plan_hybrid again")
+        features = plan.features_path(folder)
+        with storage.local_copy(features) as path:
+            factors = np.load(path)
+        location = visual_rows(settings, folder, visual, None)
+        with storage.local_copy(location) as path:
+            unit = _rows_of(path, order, location)
+            try:
+                if plan.mode is PlanMode.BOUNDED:
+                    deep = TopKStore.deep_for_run(folder).require("similarity")
+                    result = bounded_top_k(unit, factors, deep.indices[first:last], deep.scores[first:last],
+                                           (first, last), weight, settings.top_k)
+                    return result.indices, result.scores, {"fallback_rows": result.fallback_rows,
+                                                           "pairs": result.candidates}
+                indices, scores = top_k_tiled(BlendedRows(unit, factors, weight), settings.top_k, (first, last))
+                return indices, scores, {}
+            finally:
+                unit.close()
 
     def identity(self, settings: Settings, folder: Location, mids: list[str]) -> tuple[str, list[str]]:
         visual = TopKStore.for_run(folder).require("similarity")
@@ -295,13 +364,17 @@ def gather_unit_rows(chunk_store: ChunkStore, valid: ValidModels, order: list[st
     return gathered
 
 
-def _reusable_previous(chunk_store: ChunkStore, k: int) -> TopK | None:
+def _reusable_previous(chunk_store: ChunkStore, depth: int, progress: Progress) -> TopK | None:
     """The backbone's last exact result, if the next one can be worked into it: same backbone
-    key and k, and lists as long as this run's will be."""
+    key, and lists as deep as this run keeps them (or as deep as that catalogue allowed)."""
     previous = TopKStore.latest(chunk_store.root).read()
     if previous is None or previous.backbone_key != chunk_store.backbone_key:
         return None
-    if previous.k != k or len(previous.mids) < 2 or len(previous.versions) != len(previous.mids):
+    if len(previous.mids) < 2 or len(previous.versions) != len(previous.mids):
+        return None
+    if previous.k != min(depth, len(previous.mids) - 1):
+        progress(f"similarity: the last exact lists are {previous.k} deep, this run keeps {depth} "
+                 "(RECSKETCH_NEIGHBOUR_DEPTH, RECSKETCH_TOP_K): a full pass")
         return None
     return previous
 
@@ -312,9 +385,10 @@ FULL_PASS_SHARE = 1.0  # a refresh that computes as much as a full pass runs as 
 def _incremental(settings: Settings, chunk_store: ChunkStore, previous: TopK, valid: ValidModels,
                  chunk_plan: ChunkPlan | None, scratch: Path, progress: Progress) -> Rows | Done:
     """The previous exact result worked forward (``similarity.refresh_top_k``): new models and
-    changed thumbnails are computed against all, as is every row whose list held a model that
-    is gone (deleted, below the threshold) or changed; every other row keeps its list, merged
-    with the new and changed models. The unit rows stream into ``scratch`` (memory holds a
+    changed thumbnails are computed against all; a model that is gone (deleted, below the
+    threshold) or changed leaves the lists it was in, which stay exact, only shorter, and a row
+    whose list wore down past half its depth is computed against all too; every other row keeps
+    its list, merged with the new and changed models. The unit rows stream into ``scratch`` (memory holds a
     chunk, then blocks); a refresh of more than one shard's work is planned as shards, one that
     costs as much as a full pass becomes one (over the same rows)."""
     old_version = dict(zip(previous.mids, previous.versions, strict=True))
@@ -331,7 +405,8 @@ def _incremental(settings: Settings, chunk_store: ChunkStore, previous: TopK, va
     stable = [mid for mid in order if mid in old_version and mid not in changed]
     if len(stable) == len(previous.mids) == len(order):  # nothing gone or changed, no new model with features
         return Done(PlanMode.UNCHANGED, "reused; the new models have no features", previous)
-    refresh = plan_refresh(previous.mids, previous.indices, previous.scores, order, changed, settings.top_k)
+    depth = visual_depth(settings)
+    refresh = plan_refresh(previous.mids, previous.indices, previous.scores, order, changed, settings.top_k, depth)
     gone = len(previous.mids) - len(stable) - len(changed)
     detail = f"{len(order) - len(stable) - len(changed)} new x {len(order)}"
     if changed or gone:
@@ -345,25 +420,29 @@ def _incremental(settings: Settings, chunk_store: ChunkStore, previous: TopK, va
         return Rows(order, detail, refresh=refresh)
     unit = NpyRows(scratch)
     try:
-        indices, scores = refresh_top_k(unit, settings.top_k, refresh)
+        indices, scores = refresh_top_k(unit, depth, refresh)
     finally:
         unit.close()
     topk = TopK(order, indices, scores, chunk_store.backbone_key, [valid.versions[m] for m in order])
     return Done(PlanMode.INCREMENTAL, detail, topk, rows_written=True)
 
 
-@contextlib.contextmanager
-def visual_unit_rows(settings: Settings, folder: Location, visual: TopK) -> Iterator[Path]:
-    """The run's unit visual features in ``visual.mids`` order, as a local ``.npy``: the visual
-    plan's features file when the run wrote one at full dimension (full and incremental runs),
-    else gathered from the chunks (reused and PCA runs)."""
+def visual_rows(settings: Settings, folder: Location, visual: TopK, progress: Progress | None) -> Location:
+    """The run's unit visual features in ``visual.mids`` order, where every hybrid task reads
+    them: the visual plan's features file when the run wrote one at full dimension (full and
+    incremental runs), else ``hybrid-visual-<digest>.npy``, gathered from the chunks once
+    (``progress`` given: the plan task) for the models and versions of the lists."""
     plan = SimilarityPlan.read(folder)
     if plan.mids == visual.mids and not plan.reduced:  # a plan that names its models wrote their rows
-        with storage.local_copy(plan.features_path(folder)) as path:
-            yield path
-        return
+        return plan.features_path(folder)
     versions = (dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions
                 else dict.fromkeys(visual.mids, ""))
+    named = hashlib.sha1("\n".join(f"{m} {versions[m]}" for m in visual.mids).encode()).hexdigest()[:12]
+    location = folder / f"{Method.HYBRID.file_name}-visual-{named}.npy"
+    if progress is None or location.exists():
+        if not location.exists():
+            raise RecsketchError(f"{location} is missing: run plan_hybrid again")
+        return location
     with storage.scratch_file(folder, "hybrid-visual.npy") as scratch:
         sink = NpyFileRows(scratch)
         try:
@@ -374,7 +453,9 @@ def visual_unit_rows(settings: Settings, folder: Location, visual: TopK) -> Iter
         if gathered.mids != visual.mids:
             raise RecsketchError(f"the features of {len(gathered.mids)} models were found for {len(visual.mids)} "
                                  "neighbour lists: run similarity again")
-        yield scratch
+        storage.put_file(scratch, location)
+    progress(f"hybrid: the visual rows of {len(visual.mids)} models gathered into {location}")
+    return location
 
 
 # the tasks of the registry: the one job bound to a method

@@ -247,7 +247,20 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
             hybrid_shard_stage(settings, folder, shard)
         summary = merge_hybrid_stage(settings, folder)
         assert summary["models"] == len(mids) and summary["shards"] == 5
+        plan = SimilarityPlan.read(folder, "hybrid")  # bounded by the visual lists: no blended pass
+        assert plan.mode == "bounded" and "visual depth 100" in plan.label, plan.label
+        assert np.load(plan.features_path(folder)).shape == (len(mids), 64)  # the factors, not N x (d + 64)
         results.append(TopKStore.for_run(folder, "hybrid").require("hybrid"))
+    pca = settings.with_overrides(pca_dim=6)  # approximate visual lists bound nothing: the full blended pass
+    folder = run_dir(pca, "pca")
+    threshold_stage(pca, folder)
+    similarity_stage(pca, folder)
+    evaluate_stage(pca, folder)
+    for shard in plan_hybrid_stage(pca, folder):
+        hybrid_shard_stage(pca, folder, shard)
+    merge_hybrid_stage(pca, folder)
+    assert SimilarityPlan.read(folder, "hybrid").mode == "full"
+    results.append(TopKStore.for_run(folder, "hybrid").require("hybrid"))
     weight = json.loads((run_dir(settings, "full") / "evaluation.json").read_text())["hybrid"]["cf_weight"]
     visual = TopKStore.for_run(run_dir(settings, "full")).require("similarity")
     order = [mids.index(mid) for mid in visual.mids]

@@ -160,3 +160,34 @@ def test_refresh_equals_a_full_recompute(added: int, changed: int, gone: int, tm
         rows.close()
     assert (np.concatenate([p[0] for p in parts]) == full_indices).all()
     assert np.abs(np.concatenate([p[1] for p in parts]) - full_scores).max() <= 1e-6
+
+
+def test_deep_lists_lose_gone_models_and_stay_exact_to_their_limit() -> None:
+    """Kept to a depth beyond the served k, a list that loses a deleted or changed model is
+    not recomputed: what remains is the exact top of the rest, merged with the new models, as
+    deep as it still is; only a list worn below half its depth (or k) is computed again."""
+    from recsketch.similarity import normalise, plan_refresh, refresh_top_k, top_k_cosine
+
+    rng = np.random.default_rng(5)
+    ids = [f"m{i:03d}" for i in range(300)]
+    rows = dict(zip(ids, normalise(rng.normal(size=(300, 8))), strict=True))
+    old_indices, old_scores = top_k_cosine(np.stack([rows[m] for m in ids]), 20, normalised=True)
+    gone = set(rng.choice(ids, 6, replace=False).tolist())
+    moved = set(rng.choice(sorted(set(ids) - gone), 3, replace=False).tolist())
+    for mid in moved:
+        rows[mid] = normalise(rng.normal(size=(1, 8)))[0]
+    new_ids = [m for m in ids if m not in gone] + [f"n{i}" for i in range(4)]
+    rows.update({f"n{i}": normalise(rng.normal(size=(1, 8)))[0] for i in range(4)})
+    day = np.stack([rows[m] for m in new_ids]).astype(np.float32)
+    refresh = plan_refresh(ids, old_indices, old_scores, new_ids, moved, k=3, depth=20)
+    touched = np.isin(old_indices, [ids.index(m) for m in gone | moved]).any(axis=1)
+    assert refresh.dirty < 3 + 4 + touched.sum() / 4  # a touched list mostly stays clean
+    indices, scores = refresh_top_k(day, 20, refresh)
+    full_indices, full_scores = top_k_cosine(day, 20, normalised=True)
+    shorter = (indices < 0).any(axis=1)
+    assert shorter.any() and (indices[:, :10] >= 0).all()  # worn lists keep at least half their depth
+    for row in range(len(new_ids)):
+        depth = int((indices[row] >= 0).sum())
+        assert (indices[row, :depth] == full_indices[row, :depth]).all()
+        assert np.abs(scores[row, :depth] - full_scores[row, :depth]).max() <= 1e-6
+        assert (scores[row, depth:] == -np.inf).all()

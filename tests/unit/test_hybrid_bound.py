@@ -1,0 +1,72 @@
+"""The hybrid lists from the exact visual lists and one scan of the CF factors
+(``hybrid.bounded_top_k``) equal the full blended pass, whatever the weight, the depth of the
+visual lists, how many rows fall back to a full row, or how short a worn list is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recsketch.hybrid import BlendedRows, bounded_top_k, hybrid_embedding
+from recsketch.similarity import normalise, top_k_cosine, top_k_tiled
+
+
+def catalogue(seed: int, n: int = 600, d: int = 24, f: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit visual features and unit CF factors that cluster otherwise."""
+    rng = np.random.default_rng(seed)
+    visual = normalise(rng.normal(size=(12, d))[rng.integers(12, size=n)] + 0.6 * rng.normal(size=(n, d)))
+    taste = normalise(rng.normal(size=(6, f))[rng.integers(6, size=n)] + 0.8 * rng.normal(size=(n, f)))
+    visual[1] = visual[0]  # identical pictures and tastes: a tie at exactly 1.0
+    taste[1] = taste[0]
+    return visual.astype(np.float32), taste.astype(np.float32)
+
+
+def assert_same_lists(unit: np.ndarray, factors: np.ndarray, w: float, rows: np.ndarray, indices: np.ndarray,
+                      scores: np.ndarray, exact_indices: np.ndarray, exact_scores: np.ndarray) -> None:
+    """Rank by rank the same scores within 1e-6; where the models differ, float32 rounding
+    ordered a near-tie otherwise: the model listed scores (in float64) what the exact one does."""
+    assert np.abs(scores - exact_scores).max() <= 1e-6
+    blended = hybrid_embedding(unit, factors, w).astype(np.float64)
+    differ_rows, differ_ranks = np.nonzero(indices != exact_indices)
+    for row, rank in zip(differ_rows, differ_ranks, strict=True):
+        ours = blended[rows[row]] @ blended[indices[row, rank]]
+        assert abs(ours - exact_scores[row, rank]) <= 2e-6, (row, rank)
+    assert len(differ_rows) <= 0.002 * indices.size
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("w", [0.0, 0.2, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("depth", [10, 40])
+def test_bounded_equals_the_blended_full_pass(seed: int, w: float, depth: int) -> None:
+    unit, factors = catalogue(seed)
+    visual_indices, visual_scores = top_k_cosine(unit, depth, normalised=True)
+    exact_indices, exact_scores = top_k_cosine(hybrid_embedding(unit, factors, w), 5, normalised=True)
+    result = bounded_top_k(unit, factors, visual_indices[100:400], visual_scores[100:400], (100, 400), w, 5,
+                           query_block=64, candidate_block=97, max_candidates=60, pair_budget=500)
+    assert_same_lists(unit, factors, w, np.arange(100, 400), result.indices, result.scores,
+                      exact_indices[100:400], exact_scores[100:400])
+    if depth == 40 and w <= 0.5:  # deep enough lists settle most rows: not a full pass in disguise
+        assert result.fallback_rows < 100, result.fallback_rows
+    assert result.indices[0, 0] != 100
+
+
+def test_rows_the_bound_cannot_settle_and_worn_lists_are_computed_in_full() -> None:
+    unit, factors = catalogue(7)
+    visual_indices, visual_scores = top_k_cosine(unit, 30, normalised=True)
+    visual_indices[::3, 12:], visual_scores[::3, 12:] = -1, -np.inf  # lists worn by deletions: shorter
+    visual_indices[1::5, 3:], visual_scores[1::5, 3:] = -1, -np.inf  # shorter than k: no bound at all
+    exact_indices, exact_scores = top_k_cosine(hybrid_embedding(unit, factors, 0.5), 5, normalised=True)
+    for cap in (0, 5, None):
+        result = bounded_top_k(unit, factors, visual_indices, visual_scores, (0, len(unit)), 0.5, 5,
+                               max_candidates=cap)
+        assert_same_lists(unit, factors, 0.5, np.arange(len(unit)), result.indices, result.scores,
+                          exact_indices, exact_scores)
+        assert result.fallback_rows >= len(unit) // 5
+    assert result.candidates > 0
+
+
+def test_blended_rows_read_as_the_written_embedding_would() -> None:
+    unit, factors = catalogue(3, n=90)
+    exact = top_k_cosine(hybrid_embedding(unit, factors, 0.3), 4, normalised=True)
+    tiled = top_k_tiled(BlendedRows(unit, factors, 0.3), 4, (0, 90), query_block=16, candidate_block=20)
+    assert (tiled[0] == exact[0]).mean() > 0.99 and np.abs(tiled[1] - exact[1]).max() <= 1e-6
