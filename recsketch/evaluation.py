@@ -27,18 +27,20 @@ evaluated users (at most ``max_users``, sampled with the seed).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 from recsketch.contracts import PRIMARY_METRIC  # noqa: F401  (what the gate compares, re-exported)
-from recsketch.hybrid import DEFAULT_RIDGE, complete_factors, fit_als, hybrid_embedding
+from recsketch.hybrid import DEFAULT_RIDGE, fit_als, stream_factors
 from recsketch.similarity import largest, normalise
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ KS = (10, 20)
 USER_BLOCK = 1024
 HYBRID_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 
-Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (users, candidate items) -> scores [users, items]
+Scorer = Callable[[np.ndarray, slice], Any]  # (users, a contiguous item range) -> scores [users, items]
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,40 @@ def split_likes(likes: Likes, config: EvaluationConfig) -> Split:
     return Split(warm.matrix(~held), warm.matrix(held), cold, likes.matrix(is_cold), info)
 
 
+ITEM_BLOCK = 32_768  # models scored per step: a user block's scores are USER_BLOCK x ITEM_BLOCK floats
+
+
 def top_columns(scores: np.ndarray, kk: int) -> np.ndarray:
     """Each row's ``kk`` best columns, best first (``similarity.largest``: torch.topk where
     installed, several times faster than argpartition on these user x model blocks)."""
     return largest(scores, kk, ordered=True)[0]
+
+
+class RunningTop:
+    """Each user's ``kk`` best items over item blocks seen one at a time: memory holds a block's
+    scores and the lists, never users x N."""
+
+    def __init__(self, users: int, kk: int) -> None:
+        self.kk = kk
+        self.items = np.zeros((users, 0), dtype=np.int64)
+        self.values = np.zeros((users, 0), dtype=np.float32)
+
+    def add(self, scores: np.ndarray, first_item: int) -> None:
+        take = min(self.kk, scores.shape[1])
+        if take <= 0:
+            return
+        items, values = largest(scores, take)
+        merged = np.concatenate([self.items, items + first_item], axis=1)
+        merged_values = np.concatenate([self.values, values.astype(np.float32)], axis=1)
+        if merged.shape[1] > self.kk:
+            keep, merged_values = largest(merged_values, self.kk)
+            merged = np.take_along_axis(merged, keep, axis=1)
+        self.items, self.values = merged, merged_values
+
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items, values), best first."""
+        order = np.argsort(-self.values, axis=1, kind="stable")
+        return np.take_along_axis(self.items, order, 1), np.take_along_axis(self.values, order, 1)
 
 
 class _Accumulator:
@@ -145,12 +177,15 @@ class _Accumulator:
         self.shown = {k: np.zeros(n_candidates, dtype=bool) for k in ks}
         self.discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
 
-    def add(self, scores: np.ndarray, truth: sparse.csr_matrix) -> None:
-        """``scores`` [users, candidates] (excluded cells at -inf), ``truth`` the same shape."""
-        kk = min(max(self.ks), scores.shape[1])
-        best = top_columns(scores, kk)
+    def add(self, best: np.ndarray, truth: sparse.csr_matrix) -> None:
+        """``best`` [users, kk]: each user's ranked candidate positions (-1: nothing there),
+        ``truth`` [users, candidates]: their held-out likes."""
+        kk = best.shape[1]
         relevant = np.diff(truth.indptr)
-        hit = np.take_along_axis(truth.toarray() > 0, best, axis=1)  # a block of bools: cheap
+        rows, cols = truth.nonzero()
+        width = truth.shape[1]
+        users = np.repeat(np.arange(best.shape[0]), kk).reshape(best.shape)
+        hit = (best >= 0) & np.isin(users * width + best, rows.astype(np.int64) * width + cols)
         for k in self.ks:
             hits = hit[:, :k].sum(axis=1)
             self.totals[f"precision@{k}"] += float((hits / k).sum())
@@ -158,7 +193,8 @@ class _Accumulator:
             dcg = (hit[:, :k] * self.discounts[:min(k, kk)]).sum(axis=1)
             ideal = np.cumsum(self.discounts[:k])[np.clip(relevant, 1, k) - 1]
             self.totals[f"ndcg@{k}"] += float((dcg / ideal).sum())
-            self.shown[k][np.unique(best[:, :k])] = True
+            shown = best[:, :k]
+            self.shown[k][np.unique(shown[shown >= 0])] = True
         self.users += best.shape[0]
 
     def result(self) -> dict[str, float]:
@@ -169,33 +205,72 @@ class _Accumulator:
         return dict(sorted(result.items(), key=lambda item: (int(item[0].split("@")[1]), item[0])))
 
 
-def _blocks(users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
-            candidates: np.ndarray) -> Iterator[tuple[np.ndarray, sparse.csr_matrix, Callable]]:
-    """(user block, its truth over the candidates, a function masking its excluded cells)."""
-    column = np.full(test.shape[1], -1, dtype=np.int64)
-    column[candidates] = np.arange(len(candidates))
+@dataclass(frozen=True)
+class Candidates:
+    """The models a split ranks among (``positions``: their codes), as the item blocks see them."""
+
+    positions: np.ndarray
+    n_items: int
+
+    @functools.cached_property
+    def allowed(self) -> np.ndarray:
+        allowed = np.zeros(self.n_items, dtype=bool)
+        allowed[self.positions] = True
+        return allowed
+
+    @functools.cached_property
+    def rank_of(self) -> np.ndarray:
+        """Item code -> its position among the candidates (-1: not one)."""
+        rank = np.full(self.n_items, -1, dtype=np.int64)
+        rank[self.positions] = np.arange(len(self.positions))
+        return rank
+
+    def blocks(self, block: int | None = None) -> Iterator[slice]:
+        """Contiguous item ranges that hold candidates (read as slices: one pread each)."""
+        block = block or ITEM_BLOCK
+        for start in range(0, self.n_items, block):
+            if self.allowed[start:start + block].any():
+                yield slice(start, min(self.n_items, start + block))
+
+
+def rank_users(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
+               candidates: Candidates, accumulators: Sequence[_Accumulator] | None = None,
+               ks: Sequence[int] = KS, blend: Sequence[float] | None = None) -> list[_Accumulator]:
+    """Users ranking the candidates, block by block of users and of items with a running
+    top-k; ``exclude`` (their training likes) never counts as a recommendation. ``blend``: the
+    scorer gives two parts (visual, cf) and each weight w ranks ``(1 - w) visual + w cf``."""
+    weights = [None] if blend is None else list(blend)
+    totals = list(accumulators) if accumulators is not None else [_Accumulator(ks, len(candidates.positions))
+                                                                  for _ in weights]
+    kk = min(max(totals[0].ks), len(candidates.positions))
     for start in range(0, len(users), USER_BLOCK):
         block = users[start:start + USER_BLOCK]
-        truth = test[block][:, candidates].tocsr()
-        truth.sort_indices()
-
-        def mask(scores: np.ndarray, block: np.ndarray = block) -> np.ndarray:
-            if exclude is not None:
-                rows, cols = exclude[block].nonzero()
-                cols = column[cols]
-                scores[rows[cols >= 0], cols[cols >= 0]] = -np.inf
-            return scores
-        yield block, truth, mask
+        running = [RunningTop(len(block), kk) for _ in weights]
+        excluded = exclude[block].tocsc() if exclude is not None else None
+        for items in candidates.blocks():
+            parts = scorer(block, items)
+            mask = ~candidates.allowed[items]
+            if excluded is not None:
+                part = excluded[:, items].tocoo()
+            for top, w in zip(running, weights, strict=True):
+                scores = np.array(parts if w is None else (1 - w) * parts[0] + w * parts[1], dtype=np.float32)
+                scores[:, mask] = -np.inf
+                if excluded is not None:
+                    scores[part.row, part.col] = -np.inf
+                top.add(scores, items.start)
+        truth = test[block][:, candidates.positions].tocsr()
+        for top, total in zip(running, totals, strict=True):
+            best, values = top.best()
+            total.add(np.where(np.isfinite(values), candidates.rank_of[best], -1), truth)
+    return totals
 
 
 def rank_metrics(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
                  candidates: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Precision, recall, NDCG and coverage at each k for ``users`` ranking ``candidates``;
-    ``exclude`` (their training likes) never counts as a recommendation."""
-    totals = _Accumulator(ks, len(candidates))
-    for block, truth, mask in _blocks(users, test, exclude, candidates):
-        totals.add(mask(np.array(scorer(block, candidates), dtype=np.float32)), truth)
-    return totals.result()
+    """Precision, recall, NDCG and coverage at each k for ``users`` ranking ``candidates``
+    (item codes); ``scorer(users, items)`` scores a contiguous slice of items."""
+    return rank_users(scorer, users, test, exclude, Candidates(np.asarray(candidates), test.shape[1]),
+                      ks=ks)[0].result()
 
 
 def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -203,16 +278,25 @@ def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.nda
                    iterations=config.iterations, seed=config.seed, threads=config.threads)
 
 
-def _sums(train: sparse.csr_matrix, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A user block's sums of ``rows`` over the models each user liked in ``train``, computed per
-    block: memory holds a block's sums, never every user's (users x d at a million users)."""
-    return lambda users: np.asarray(train[users] @ rows, dtype=np.float32)
+class UserSums:
+    """Each evaluated user's sum of ``rows`` over the models they liked in ``train``, for every
+    user asked for at once, in one pass over ``rows`` (an array or ``NpyRows``) by item blocks:
+    memory holds users x d (at most ``max_users``), never N x d."""
 
+    def __init__(self, train: sparse.csr_matrix, users: np.ndarray, rows, *, unit: bool = False) -> None:
+        users = np.unique(users)
+        liked = train[users].tocsc()
+        sums = np.zeros((len(users), rows.shape[1]), dtype=np.float64)
+        for start in range(0, rows.shape[0], ITEM_BLOCK):
+            stop = min(rows.shape[0], start + ITEM_BLOCK)
+            part = liked[:, start:stop]
+            if part.nnz:
+                sums += part @ np.asarray(rows[start:stop], dtype=np.float32)
+        self.sums = normalise(sums.astype(np.float32), copy=False) if unit else sums.astype(np.float32)
+        self.row_of = {int(user): row for row, user in enumerate(users)}
 
-def _profiles(train: sparse.csr_matrix, unit: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A user's visual profile: the sum of the unit features of the models they liked, normalised."""
-    sums = _sums(train, unit)
-    return lambda users: normalise(sums(users), copy=False)
+    def __call__(self, users: np.ndarray) -> np.ndarray:
+        return self.sums[[self.row_of[int(u)] for u in users]]
 
 
 def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
@@ -224,28 +308,34 @@ def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
     return users
 
 
-def _methods(train: sparse.csr_matrix, unit: np.ndarray | None, config: EvaluationConfig, weight: float | None,
-             als: tuple[np.ndarray, np.ndarray], profiles: Callable[[np.ndarray], np.ndarray] | None
-             ) -> dict[str, Scorer]:
-    """Scorers over every item, trained on ``train`` (``als``: its factors, ``profiles``: its users')."""
+def _methods(train: sparse.csr_matrix, unit, users: np.ndarray, config: EvaluationConfig, weight: float | None,
+             als: tuple[np.ndarray, np.ndarray]) -> dict[str, Scorer]:
+    """Scorers of contiguous item slices, trained on ``train`` (``als``: its factors) for ``users``."""
     rng = np.random.default_rng(config.seed + 1)
     popularity = np.asarray(train.sum(axis=0)).ravel().astype(np.float64)
     user_factors, item_factors = als
     methods: dict[str, Scorer] = {
-        "random": lambda users, items: rng.random((len(users), len(items)), dtype=np.float32),
-        "popularity": lambda users, items: np.broadcast_to(popularity[items], (len(users), len(items))),
+        "random": lambda users, items: rng.random((len(users), items.stop - items.start), dtype=np.float32),
+        "popularity": lambda users, items: np.broadcast_to(popularity[items], (len(users), items.stop - items.start)),
         "cf": lambda users, items: user_factors[users] @ item_factors[items].T,
     }
-    if unit is not None and profiles is not None:
-        methods["visual"] = lambda users, items: profiles(users) @ unit[items].T
+    if unit is not None:
+        profiles = UserSums(train, users, unit, unit=True)
+        methods["visual"] = lambda users, items: profiles(users) @ np.asarray(unit[items], np.float32).T
         if weight is not None:
-            embedding = hybrid_embedding(unit, normalise(item_factors), weight)
-            summed = _sums(train, embedding)  # Σ over liked models of their embedding
-            methods["hybrid"] = lambda users, items: summed(users) @ embedding[items].T
+            methods["hybrid"] = _hybrid_scorer(train, users, unit, normalise(item_factors), weight)
     return methods
 
 
-def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: EvaluationConfig) -> tuple[float, dict]:
+def _hybrid_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np.ndarray, weight: float) -> Scorer:
+    """A user's hybrid score for a model: its summed hybrid similarity to the models they liked,
+    ``(1 - w) Σ visual + w Σ cf``, from the users' sums of each part (the embedding is never built)."""
+    visual, cf = UserSums(train, users, unit), UserSums(train, users, factors)
+    return lambda block, items: ((1 - weight) * (visual(block) @ np.asarray(unit[items], np.float32).T)
+                                 + weight * (cf(block) @ factors[items].T))
+
+
+def tune_hybrid_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig) -> tuple[float, dict]:
     """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on a validation split
     carved out of the training likes (models trained on the rest)."""
     rng = np.random.default_rng(config.seed + 2)
@@ -254,24 +344,24 @@ def tune_hybrid_weight(train: sparse.csr_matrix, unit: np.ndarray, config: Evalu
     inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
     fit, valid = inner.matrix(~held), inner.matrix(held)
     factors = normalise(_fit_als(fit, config)[1])
-    visual_sums, cf_sums = _sums(fit, unit), _sums(fit, factors)
     users = _users_with(valid, fit, config.max_users, rng)
-    items = np.arange(train.shape[1])
-    totals = {w: _Accumulator((10,), len(items)) for w in HYBRID_WEIGHTS}
-    for block, truth, mask in _blocks(users, valid, fit, items):  # both parts once per block, every weight
-        visual = visual_sums(block) @ unit.T
-        cf = cf_sums(block) @ factors.T
-        for w, total in totals.items():
-            total.add(mask((1 - w) * visual + w * cf), truth)
-    by_weight = {w: total.result()["ndcg@10"] for w, total in totals.items()}
+    visual_sums, cf_sums = UserSums(fit, users, unit), UserSums(fit, users, factors)
+
+    def parts(block: np.ndarray, items: slice) -> tuple[np.ndarray, np.ndarray]:  # both once, every weight
+        return visual_sums(block) @ np.asarray(unit[items], np.float32).T, cf_sums(block) @ factors[items].T
+
+    totals = rank_users(parts, users, valid, fit, Candidates(np.arange(train.shape[1]), train.shape[1]),
+                        ks=(10,), blend=HYBRID_WEIGHTS)
+    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
     return best, {"weights": by_weight, "chosen": best}
 
 
-def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | None = None,
+def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
              progress: Callable[[str], None] = log.info) -> dict:
     """Every method on the warm split, and (with features) visual and hybrid on the cold start.
-    ``unit``: L2-normalised features, one row per ``likes.item_ids`` entry (None: likes only)."""
+    ``unit``: L2-normalised features, one row per ``likes.item_ids`` entry (None: likes only), an
+    array or ``NpyRows``: read by item blocks, so memory holds blocks, never N x d."""
     config = config or EvaluationConfig()
     started = time.monotonic()
     if config.threads == 0:
@@ -284,18 +374,17 @@ def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | N
         weight, tuning = tune_hybrid_weight(split.train, unit, config)
         progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']})")
     als = _fit_als(split.train, config)  # once: the warm methods and the cold start share it
-    profiles = _profiles(split.train, unit) if unit is not None else None
-    methods = _methods(split.train, unit, config, weight, als, profiles)
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
+    methods = _methods(split.train, unit, users, config, weight, als)
     results = {name: rank_metrics(scorer, users, split.test, split.train, warm_items, config.ks)
                for name, scorer in methods.items()}
     for name, metrics in results.items():
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
     report: dict = {"k": list(config.ks), "split": {**split.info, "evaluated_users": len(users)},
                     "methods": results}
-    if unit is not None and profiles is not None and len(split.cold_items) >= 2:
-        report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng, als[1], profiles)
+    if unit is not None and len(split.cold_items) >= 2:
+        report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng, als[1])
         for name, metrics in report["cold_start"].items():
             progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
         report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"]}
@@ -303,20 +392,19 @@ def evaluate(likes: Likes, unit: np.ndarray | None, config: EvaluationConfig | N
     return report
 
 
-def _cold_start(split: Split, unit: np.ndarray, config: EvaluationConfig, weight: float, rng: np.random.Generator,
-                item_factors: np.ndarray, profiles: Callable[[np.ndarray], np.ndarray]) -> dict[str, dict[str, float]]:
+def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng: np.random.Generator,
+                item_factors: np.ndarray) -> dict[str, dict[str, float]]:
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid with
     CF factors predicted from the visual embedding (ridge fitted on the warm models)."""
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
-    factors = complete_factors(unit, item_factors, liked, config.ridge)  # the cold models have no likes
-    embedding = hybrid_embedding(unit, factors, weight)
-    summed = _sums(split.train, embedding)
+    factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)  # the cold models have no likes
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
+    profiles = UserSums(split.train, users, unit, unit=True)
     random_rng = np.random.default_rng(config.seed + 4)
     scorers: dict[str, Scorer] = {
-        "random": lambda block, items: random_rng.random((len(block), len(items)), dtype=np.float32),
-        "visual": lambda block, items: profiles(block) @ unit[items].T,
-        "hybrid": lambda block, items: summed(block) @ embedding[items].T,
+        "random": lambda block, items: random_rng.random((len(block), items.stop - items.start), dtype=np.float32),
+        "visual": lambda block, items: profiles(block) @ np.asarray(unit[items], np.float32).T,
+        "hybrid": _hybrid_scorer(split.train, users, unit, factors, weight),
     }
     return {name: rank_metrics(scorer, users, split.cold_test, None, split.cold_items, config.ks)
             for name, scorer in scorers.items()}

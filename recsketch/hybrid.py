@@ -128,18 +128,19 @@ class RidgeFit:
 BLOCK_ROWS = 16_384  # features read per step: 80 MB at 1,280-d
 
 
-def stream_factors(unit, item_factors: np.ndarray, liked: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+def stream_factors(unit, item_factors: np.ndarray, liked: np.ndarray, block_rows: int | None = None,
+                   ridge: float = DEFAULT_RIDGE) -> np.ndarray:
     """:func:`complete_factors` over ``unit`` an array or ``NpyRows``, streamed in row blocks:
     the cold-start map is fitted on the liked models' blocks, then each block's cold models get
     theirs. Memory holds the N x f factors and one block of features, never N x d."""
-    n = unit.shape[0]
-    blocks = [(first, min(n, first + block_rows)) for first in range(0, n, block_rows)]
+    n, step = unit.shape[0], block_rows or BLOCK_ROWS
+    blocks = [(first, min(n, first + step)) for first in range(0, n, step)]
     fit = RidgeFit(unit.shape[1], item_factors.shape[1])
     if not liked.all():  # a map only when some model needs one
         for first, last in blocks:
             keep = liked[first:last]
             fit.add(unit[first:last][keep], normalise(item_factors[first:last][keep]))
-    mapping = fit.solve()
+    mapping = fit.solve(ridge)
     _say_if_sampled(fit)
     out = np.zeros(item_factors.shape, dtype=np.float32)
     for first, last in blocks:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 
 from recsketch.config import Settings
 from recsketch.contracts import PRIMARY_METRIC, EvaluationReport, ValidModels
 from recsketch.errors import RecsketchError
 from recsketch.evaluation import EvaluationConfig, Likes, evaluate
-from recsketch.features.chunks import ChunkStore
+from recsketch.features.chunks import ChunkStore, NpyFileRows
 from recsketch.features.keys import backbone_key
-from recsketch.similarity import normalise
+from recsketch.similarity import NpyRows
 from recsketch.stages.common import Progress, log, run_likes, thresholded_likes
 from recsketch.storage import Location
 
@@ -18,13 +21,25 @@ from recsketch.storage import Location
 def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: Progress = log.info,
                        config: EvaluationConfig | None = None, likes: pd.DataFrame | None = None) -> dict:
     """Every method's offline metrics on thresholded likes (``likes``, else the catalogue's now),
-    over the given models (mid -> thumbnail version) with their features (``recsketch.evaluation``)."""
+    over the given models (mid -> thumbnail version) with their features (``recsketch.evaluation``),
+    streamed into a local file of unit rows and read by blocks: memory never holds N x d."""
     likes = thresholded_likes(settings) if likes is None else likes
-    mids, features, _ = ChunkStore(settings.features_dir, backbone_key(settings)).load_features(versions)
-    if len(mids) < 2:
-        raise RecsketchError(f"only {len(mids)} models have features: nothing to evaluate; run the pipeline first")
+    store = ChunkStore(settings.features_dir, backbone_key(settings))
     config = config or EvaluationConfig(max_users=settings.eval_max_users, threads=settings.effective_threads)
-    return evaluate(Likes.from_frame(likes, mids), normalise(features, copy=False), config, progress)
+    with tempfile.TemporaryDirectory(prefix="recsketch-evaluate-") as scratch:  # local: read by blocks
+        path = Path(scratch) / "unit.npy"
+        sink = NpyFileRows(path)
+        try:
+            mids = store.gather(versions, sorted(versions), sink, unit=True).mids
+        finally:
+            sink.close()
+        if len(mids) < 2:
+            raise RecsketchError(f"only {len(mids)} models have features: nothing to evaluate; run the pipeline first")
+        unit = NpyRows(path)
+        try:
+            return evaluate(Likes.from_frame(likes, mids), unit, config, progress)
+        finally:
+            unit.close()
 
 
 def evaluate_stage(settings: Settings, folder: Location, progress: Progress = log.info,

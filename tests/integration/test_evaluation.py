@@ -307,3 +307,72 @@ def test_a_run_is_measured_on_the_likes_it_was_thresholded_on(tmp_path) -> None:
     store.replace_likes(engine, {mid: half.get(mid, set()) for mid in mids})
     assert len(store.read_likes_frame(engine)) < len(frame)
     assert evaluate_stage(settings, folder) == before
+
+
+def test_evaluate_streams_item_blocks_from_a_file_and_measures_what_it_measured_in_memory(
+        tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The features read block by block from the run's file of unit rows (``NpyRows``) give the
+    report the in-memory matrix gives, with item blocks smaller than the catalogue."""
+    from recsketch import evaluation
+    from recsketch.similarity import NpyRows
+
+    frame, mids, unit = _clustered_catalogue(groups=200, per_group=25, users=1500)
+    config = EvaluationConfig(seed=2, threads=1)
+    in_memory = evaluate(Likes.from_frame(frame, mids), unit, config, progress=lambda _: None)
+    np.save(tmp_path / "unit.npy", unit)
+    monkeypatch.setattr(evaluation, "ITEM_BLOCK", 512)  # ten blocks of models
+    rows = NpyRows(tmp_path / "unit.npy")
+    try:
+        streamed = evaluate(Likes.from_frame(frame, mids), rows, config, progress=lambda _: None)
+    finally:
+        rows.close()
+    for part in ("methods", "cold_start"):
+        for method, metrics in in_memory[part].items():
+            for name, value in metrics.items():  # (random draws its scores block by block: other draws)
+                tolerance = 0.02 if method == "random" else 2e-3
+                assert streamed[part][method][name] == pytest.approx(value, abs=tolerance), (part, method, name)
+    assert streamed["hybrid"]["cf_weight"] == in_memory["hybrid"]["cf_weight"]
+
+
+def test_evaluate_never_holds_the_features(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The evaluation's peak allocation (tracemalloc: numpy's arrays included) grows with the
+    catalogue by far less than its N x d features do: it holds item blocks, the users' sums and
+    the N x f factors, never the features (at a million models they would be 5 GB)."""
+    import tracemalloc
+
+    from recsketch import evaluation, hybrid
+    from recsketch.similarity import NpyRows
+
+    monkeypatch.setattr(evaluation, "ITEM_BLOCK", 4096)
+    monkeypatch.setattr(hybrid, "BLOCK_ROWS", 4096)
+    peaks, sizes = [], []
+    for groups in (300, 900):
+        frame, mids, unit = _clustered_catalogue(groups=groups, per_group=40, users=1500)
+        wide = np.ascontiguousarray(np.repeat(unit, 32, axis=1) / np.sqrt(32), dtype=np.float32)  # 1,024-d
+        np.save(tmp_path / "unit.npy", wide)
+        evaluate(Likes.from_frame(frame, mids[:50]), wide[:50], EvaluationConfig(seed=2, threads=1),
+                 progress=lambda _: None)  # the libraries' imports, before measuring
+        rows = NpyRows(tmp_path / "unit.npy")
+        tracemalloc.start()
+        try:
+            report = evaluate(Likes.from_frame(frame, mids), rows, EvaluationConfig(seed=2, threads=1),
+                              progress=lambda _: None)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+            rows.close()
+        sizes.append(wide.nbytes)
+        assert report["methods"]["visual"]["ndcg@10"] > 3 * report["methods"]["random"]["ndcg@10"]
+    assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)
+
+
+def test_the_running_top_k_equals_one_pass_over_every_item() -> None:
+    from recsketch.evaluation import RunningTop
+
+    scores = np.random.default_rng(4).random((50, 1000)).astype(np.float32)
+    top = RunningTop(50, 20)
+    for start in range(0, 1000, 77):
+        top.add(scores[:, start:start + 77], start)
+    items, values = top.best()
+    assert (items == np.argsort(-scores, axis=1)[:, :20]).all()
+    assert (values == -np.sort(-scores, axis=1)[:, :20]).all()
