@@ -70,11 +70,13 @@ test: venv
 	$(BIN)/mypy
 	$(BIN)/pytest -q -rs
 
-# the long fault suite (~40 min): 20 seeded SIGKILLs per stage, PostgreSQL stopped and
-# unreachable, a full disk, 2-minute API outages per fault mode, 50 clients for 60 s.
+# the long fault suite (~45 min): 20 seeded SIGKILLs per stage, PostgreSQL stopped and
+# unreachable, a full disk, 2-minute API outages per fault mode, 50 clients for 60 s, 30
+# replayed days of changes each checked against a fresh full run.
 # `make test` runs the short variants of the same code.
 faults: venv
 	$(BIN)/python -m tests.fault_suite --kills 20
+	RECSKETCH_REPLAY_DAYS=30 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_replay.py
 	RECSKETCH_TEST_OUTAGE_S=120 $(BIN)/pytest -q -p no:cacheprovider tests/faults/test_service_faults.py
 	$(BIN)/python -m tests.load_suite --clients 50 --seconds 60
 
@@ -86,6 +88,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.load_bench
 	$(BIN)/python -m benchmarks.storage_bench
 	$(BIN)/python -m benchmarks.scale_bench
+	$(BIN)/python -m benchmarks.daily_bench
 	$(BIN)/python -m benchmarks.dag_bench
 	$(BIN)/python -m benchmarks.evaluate_bench
 

@@ -96,6 +96,7 @@ class Settings(BaseModel):
     runtime: Literal["auto", "onnxruntime", "openvino", "torch", "tensorflow"] = "auto"  # inference runtime
     top_k: int = Field(10, ge=1)
     neighbour_depth: int = Field(100, ge=1)  # exact visual neighbours kept per model: the hybrid's bound, deletions
+    hybrid_exact: bool = False  # hybrid rows the bound cannot settle: computed in full (True) or measured (False)
     min_likes: int = Field(5, ge=0)
     chunk_size: int = Field(256, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: the backbone's own fastest batch

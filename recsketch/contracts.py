@@ -359,8 +359,19 @@ class SimilarityPlan:
     def shard_path(self, folder: Location, first: int, last: int) -> Location:
         return folder / f"{self.name}-shard-{self.digest}-{first:09d}-{last:09d}.npz"
 
-    def write_shard(self, folder: Location, first: int, last: int, indices: np.ndarray, scores: np.ndarray) -> None:
-        storage.save_npz(self.shard_path(folder, first, last), indices=indices, scores=scores)
+    def write_shard(self, folder: Location, first: int, last: int, indices: np.ndarray, scores: np.ndarray,
+                    stats: Mapping[str, Any] | None = None) -> None:
+        """A shard's lists, and what it measured (``stats``: counts a merge sums, as JSON)."""
+        storage.save_npz(self.shard_path(folder, first, last), indices=indices, scores=scores,
+                         stats=np.array(json.dumps(dict(stats or {}))))
+
+    def read_shard_stats(self, folder: Location) -> list[dict[str, Any]]:
+        """Each shard's ``stats`` (empty for shards written before they were kept)."""
+        found = []
+        for first, last in self.shards:
+            part = storage.load_npz(self.shard_path(folder, first, last))
+            found.append(json.loads(str(part["stats"])) if "stats" in part else {})
+        return found
 
     def refresh_path(self, folder: Location) -> Location:
         """An incremental plan's refresh (``similarity.Refresh``): which rows keep their lists."""

@@ -84,7 +84,7 @@ class Likes:
         ids = sorted(set(mids)) if item_ids is None else list(item_ids)
         position = pd.Index(ids).get_indexer(mids)
         keep = position >= 0
-        uid_codes, _ = pd.factorize(likes["uid"].astype(str).to_numpy()[keep])
+        uid_codes, _ = pd.factorize(likes["uid"].astype(str).to_numpy()[keep], sort=True)  # not storage order
         pairs = np.unique(np.stack([uid_codes.astype(np.int64), position[keep].astype(np.int64)]), axis=1)
         return cls(pairs[0], pairs[1], ids, int(uid_codes.max()) + 1 if len(uid_codes) else 0)
 

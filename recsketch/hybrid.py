@@ -165,22 +165,36 @@ class BlendedRows:
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
         return hybrid_embedding(self.unit[key], self.factors[key], self.cf_weight)
 
+    def product(self, query: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """``query @ self[start:stop].T`` for blended query rows, as two products over the
+        visual and the factor rows as read: no blended copy of the candidates is made."""
+        d, w = self.unit.shape[1], self.cf_weight
+        visual = np.asarray(self.unit[start:stop], dtype=np.float32)
+        scores = (np.sqrt(1.0 - w) * query[:, :d]).astype(np.float32) @ visual.T
+        scores += (np.sqrt(w) * query[:, d:]).astype(np.float32) @ self.factors[start:stop].T
+        return scores
+
 
 @dataclass(frozen=True)
 class BoundedResult:
     indices: np.ndarray
     scores: np.ndarray
-    fallback_rows: int  # rows the bound could not settle, computed against every model
+    fallback_rows: int  # rows computed against every model (worn lists; in exact mode, every unsettled row)
     candidates: int  # (row, model) pairs scored beyond the visual lists
+    unproven_rows: int = 0  # rows served from their candidates without the bound's proof (measured mode)
+    checked_rows: int = 0  # unproven rows also computed against every model, to measure them
+    checked_recall: float | None = None  # recall@k of the unproven rows' candidate lists on the checked ones
 
 
 EPSILON = 1e-6  # slack on the bound for float32 rounding (the blended full pass rounds otherwise)
+MIN_RECALL = 0.999  # measured mode: below this on the checked rows, every unproven row is computed in full
 
 
 def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_scores: np.ndarray,
-                  rows: tuple[int, int], cf_weight: float, k: int, *, max_candidates: int | None = None,
-                  query_block: int = 2048, candidate_block: int = 32768, pair_budget: int = 8_000_000) -> BoundedResult:
-    """The exact hybrid top-k of rows ``first..last`` without the N x (d + f) blended pass.
+                  rows: tuple[int, int], cf_weight: float, k: int, *, exact: bool = True,
+                  max_candidates: int | None = None, check_rows: int = 20, query_block: int = 2048,
+                  candidate_block: int = 32768, pair_budget: int = 8_000_000) -> BoundedResult:
+    """The hybrid top-k of rows ``first..last`` without the N x (d + f) blended pass.
 
     ``visual_indices``/``visual_scores`` (rows first..last, -1 / -inf pads) are each row's exact
     visual top-D. A model j outside row i's list has visual cosine ``v(i, j) ≤ v_D`` (the list's
@@ -188,11 +202,16 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     With ``s_k`` the k-th best hybrid score among the listed models, j can only enter the top-k
     if ``c(i, j) ≥ τ = (s_k - (1 - w) v_D) / w``: one scan of the f-d factors (f = 64 against the
     blended d + f) finds those j, their visual cosines are read for just those pairs, and the
-    merged list is exact. A row whose τ admits more than ``max_candidates`` models (default
-    N / 100, at least 512) is computed against every model instead (``fallback_rows``).
-    ``unit``: array or ``NpyRows``; memory holds the factors, a query block's tiles and at most
-    ``pair_budget`` pending pairs."""
-    from recsketch.similarity import _empty_lists, top_k_tiled
+    merged list is exact (proven).
+
+    A row whose τ admits more than ``max_candidates`` models (default N / 1000, at least 256:
+    each pair costs ~30 columns of a full row) is not settled by the bound. ``exact``: such rows
+    are computed against every model. Else (measured mode) they are ranked among their visual
+    list and their CF top-``max_candidates``, and ``check_rows`` of them are also computed in
+    full: if the candidates' recall@k on those is below ``MIN_RECALL``, every unproven row is
+    computed in full. A worn list shorter than k is always computed in full. ``unit``: array
+    or ``NpyRows``; memory holds the factors, a query block's tiles and the pending pairs."""
+    from recsketch.similarity import _empty_lists, recall_at_k, top_k_tiled
 
     first, last = rows
     n = len(factors)
@@ -201,35 +220,62 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
         return BoundedResult(indices, scores, 0, 0)
     if cf_weight == 0.0:  # the hybrid is the visual list
         return BoundedResult(visual_indices[:, :kk].copy(), visual_scores[:, :kk].copy(), 0, 0)
-    cap = max(512, n // 100) if max_candidates is None else max_candidates
+    cap = max(256, n // 1000) if max_candidates is None else max_candidates
     factors = np.asarray(factors, dtype=np.float32)
     fallback = np.zeros(last - first, dtype=bool)
+    overflow = np.zeros(last - first, dtype=bool)
     listed_scores = np.full(visual_indices.shape, -np.inf, dtype=np.float32)
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     settled_from, pairs_seen = 0, 0
     for q_first in range(0, last - first, query_block):
         q = slice(q_first, min(last - first, q_first + query_block))
-        pending.append(_scan(factors, visual_indices[q], visual_scores[q], first + q.start, cf_weight, kk, cap,
-                             candidate_block, listed_scores[q], fallback[q]))
-        pending[-1] = (pending[-1][0] + q.start, pending[-1][1], pending[-1][2])
-        pairs_seen += len(pending[-1][0])
+        found = _scan(factors, visual_indices[q], visual_scores[q], first + q.start, cf_weight, kk, cap,
+                      candidate_block, listed_scores[q], fallback[q], overflow[q])
+        pending.append((found[0] + q.start, found[1], found[2]))
+        pairs_seen += len(found[0])
+        over = q.start + np.flatnonzero(overflow[q])
+        if exact:
+            fallback[over] = True
+        elif len(over):  # their CF top-cap joins their candidates (unproven)
+            cf_indices, cf_values = top_k_tiled(factors, cap + visual_indices.shape[1], first + over)
+            owner = np.repeat(over, cf_indices.shape[1])
+            listed = visual_indices[over]
+            seen = np.isin(owner * n + cf_indices.ravel(),
+                           (np.repeat(over, listed.shape[1]) * n + listed.ravel())[listed.ravel() >= 0])
+            pending.append((owner[~seen], cf_indices.ravel()[~seen], cf_values.ravel()[~seen]))
+            pairs_seen += int((~seen).sum())
         if sum(len(part[0]) for part in pending) >= pair_budget or q.stop == last - first:
             pair_rows, pair_cols, pair_cf = (np.concatenate(parts) for parts in zip(*pending, strict=True))
             _settle(unit, factors, cf_weight, kk, first, (settled_from, q.stop), visual_indices, listed_scores,
                     fallback, pair_rows, pair_cols, pair_cf, cap, indices, scores)
             pending, settled_from = [], q.stop
-    if fallback.any():
-        again = np.flatnonzero(fallback)
-        indices[again], scores[again] = top_k_tiled(BlendedRows(unit, factors, cf_weight), kk, first + again)
-    return BoundedResult(indices, scores, int(fallback.sum()), pairs_seen)
+    blended = BlendedRows(unit, factors, cf_weight)
+    unproven = np.flatnonzero(overflow & ~fallback)
+    checked, recall = np.zeros(0, dtype=np.int64), None
+    if len(unproven):
+        checked = unproven[np.linspace(0, len(unproven) - 1, min(check_rows, len(unproven))).astype(np.int64)]
+        exact_indices, exact_scores = top_k_tiled(blended, kk, first + checked)
+        recall = recall_at_k(exact_indices, indices[checked])
+        indices[checked], scores[checked] = exact_indices, exact_scores
+        if recall < MIN_RECALL:
+            log.warning("hybrid: the unproven rows' candidates keep recall@%d = %.4f < %.3f on %d checked rows: "
+                        "all %d computed in full", kk, recall, MIN_RECALL, len(checked), len(unproven))
+            fallback[unproven] = True
+    fallback[checked] = False
+    again = np.flatnonzero(fallback)
+    if len(again):
+        indices[again], scores[again] = top_k_tiled(blended, kk, first + again)
+    still = int((overflow & ~fallback).sum()) - len(checked)
+    return BoundedResult(indices, scores, len(again), pairs_seen, max(0, still), len(checked), recall)
 
 
 def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_first: int, w: float, kk: int, cap: int,
-          candidate_block: int, listed_scores: np.ndarray, fallback: np.ndarray
+          candidate_block: int, listed_scores: np.ndarray, fallback: np.ndarray, overflow: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query block: its listed models' hybrid scores (into ``listed_scores``), its bound τ,
-    and the (row, model, CF cosine) pairs past τ outside the lists, from one scan of the factors;
-    rows past ``cap`` pairs are marked in ``fallback`` and give none."""
+    and the (row, model, CF cosine) pairs past τ outside the lists, from one scan of the factors.
+    Rows whose list is shorter than k are marked in ``fallback``, rows past ``cap`` pairs in
+    ``overflow``; neither gives pairs."""
     n = len(factors)
     valid = listed >= 0
     queries = np.arange(query_first, query_first + len(listed))
@@ -253,18 +299,17 @@ def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_fir
         own = np.flatnonzero((queries >= c_start) & (queries < c_start + tile.shape[1]))
         tile[own, queries[own] - c_start] = -np.inf  # never a model's own neighbour
         hits = tile >= threshold[:, None]
-        hits[fallback] = False
+        hits[fallback | overflow] = False
         over = taken + hits.sum(axis=1) > cap
-        fallback |= over
+        overflow |= over
         hits[over] = False
         hit_rows, hit_cols = np.nonzero(hits)
         taken += np.bincount(hit_rows, minlength=len(taken))
         found_rows.append(hit_rows)
         found_cols.append(hit_cols + c_start)
         found_cf.append(tile[hit_rows, hit_cols])
-    fallback |= taken > cap
     rows, cols, cfs = np.concatenate(found_rows), np.concatenate(found_cols), np.concatenate(found_cf)
-    keep = ~fallback[rows]
+    keep = ~(fallback | overflow)[rows]
     return rows[keep], cols[keep], cfs[keep]
 
 

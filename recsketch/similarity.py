@@ -153,6 +153,7 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
     result is the exact top-k; scores near 1.0 are rescored in float64 as ``top_k_cosine`` does.
     """
     n = unit.shape[0]
+    product = getattr(unit, "product", None)  # rows made on demand may score a tile without being copied
     queries = np.arange(*rows) if isinstance(rows, tuple) else np.asarray(rows, dtype=np.int64)
     kk, indices, scores = _empty_lists(len(queries), n, k)
     if kk <= 0:
@@ -165,7 +166,8 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
         best_scores = np.zeros((len(q_rows), 0), dtype=np.float32)
         for c_start in range(0, n, candidate_block):
             c_stop = min(n, c_start + candidate_block)
-            tile = query @ np.asarray(unit[c_start:c_stop], dtype=np.float32).T
+            tile = (product(query, c_start, c_stop) if product is not None
+                    else query @ np.asarray(unit[c_start:c_stop], dtype=np.float32).T)
             own = np.flatnonzero((q_rows >= c_start) & (q_rows < c_stop))
             tile[own, q_rows[own] - c_start] = -np.inf  # never recommend a model to itself
             take = min(kk, c_stop - c_start)

@@ -136,6 +136,23 @@ class Catalog:
         self.models = [m for m in self.models if m.mid != mid]
         self.by_mid.pop(mid, None)
 
+    def publish(self, model: CatalogModel) -> None:
+        """A model (one this catalogue held, ``remove``d to hold it back) published now."""
+        self.by_mid[model.mid] = model
+        self.models = sorted([*self.models, model], key=lambda m: (m.created_at, m.mid))
+
+    def replace_thumbnail(self, mid: str, image: bytes) -> None:
+        """The model's thumbnail replaced on Sketchfab: a new file, so new image uids."""
+        model = self.by_mid[mid]
+        path = self.folder / "model_thumbs" / f"{mid}_thumb200.jpg"
+        path.write_bytes(image)
+        self._replace(replace(model, thumbnail=path, thumbnail_version=_thumbnail_version(path)))
+
+    def keep_likers(self, mid: str, count: int) -> None:
+        """Likes withdrawn: the model keeps its first ``count`` likers."""
+        model = self.by_mid[mid]
+        self._replace(replace(model, likers=model.likers[:count]))
+
     def _replace(self, model: CatalogModel) -> None:
         self.by_mid[model.mid] = model
         self.models = [model if m.mid == model.mid else m for m in self.models]

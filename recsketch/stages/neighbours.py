@@ -140,7 +140,7 @@ def shard_neighbours(settings: Settings, folder: Location, shard: str, progress:
     started = time.monotonic()
     limit_threads(settings.effective_threads)
     indices, scores, extra = SOURCES[method].shard(settings, folder, plan, first, last)
-    plan.write_shard(folder, first, last, indices, scores)
+    plan.write_shard(folder, first, last, indices, scores, extra)
     said = "".join(f", {key} {value}" for key, value in extra.items())
     progress(f"{plan.name} shard {shard}: {last - first} rows x {len(order)} models "
              f"in {time.monotonic() - started:.1f}s{said}")
@@ -169,6 +169,11 @@ def merge_neighbours(settings: Settings, folder: Location, progress: Progress = 
     summary: dict[str, object] = {"models": len(result.mids), "k": result.k, "mode": plan.label, "shards": shards}
     if plan.recall_at_k is not None:
         summary["recall_at_k"] = plan.recall_at_k
+    if plan.mode is PlanMode.BOUNDED:
+        summary.update(bounded_summary(plan.read_shard_stats(folder), len(result.mids)))
+        progress(f"{plan.name}: {summary['proven']} rows proven by the visual lists' bound, {summary['unproven']} "
+                 f"served unproven (recall@{result.k} {summary['checked_recall']} on {summary['checked']} rows "
+                 f"computed in full to check), {summary['computed_in_full']} computed in full")
     return {**summary, **source.summary(folder)}
 
 
@@ -184,6 +189,15 @@ def _rows_of(path: Path, order: list[str], features: Location) -> NpyRows:
         unit.close()
         raise RecsketchError(f"{features} has {unit.shape[0]} rows, the plan {len(order)}: run the plan again")
     return unit
+
+
+def bounded_summary(stats: list[dict], rows: int) -> dict[str, object]:
+    """The bounded shards' counts summed; the checked recall weighted by the rows checked."""
+    total = {key: sum(int(part.get(key) or 0) for part in stats)
+             for key in ("computed_in_full", "unproven", "checked", "pairs")}
+    recall = sum((part.get("checked_recall") or 0.0) * int(part.get("checked") or 0) for part in stats)
+    total["proven"] = rows - total["computed_in_full"] - total["unproven"] - total["checked"]
+    return {**total, "checked_recall": round(recall / total["checked"], 5) if total["checked"] else None}
 
 
 class VisualSource:
@@ -274,10 +288,14 @@ class HybridSource:
             return Done(PlanMode.NONE, "")
         visual = TopKStore.for_run(folder).require("similarity")
         started = time.monotonic()
-        matrix = Likes.from_frame(run_likes(settings, folder, progress), visual.mids).matrix()
+        canonical = sorted(visual.mids)  # ALS's start depends on the item order: fit in one order, whatever
+        matrix = Likes.from_frame(run_likes(settings, folder, progress), canonical).matrix()  # the lists' order
         limit_threads(settings.effective_threads)
-        _, item_factors = fit_als(matrix, threads=settings.effective_threads)
-        liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
+        _, fitted = fit_als(matrix, threads=settings.effective_threads)
+        position = {mid: row for row, mid in enumerate(canonical)}
+        in_lists_order = np.array([position[mid] for mid in visual.mids], dtype=np.int64)
+        item_factors = fitted[in_lists_order]
+        liked = (np.asarray(matrix.sum(axis=0)).ravel() > 0)[in_lists_order]
         del matrix
         progress(f"hybrid: ALS factors for {len(visual.mids)} models ({int(liked.sum())} liked) "
                  f"in {time.monotonic() - started:.1f}s")
@@ -319,9 +337,11 @@ class HybridSource:
                 if plan.mode is PlanMode.BOUNDED:
                     deep = TopKStore.deep_for_run(folder).require("similarity")
                     result = bounded_top_k(unit, factors, deep.indices[first:last], deep.scores[first:last],
-                                           (first, last), weight, settings.top_k)
-                    return result.indices, result.scores, {"fallback_rows": result.fallback_rows,
-                                                           "pairs": result.candidates}
+                                           (first, last), weight, settings.top_k, exact=settings.hybrid_exact)
+                    return result.indices, result.scores, {
+                        "computed_in_full": result.fallback_rows, "unproven": result.unproven_rows,
+                        "checked": result.checked_rows, "checked_recall": result.checked_recall,
+                        "pairs": result.candidates}
                 indices, scores = top_k_tiled(BlendedRows(unit, factors, weight), settings.top_k, (first, last))
                 return indices, scores, {}
             finally:

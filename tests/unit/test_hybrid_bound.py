@@ -70,3 +70,30 @@ def test_blended_rows_read_as_the_written_embedding_would() -> None:
     exact = top_k_cosine(hybrid_embedding(unit, factors, 0.3), 4, normalised=True)
     tiled = top_k_tiled(BlendedRows(unit, factors, 0.3), 4, (0, 90), query_block=16, candidate_block=20)
     assert (tiled[0] == exact[0]).mean() > 0.99 and np.abs(tiled[1] - exact[1]).max() <= 1e-6
+
+
+def test_measured_mode_serves_unproven_rows_from_their_candidates_only_while_they_measure_up() -> None:
+    """Rows the bound cannot settle are ranked among their visual list and CF top-cap; some of
+    them are computed in full to measure that: a recall below 0.999 sends every unproven row to
+    the full computation (the result is then exact), and the measurement is reported."""
+    from recsketch.similarity import recall_at_k
+
+    unit, factors = catalogue(11, n=800)
+    visual_indices, visual_scores = top_k_cosine(unit, 20, normalised=True)
+    exact_indices, exact_scores = top_k_cosine(hybrid_embedding(unit, factors, 0.6), 5, normalised=True)
+    rows = np.arange(len(unit))
+    generous = bounded_top_k(unit, factors, visual_indices, visual_scores, (0, len(unit)), 0.6, 5, exact=False,
+                             max_candidates=150, check_rows=40)
+    assert generous.unproven_rows > 0 and generous.checked_rows == 40 and generous.checked_recall is not None
+    if generous.checked_recall >= 0.999:  # served from the candidates: near the exact lists, measured
+        assert recall_at_k(exact_indices, generous.indices) >= 0.99
+        assert generous.fallback_rows < len(unit) // 2
+    starved = bounded_top_k(unit, factors, visual_indices, visual_scores, (0, len(unit)), 0.6, 5, exact=False,
+                            max_candidates=1, check_rows=40)
+    assert starved.checked_recall is not None and starved.checked_recall < 0.999
+    assert starved.unproven_rows == 0  # every unproven row was computed in full instead
+    assert_same_lists(unit, factors, 0.6, rows, starved.indices, starved.scores, exact_indices, exact_scores)
+    proven = bounded_top_k(unit, factors, visual_indices, visual_scores, (0, len(unit)), 0.6, 5, exact=True,
+                           max_candidates=1)
+    assert proven.unproven_rows == 0 and proven.checked_recall is None
+    assert_same_lists(unit, factors, 0.6, rows, proven.indices, proven.scores, exact_indices, exact_scores)

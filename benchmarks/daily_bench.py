@@ -1,0 +1,250 @@
+"""A day at a million models (issue 23): what the day's neighbours cost beside a full pass.
+
+The world: N synthetic clustered unit features (1,280-d, a ``.npy`` read by blocks as the
+shards read the run's features file) and 64-d CF factors of clustered tastes; then a day with
+0.1 % change: 1,000 new models, 300 changed thumbnails, 300 deleted, 300 fallen below the
+threshold. A full pass at 1 M models is hours, so every cost is measured on sampled rows and
+scaled, as ``scale_bench`` does, and checked against the exact lists of the same rows:
+
+  visual day   the sampled rows' lists of the day before, worked forward (``plan_refresh`` /
+               ``refresh_top_k``: gone models leave, the fresh ones are merged), plus the rows
+               the day dirties (new and changed models: against every model)
+  visual full  the sampled rows against every model, to the kept depth
+  hybrid day   ``bounded_top_k`` from the sampled rows' exact visual lists and the factors
+  hybrid full  the sampled rows against every model's blended row (``BlendedRows``)
+
+Each part runs in a child process of its own, so its peak RSS is its own (``os.wait4``).
+
+    python -m benchmarks.daily_bench [--models 1000000] [--sample 1000] [--dim 1280]
+
+``--models 100000`` makes a quick run. Goal: the day <= 0.05 x a full pass (visual + hybrid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEPTH, K, CF_WEIGHT, FACTORS = 100, 10, 0.5, 64
+SHARD_ROWS = 50_000  # RECSKETCH_SIMILARITY_SHARD_ROWS: hybrid shards, each checks its unproven rows once
+NEW, CHANGED, GONE = 1000, 300, 600  # gone: 300 deleted + 300 fallen below the threshold (the same to the lists)
+
+
+def layout(models: int) -> dict[str, int]:
+    """The after-day file holds the kept and changed models first (rows [0, kept)), then the new
+    ones; the models gone today were rows [kept, models) of the day before."""
+    kept = models - GONE
+    return {"kept": kept, "after": kept + NEW, "before": models}
+
+
+def clustered(rng: np.random.Generator, centres: np.ndarray, rows: int, noise: float,
+              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(unit rows around centres, their centre) with their own spread (up to ``noise`` x 3):
+    tight groups and loose ones, so that similarity decays down a list as it does in a
+    catalogue. ``labels``: the centre of each row (default: drawn)."""
+    labels = rng.integers(len(centres), size=rows) if labels is None else labels
+    spread = noise * rng.uniform(1.0, 3.0, size=(rows, 1)).astype(np.float32)
+    block = centres[labels] + spread * rng.standard_normal((rows, centres.shape[1]), dtype=np.float32)
+    return (block / np.linalg.norm(block, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def part_world(args: argparse.Namespace, work: Path) -> dict:
+    """after.npy (the day's unit features), gone.npy (the rows gone today), changed.npz (the
+    changed rows and their features of the day before), factors.npy (the day's CF factors)."""
+    sizes = layout(args.models)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((args.models // 200, args.dim), dtype=np.float32)
+    tastes = rng.standard_normal((max(2, args.models // 2000), FACTORS), dtype=np.float32)
+    # tastes follow the pictures (each visual group has a taste, shared with other groups), or not
+    taste_of_group = (rng.integers(len(tastes), size=len(centres)) if args.tastes == "visual" else None)
+    out = np.lib.format.open_memmap(work / "after.npy", mode="w+", dtype=np.float32,
+                                    shape=(sizes["after"], args.dim))
+    groups = np.zeros(sizes["after"], dtype=np.int64)
+    for start in range(0, sizes["after"], 50_000):
+        stop = min(sizes["after"], start + 50_000)
+        out[start:stop], groups[start:stop] = clustered(rng, centres, stop - start, 0.35)
+    out.flush()
+    del out
+    np.save(work / "gone.npy", clustered(rng, centres, GONE, 0.35)[0])
+    changed = np.sort(rng.choice(np.arange(args.sample, sizes["kept"]), CHANGED, replace=False))
+    np.savez(work / "changed.npz", rows=changed, before=clustered(rng, centres, CHANGED, 0.35)[0])
+    labels = None if taste_of_group is None else taste_of_group[groups]
+    np.save(work / "factors.npy", clustered(rng, tastes, sizes["after"], 0.5, labels)[0])
+    return {"bytes": (work / "after.npy").stat().st_size}
+
+
+class BeforeRows:
+    """The day before's unit rows, without writing them: the after-day file's kept rows, with the
+    changed ones at their old features, then the rows gone today."""
+
+    def __init__(self, after, kept: int, changed: np.ndarray, before: np.ndarray, gone: np.ndarray) -> None:
+        self.after, self.kept, self.gone = after, kept, gone
+        self.patch = dict(zip(changed.tolist(), before, strict=True))
+        self.shape = (kept + len(gone), after.shape[1])
+
+    def _patched(self, start: int, stop: int) -> np.ndarray:
+        block = np.array(self.after[start:stop], dtype=np.float32)
+        for row, vector in self.patch.items():
+            if start <= row < stop:
+                block[row - start] = vector
+        return block
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.shape[0])
+            parts = []
+            if start < self.kept:
+                parts.append(self._patched(start, min(stop, self.kept)))
+            if stop > self.kept:
+                parts.append(self.gone[max(0, start - self.kept) : stop - self.kept])
+            return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return np.stack([self[int(row) : int(row) + 1][0] for row in np.asarray(key).ravel()])
+
+
+def part_visual(args: argparse.Namespace, work: Path) -> dict:
+    from recsketch.similarity import NpyRows, Refresh, refresh_top_k, top_k_tiled
+
+    sizes = layout(args.models)
+    after = NpyRows(work / "after.npy")
+    changed = np.load(work / "changed.npz")
+    before = BeforeRows(after, sizes["kept"], changed["rows"], changed["before"], np.load(work / "gone.npy"))
+    sample = (0, args.sample)  # rows that kept their model and features (changed rows lie past the sample)
+    old_indices, old_scores = top_k_tiled(before, DEPTH, sample)  # the day before's exact lists of these rows
+    started = time.perf_counter()
+    exact_indices, exact_scores = top_k_tiled(after, DEPTH, sample)
+    full_seconds = time.perf_counter() - started
+    np.savez(work / "visual-sample.npz", indices=exact_indices, scores=exact_scores)
+    # the refresh of the sampled rows, as plan_refresh maps them: gone and changed models leave
+    gone_or_changed = np.zeros(sizes["before"], dtype=bool)
+    gone_or_changed[sizes["kept"]:] = True
+    gone_or_changed[changed["rows"]] = True
+    listed = np.where(gone_or_changed[old_indices], -1, old_indices)
+    order = np.argsort(listed < 0, axis=1, kind="stable")
+    known = np.take_along_axis(listed, order, 1)
+    known_scores = np.where(known >= 0, np.take_along_axis(old_scores, order, 1), -np.inf).astype(np.float32)
+    remaining = (known >= 0).sum(axis=1)
+    clean = remaining >= max(K, DEPTH // 2)
+    fresh = np.concatenate([changed["rows"], np.arange(sizes["kept"], sizes["after"])])
+    refresh = Refresh(clean, known, known_scores, fresh, remaining)
+    started = time.perf_counter()
+    indices, _ = refresh_top_k(after, DEPTH, refresh, rows=sample)
+    refresh_seconds = time.perf_counter() - started
+    mismatched = 0
+    for row in np.flatnonzero(clean):
+        depth = int(remaining[row])
+        mismatched += int((indices[row, :depth] != exact_indices[row, :depth]).any())
+    dirty_sample = np.arange(sizes["kept"], min(sizes["after"], sizes["kept"] + args.dirty_sample))
+    started = time.perf_counter()
+    top_k_tiled(after, DEPTH, dirty_sample)  # a new model's row: against every model
+    dirty_seconds = time.perf_counter() - started
+    after.close()
+    rows = sizes["after"]
+    dirty_rows = NEW + CHANGED + (1 - clean.mean()) * rows  # new and changed rows, and lists worn down
+    return {"full_hours": full_seconds * rows / args.sample / 3600,
+            "day_hours": (refresh_seconds * rows / args.sample + dirty_seconds * dirty_rows / len(dirty_sample)) / 3600,
+            "clean_share": float(clean.mean()), "mismatched_rows": mismatched, "dirty_rows": int(dirty_rows),
+            "kept_depth_mean": float(remaining.mean())}
+
+
+def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
+    from recsketch.hybrid import BlendedRows, bounded_top_k
+    from recsketch.similarity import NpyRows, recall_at_k, top_k_tiled
+
+    after = NpyRows(work / "after.npy")
+    factors = np.load(work / "factors.npy")
+    visual = np.load(work / "visual-sample.npz")
+    sample = (0, args.sample)
+    started = time.perf_counter()  # per row: the scan, the pairs, the rows computed in full
+    result = bounded_top_k(after, factors, visual["indices"], visual["scores"], sample, CF_WEIGHT, K,
+                           exact=args.exact, check_rows=0)
+    day_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    exact_indices, exact_scores = top_k_tiled(BlendedRows(after, factors, CF_WEIGHT), K, sample)
+    full_seconds = time.perf_counter() - started
+    rows = len(factors)
+    shards = -(-rows // SHARD_ROWS)
+    check_seconds = 0.0
+    if result.unproven_rows:  # per shard, not per row: 20 unproven rows computed in full to measure them
+        started = time.perf_counter()
+        top_k_tiled(BlendedRows(after, factors, CF_WEIGHT), K, np.arange(20))
+        check_seconds = (time.perf_counter() - started) * shards
+    after.close()
+    return {"full_hours": full_seconds * rows / args.sample / 3600,
+            "day_hours": (day_seconds * rows / args.sample + check_seconds) / 3600,
+            "fallback_share": result.fallback_rows / args.sample, "pairs_per_row": result.candidates / args.sample,
+            "unproven_share": result.unproven_rows / args.sample, "check_minutes": check_seconds / 60,
+            "recall": recall_at_k(exact_indices, result.indices),
+            "score_error": float(np.abs(result.scores - exact_scores).max()),
+            "index_agreement": float((result.indices == exact_indices).mean())}
+
+
+def child(part: str, args: argparse.Namespace, work: Path) -> None:
+    print("RESULT " + json.dumps(globals()[f"part_{part}"](args, work)), flush=True)
+
+
+def run_part(part: str, argv: list[str], work: Path) -> dict:
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.daily_bench", *argv, "--child", part,
+                                "--work", str(work)], stdout=subprocess.PIPE, text=True)
+    output = process.stdout.read() if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{part} failed ({status}): {output[-2000:]}")
+    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+    result["peak_rss_gib"] = usage.ru_maxrss / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=1_000_000)
+    parser.add_argument("--sample", type=int, default=1000)
+    parser.add_argument("--dirty-sample", type=int, default=200)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--exact", action="store_true", help="RECSKETCH_HYBRID_EXACT: unproven rows in full")
+    parser.add_argument("--tastes", choices=("visual", "independent"), default="visual",
+                        help="CF tastes that follow the visual groups, or tastes independent of them")
+    parser.add_argument("--child")
+    parser.add_argument("--work", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args, args.work)
+        return
+    argv = ["--models", str(args.models), "--sample", str(args.sample), "--dirty-sample", str(args.dirty_sample),
+            "--dim", str(args.dim), "--tastes", args.tastes, *(["--exact"] if args.exact else [])]
+    print(f"daily benchmark: {args.models:,} models x {args.dim}-d, a day of {NEW:,} new, {CHANGED} changed, "
+          f"{GONE} gone; {args.sample:,} sampled rows; depth {DEPTH}, k {K}, CF weight {CF_WEIGHT}, tastes "
+          f"{args.tastes}{', exact' if args.exact else ''}; "
+          f"{os.cpu_count()} cores", flush=True)
+    with tempfile.TemporaryDirectory(prefix="recsketch-daily-") as tmp:
+        work = Path(tmp)
+        made = run_part("world", argv, work)
+        print(f"  world: {made['bytes'] / 2**30:.1f} GiB of unit features", flush=True)
+        visual = run_part("visual", argv, work)
+        print(f"  visual: day {visual['day_hours'] * 60:.1f} min vs full pass {visual['full_hours']:.2f} h "
+              f"({visual['day_hours'] / visual['full_hours']:.4f}); {visual['clean_share']:.1%} of the sampled rows "
+              f"stay clean (kept depth {visual['kept_depth_mean']:.1f}), {visual['dirty_rows']:,} rows dirty; "
+              f"sampled rows that differ from the exact lists: {visual['mismatched_rows']}; "
+              f"peak RSS {visual['peak_rss_gib']:.2f} GiB (goal <= 4)", flush=True)
+        hybrid = run_part("hybrid", argv, work)
+        print(f"  hybrid: day {hybrid['day_hours'] * 60:.1f} min vs full pass {hybrid['full_hours']:.2f} h "
+              f"({hybrid['day_hours'] / hybrid['full_hours']:.4f}); {hybrid['fallback_share']:.1%} of rows computed "
+              f"in full, {hybrid['unproven_share']:.1%} unproven (their check: {hybrid['check_minutes']:.1f} min), "
+              f"{hybrid['pairs_per_row']:.0f} pairs a row; against the exact lists: recall@{K} {hybrid['recall']:.4f}, "
+              f"max score error {hybrid['score_error']:.1e}, indices agree {hybrid['index_agreement']:.4f}; "
+              f"peak RSS {hybrid['peak_rss_gib']:.2f} GiB (goal <= 4)", flush=True)
+        day = visual["day_hours"] + hybrid["day_hours"]
+        full = visual["full_hours"] + hybrid["full_hours"]
+        print(f"  the day's neighbours: {day * 60:.1f} min vs {full:.2f} h for full passes = {day / full:.4f} "
+              f"(goal <= 0.05)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

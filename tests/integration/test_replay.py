@@ -1,0 +1,102 @@
+"""Days replayed through the local server, each with every kind of change (new models, a replaced
+thumbnail, a deletion, a model whose likes fall below the threshold): every day, what the
+daily run serves (visual and hybrid, worked forward from the day before) equals what a fresh
+full run over the same catalogue serves. ``RECSKETCH_REPLAY_DAYS`` (default 4; ``make faults``
+runs 30) sets how many days."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import select
+
+from recsketch.config import Settings
+from recsketch.db import store
+from recsketch.db.schema import recommendations
+from recsketch.sketchfab.server import Catalog, start_in_thread
+from recsketch.stages import run_pipeline
+
+DAYS = int(os.environ.get("RECSKETCH_REPLAY_DAYS", "4"))
+
+
+def served(settings: Settings) -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """(method, model) -> its served list of (similar model, score), of the live run."""
+    engine = store.connect(settings.resolved_database_url)
+    try:
+        live = store.live_run(engine)
+        assert live is not None
+        with engine.connect() as conn:
+            rows = conn.execute(select(recommendations).where(recommendations.c.run_id == live["run_id"])
+                                .order_by(recommendations.c.method, recommendations.c.mid, recommendations.c.rank))
+            lists: dict[tuple[str, str], list[tuple[str, float]]] = {}
+            for row in rows:
+                lists.setdefault((row.method, row.mid), []).append((row.similar_mid, float(row.score)))
+        return lists
+    finally:
+        engine.dispose()
+
+
+def assert_same_service(daily: dict, fresh: dict, day: int) -> None:
+    assert daily.keys() == fresh.keys(), (day, sorted(set(daily) ^ set(fresh))[:5])
+    for key, expected in fresh.items():
+        got = daily[key]
+        assert [s for _, s in got] == [pytest_approx(s) for _, s in expected], (day, key, got, expected)
+        ties = {round(s, 5) for _, s in expected}
+        if len(ties) == len(expected):  # no two equal scores: the same models in the same order
+            assert [m for m, _ in got] == [m for m, _ in expected], (day, key, got, expected)
+        else:
+            assert {m for m, _ in got} <= {m for m, _ in expected} | {m for m, s in got
+                                                                       if round(s, 5) == round(expected[-1][1], 5)}
+
+
+def pytest_approx(value: float):  # type: ignore[no-untyped-def]
+    import pytest
+
+    return pytest.approx(value, abs=1e-5)
+
+
+def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, folder)
+    catalog = Catalog(folder)
+    rng = random.Random(23)
+    pool = sorted(m.mid for m in catalog.models if m.thumbnail is not None and len(m.likers) >= 5)
+    rng.shuffle(pool)
+    held_back = [catalog.by_mid[mid] for mid in pool[: 2 * DAYS]]  # published one day after another
+    for model in held_back:
+        catalog.remove(model.mid)
+    server = start_in_thread(catalog)
+    modes = []
+    try:
+        base = dict(sketchfab_url=server.url, runtime="torch", top_k=3, http_retries=1, gate_min_ratio=0.0)
+        daily = Settings(data_dir=tmp_path / "data", **base)
+        for day in range(1, DAYS + 1):
+            if day > 1:
+                for model in held_back[2 * (day - 2): 2 * (day - 1)]:
+                    catalog.publish(model)  # new models
+                listed = sorted(m.mid for m in catalog.models if m.thumbnail is not None)
+                changed, deleted, dropped = rng.sample(listed, 3)
+                picture = io.BytesIO()
+                Image.new("RGB", (64, 64), tuple(rng.randrange(256) for _ in range(3))).save(picture, "JPEG")
+                catalog.replace_thumbnail(changed, picture.getvalue())  # a replaced thumbnail
+                catalog.remove(deleted)  # deleted from Sketchfab
+                catalog.keep_likers(dropped, 2)  # its likes withdrawn: below the threshold
+            summary = run_pipeline(daily, f"day-{day}", progress=lambda _: None)
+            modes.append((summary["similarity"]["mode"], summary["hybrid"]["mode"]))
+            fresh = Settings(data_dir=tmp_path / f"fresh-{day}", database_url=f"sqlite:///{tmp_path}/fresh-{day}.db",
+                             **base)
+            run_pipeline(fresh, "fresh", progress=lambda _: None)
+            assert_same_service(served(daily), served(fresh), day)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert modes[0][0] == "full"
+    for visual, hybrid in modes[1:]:
+        assert visual.startswith("incremental (") and " new x " in visual, modes  # worked forward
+        assert "1 changed" in visual and "gone" in visual, modes  # every kind of change included
+        assert hybrid.startswith("bounded"), modes
