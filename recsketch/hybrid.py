@@ -193,7 +193,8 @@ MIN_RECALL = 0.999  # measured mode: below this on the checked rows, every unpro
 def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_scores: np.ndarray,
                   rows: tuple[int, int], cf_weight: float, k: int, *, exact: bool = True,
                   max_candidates: int | None = None, check_rows: int = 20, query_block: int = 2048,
-                  candidate_block: int = 32768, pair_budget: int = 8_000_000) -> BoundedResult:
+                  candidate_block: int = 2048,
+                  pair_budget: int = 8_000_000) -> BoundedResult:
     """The hybrid top-k of rows ``first..last`` without the N x (d + f) blended pass.
 
     ``visual_indices``/``visual_scores`` (rows first..last, -1 / -inf pads) are each row's exact
@@ -202,7 +203,8 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     With ``s_k`` the k-th best hybrid score among the listed models, j can only enter the top-k
     if ``c(i, j) ≥ τ = (s_k - (1 - w) v_D) / w``: one scan of the f-d factors (f = 64 against the
     blended d + f) finds those j, their visual cosines are read for just those pairs, and the
-    merged list is exact (proven).
+    merged list is exact (proven). The scan's candidate blocks are small (2,048): a 64-d product
+    is bound by its output, which then stays in cache for the threshold.
 
     A row whose τ admits more than ``max_candidates`` models (default N / 1000, at least 256:
     each pair costs ~30 columns of a full row) is not settled by the bound. ``exact``: such rows
@@ -288,29 +290,45 @@ def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_fir
     complete = count >= n - 1  # the list holds every other model: nothing unseen
     threshold = np.where(complete, np.inf, (kth - (1 - w) * last_visual - EPSILON) / w)
     fallback |= (count < kk) & ~complete
-    listed_rows, listed_cols = np.nonzero(valid)
-    listed_models = listed[listed_rows, listed_cols]
-    taken = np.zeros(len(count), dtype=np.int64)
-    found_rows, found_cols, found_cf = [], [], []
-    for c_start in range(0, n, candidate_block):
-        tile = query @ factors[c_start : c_start + candidate_block].T
-        inside = (listed_models >= c_start) & (listed_models < c_start + tile.shape[1])
-        tile[listed_rows[inside], listed_models[inside] - c_start] = -np.inf  # listed: scored exactly already
-        own = np.flatnonzero((queries >= c_start) & (queries < c_start + tile.shape[1]))
-        tile[own, queries[own] - c_start] = -np.inf  # never a model's own neighbour
-        hits = tile >= threshold[:, None]
-        hits[fallback | overflow] = False
-        over = taken + hits.sum(axis=1) > cap
-        overflow |= over
-        hits[over] = False
-        hit_rows, hit_cols = np.nonzero(hits)
-        taken += np.bincount(hit_rows, minlength=len(taken))
-        found_rows.append(hit_rows)
-        found_cols.append(hit_cols + c_start)
-        found_cf.append(tile[hit_rows, hit_cols])
-    rows, cols, cfs = np.concatenate(found_rows), np.concatenate(found_cols), np.concatenate(found_cf)
+    slack = cap + listed.shape[1]  # the listed models pass τ too: they are dropped below
+    rows, cols, cfs = _hits(factors, query, threshold, fallback, overflow, slack, candidate_block)
+    listed_keys = (queries[:, None] * n + listed)[valid]
+    keep = (cols != queries[rows]) & ~np.isin(queries[rows] * n + cols, listed_keys)  # self, and the listed
+    rows, cols, cfs = rows[keep], cols[keep], cfs[keep]
+    overflow |= np.bincount(rows, minlength=len(queries)) > cap
     keep = ~(fallback | overflow)[rows]
     return rows[keep], cols[keep], cfs[keep]
+
+
+def _hits(factors: np.ndarray, query: np.ndarray, threshold: np.ndarray, fallback: np.ndarray,
+                overflow: np.ndarray, slack: int, candidate_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, model, CF cosine) with cosine ≥ the row's threshold, every model scanned: one pass
+    over each tile for its rows' maxima, the comparison only for the rows that reach it."""
+    taken = np.zeros(len(query), dtype=np.int64)
+    found_rows, found_cols, found_cf = [], [], []
+    for c_start in range(0, len(factors), candidate_block):
+        tile = query @ factors[c_start : c_start + candidate_block].T
+        rows = np.flatnonzero((tile.max(axis=1) >= threshold) & ~overflow & ~fallback)  # hits are rare: one pass
+        if not len(rows):
+            continue
+        hits = tile[rows] >= threshold[rows, None]
+        counts = np.count_nonzero(hits, axis=1)
+        over = taken[rows] + counts > slack
+        overflow[rows[over]] = True
+        hits[over] = False
+        hit_rows, hit_cols = np.nonzero(hits)
+        taken[rows] += counts
+        found_rows.append(rows[hit_rows])
+        found_cols.append(hit_cols + c_start)
+        found_cf.append(tile[rows[hit_rows], hit_cols])
+    return _joined(found_rows, found_cols, found_cf)
+
+
+def _joined(rows: list[np.ndarray], cols: list[np.ndarray], cfs: list[np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(cfs)
 
 
 def _settle(unit, factors: np.ndarray, w: float, kk: int, first: int, span: tuple[int, int],

@@ -97,3 +97,4 @@ def test_measured_mode_serves_unproven_rows_from_their_candidates_only_while_the
                            max_candidates=1)
     assert proven.unproven_rows == 0 and proven.checked_recall is None
     assert_same_lists(unit, factors, 0.6, rows, proven.indices, proven.scores, exact_indices, exact_scores)
+
