@@ -318,7 +318,7 @@ class Refresh:
 
 
 def plan_refresh(old_ids: Sequence[str], old_indices: np.ndarray, old_scores: np.ndarray, new_ids: Sequence[str],
-                 changed: set[str], k: int, depth: int | None = None) -> Refresh:
+                 changed: set[str], k: int, depth: int | None = None, block_rows: int = 65_536) -> Refresh:
     """Map a previous top-``depth`` (rows ``old_ids``, -1 pads allowed) onto ``new_ids``.
 
     A model that is gone or ``changed`` leaves every list it was in, and what remains of a list
@@ -339,20 +339,22 @@ def plan_refresh(old_ids: Sequence[str], old_indices: np.ndarray, old_scores: np
     known_indices = np.full((n, max(kk, 0)), -1, dtype=np.int64)
     known_scores = np.full((n, max(kk, 0)), -np.inf, dtype=np.float32)
     if kk > 0 and old_indices.shape[1] > 0:
-        old_rows = np.flatnonzero(old_to_new >= 0)
-        listed = old_indices[old_rows]
-        mapped = np.where(listed >= 0, old_to_new[np.maximum(listed, 0)], -1)
-        order = np.argsort(mapped < 0, axis=1, kind="stable")[:, :kk]  # what remains, in its order, then pads
-        mapped = np.take_along_axis(mapped, order, 1)
-        mapped_scores = np.where(mapped >= 0, np.take_along_axis(old_scores[old_rows], order, 1), -np.inf)
-        width = mapped.shape[1]
-        remaining = (mapped >= 0).sum(axis=1)
-        complete = remaining >= n - len(fresh) - 1  # every other model that kept its features is listed
-        keep = complete | (remaining >= min(kk, max(k, -(-depth // 2))))
-        rows = old_to_new[old_rows[keep]]
-        clean[rows] = True
-        limit[rows] = np.where(complete[keep], kk, remaining[keep])
-        known_indices[rows, :width], known_scores[rows, :width] = mapped[keep], mapped_scores[keep]
+        need = min(kk, max(k, -(-depth // 2)))
+        for start in range(0, len(old_ids), block_rows):  # by row blocks: a million lists x 100 fit in 4 GB
+            old_rows = start + np.flatnonzero(old_to_new[start : start + block_rows] >= 0)
+            listed = old_indices[old_rows]
+            mapped = np.where(listed >= 0, old_to_new[np.maximum(listed, 0)], -1)
+            order = np.argsort(mapped < 0, axis=1, kind="stable")[:, :kk]  # what remains, in its order, then pads
+            mapped = np.take_along_axis(mapped, order, 1)
+            mapped_scores = np.where(mapped >= 0, np.take_along_axis(old_scores[old_rows], order, 1), -np.inf)
+            width = mapped.shape[1]
+            remaining = (mapped >= 0).sum(axis=1)
+            complete = remaining >= n - len(fresh) - 1  # every other model that kept its features is listed
+            keep = complete | (remaining >= need)
+            rows = old_to_new[old_rows[keep]]
+            clean[rows] = True
+            limit[rows] = np.where(complete[keep], kk, remaining[keep])
+            known_indices[rows, :width], known_scores[rows, :width] = mapped[keep], mapped_scores[keep]
     return Refresh(clean, known_indices, known_scores, fresh, limit)
 
 

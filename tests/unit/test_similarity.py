@@ -180,6 +180,9 @@ def test_deep_lists_lose_gone_models_and_stay_exact_to_their_limit() -> None:
     rows.update({f"n{i}": normalise(rng.normal(size=(1, 8)))[0] for i in range(4)})
     day = np.stack([rows[m] for m in new_ids]).astype(np.float32)
     refresh = plan_refresh(ids, old_indices, old_scores, new_ids, moved, k=3, depth=20)
+    by_blocks = plan_refresh(ids, old_indices, old_scores, new_ids, moved, k=3, depth=20, block_rows=7)
+    for field in ("clean", "known_indices", "known_scores", "fresh", "limit"):  # memory bounded, same plan
+        assert np.array_equal(getattr(by_blocks, field), getattr(refresh, field)), field
     touched = np.isin(old_indices, [ids.index(m) for m in gone | moved]).any(axis=1)
     assert refresh.dirty < 3 + 4 + touched.sum() / 4  # a touched list mostly stays clean
     indices, scores = refresh_top_k(day, 20, refresh)
