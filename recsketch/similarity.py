@@ -181,15 +181,17 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
 def exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k selection every neighbour list goes through: the ``kk`` best columns of
     each row by (-score, index), ties at the k-th resolved exactly (argpartition and topk pick
-    arbitrarily among values tied with the k-th)."""
-    candidates, values = largest(block, kk)
+    arbitrarily among values tied with the k-th). One more than ``kk`` is selected: a row whose
+    (kk + 1)-th value equals its kk-th has a tie there, and only such rows are sorted whole."""
+    take = min(kk + 1, block.shape[1])
+    candidates, values = largest(block, take)
     order = np.lexsort((candidates, -values), axis=1)
     candidates, values = np.take_along_axis(candidates, order, 1), np.take_along_axis(values, order, 1)
-    kth = values[:, -1:]
-    for row in np.flatnonzero((block >= kth).sum(axis=1) > kk):
-        exact = np.lexsort((np.arange(block.shape[1]), -block[row]))[:kk]
-        candidates[row], values[row] = exact, block[row, exact]
-    return candidates, values
+    if take > kk:
+        for row in np.flatnonzero(values[:, kk] >= values[:, kk - 1]):
+            exact = np.lexsort((np.arange(block.shape[1]), -block[row]))[:kk]
+            candidates[row, :kk], values[row, :kk] = exact, block[row, exact]
+    return np.ascontiguousarray(candidates[:, :kk]), np.ascontiguousarray(values[:, :kk])
 
 
 def _rescore_near_one(unit, start: int | np.ndarray, best: np.ndarray,
