@@ -10,7 +10,11 @@ features are precomputed as chunks, with each task's peak RSS.
      the run's features file), the similarity shards, merge, load. Each task logs its own peak
      RSS (``recsketch.resources``: the kernel's high-water mark, reset at the task's start).
 
-    python -m benchmarks.dag_bench [--models 200000] [--dim 1280] [--likes-per-model 20]
+  5. a day of 0.1 % change (issue 23): new models with likes, replaced thumbnails, deletions and
+     models whose likes fall below the threshold, imported (deletions as the crawl makes them),
+     then ``dag.test()`` again: each task's time and peak RSS for the day worked forward.
+
+    python -m benchmarks.dag_bench [--models 200000] [--dim 1280] [--likes-per-model 20] [--no-day]
 
 The similarity FLOPs grow with N² x dim: at 200 k x 1,280 that is ~1e14, minutes on 2 cores.
 """
@@ -84,17 +88,62 @@ def precompute_chunks(settings, folder: Path, dim: int) -> int:  # type: ignore[
     return len(plan.chunks)
 
 
+def change_a_day(settings, folder: Path, models: int, seed: int = 2) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """0.1 % of the catalogue changes in the folder: new models liked by the most active users,
+    0.03 % replaced thumbnails, 0.03 % deleted (gone from the folder; deleted in the DB as the
+    crawl deletes them), 0.03 % whose likes fall to two (below the threshold)."""
+    from PIL import Image
+
+    from recsketch.db import store
+
+    rng = np.random.default_rng(seed)
+    valid = sorted(json.loads((settings.data_dir / "runs" / "precompute" / "valid_models.json").read_text()))
+    picked = rng.choice(len(valid), 3 * max(1, 3 * models // 10_000), replace=False)
+    changed, deleted, dropped = (set(np.array(valid)[part].tolist()) for part in np.array_split(picked, 3))
+    new = [f"{models + i:032x}" for i in range(max(1, models // 1000))]
+    thumbs = folder / "model_thumbs"
+    for index, mid in enumerate([*sorted(changed), *new]):
+        Image.new("RGB", (32, 32), ((index * 7) % 256, (index * 13) % 256, 128)).save(thumbs / f"{mid}_thumb200.jpg",
+                                                                                     "JPEG")
+    for mid in deleted:
+        (thumbs / f"{mid}_thumb200.jpg").unlink()
+    urls, likes = folder / "model_urls.psv", folder / "model_likes_anon.psv"
+    rows = [line for line in urls.read_text().splitlines(keepends=True) if line.split("|")[1] not in deleted]
+    urls.write_text("".join(rows) + "".join(f"model {mid}|{mid}|2026-11-02T00:00:00+00:00\n" for mid in new))
+    kept_likes: dict[str, int] = defaultdict(int)
+    out = []
+    for line in likes.read_text().splitlines(keepends=True):
+        mid = line.split("|")[1]
+        if mid in deleted or (mid in dropped and kept_likes[mid] >= 2):
+            continue
+        kept_likes[mid] += 1
+        out.append(line)
+    out += [f"model {mid}|{mid}|user{user}\n" for mid in new for user in range(12)]
+    likes.write_text("".join(out))
+    engine = store.connect(settings.resolved_database_url)
+    try:
+        store.delete_models(engine, deleted)
+    finally:
+        engine.dispose()
+    return {"new": len(new), "changed": len(changed), "deleted": len(deleted), "dropped": len(dropped)}
+
+
 class PeakRss(logging.Handler):
-    """Collects the "<task>: peak RSS N MiB" lines the DAG's tasks log."""
+    """Collects the "<task>: peak RSS N MiB" and "<task>: done in N s" lines the DAG's tasks log."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.peaks: dict[str, list[float]] = defaultdict(list)
+        self.seconds: dict[str, list[float]] = defaultdict(list)
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = re.fullmatch(r"(\w+): peak RSS (\d+) MiB", record.getMessage())
+        message = record.getMessage()
+        found = re.fullmatch(r"(\w+): peak RSS (\d+) MiB", message)
         if found:
             self.peaks[found[1]].append(float(found[2]))
+        took = re.fullmatch(r"(\w+): done in ([\d.]+) s", message)
+        if took:
+            self.seconds[took[1]].append(float(took[2]))
 
 
 def child_dag() -> None:
@@ -108,7 +157,8 @@ def child_dag() -> None:
     started = time.perf_counter()
     run = dag.test()
     seconds = time.perf_counter() - started
-    print("RESULT " + json.dumps({"state": str(run.state), "seconds": seconds, "peaks": collector.peaks}), flush=True)
+    print("RESULT " + json.dumps({"state": str(run.state), "seconds": seconds, "peaks": collector.peaks,
+                                  "task_seconds": collector.seconds}), flush=True)
 
 
 def run_child(argv: list[str], env: dict[str, str]) -> tuple[dict, float, str]:
@@ -127,7 +177,8 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--likes-per-model", type=int, default=20)
-    parser.add_argument("--child", choices=["import", "chunks", "dag"])
+    parser.add_argument("--no-day", action="store_true", help="skip the changed day after the first run")
+    parser.add_argument("--child", choices=["import", "chunks", "dag", "change"])
     args = parser.parse_args()
     if args.child:
         from recsketch.config import Settings
@@ -141,6 +192,8 @@ def main() -> None:
             stats = import_folder(settings, work / "catalog", progress=lambda _: None)
             print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "models": stats.models,
                                           "likes": stats.likes}), flush=True)
+        elif args.child == "change":
+            print("RESULT " + json.dumps(change_a_day(settings, work / "catalog", args.models)), flush=True)
         elif args.child == "chunks":
             from recsketch.stages.common import run_dir
 
@@ -183,6 +236,23 @@ def main() -> None:
                   "(MiB, max over its map indexes; the process's own ~300 MiB of Airflow included):", flush=True)
             for task, peaks in result["peaks"].items():
                 print(f"    {task:<20} {max(peaks):>8.0f}  ({len(peaks)} runs)", flush=True)
+            if args.no_day:
+                return
+            change, _, _ = run_child(["--child", "change", "--models", str(args.models)], env)
+            imported, _, _ = run_child(["--child", "import"], env)
+            print(f"  a day: {change['new']} new, {change['changed']} changed thumbnails, {change['deleted']} deleted, "
+                  f"{change['dropped']} below the threshold (re-imported in {imported['seconds']:.0f} s)", flush=True)
+            day, _, _ = run_child(["--child", "dag"], env)
+            print(f"  the day's dag.test(): {day['state']} in {day['seconds']:.0f} s; per task, the first (full) run "
+                  "beside the day worked forward (seconds summed over map indexes; peak RSS MiB):", flush=True)
+            for task, times in day["task_seconds"].items():
+                first, peak = result["task_seconds"].get(task, []), max(day["peaks"].get(task, [0]))
+                print(f"    {task:<20} {sum(first):>8.1f} s  {sum(times):>8.1f} s  {peak:>8.0f}", flush=True)
+            pipeline = [task for task in day["task_seconds"] if task not in ("plan_chunks", "extract")]
+            full = sum(sum(result["task_seconds"].get(task, [])) for task in pipeline)
+            worked = sum(sum(day["task_seconds"][task]) for task in pipeline)
+            print(f"  threshold to load, extraction excluded: the day {worked:.0f} s vs the full run {full:.0f} s "
+                  f"= {worked / max(full, 1e-9):.3f}", flush=True)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
