@@ -245,12 +245,14 @@ def main() -> None:
             day, _, _ = run_child(["--child", "dag"], env)
             print(f"  the day's dag.test(): {day['state']} in {day['seconds']:.0f} s; per task, the first (full) run "
                   "beside the day worked forward (seconds summed over map indexes; peak RSS MiB):", flush=True)
-            for task, times in day["task_seconds"].items():
-                first, peak = result["task_seconds"].get(task, []), max(day["peaks"].get(task, [0]))
+            tasks = list(dict.fromkeys([*result["task_seconds"], *day["task_seconds"]]))
+            for task in tasks:
+                first, times = result["task_seconds"].get(task, []), day["task_seconds"].get(task, [])
+                peak = max(day["peaks"].get(task, [0]))
                 print(f"    {task:<20} {sum(first):>8.1f} s  {sum(times):>8.1f} s  {peak:>8.0f}", flush=True)
-            pipeline = [task for task in day["task_seconds"] if task not in ("plan_chunks", "extract")]
+            pipeline = [task for task in tasks if task not in ("plan_chunks", "extract")]
             full = sum(sum(result["task_seconds"].get(task, [])) for task in pipeline)
-            worked = sum(sum(day["task_seconds"][task]) for task in pipeline)
+            worked = sum(sum(day["task_seconds"].get(task, [])) for task in pipeline)
             print(f"  threshold to load, extraction excluded: the day {worked:.0f} s vs the full run {full:.0f} s "
                   f"= {worked / max(full, 1e-9):.3f}", flush=True)
     finally:
