@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import parts
 
 DEPTH, K, CF_WEIGHT, FACTORS = 100, 10, 0.5, 64
 PAIR_BUDGET = 8_000_000  # bounded_top_k's pending pairs between two reads of the features
@@ -212,15 +212,7 @@ def child(part: str, args: argparse.Namespace, work: Path) -> None:
 
 
 def run_part(part: str, argv: list[str], work: Path) -> dict:
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.daily_bench", *argv, "--child", part,
-                                "--work", str(work)], stdout=subprocess.PIPE, text=True)
-    output = process.stdout.read() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{part} failed ({status}): {output[-2000:]}")
-    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-    result["peak_rss_gib"] = usage.ru_maxrss / 2**20
-    return result
+    return parts.run_part("benchmarks.daily_bench", part, argv, work)
 
 
 def main() -> None:

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import parts
 
 ADMIN_URL = os.environ.get("RECSKETCH_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 PARTS = ("threshold", "plan", "shard", "load")
@@ -148,15 +148,7 @@ def child(part: str, args: argparse.Namespace, work: Path) -> None:
 
 
 def run_part(part: str, argv: list[str], work: Path) -> dict:
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.scale_bench", *argv, "--child", part,
-                                "--work", str(work)], stdout=subprocess.PIPE, text=True)
-    output = process.stdout.read() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{part} failed ({status}): {output[-2000:]}")
-    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
-    result["peak_rss_gib"] = usage.ru_maxrss / 2**20
-    return result
+    return parts.run_part("benchmarks.scale_bench", part, argv, work)
 
 
 def main() -> None:
