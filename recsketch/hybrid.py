@@ -249,7 +249,7 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
         if sum(len(part[0]) for part in pending) >= pair_budget or q.stop == last - first:
             pair_rows, pair_cols, pair_cf = (np.concatenate(parts) for parts in zip(*pending, strict=True))
             _settle(unit, factors, cf_weight, kk, first, (settled_from, q.stop), visual_indices, listed_scores,
-                    fallback, pair_rows, pair_cols, pair_cf, cap, indices, scores)
+                    fallback, pair_rows, pair_cols, pair_cf, indices, scores)
             pending, settled_from = [], q.stop
     blended = BlendedRows(unit, factors, cf_weight)
     unproven = np.flatnonzero(overflow & ~fallback)
@@ -333,7 +333,7 @@ def _joined(rows: list[np.ndarray], cols: list[np.ndarray], cfs: list[np.ndarray
 
 def _settle(unit, factors: np.ndarray, w: float, kk: int, first: int, span: tuple[int, int],
             visual_indices: np.ndarray, listed_scores: np.ndarray, fallback: np.ndarray, pair_rows: np.ndarray,
-            pair_cols: np.ndarray, pair_cf: np.ndarray, cap: int, indices: np.ndarray, scores: np.ndarray) -> None:
+            pair_cols: np.ndarray, pair_cf: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> None:
     """Rows ``span`` (shard-local) that the bound settles: their pairs' visual cosines read,
     the pairs merged with the listed models, exactly by (-score, index)."""
     from recsketch.similarity import _rescore_near_one, merge_lists
