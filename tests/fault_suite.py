@@ -260,6 +260,8 @@ class FaultSuite:
             self.ref_incremental = {k: data[k].copy() for k in ("mids", "indices", "scores")}
         if self._latest(reference).read_bytes() == self.previous_latest:
             raise RuntimeError("the incremental reference did not replace the last result")
+        with np.load(self._latest(reference)) as data:  # the deep lists, not the served ones
+            self.ref_latest = {k: data[k].copy() for k in ("mids", "indices", "scores")}
 
     @staticmethod
     def _latest(round_dir: Path) -> Path:
@@ -417,9 +419,33 @@ class FaultSuite:
         if latest != self.previous_latest:  # replaced: then it must be the finished new result
             report.mid_work += 1
             with np.load(self._latest(round_dir)) as data:
-                if not np.array_equal(data["indices"], self.ref_incremental["indices"]):
+                if not all(np.array_equal(data[k], v) for k, v in self.ref_latest.items()):
                     raise AssertionError("the kill left a last result that is neither the old nor the new one")
         self._rerun_and_compare("incremental", round_dir, env, report, self.ref_incremental)
+
+    def recover_after_publish(self) -> StageReport:
+        """The window a random kill rarely hits: the incremental run has replaced the last result
+        and written its run files, then dies. The round must pass as the new result, and the
+        rerun (worked forward from that new result) must serve what the uninterrupted run did."""
+        report = StageReport("incremental-after-publish", reference_s=self.reference["incremental"])
+        round_dir = self.workdir / "incremental-after-publish"
+        env = self._prepare_incremental(round_dir)
+        reference = self.workdir / "incremental-reference"
+        latest = self._latest(round_dir)
+        latest.unlink()  # a hard link to the base's file: unlink, never write through it
+        shutil.copy(self._latest(reference), latest)
+        for name in (contracts.TOPK_FILE, contracts.DEEP_TOPK_FILE, "similarity_plan.json"):
+            shutil.copy(reference / "runs" / RUN_ID / name, round_dir / "runs" / RUN_ID / name)
+        report.kills += 1
+        try:
+            self._recover_incremental(round_dir, env, report)
+            report.recoveries += 1
+        except AssertionError as exc:
+            report.differences += 1
+            report.problems.append(str(exc))
+        shutil.rmtree(round_dir, ignore_errors=True)
+        self.log(report.line())
+        return report
 
     # load: "previous" is live; a kill must leave one complete run served, the rerun the new one
     def _prepare_load(self, round_dir: Path) -> dict[str, str]:

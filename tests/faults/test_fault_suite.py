@@ -35,6 +35,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(suite: FaultSuite, stage
         assert report.in_transaction >= 1, report.line()
 
 
+def test_a_kill_after_the_new_last_result_is_published_recovers_to_it(suite: FaultSuite) -> None:
+    report = suite.recover_after_publish()
+    assert report.problems == []
+    assert (report.recoveries, report.mid_work, report.leftovers) == (1, 1, 0), report.line()
+
+
 def test_a_killed_writer_leaves_only_a_temp_file_that_the_next_stage_sweeps(tmp_path: Path) -> None:
     import signal
     import subprocess
