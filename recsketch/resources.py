@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -31,13 +32,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def limit_threads(threads: int) -> None:
+def limit_threads(threads: int, *, load_torch: bool = False) -> None:
     """Keep torch and TensorFlow, if this process has loaded them, to ``threads`` CPU threads: a
     task gets its share of the host (RECSKETCH_THREADS), not every core while other tasks run
-    beside it. Never imports either: an exported-graph worker runs without them. A backbone
+    beside it. Imports neither (an exported-graph worker runs without them) unless ``load_torch``
+    asks for torch, which the neighbours kernel will load anyway. A backbone
     loaded later is given its threads explicitly (``create_backbone(settings, threads)``)."""
     import sys
 
+    if load_torch:  # a stage that will use it (the neighbours kernel) loads it first, so that it is kept too
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     if "tensorflow" in sys.modules:

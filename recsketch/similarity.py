@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from recsketch import kernel
+from recsketch.kernel import merge_lists
+
 DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024
 
 
@@ -65,6 +68,8 @@ def top_k_cosine(
     kk, indices, scores = _empty_lists(last - first, n, k)
     if kk <= 0:
         return indices, scores
+    if not sparse.issparse(unit):  # dense rows: the exact kernel, as every other list is built
+        return top_k_tiled(unit, k, (first, last), query_block=min(2048, block_rows or 2048))
     step = block_rows or block_rows_for(n)
     for start in range(first, last, step):
         stop = min(last, start + step)
@@ -158,23 +163,53 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
     kk, indices, scores = _empty_lists(len(queries), n, k)
     if kk <= 0:
         return indices, scores
+    if product is None:  # exact scores through the kernel: candidates by a fast product, decided in float64
+        return _top_k_kernel(unit, kk, queries, query_block, candidate_block)
     for q_first in range(0, len(queries), query_block):
         q_rows = queries[q_first : q_first + query_block]
         contiguous = q_rows[-1] - q_rows[0] + 1 == len(q_rows)
         query = np.asarray(unit[q_rows[0]:q_rows[-1] + 1] if contiguous else unit[q_rows], dtype=np.float32)
+        out = slice(q_first, q_first + len(q_rows))
         best = np.zeros((len(q_rows), 0), dtype=np.int64)
         best_scores = np.zeros((len(q_rows), 0), dtype=np.float32)
         for c_start in range(0, n, candidate_block):
             c_stop = min(n, c_start + candidate_block)
-            tile = (product(query, c_start, c_stop) if product is not None
-                    else query @ np.asarray(unit[c_start:c_stop], dtype=np.float32).T)
+            tile = product(query, c_start, c_stop)
             own = np.flatnonzero((q_rows >= c_start) & (q_rows < c_stop))
             tile[own, q_rows[own] - c_start] = -np.inf  # never recommend a model to itself
             take = min(kk, c_stop - c_start)
             candidates, values = exact_largest(tile, take)
             best, best_scores = merge_lists(best, best_scores, candidates + c_start, values, kk)
-        out = slice(q_first, q_first + len(q_rows))
         indices[out], scores[out] = _rescore_near_one(unit, q_rows, best, best_scores)
+    return indices, scores
+
+
+QUERY_SPAN = 16384  # query rows that share one read of the candidates (their float32 and bfloat16 copies in memory)
+
+
+def _top_k_kernel(unit, kk: int, queries: np.ndarray, query_block: int,
+                  candidate_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k_tiled`` for plain rows, through ``recsketch.kernel``: up to ``QUERY_SPAN`` query
+    rows at a time, each candidate block read and rounded once for all of them."""
+    n, precision = unit.shape[0], kernel.product_precision(unit.shape[1])
+    indices = np.full((len(queries), kk), -1, dtype=np.int64)
+    scores = np.full((len(queries), kk), -np.inf, dtype=np.float32)
+    for span_first in range(0, len(queries), QUERY_SPAN):
+        span = queries[span_first : span_first + QUERY_SPAN]
+        sides = []
+        for q_first in range(0, len(span), query_block):
+            q_rows = span[q_first : q_first + query_block]
+            contiguous = q_rows[-1] - q_rows[0] + 1 == len(q_rows)
+            rows = unit[q_rows[0]:q_rows[-1] + 1] if contiguous else unit[q_rows]
+            sides.append((q_first, q_rows, kernel.Side(np.asarray(rows, dtype=np.float32), precision)))
+        for c_start in range(0, n, candidate_block):
+            c_stop = min(n, c_start + candidate_block)
+            block = kernel.Side(np.asarray(unit[c_start:c_stop], dtype=np.float32), precision)
+            ids = np.arange(c_start, c_stop)
+            for q_first, q_rows, side in sides:
+                out = slice(span_first + q_first, span_first + q_first + len(q_rows))
+                own = np.where((q_rows >= c_start) & (q_rows < c_stop), q_rows - c_start, -1)
+                indices[out], scores[out] = kernel.merge_tile(side, block, ids, indices[out], scores[out], kk, own)
     return indices, scores
 
 
@@ -270,32 +305,25 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
     if len(dirty_rows):
         indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, kk, dirty_rows)
     fresh = np.sort(fresh)
+    precision = kernel.product_precision(unit.shape[1])
     tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
-    loaded = [np.asarray(unit[tile], dtype=np.float32) for tile in tiles] if len(tiles) == 1 else None
+    loaded = ([kernel.Side(np.asarray(unit[tile], dtype=np.float32), precision) for tile in tiles]
+              if len(tiles) == 1 else None)
     for start in range(first, last, block_rows):  # one read of each row range; its clean rows picked from it
         stop = min(last, start + block_rows)
         block = start + np.flatnonzero(clean[start:stop])  # a clean row's list holds no fresh model, nor is it fresh
         if not len(block):
             continue
-        query = np.asarray(unit[start:stop], dtype=np.float32)[block - start]
+        query = kernel.Side(np.asarray(unit[start:stop], dtype=np.float32)[block - start], precision)
         best, best_scores = known_indices[block, :kk], known_scores[block, :kk]
         for number, tile in enumerate(tiles):  # the fresh models, a tile at a time, merged into the lists
-            rows_of_tile = loaded[number] if loaded is not None else np.asarray(unit[tile], dtype=np.float32)
-            candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(kk, len(tile)))
-            best, best_scores = merge_lists(best, best_scores, tile[candidates], values, kk)
+            side = loaded[number] if loaded is not None else kernel.Side(np.asarray(unit[tile], dtype=np.float32),
+                                                                          precision)
+            best, best_scores = kernel.merge_tile(query, side, tile, best, best_scores, kk)
         beyond = np.arange(kk)[None, :] >= refresh.limit[block][:, None]  # past a row's limit nothing is known
         best, best_scores = np.where(beyond, -1, best), np.where(beyond, -np.inf, best_scores).astype(np.float32)
-        indices[block - first], scores[block - first] = _rescore_near_one(unit, block, best, best_scores)
+        indices[block - first], scores[block - first] = best, best_scores
     return indices, scores
-
-
-def merge_lists(best: np.ndarray, best_scores: np.ndarray, candidates: np.ndarray, values: np.ndarray,
-                kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``kk`` best of two candidate lists per row by (-score, index); -1 / -inf pads sort last."""
-    merged = np.concatenate([best, candidates], axis=1)
-    merged_scores = np.concatenate([best_scores, values], axis=1)
-    order = np.lexsort((merged, -merged_scores), axis=1)[:, :kk]
-    return np.take_along_axis(merged, order, 1), np.take_along_axis(merged_scores, order, 1)
 
 
 @dataclass(frozen=True)

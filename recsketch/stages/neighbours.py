@@ -138,7 +138,7 @@ def shard_neighbours(settings: Settings, folder: Location, shard: str, progress:
     if (first, last) not in plan.shards:
         raise RecsketchError(f"rows {shard} are not a shard of the {method} plan in {folder}")
     started = time.monotonic()
-    limit_threads(settings.effective_threads)
+    limit_threads(settings.effective_threads, load_torch=True)
     indices, scores, extra = SOURCES[method].shard(settings, folder, plan, first, last)
     plan.write_shard(folder, first, last, indices, scores, extra)
     said = "".join(f", {key} {value}" for key, value in extra.items())
