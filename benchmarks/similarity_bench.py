@@ -165,11 +165,11 @@ def against_faiss(queries: int, n: int, d: int, rounds: int = 3) -> None:
     for precision in precisions:
         indices = lists[precision]
         agree = float((np.sort(indices, axis=1) == np.sort(peers, axis=1)).all(axis=1).mean())
-        same = "identical" if np.array_equal(indices, lists[precisions[-1]]) else "DIFFERENT"
+        differ = float((indices != lists[precisions[-1]]).any(axis=1).mean())  # near-ties within float32's rounding
         print(f"a shard's exact top-{K} ({precision} candidates) vs FAISS IndexFlatIP {faiss.__version__}, "
               f"{queries:,} queries x {n:,} x {d}: {min(ours[precision]):.2f} s vs {min(theirs):.2f} s = "
               f"{min(theirs) / min(ours[precision]):.2f} of FAISS's speed (goal >= 1.0); the same top-{K} sets "
-              f"for {agree:.2%} of rows; lists {same} to the fp32 kernel's")
+              f"for {agree:.2%} of rows; {differ:.2%} of lists ordered otherwise than the fp32 kernel's")
 
 
 def day_refresh(n: int, d: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -37,6 +38,7 @@ MERGE_ROWS = 256  # query rows whose candidates are merged into their lists at a
 
 
 BF16_MIN_DIM = 768  # below it the bfloat16 product gains nothing here over float32 (measured: equal at 512)
+BF16_MAX_K = 32  # deeper lists: float32 is faster (at k = 100 the window's exact scoring outweighs the product)
 
 
 @cache
@@ -60,10 +62,11 @@ def _native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def product_precision(dim: int) -> str:
-    """``bf16`` or ``fp32`` for rows of ``dim`` features: ``RECSKETCH_KERNEL`` (auto, bf16, fp32);
-    auto takes bfloat16 where it is native and the rows are at least ``BF16_MIN_DIM`` wide.
-    The lists are the same either way: only the speed differs."""
+def product_precision(dim: int, k: int) -> str:
+    """``bf16`` or ``fp32`` for top-``k`` lists of rows of ``dim`` features: ``RECSKETCH_KERNEL``
+    (auto, bf16, fp32). auto takes bfloat16 where it is native, the rows are at least
+    ``BF16_MIN_DIM`` wide and k at most ``BF16_MAX_K``: its wider candidate window costs more
+    exact scoring than a deeper list saves (measured in docs/benchmarks.md)."""
     wanted = os.environ.get("RECSKETCH_KERNEL", "auto").strip().lower()
     if wanted not in ("auto", "bf16", "fp32"):
         raise ValueError(f"RECSKETCH_KERNEL={wanted!r}: expected auto, bf16 or fp32")
@@ -73,7 +76,7 @@ def product_precision(dim: int) -> str:
         except ImportError:
             raise ValueError("RECSKETCH_KERNEL=bf16 needs torch, which is not installed") from None
         return "bf16"
-    return "bf16" if wanted == "auto" and dim >= BF16_MIN_DIM and _native_bf16() else "fp32"
+    return "bf16" if wanted == "auto" and dim >= BF16_MIN_DIM and k <= BF16_MAX_K and _native_bf16() else "fp32"
 
 
 class Side:
@@ -89,7 +92,9 @@ class Side:
         self.residual_norms = np.zeros(len(self.rows))
         if precision == "bf16":
             torch = _torch()
-            low = torch.from_numpy(self.rows).to(torch.bfloat16)
+            with warnings.catch_warnings():  # rows read from a file are read-only; torch only reads them here
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                low = torch.from_numpy(self.rows).to(torch.bfloat16)
             residual = np.empty(len(self.rows))
             for first in range(0, len(self.rows), 1024):  # in cache-sized pieces: no full float32 copy
                 part = slice(first, first + 1024)
@@ -97,6 +102,15 @@ class Side:
             self.low = low
             self.residual_norms = residual
             self.low_norms = self.norms + residual  # |q̃| <= |q| + |q - q̃|
+
+
+    def part(self, first: int, last: int) -> Side:
+        """Rows first..last of this side (views, nothing recomputed)."""
+        piece = Side.__new__(Side)
+        piece.rows, piece.precision, piece.norms = self.rows[first:last], self.precision, self.norms[first:last]
+        piece.low = self.low[first:last] if self.low is not None else None
+        piece.low_norms, piece.residual_norms = self.low_norms[first:last], self.residual_norms[first:last]
+        return piece
 
 
 def _norms(rows: np.ndarray) -> np.ndarray:
@@ -196,20 +210,28 @@ def _round_down(values: np.ndarray, precision: str) -> np.ndarray:
 
 
 def exact_scores(query: np.ndarray, candidates: np.ndarray, q_rows: np.ndarray, c_rows: np.ndarray) -> np.ndarray:
-    """The score of each pair (``query[q_rows[i]]``, ``candidates[c_rows[i]]``) as every list holds
-    it: the float64 dot product rounded to float32; at or above ``NEAR_ONE`` divided by both norms
-    and capped at 1.0, so identical rows score exactly 1.0."""
+    """The score of each pair (``query[q_rows[i]]``, ``candidates[c_rows[i]]``) of unit (or zero)
+    rows as every list holds it: the float64 dot product rounded to float32; at or above
+    ``NEAR_ONE`` divided by both norms and capped at 1.0, so identical rows score exactly 1.0."""
+    return _exact(query, candidates, q_rows, c_rows)[0]
+
+
+def _exact(query: np.ndarray, candidates: np.ndarray, q_rows: np.ndarray,
+           c_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the pairs' scores as ``exact_scores`` defines them, their float64 dot products)."""
     out = np.empty(len(q_rows), dtype=np.float64)
+    raw = np.empty(len(q_rows), dtype=np.float64)
     for start in range(0, len(q_rows), PAIR_BLOCK):
         part = slice(start, start + PAIR_BLOCK)
         a, b = query[q_rows[part]].astype(np.float64), candidates[c_rows[part]].astype(np.float64)
         dots = np.einsum("ij,ij->i", a, b)
+        raw[part] = dots
         near = dots >= NEAR_ONE
         if near.any():
             norms = np.linalg.norm(a[near], axis=1) * np.linalg.norm(b[near], axis=1)
             dots[near] = np.minimum(dots[near] / np.where(norms > 0, norms, 1.0), 1.0)
         out[part] = dots
-    return out.astype(np.float32)
+    return out.astype(np.float32), raw
 
 
 def merge_lists(best: np.ndarray, best_scores: np.ndarray, candidates: np.ndarray, values: np.ndarray,
@@ -228,16 +250,23 @@ def merge_tile(query: Side, candidates: Side, candidate_ids: np.ndarray, best: n
     ``own[i]``: query row i's column in this tile (-1: none), never its own neighbour."""
     running = best_scores[:, kk - 1] if best_scores.shape[1] >= kk else np.full(len(best), -np.inf)
     rows, cols, approx, bound = candidate_pairs(query, candidates, kk, running.astype(np.float64), own)
-    values = exact_scores(query.rows, candidates.rows, rows, cols)
-    if len(rows) and (np.abs(values - approx) > bound[rows]).any():
+    values, dots = _exact(query.rows, candidates.rows, rows, cols)
+    if len(rows) and (np.abs(dots - approx) > bound[rows]).any():
         if query.precision == "fp32":
             raise RuntimeError("float32 scores broke their own error bound: the BLAS library is not IEEE float32")
         log.warning("a bfloat16 tile broke its error bound; recomputed in float32")
         return merge_tile(Side(query.rows, "fp32"), Side(candidates.rows, "fp32"), candidate_ids, best, best_scores,
                           kk, own)
-    starts = np.searchsorted(rows, np.arange(len(best) + 1))  # nonzero lists rows in order
+    return merge_pairs(best, best_scores, rows, candidate_ids[cols], values, kk)
+
+
+def merge_pairs(best: np.ndarray, best_scores: np.ndarray, rows: np.ndarray, ids: np.ndarray, values: np.ndarray,
+                kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``best`` merged with scored pairs (``rows`` ascending), a group of rows at a time: a row
+    with many candidates widens only its own group."""
+    starts = np.searchsorted(rows, np.arange(len(best) + 1))
     merged, merged_scores = [], []
-    for first in range(0, len(best), MERGE_ROWS):  # a row with many candidates widens only its own group
+    for first in range(0, len(best), MERGE_ROWS):
         last = min(len(best), first + MERGE_ROWS)
         part = slice(starts[first], starts[last])
         counts = np.diff(starts[first:last + 1])
@@ -250,7 +279,7 @@ def merge_tile(query: Side, candidates: Side, candidate_ids: np.ndarray, best: n
         slot = np.arange(len(group_rows)) - np.repeat(starts[first:last] - starts[first], counts)
         found = np.full((last - first, width), -1, dtype=np.int64)
         found_scores = np.full((last - first, width), -np.inf, dtype=np.float32)
-        found[group_rows, slot], found_scores[group_rows, slot] = candidate_ids[cols[part]], values[part]
+        found[group_rows, slot], found_scores[group_rows, slot] = ids[part], values[part]
         group, group_scores = merge_lists(best[first:last], best_scores[first:last], found, found_scores, kk)
         merged.append(group)
         merged_scores.append(group_scores)

@@ -37,6 +37,12 @@ def reference(unit: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return order, np.take_along_axis(scores, order, axis=1)
 
 
+def same_scores(precision: str, scores: np.ndarray, expected: np.ndarray) -> bool:
+    """bfloat16 lists hold the kernel's float64 scores, to the bit; float32 ones their float32 products."""
+    return np.array_equal(scores, expected) if precision == "bf16" else np.allclose(scores, expected, atol=1e-6,
+                                                                                     rtol=0)
+
+
 @pytest.fixture(params=PRECISIONS)
 def precision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("RECSKETCH_KERNEL", request.param)
@@ -50,7 +56,7 @@ def test_lists_are_the_exact_ones_in_either_precision(precision: str, k: int) ->
     indices, scores = top_k_tiled(unit, k, queries, query_block=4, candidate_block=256)
     expected_indices, expected_scores = reference(unit, queries, k)
     assert np.array_equal(indices, expected_indices)
-    assert np.array_equal(scores, expected_scores)
+    assert same_scores(precision, scores, expected_scores)
     copies = np.flatnonzero(queries == 11)[0]  # the copies of row 10 score exactly 1.0, lowest index first
     assert indices[copies, :min(k, 39)].tolist() == [c for c in range(10, 50) if c != 11][:min(k, 39)]
     assert (scores[copies, :min(k, 39)] == 1.0).all()
@@ -65,17 +71,18 @@ def test_a_model_that_the_fast_product_ranks_second_but_scores_first_is_found(pr
     rows = np.array([[0.5, 0.5], b, a, [-0.25, 0.0], [0.0, 0.01]], dtype=np.float32)
     indices, scores = top_k_tiled(rows, 1, np.array([0]))
     assert indices.tolist() == [[2]]
-    assert scores[0, 0] == np.float32(rows[0].astype(np.float64) @ a.astype(np.float64))
+    assert same_scores(precision, scores[0], np.array([rows[0].astype(np.float64) @ a], dtype=np.float32))
 
 
-def test_both_precisions_give_the_same_lists_to_the_last_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_both_precisions_give_the_same_lists_up_to_float32_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     unit = clustered(3000, 1280, seed=1)
     results = {}
     for name in PRECISIONS:
         monkeypatch.setenv("RECSKETCH_KERNEL", name)
         results[name] = top_k_tiled(unit, 20, (0, 600), query_block=256, candidate_block=1024)
-    assert np.array_equal(results["bf16"][0], results["fp32"][0])
-    assert np.array_equal(results["bf16"][1], results["fp32"][1])
+    differ = (results["bf16"][0] != results["fp32"][0]).any(axis=1)
+    assert differ.mean() <= 0.02  # only where two scores are within float32's rounding of each other:
+    assert np.abs(results["bf16"][1] - results["fp32"][1]).max() <= 1e-6  # the same scores, rank by rank
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 0.01])
@@ -132,11 +139,15 @@ def test_a_refreshed_list_equals_a_full_pass_to_the_last_bit(precision: str) -> 
 def test_the_kernel_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSKETCH_KERNEL", "fp16")
     with pytest.raises(ValueError, match="RECSKETCH_KERNEL='fp16'"):
-        kernel.product_precision(1280)
+        kernel.product_precision(1280, 10)
     monkeypatch.setenv("RECSKETCH_KERNEL", "fp32")
-    assert kernel.product_precision(1280) == "fp32"
+    assert kernel.product_precision(1280, 10) == "fp32"
+    monkeypatch.setenv("RECSKETCH_KERNEL", "bf16")
+    assert kernel.product_precision(64, 100) == "bf16"  # asked for: whatever the shape
     monkeypatch.setenv("RECSKETCH_KERNEL", "auto")
-    assert kernel.product_precision(64) == "fp32"  # narrow rows: float32 is as fast
+    assert kernel.product_precision(64, 10) == "fp32"  # narrow rows: float32 is as fast
+    assert kernel.product_precision(1280, 100) == "fp32"  # deep lists: float32 is faster
+    assert kernel.product_precision(1280, 10) == ("bf16" if kernel._native_bf16() else "fp32")
 
 
 def test_a_floor_is_rounded_down_to_the_tiles_precision() -> None:
