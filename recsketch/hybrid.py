@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from recsketch import kernel
 from recsketch.similarity import normalise
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
         return BoundedResult(visual_indices[:, :kk].copy(), visual_scores[:, :kk].copy(), 0, 0)
     cap = max(256, n // 1000) if max_candidates is None else max_candidates
     factors = np.asarray(factors, dtype=np.float32)
+    factor_side = kernel.Side(factors, kernel.scan_precision())  # rounded once for every query block
     fallback = np.zeros(last - first, dtype=bool)
     overflow = np.zeros(last - first, dtype=bool)
     listed_scores = np.full(visual_indices.shape, -np.inf, dtype=np.float32)
@@ -231,7 +233,7 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     settled_from, pairs_seen = 0, 0
     for q_first in range(0, last - first, query_block):
         q = slice(q_first, min(last - first, q_first + query_block))
-        found = _scan(factors, visual_indices[q], visual_scores[q], first + q.start, cf_weight, kk, cap,
+        found = _scan(factor_side, visual_indices[q], visual_scores[q], first + q.start, cf_weight, kk, cap,
                       candidate_block, listed_scores[q], fallback[q], overflow[q])
         pending.append((found[0] + q.start, found[1], found[2]))
         pairs_seen += len(found[0])
@@ -271,13 +273,14 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     return BoundedResult(indices, scores, len(again), pairs_seen, max(0, still), len(checked), recall)
 
 
-def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_first: int, w: float, kk: int, cap: int,
-          candidate_block: int, listed_scores: np.ndarray, fallback: np.ndarray, overflow: np.ndarray
+def _scan(factor_side: kernel.Side, listed: np.ndarray, visual: np.ndarray, query_first: int, w: float, kk: int,
+          cap: int, candidate_block: int, listed_scores: np.ndarray, fallback: np.ndarray, overflow: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query block: its listed models' hybrid scores (into ``listed_scores``), its bound τ,
     and the (row, model, CF cosine) pairs past τ outside the lists, from one scan of the factors.
     Rows whose list is shorter than k are marked in ``fallback``, rows past ``cap`` pairs in
     ``overflow``; neither gives pairs."""
+    factors = factor_side.rows
     n = len(factors)
     valid = listed >= 0
     queries = np.arange(query_first, query_first + len(listed))
@@ -291,7 +294,8 @@ def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_fir
     threshold = np.where(complete, np.inf, (kth - (1 - w) * last_visual - EPSILON) / w)
     fallback |= (count < kk) & ~complete
     slack = cap + listed.shape[1]  # the listed models pass τ too: they are dropped below
-    rows, cols, cfs = _hits(factors, query, threshold, fallback, overflow, slack, candidate_block)
+    rows, cols, cfs = _hits(factor_side, factor_side.part(query_first, query_first + len(listed)), threshold,
+                            fallback, overflow, slack, candidate_block)
     listed_keys = (queries[:, None] * n + listed)[valid]
     keep = (cols != queries[rows]) & ~np.isin(queries[rows] * n + cols, listed_keys)  # self, and the listed
     rows, cols, cfs = rows[keep], cols[keep], cfs[keep]
@@ -300,27 +304,53 @@ def _scan(factors: np.ndarray, listed: np.ndarray, visual: np.ndarray, query_fir
     return rows[keep], cols[keep], cfs[keep]
 
 
-def _hits(factors: np.ndarray, query: np.ndarray, threshold: np.ndarray, fallback: np.ndarray,
-                overflow: np.ndarray, slack: int, candidate_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _hits(factors: kernel.Side, query: kernel.Side, threshold: np.ndarray, fallback: np.ndarray,
+          overflow: np.ndarray, slack: int, candidate_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, model, CF cosine) with cosine ≥ the row's threshold, every model scanned: one pass
-    over each tile for its rows' maxima, the comparison only for the rows that reach it."""
-    taken = np.zeros(len(query), dtype=np.int64)
+    over each tile for its rows' maxima, the comparison only for the rows that reach it.
+
+    In bfloat16 (``kernel.scan_precision``: a 64-d product is bound by its output, which
+    bfloat16 halves) a tile keeps what reaches threshold - ε (``kernel``'s proven bound), and
+    the cosines of those are computed in float32 and compared again: the same pairs and values
+    as a float32 scan of the listed models' kind (``np.einsum``), whatever found them."""
+    taken = np.zeros(len(query.rows), dtype=np.int64)
+    low = query.precision == "bf16"
+    slack_f32 = query.rows.shape[1] * 2.0**-23  # the float32 confirmation's own rounding
+    floor = kernel._round_down(threshold - kernel._bound(query, factors) - slack_f32, "bf16") if low \
+        else threshold
     found_rows, found_cols, found_cf = [], [], []
-    for c_start in range(0, len(factors), candidate_block):
-        tile = query @ factors[c_start : c_start + candidate_block].T
-        rows = np.flatnonzero((tile.max(axis=1) >= threshold) & ~overflow & ~fallback)  # hits are rare: one pass
-        if not len(rows):
-            continue
-        hits = tile[rows] >= threshold[rows, None]
-        counts = np.count_nonzero(hits, axis=1)
+    for c_start in range(0, len(factors.rows), candidate_block):
+        block = factors.part(c_start, c_start + candidate_block)
+        if low and query.low is not None and block.low is not None:
+            torch = kernel._torch()
+            tile_t = query.low @ block.low.T
+            reach = tile_t.amax(dim=1).float().numpy()
+            rows = np.flatnonzero((reach >= floor) & ~overflow & ~fallback)  # hits are rare: one pass
+            if not len(rows):
+                continue
+            rows_t = torch.from_numpy(rows)
+            near_rows_t, near_cols_t = torch.nonzero(
+                tile_t[rows_t] >= torch.from_numpy(floor[rows].astype(np.float32)).to(torch.bfloat16)[:, None],
+                as_tuple=True)  # floor is a bfloat16 number: the comparison is exact
+            near_rows, near_cols = near_rows_t.numpy(), near_cols_t.numpy()
+            values = np.einsum("ij,ij->i", query.rows[rows[near_rows]], block.rows[near_cols])
+            hit = values >= threshold[rows[near_rows]]
+            hit_rows, hit_cols, hit_cf = near_rows[hit], near_cols[hit], values[hit]
+        else:
+            tile = query.rows @ block.rows.T
+            rows = np.flatnonzero((tile.max(axis=1) >= threshold) & ~overflow & ~fallback)
+            if not len(rows):
+                continue
+            hit_rows, hit_cols = np.nonzero(tile[rows] >= threshold[rows, None])
+            hit_cf = tile[rows[hit_rows], hit_cols]
+        counts = np.bincount(hit_rows, minlength=len(rows))
         over = taken[rows] + counts > slack
         overflow[rows[over]] = True
-        hits[over] = False
-        hit_rows, hit_cols = np.nonzero(hits)
         taken[rows] += counts
-        found_rows.append(rows[hit_rows])
-        found_cols.append(hit_cols + c_start)
-        found_cf.append(tile[rows[hit_rows], hit_cols])
+        keep = ~over[hit_rows]
+        found_rows.append(rows[hit_rows[keep]])
+        found_cols.append(hit_cols[keep] + c_start)
+        found_cf.append(hit_cf[keep])
     return _joined(found_rows, found_cols, found_cf)
 
 

@@ -162,3 +162,25 @@ def test_a_floor_is_rounded_down_to_the_tiles_precision() -> None:
     step_up = np.where(low > 0, (bits + 0x10000).view(np.float32), (bits - 0x10000).view(np.float32))
     step_up = np.where(low == 0, 2.0**-133, step_up)
     assert (step_up.astype(np.float64) > floors).all()  # the largest one at or below
+
+
+@pytest.mark.parametrize("scan", PRECISIONS)
+def test_the_factor_scan_finds_every_pair_at_or_past_its_threshold(scan: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hybrid's scan of the 64-d factors: thresholds set at real pairs' cosines, so pairs
+    sit exactly on them; the scan must return every pair at or past its row's threshold."""
+    from recsketch import hybrid
+
+    monkeypatch.setenv("RECSKETCH_KERNEL", scan)
+    rng = np.random.default_rng(7)
+    factors = normalise(rng.standard_normal((3000, 64)).astype(np.float32))
+    side = kernel.Side(factors, kernel.scan_precision())
+    queries = np.arange(100, 400)
+    # float32 cosines as the scan reports them: a bfloat16 scan confirms its pairs with einsum, a
+    # float32 one reads its tile
+    exact = np.einsum("qd,nd->qn", factors[queries], factors) if scan == "bf16" else factors[queries] @ factors.T
+    threshold = -np.sort(-exact, axis=1)[:, 40].astype(np.float32)  # the 41st best of each row
+    none = np.zeros(len(queries), dtype=bool)
+    rows, cols, cfs = hybrid._hits(side, side.part(100, 400), threshold, none.copy(), none.copy(), 10_000, 512)
+    expected = np.argwhere(exact >= threshold[:, None])
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == sorted(map(tuple, expected.tolist()))
+    assert np.allclose(cfs, exact[rows, cols], atol=1e-6)
