@@ -310,9 +310,9 @@ def _hits(factors: kernel.Side, query: kernel.Side, threshold: np.ndarray, fallb
     over each tile for its rows' maxima, the comparison only for the rows that reach it.
 
     In bfloat16 (``kernel.scan_precision``: a 64-d product is bound by its output, which
-    bfloat16 halves) the whole tile is compared with threshold - ε (``kernel``'s proven bound),
-    and the cosines of what reaches it are computed in float32 (``np.einsum``, as the listed
-    models' are) and compared with the threshold itself: every pair a float32 scan would find."""
+    bfloat16 halves) a tile keeps what reaches threshold - ε (``kernel``'s proven bound), and
+    the cosines of those are computed in float32 and compared again: the same pairs and values
+    as a float32 scan of the listed models' kind (``np.einsum``), whatever found them."""
     taken = np.zeros(len(query.rows), dtype=np.int64)
     low = query.precision == "bf16"
     slack_f32 = query.rows.shape[1] * 2.0**-23  # the float32 confirmation's own rounding
@@ -323,13 +323,16 @@ def _hits(factors: kernel.Side, query: kernel.Side, threshold: np.ndarray, fallb
         block = factors.part(c_start, c_start + candidate_block)
         if low and query.low is not None and block.low is not None:
             torch = kernel._torch()
-            live = np.where(overflow | fallback, np.inf, floor).astype(np.float32)
-            near_rows_t, near_cols_t = torch.nonzero(  # floor is a bfloat16 number: the comparison is exact
-                query.low @ block.low.T >= torch.from_numpy(live).to(torch.bfloat16)[:, None], as_tuple=True)
-            if not len(near_rows_t):
+            tile_t = query.low @ block.low.T
+            reach = tile_t.amax(dim=1).float().numpy()
+            rows = np.flatnonzero((reach >= floor) & ~overflow & ~fallback)  # hits are rare: one pass
+            if not len(rows):
                 continue
-            rows, near_rows = np.unique(near_rows_t.numpy(), return_inverse=True)
-            near_cols = near_cols_t.numpy()
+            rows_t = torch.from_numpy(rows)
+            near_rows_t, near_cols_t = torch.nonzero(
+                tile_t[rows_t] >= torch.from_numpy(floor[rows].astype(np.float32)).to(torch.bfloat16)[:, None],
+                as_tuple=True)  # floor is a bfloat16 number: the comparison is exact
+            near_rows, near_cols = near_rows_t.numpy(), near_cols_t.numpy()
             values = np.einsum("ij,ij->i", query.rows[rows[near_rows]], block.rows[near_cols])
             hit = values >= threshold[rows[near_rows]]
             hit_rows, hit_cols, hit_cf = near_rows[hit], near_cols[hit], values[hit]
