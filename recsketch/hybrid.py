@@ -316,13 +316,13 @@ def _hits(factors: kernel.Side, query: kernel.Side, threshold: np.ndarray, fallb
     taken = np.zeros(len(query.rows), dtype=np.int64)
     low = query.precision == "bf16"
     slack_f32 = query.rows.shape[1] * 2.0**-23  # the float32 confirmation's own rounding
-    floor = kernel._round_down(threshold - kernel._bound(query, factors) - slack_f32, "bf16") if low \
+    floor = kernel.round_down(threshold - kernel.error_bound(query, factors) - slack_f32, "bf16") if low \
         else threshold
     found_rows, found_cols, found_cf = [], [], []
     for c_start in range(0, len(factors.rows), candidate_block):
         block = factors.part(c_start, c_start + candidate_block)
         if low and query.low is not None and block.low is not None:
-            torch = kernel._torch()
+            torch = kernel.torch_module()
             tile_t = query.low @ block.low.T
             reach = tile_t.amax(dim=1).float().numpy()
             rows = np.flatnonzero((reach >= floor) & ~overflow & ~fallback)  # hits are rare: one pass

@@ -42,7 +42,7 @@ BF16_MAX_K = 32  # deeper lists: float32 is faster (at k = 100 the window's exac
 
 
 @cache
-def _torch():  # torch, imported when first needed
+def torch_module():  # torch, imported when first needed
     import torch
 
     return torch
@@ -101,7 +101,7 @@ class Side:
         self.low_norms = self.norms
         self.residual_norms = np.zeros(len(self.rows))
         if precision == "bf16":
-            torch = _torch()
+            torch = torch_module()
             with warnings.catch_warnings():  # rows read from a file are read-only; torch only reads them here
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 low = torch.from_numpy(self.rows).to(torch.bfloat16)
@@ -128,7 +128,7 @@ def _norms(rows: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", rows, rows).astype(np.float64)) * (1 + (rows.shape[1] + 2) * FP32_UNIT)
 
 
-def _bound(query: Side, candidates: Side) -> np.ndarray:
+def error_bound(query: Side, candidates: Side) -> np.ndarray:
     """Each query row's bound on ``|ŝ - s|`` over the tile (see the module's docstring)."""
     d = query.rows.shape[1]
     c_norm, c_low, c_res = (float(v.max()) if len(v) else 0.0
@@ -149,12 +149,12 @@ def candidate_pairs(query: Side, candidates: Side, kk: int, running: np.ndarray,
 
     The tile's ``kk + SPARE`` best per row usually hold every such pair; only a row whose last of
     them still reaches its floor is searched whole."""
-    bound = _bound(query, candidates)
+    bound = error_bound(query, candidates)
     width = len(candidates.rows)
     take, wide = min(kk, width), min(kk + SPARE, width)
     inside = np.flatnonzero(own >= 0) if own is not None else np.zeros(0, dtype=np.int64)
     if query.precision == "bf16" and query.low is not None and candidates.low is not None:
-        torch = _torch()
+        torch = torch_module()
         tile = query.low @ candidates.low.T
         tile[torch.from_numpy(inside), torch.from_numpy(own[inside] if own is not None else inside)] = -torch.inf
         top = torch.topk(tile, wide, dim=1, sorted=True) if take else None
@@ -175,7 +175,7 @@ def candidate_pairs(query: Side, candidates: Side, kk: int, running: np.ndarray,
         return empty, empty, np.zeros(0, dtype=np.float32), bound
     top_values, top_indices = np.asarray(top_pair[0], dtype=np.float32), np.asarray(top_pair[1])
     floor = np.maximum(np.maximum(top_values[:, take - 1] - 2 * bound, running - bound), -1e30)
-    floor32 = _round_down(floor, query.precision)
+    floor32 = round_down(floor, query.precision)
     rows, slots = np.nonzero(top_values >= floor32[:, None])
     cols, values = top_indices[rows, slots], top_values[rows, slots]
     whole = np.flatnonzero(top_values[:, -1] >= floor32) if wide < width else np.zeros(0, dtype=np.int64)
@@ -195,7 +195,7 @@ def _top(dense: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray]:
     """(values, columns) of each row's ``wide`` largest, best first: torch.topk when installed
     (several times numpy's argpartition here), else numpy."""
     try:
-        torch = _torch()
+        torch = torch_module()
     except ImportError:
         columns = np.argpartition(-dense, wide - 1, axis=1)[:, :wide]
         values = np.take_along_axis(dense, columns, 1)
@@ -205,7 +205,7 @@ def _top(dense: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray]:
     return top.values.numpy(), top.indices.numpy()
 
 
-def _round_down(values: np.ndarray, precision: str) -> np.ndarray:
+def round_down(values: np.ndarray, precision: str) -> np.ndarray:
     """The largest numbers of the tile's precision at or below ``values``, as float32 (exact): a
     tile compared with them keeps every entry that reaches the float64 floor."""
     low = values.astype(np.float32)

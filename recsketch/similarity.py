@@ -167,8 +167,7 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
         return _top_k_kernel(unit, kk, queries, query_block, candidate_block)
     for q_first in range(0, len(queries), query_block):
         q_rows = queries[q_first : q_first + query_block]
-        contiguous = q_rows[-1] - q_rows[0] + 1 == len(q_rows)
-        query = np.asarray(unit[q_rows[0]:q_rows[-1] + 1] if contiguous else unit[q_rows], dtype=np.float32)
+        query = _query_rows(unit, q_rows)
         best = np.zeros((len(q_rows), 0), dtype=np.int64)
         best_scores = np.zeros((len(q_rows), 0), dtype=np.float32)
         for c_start in range(0, n, candidate_block):
@@ -183,6 +182,12 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
         out = slice(q_first, q_first + len(q_rows))
         indices[out], scores[out] = _rescore_near_one(unit, q_rows, best, best_scores)
     return indices, scores
+
+
+def _query_rows(unit, q_rows: np.ndarray) -> np.ndarray:
+    """The query rows as float32: one slice read when they are contiguous, else picked."""
+    contiguous = q_rows[-1] - q_rows[0] + 1 == len(q_rows)
+    return np.asarray(unit[q_rows[0]:q_rows[-1] + 1] if contiguous else unit[q_rows], dtype=np.float32)
 
 
 QUERY_SPAN = 16384  # query rows that share one read of the candidates (their float32 and bfloat16 copies in memory)
@@ -200,9 +205,7 @@ def _top_k_kernel(unit, kk: int, queries: np.ndarray, query_block: int,
         sides = []
         for q_first in range(0, len(span), query_block):
             q_rows = span[q_first : q_first + query_block]
-            contiguous = q_rows[-1] - q_rows[0] + 1 == len(q_rows)
-            rows = unit[q_rows[0]:q_rows[-1] + 1] if contiguous else unit[q_rows]
-            sides.append((q_first, q_rows, kernel.Side(np.asarray(rows, dtype=np.float32), "bf16")))
+            sides.append((q_first, q_rows, kernel.Side(_query_rows(unit, q_rows), "bf16")))
         for c_start in range(0, n, candidate_block):
             c_stop = min(n, c_start + candidate_block)
             block = kernel.Side(np.asarray(unit[c_start:c_stop], dtype=np.float32), "bf16")
@@ -307,47 +310,31 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
         indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, kk, dirty_rows)
     fresh = np.sort(fresh)
     tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
-    loaded = [np.asarray(unit[tile], dtype=np.float32) for tile in tiles] if len(tiles) == 1 else None
-    if kernel.product_precision(unit.shape[1], kk) == "bf16":  # the kernel's exact scores, as the dirty rows'
-        _merge_fresh_exact(unit, kk, refresh, tiles, loaded, (first, last), block_rows, indices, scores)
-        return indices, scores
+    exact = kernel.product_precision(unit.shape[1], kk) == "bf16"  # the kernel's scores, as the dirty rows' are
+
+    def side(rows: np.ndarray):  # a kernel side in bfloat16, plain rows in float32
+        return kernel.Side(rows, "bf16") if exact else rows
+
+    loaded = [side(np.asarray(unit[tile], dtype=np.float32)) for tile in tiles] if len(tiles) == 1 else None
     for start in range(first, last, block_rows):  # one read of each row range; its clean rows picked from it
         stop = min(last, start + block_rows)
         block = start + np.flatnonzero(clean[start:stop])  # a clean row's list holds no fresh model, nor is it fresh
         if not len(block):
             continue
-        query = np.asarray(unit[start:stop], dtype=np.float32)[block - start]
+        query = side(np.asarray(unit[start:stop], dtype=np.float32)[block - start])
         best, best_scores = known_indices[block, :kk], known_scores[block, :kk]
         for number, tile in enumerate(tiles):  # the fresh models, a tile at a time, merged into the lists
-            rows_of_tile = loaded[number] if loaded is not None else np.asarray(unit[tile], dtype=np.float32)
-            candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(kk, len(tile)))
-            best, best_scores = merge_lists(best, best_scores, tile[candidates], values, kk)
+            rows_of_tile = loaded[number] if loaded is not None else side(np.asarray(unit[tile], dtype=np.float32))
+            if exact:
+                best, best_scores = kernel.merge_tile(query, rows_of_tile, tile, best, best_scores, kk)
+            else:
+                candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(kk, len(tile)))
+                best, best_scores = merge_lists(best, best_scores, tile[candidates], values, kk)
         beyond = np.arange(kk)[None, :] >= refresh.limit[block][:, None]  # past a row's limit nothing is known
         best, best_scores = np.where(beyond, -1, best), np.where(beyond, -np.inf, best_scores).astype(np.float32)
-        indices[block - first], scores[block - first] = _rescore_near_one(unit, block, best, best_scores)
+        indices[block - first], scores[block - first] = (best, best_scores) if exact else \
+            _rescore_near_one(unit, block, best, best_scores)
     return indices, scores
-
-
-def _merge_fresh_exact(unit, kk: int, refresh: Refresh, tiles: list[np.ndarray], loaded: list[np.ndarray] | None,
-                       rows: tuple[int, int], block_rows: int, indices: np.ndarray, scores: np.ndarray) -> None:
-    """``refresh_top_k``'s clean rows through ``recsketch.kernel``: the fresh models merged into
-    each clean row's known list, scored as the kernel scores every pair (filled in place)."""
-    first, last = rows
-    sides = [kernel.Side(tile_rows, "bf16") for tile_rows in loaded] if loaded is not None else None
-    for start in range(first, last, block_rows):
-        stop = min(last, start + block_rows)
-        block = start + np.flatnonzero(np.asarray(refresh.clean[start:stop], dtype=bool))
-        if not len(block):
-            continue
-        query = kernel.Side(np.asarray(unit[start:stop], dtype=np.float32)[block - start], "bf16")
-        best, best_scores = refresh.known_indices[block, :kk], refresh.known_scores[block, :kk]
-        for number, tile in enumerate(tiles):
-            side = sides[number] if sides is not None else kernel.Side(np.asarray(unit[tile], dtype=np.float32),
-                                                                          "bf16")
-            best, best_scores = kernel.merge_tile(query, side, tile, best, best_scores, kk)
-        beyond = np.arange(kk)[None, :] >= refresh.limit[block][:, None]  # past a row's limit nothing is known
-        indices[block - first] = np.where(beyond, -1, best)
-        scores[block - first] = np.where(beyond, -np.inf, best_scores).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_the_bfloat16_bound_holds_over_whole_tiles(scale: float) -> None:
     query, candidates = kernel.Side(rows[:200], "bf16"), kernel.Side(rows, "bf16")
     approximate = (query.low @ candidates.low.T).to(torch.float32).numpy().astype(np.float64)
     exact = rows[:200].astype(np.float64) @ rows.astype(np.float64).T
-    bound = kernel._bound(query, candidates)
+    bound = kernel.error_bound(query, candidates)
     assert (np.abs(approximate - exact) <= bound[:, None]).all()
     assert np.abs(approximate - exact).max() > 0.05 * bound.min()  # the products do round: the bound is not idle
 
@@ -103,8 +103,8 @@ def test_the_bfloat16_bound_holds_over_whole_tiles(scale: float) -> None:
 def test_a_tile_that_breaks_its_bound_is_recomputed_in_float32(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("RECSKETCH_KERNEL", "bf16")
-    honest = kernel._bound
-    monkeypatch.setattr(kernel, "_bound", lambda q, c: honest(q, c) * (1e-6 if q.precision == "bf16" else 1.0))
+    honest = kernel.error_bound
+    monkeypatch.setattr(kernel, "error_bound", lambda q, c: honest(q, c) * (1e-6 if q.precision == "bf16" else 1.0))
     unit = clustered(600, 256, seed=3)
     queries = np.arange(0, 600, 7)
     with caplog.at_level(logging.WARNING, logger="recsketch.kernel"):
@@ -154,9 +154,9 @@ def test_a_floor_is_rounded_down_to_the_tiles_precision() -> None:
     rng = np.random.default_rng(6)
     floors = np.concatenate([rng.normal(0, 1, 2000), [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30]])
     for precision in PRECISIONS:
-        low = kernel._round_down(floors, precision)
+        low = kernel.round_down(floors, precision)
         assert (low.astype(np.float64) <= floors).all(), precision
-    low = kernel._round_down(floors, "bf16")
+    low = kernel.round_down(floors, "bf16")
     bits = low.view(np.uint32)
     assert ((bits & 0xFFFF) == 0).all()  # a bfloat16 number
     step_up = np.where(low > 0, (bits + 0x10000).view(np.float32), (bits - 0x10000).view(np.float32))
