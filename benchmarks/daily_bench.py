@@ -156,7 +156,7 @@ def part_visual(args: argparse.Namespace, work: Path) -> dict:
 
 
 def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
-    from recsketch import hybrid
+    from recsketch import hybrid, kernel
     from recsketch.hybrid import BlendedRows, bounded_top_k
     from recsketch.similarity import NpyRows, recall_at_k, top_k_tiled
 
@@ -175,17 +175,27 @@ def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
             reading[0] += time.perf_counter() - started
 
     hybrid.pair_visual = timed_pair_visual
+    # once per shard, not per row: a task's first bfloat16 product (torch's import, oneDNN's JIT) and
+    # the factors rounded for the scan; timed on a few rows, then the factors' rounding alone
+    started = time.perf_counter()
+    bounded_top_k(after, factors, visual["indices"][:8], visual["scores"][:8], (0, 8), CF_WEIGHT, K,
+                  exact=args.exact, check_rows=0)
+    setup_seconds = time.perf_counter() - started - reading[0]
+    started = time.perf_counter()
+    kernel.Side(np.asarray(factors, dtype=np.float32), kernel.scan_precision())
+    rounding_seconds = time.perf_counter() - started
+    reading[0] = 0.0
     started = time.perf_counter()  # per row: the scan, merging the pairs, the rows computed in full
     result = bounded_top_k(after, factors, visual["indices"], visual["scores"], sample, CF_WEIGHT, K,
                            exact=args.exact, check_rows=0)
-    per_row_seconds = time.perf_counter() - started - reading[0]
+    per_row_seconds = time.perf_counter() - started - reading[0] - rounding_seconds
     started = time.perf_counter()
     exact_indices, exact_scores = top_k_tiled(BlendedRows(after, factors, CF_WEIGHT), K, sample)
     full_seconds = time.perf_counter() - started
     rows = len(factors)
     shards = -(-rows // SHARD_ROWS)
     flushes = max(shards, int(np.ceil(result.candidates / args.sample * rows / PAIR_BUDGET)))
-    day_seconds = per_row_seconds * rows / args.sample + reading[0] * flushes
+    day_seconds = per_row_seconds * rows / args.sample + reading[0] * flushes + setup_seconds * shards
     check_seconds = 0.0
     if result.unproven_rows:  # per shard, not per row: 20 unproven rows computed in full to measure them
         started = time.perf_counter()
@@ -200,6 +210,7 @@ def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
     return {"full_hours": full_seconds * rows / args.sample / 3600, "unproven_recall": unproven_recall,
             "sent_to_full": sent_to_full,
             "day_hours": (day_seconds + check_seconds) / 3600, "pair_read_minutes": reading[0] * flushes / 60,
+            "setup_minutes": setup_seconds * shards / 60, "scan_seconds_per_1000": per_row_seconds / args.sample * 1000,
             "fallback_share": result.fallback_rows / args.sample, "pairs_per_row": result.candidates / args.sample,
             "unproven_share": result.unproven_rows / args.sample, "check_minutes": check_seconds / 60,
             "recall": recall,
@@ -252,7 +263,9 @@ def main() -> None:
               f"in full, {hybrid['unproven_share']:.1%} unproven (their candidates' recall@{K} "
               f"{hybrid['unproven_recall']:.4f}: {hybrid['sent_to_full']:.1%} of rows sent to the full computation by "
               f"the shards' check, which costs {hybrid['check_minutes']:.1f} min), "
-              f"the pairs' reads of the features {hybrid['pair_read_minutes']:.1f} min, "
+              f"the pairs' reads of the features {hybrid['pair_read_minutes']:.1f} min, each shard's setup (torch, "
+              f"the factors rounded) {hybrid['setup_minutes']:.1f} min, "
+              f"{hybrid['scan_seconds_per_1000']:.2f} s per 1,000 rows, "
               f"{hybrid['pairs_per_row']:.0f} pairs a row; the lists before any check, against the exact ones: "
               f"recall@{K} "
               f"{hybrid['recall']:.4f}, "
