@@ -218,6 +218,95 @@ def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
             "index_agreement": float((result.indices == exact_indices).mean())}
 
 
+def part_tasks(args: argparse.Namespace, work: Path) -> dict:
+    """The day's other tasks at N models, each timed as the DAG runs it: ``threshold_likes`` on
+    power-law likes, ``evaluate`` over the day's features (read by blocks), plan_hybrid's ALS fit
+    and factors (``fit_als``, ``stream_factors``), the merges' writes of the lists and the load of
+    both methods' top-10 into PostgreSQL. The refresh plan's gather of every model's features
+    from the chunks into the run's scratch file is stood in for by a copy of the features file
+    (the same bytes read and written)."""
+    import shutil
+
+    import pandas as pd
+
+    from benchmarks.load_bench import synthetic_topk
+    from benchmarks.scale_bench import ADMIN_URL
+    from recsketch.evaluation import EvaluationConfig, Likes, evaluate
+    from recsketch.hybrid import fit_als, stream_factors
+    from recsketch.likes import threshold_likes
+    from recsketch.similarity import NpyRows
+
+    n = layout(args.models)["after"]
+    rng = np.random.default_rng(2)
+    # every model >= 5 likes, a power law above; users' activity a power law too, at least 5 each
+    per_model = 5 + np.minimum((rng.pareto(1.5, n) * 10).astype(np.int64), 20_000)
+    items = rng.permutation(np.repeat(np.arange(n, dtype=np.int64), per_model))
+    per_user = 5 + np.minimum((rng.pareto(1.2, len(items) // 8) * 8).astype(np.int64), 50_000)
+    per_user = per_user[: int(np.searchsorted(np.cumsum(per_user), len(items))) + 1]
+    users = np.repeat(np.arange(len(per_user), dtype=np.int64), per_user)[: len(items)]
+    mids = [f"{i:032x}" for i in range(n)]
+    frame = pd.DataFrame({"mid": pd.Categorical.from_codes(items.astype(np.int32), mids),
+                          "uid": pd.Categorical.from_codes(users.astype(np.int32),
+                                                           [f"u{i}" for i in range(len(per_user))])})
+    del items, users
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    kept = threshold_likes(frame, 5).likes
+    seconds["threshold"] = time.perf_counter() - started
+    likes = Likes.from_frame(kept, mids)
+    del frame, kept
+    started = time.perf_counter()
+    shutil.copyfile(work / "after.npy", work / "gathered.npy")
+    seconds["gather (a copy of the features)"] = time.perf_counter() - started
+    (work / "gathered.npy").unlink()
+    unit = NpyRows(work / "after.npy")
+    started = time.perf_counter()
+    report = evaluate(likes, unit, EvaluationConfig(threads=os.cpu_count() or 1), progress=lambda _: None)
+    seconds["evaluate"] = time.perf_counter() - started
+    started = time.perf_counter()
+    matrix = likes.matrix()
+    _, item_factors = fit_als(matrix, threads=os.cpu_count() or 1)
+    liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
+    factors = stream_factors(unit, item_factors, liked)
+    seconds["plan_hybrid (ALS, factors)"] = time.perf_counter() - started
+    unit.close()
+    started = time.perf_counter()  # merge_similarity writes the deep lists twice (the run's, the latest) and the
+    deep = rng.integers(0, n, size=(n, DEPTH))  # served ones; merge_hybrid its served ones
+    for name in ("deep", "latest"):
+        np.savez(work / f"{name}.npz", indices=deep, scores=rng.random((n, DEPTH), dtype=np.float32))
+    for name in ("visual", "hybrid"):
+        np.savez(work / f"{name}.npz", indices=deep[:, :K], scores=rng.random((n, K), dtype=np.float32))
+    seconds["merges' writes"] = time.perf_counter() - started
+    del deep
+    seconds["load"] = _load_both(ADMIN_URL, synthetic_topk(n, K))
+    return {"seconds": seconds, "likes": len(likes.users), "users": int(likes.n_users),
+            "factors_shape": list(factors.shape), "evaluated_users": report["split"]["evaluated_users"]}
+
+
+def _load_both(admin_url: str, topk) -> float:  # type: ignore[no-untyped-def]
+    """Seconds of ``load_recommendations`` of ``topk`` as both methods, in a database of its own."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from recsketch.db import store
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"recsketch_daily_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = store.connect(admin.url.set(database=name).render_as_string(hide_password=False))
+    try:
+        started = time.perf_counter()
+        store.load_recommendations(engine, "day", "bench", K, topk, more={"hybrid": topk})
+        return time.perf_counter() - started
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def child(part: str, args: argparse.Namespace, work: Path) -> None:
     print("RESULT " + json.dumps(globals()[f"part_{part}"](args, work)), flush=True)
 
@@ -235,6 +324,8 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="RECSKETCH_HYBRID_EXACT: unproven rows in full")
     parser.add_argument("--tastes", choices=("visual", "independent"), default="visual",
                         help="CF tastes that follow the visual groups, or tastes independent of them")
+    parser.add_argument("--no-tasks", action="store_true",
+                        help="the neighbours only: not the day's other tasks (threshold, evaluate, ALS, load)")
     parser.add_argument("--child")
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
@@ -275,6 +366,16 @@ def main() -> None:
         full = visual["full_hours"] + hybrid["full_hours"]
         print(f"  the day's neighbours: {day * 60:.1f} min vs {full:.2f} h for full passes = {day / full:.4f} "
               f"(goal <= 0.05)", flush=True)
+        if args.no_tasks:
+            return
+        tasks = run_part("tasks", argv, work)
+        steps = {**tasks["seconds"], "visual neighbours (the day)": visual["day_hours"] * 3600,
+                 "hybrid neighbours (the day)": hybrid["day_hours"] * 3600}
+        print(f"  the day's DAG from threshold to load, on this machine ({tasks['likes']:,} likes of "
+              f"{tasks['users']:,} users; evaluate on {tasks['evaluated_users']:,} users; peak RSS "
+              f"{tasks['peak_rss_gib']:.2f} GiB): " + ", ".join(f"{name} {value / 60:.1f} min"
+                                                               for name, value in steps.items())
+              + f"; in all {sum(steps.values()) / 60:.1f} min (goal <= 30)", flush=True)
 
 
 if __name__ == "__main__":

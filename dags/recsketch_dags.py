@@ -193,13 +193,17 @@ def recsketch_recommendations() -> None:
         context["outlet_events"][RECOMMENDATIONS].extra = summary
         return summary
 
+    @task
+    def cleanup() -> dict:
+        return _run(stages.CLEANUP)
+
     chunks = plan_chunks()
     threshold() >> chunks
     shards = plan_similarity()
     chunks >> extract.expand(chunk_id=chunks) >> shards
     hybrid_shards = plan_hybrid()
     shards >> similarity_shard.expand(shard=shards) >> merge_similarity() >> evaluate() >> hybrid_shards
-    hybrid_shards >> hybrid_shard.expand(shard=hybrid_shards) >> merge_hybrid() >> load()
+    hybrid_shards >> hybrid_shard.expand(shard=hybrid_shards) >> merge_hybrid() >> load() >> cleanup()
 
 
 recsketch()

@@ -98,13 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="visual: by the pictures (default); hybrid: pictures and likes together")
 
     for part in STEPS:
-        if part.name == "evaluate":
-            continue  # its own subcommand below: it also runs without a run
+        if part.name in ("evaluate", "gc"):
+            continue  # their own subcommands below: they also run without a run
         stage = commands.add_parser(part.name, help=part.help)
         _pipeline_options(stage)
         stage.add_argument("--run-id", required=True, help="the run whose folder the stages share")
         for option in part.options:
             _add_option(stage, option)
+
+    gc = commands.add_parser("gc", help="retention: delete the run folders past RECSKETCH_KEEP_RUNS (the load "
+                             "does it too)")
+    gc.add_argument("--dry-run", dest="dry_run", action="store_true",
+                    help="print what would be kept and deleted, delete nothing")
 
     evaluate = commands.add_parser("evaluate", help="offline quality: every method ranked on held-out likes")
     _pipeline_options(evaluate)
@@ -230,6 +235,21 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     return 0
 
 
+def _gc(settings: Settings, dry_run: bool) -> int:
+    from recsketch import retention
+    from recsketch.db import store
+
+    engine = store.connect(settings.resolved_database_url)
+    if dry_run:
+        for verdict in retention.judge(settings, engine):
+            print(f"{'keep' if verdict.keep else 'delete':<7} {verdict.folder}  ({verdict.kind}, {verdict.reason})")
+        return 0
+    result = retention.collect(settings, engine)
+    print(json.dumps({"deleted": result["deleted"], "kept": len(result["kept"]),
+                      "files_deleted": result["files_deleted"]}))
+    return 0
+
+
 def _import(settings: Settings, folder: Path) -> int:
     from recsketch.importer import import_folder
 
@@ -286,8 +306,8 @@ def _step(part: Step) -> Callable[..., int]:
 
 HANDLERS: dict[str, Callable[..., int]] = {
     "serve-sketchfab": _serve, "demo-catalog": _demo_catalog, "db": _db, "similar": _similar,
-    "evaluate": _evaluate, "import": _import, "show": _show, "run": _run,
-    **{part.name: _step(part) for part in STEPS if part.name != "evaluate"},
+    "evaluate": _evaluate, "import": _import, "show": _show, "run": _run, "gc": _gc,
+    **{part.name: _step(part) for part in STEPS if part.name not in ("evaluate", "gc")},
 }
 NO_SETTINGS = ("serve-sketchfab", "demo-catalog")  # these need no data dir, DB or API settings
 

@@ -313,6 +313,16 @@ class SimilarityPlan:
         return folder / f"{method.file_name}_plan.json"
 
     def write(self, folder: Location) -> None:
+        """The plan, replacing the run's plan of this method: a replaced plan of other inputs (a
+        rerun after the catalogue moved) takes its features and shards with it, so the folder
+        holds only what its plans name (``run_folder_keys``)."""
+        try:
+            replaced: SimilarityPlan | None = SimilarityPlan.read(folder, self.method)
+        except RecsketchError:
+            replaced = None
+        if replaced is not None and replaced.digest != self.digest:
+            for key in replaced.keys(folder):
+                key.unlink(missing_ok=True)
         payload: dict[str, object] = {"mode": self.mode.value, "detail": self.detail, "mids": self.mids,
                                       "shards": [list(shard) for shard in self.shards]}
         if self.recall_at_k is not None:
@@ -358,6 +368,13 @@ class SimilarityPlan:
 
     def shard_path(self, folder: Location, first: int, last: int) -> Location:
         return folder / f"{self.name}-shard-{self.digest}-{first:09d}-{last:09d}.npz"
+
+    def keys(self, folder: Location) -> list[Location]:
+        """Every key this plan may have written beside itself (each may be absent)."""
+        named = [self.features_path(folder), self.refresh_path(folder)]
+        if self.method is not Method.VISUAL:
+            named.append(self.visual_rows_path(folder))
+        return named + [self.shard_path(folder, first, last) for first, last in self.shards]
 
     def write_shard(self, folder: Location, first: int, last: int, indices: np.ndarray, scores: np.ndarray,
                     stats: Mapping[str, Any] | None = None) -> None:
@@ -485,6 +502,22 @@ RUN_FOLDER_FILES: tuple[tuple[str, str], ...] = (  # (file name pattern, the cla
      "SimilarityPlan"),
     (r"topk(-hybrid|-deep)?\.npz", "TopKStore"),
 )
+
+
+def run_folder_keys(folder: Location) -> list[Location]:
+    """Every key a run folder may hold, by name (an object store is never listed): what its
+    plans name first, then the fixed files, the plans last, so a deletion cut short finds the
+    rest again. A test runs the pipeline and checks that nothing in a folder is missing here."""
+    named: list[Location] = []
+    for method in Method:
+        try:
+            named += SimilarityPlan.read(folder, method).keys(folder)
+        except RecsketchError:  # no plan of this method (or unreadable: its files were never named)
+            continue
+    fixed = [CRAWL_STATS_FILE, VALID_MODELS_FILE, RUN_LIKES_FILE, EVALUATION_FILE, TOPK_FILE, DEEP_TOPK_FILE,
+             *(f"topk-{method.value}.npz" for method in Method if method is not Method.VISUAL)]
+    plans = [PLAN_FILE, *(SimilarityPlan.path(folder, method).name for method in Method)]
+    return named + [folder / name for name in fixed + plans]
 
 
 def owner_of(name: str) -> str | None:

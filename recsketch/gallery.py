@@ -124,10 +124,13 @@ def _link(mid: str, label: str, method: str = "visual") -> str:
 
 
 def metrics_table(history: list[dict]) -> str:
-    """Each run's warm metrics at 10 and the cold-start hybrid NDCG, newest first."""
+    """Each run's warm metrics at 10, the cold-start hybrid NDCG and what the gate scored its
+    served lists (``recsketch.gate``: the bar is the best kept run's), newest first."""
     columns = [(f"warm/{m}/{TREND_METRIC}", f"{m} NDCG@10") for m, _ in TREND]
     columns += [("warm/visual/coverage@10", "visual coverage@10"),
-                ("cold_start/hybrid/ndcg@10", "cold-start hybrid NDCG@10")]
+                ("cold_start/hybrid/ndcg@10", "cold-start hybrid NDCG@10"),
+                ("served/visual/ndcg@10", "gate: served visual NDCG@10"),
+                ("served/hybrid/ndcg@10", "gate: served hybrid NDCG@10")]
     head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
     rows = []
     for run in reversed(history):

@@ -21,3 +21,9 @@ def validate_model_id(value: object, *, source: str = "model id") -> str:
         raise InvalidModelId(f"{source}: {value!r} is not a Sketchfab model id "
                              "(32 lowercase hex characters or a legacy 26-27 character id)")
     return value
+
+
+def run_folder_name(run_id: str) -> str:
+    """A run's folder name under ``<data dir>/runs/``: its id reduced to characters that are
+    safe in a path or an object key (an Airflow run id holds ``:`` and ``+``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._") or "run"

@@ -1,7 +1,7 @@
 """Process faults: SIGKILL each stage at seeded random moments, rerun it, compare with an
 uninterrupted run.
 
-For every stage (crawl, extract, similarity, incremental, load) the suite runs the stage's real command
+For every stage (crawl, extract, similarity, incremental, load, gc) the suite runs the stage's real command
 (``recsketch <stage> --run-id r``) from a prepared state, kills it with SIGKILL after a delay
 drawn by a seeded generator from [0, the stage's uninterrupted wall time), checks what the
 kill left (the served recommendations are complete; finished chunks and thumbnails are
@@ -41,7 +41,7 @@ from recsketch.psv import write_psv
 from recsketch.sketchfab.server import Faults, start_in_thread
 
 PG_ADMIN_URL = os.environ.get("RECSKETCH_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-STAGES = ("crawl", "extract", "similarity", "incremental", "load")
+STAGES = ("crawl", "extract", "similarity", "incremental", "load", "gc")
 COMMANDS = {"incremental": "similarity"}  # the similarity step, working the last result forward
 RUN_ID = "r"
 
@@ -137,6 +137,8 @@ class FaultSuite:
 
     @staticmethod
     def command(stage: str) -> list[str]:
+        if stage == "gc":  # retention runs over the data dir, not one run
+            return [sys.executable, "-m", "recsketch.cli", "gc"]
         return [sys.executable, "-m", "recsketch.cli", COMMANDS.get(stage, stage), "--run-id", RUN_ID]
 
     def run(self, stage: str, env: dict[str, str]) -> float:
@@ -237,6 +239,7 @@ class FaultSuite:
         self.dbs.names.append(f"{self.syn_db_name}_tpl")
         self.reference["load"] = self.run("load", env)
         self.ref_served = self.served_rows(syn_db)
+        self.setup_gc()
 
     def setup_incremental(self, mids: list[str]) -> None:
         """The last exact result over mids[1000:], then a day that adds mids[:1000] and loses the
@@ -314,6 +317,8 @@ class FaultSuite:
             if stage == "load" and report.kills == kills - 1 and not report.in_transaction:
                 # no random delay landed inside the transaction yet: the last kill goes there
                 killed, in_transaction = self.kill_inside_load_transaction(env)
+            elif stage == "gc" and report.kills == kills - 1 and not report.mid_work:
+                killed, in_transaction = self.kill_mid_collection(round_dir, env), False  # likewise
             else:
                 killed, in_transaction = self.kill_during(stage, env, delay)
             if not killed:
@@ -472,6 +477,104 @@ class FaultSuite:
             raise AssertionError("the served recommendations differ from the uninterrupted run")
         if total != len(rows):
             raise AssertionError(f"{total} rows stored for {len(rows)} served: duplicates")
+
+    # gc: nine of twelve loaded runs past RECSKETCH_KEEP_RUNS=3; a kill must leave every kept run
+    # whole, and the rerun the state of an uninterrupted collection
+    GC_RUNS, GC_KEEP, GC_FILES = 12, 3, 300
+
+    def setup_gc(self) -> None:
+        from datetime import UTC, datetime, timedelta
+
+        from recsketch import retention
+        from recsketch.db import store
+
+        self.gc_template = self.workdir / "gc-template"
+        self.gc_db_name, url = self.dbs.create()
+        settings = Settings(data_dir=self.gc_template, database_url=url)
+        engine = store.connect(url)
+        now = datetime.now(UTC)
+        mids = [f"{i:032x}" for i in range(self.GC_FILES)]
+        for day in range(self.GC_RUNS):
+            name = f"scheduled__day{day:02d}"
+            folder = settings.run_dir(name)
+            contracts.ValidModels({mid: "v1" for mid in mids}).write(folder)
+            shards = [(i, i + 1) for i in range(len(mids))]
+            plan = contracts.SimilarityPlan(contracts.PlanMode.FULL, mids, shards=shards)
+            plan.write(folder)
+            for first, last in plan.shards:
+                plan.write_shard(folder, first, last, np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+            retention.register(engine, name, retention.Kind.RECOMMENDATIONS, now - timedelta(days=self.GC_RUNS - day))
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO runs VALUES (:r, 'key', 1, 1, :t, :live)"),
+                             {"r": name, "t": now, "live": day == 1})  # an old run is live: it stays
+                conn.execute(text("INSERT INTO run_metrics VALUES (:r, 'visual', 'ndcg@10', 'warm', 0.5, :t)"),
+                             {"r": name, "t": now})
+            retention.finish(engine, name)
+        engine.dispose()
+        with self.dbs.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.gc_db_name}_tpl" TEMPLATE "{self.gc_db_name}"'))
+        self.dbs.names.append(f"{self.gc_db_name}_tpl")
+        self.gc_before = self.gc_state(self.gc_template, url)
+        reference = self.workdir / "gc-reference"
+        env = self._prepare_gc(reference)
+        self.reference["gc"] = self.run("gc", env)
+        self.gc_after = self.gc_state(reference, env["RECSKETCH_DATABASE_URL"])
+        kept = {f"scheduled__day{day:02d}" for day in (1, *range(self.GC_RUNS - self.GC_KEEP, self.GC_RUNS))}
+        if set(self.gc_after["folders"]) != kept:
+            raise RuntimeError(f"the reference collection kept {sorted(self.gc_after['folders'])}, not {sorted(kept)}")
+
+    @staticmethod
+    def gc_state(data_dir: Path, db_url: str) -> dict:
+        """Each run folder's files and their digests, and the rows retention touches."""
+        folders = {p.name: {f.name: _sha(f) for f in sorted(p.iterdir())}
+                   for p in sorted((data_dir / "runs").iterdir())}
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            rows = {table: sorted(conn.execute(text(f"SELECT run_id FROM {table}")).scalars())
+                    for table in ("runs", "run_metrics")}
+            rows["run_folders"] = sorted(conn.execute(text("SELECT folder FROM run_folders")).scalars())
+        engine.dispose()
+        return {"folders": folders, **rows}
+
+    def _prepare_gc(self, round_dir: Path) -> dict[str, str]:
+        _, url = self.dbs.create(template=f"{self.gc_db_name}_tpl")
+        shutil.copytree(self.gc_template, round_dir, copy_function=os.link)  # unlinking a link spares the template
+        return {**self.env(round_dir, url), "RECSKETCH_KEEP_RUNS": str(self.GC_KEEP)}
+
+    def kill_mid_collection(self, round_dir: Path, env: dict[str, str]) -> bool:
+        """SIGKILL a collection the moment the first doomed folder has lost a file, not all."""
+        first = round_dir / "runs" / "scheduled__day00"
+        whole = len(list(first.iterdir()))
+        victim = subprocess.Popen(self.command("gc"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while victim.poll() is None and time.monotonic() < deadline:
+                try:
+                    if len(os.listdir(first)) < whole:
+                        victim.send_signal(signal.SIGKILL)
+                        victim.wait()
+                        return True
+                except FileNotFoundError:
+                    break  # the whole folder went between two looks: a later kill tries again
+                time.sleep(0.0005)
+            return False
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+            victim.wait()
+
+    def _recover_gc(self, round_dir: Path, env: dict[str, str], report: StageReport) -> None:
+        url = env["RECSKETCH_DATABASE_URL"]
+        after_kill = self.gc_state(round_dir, url)
+        for name, files in self.gc_after["folders"].items():  # every kept run whole through the kill
+            if after_kill["folders"].get(name) != files:
+                raise AssertionError(f"the kill damaged {name}, a run retention keeps")
+        touched = [name for name, files in after_kill["folders"].items() if files != self.gc_before["folders"][name]]
+        report.mid_work += bool(touched) or len(after_kill["folders"]) < len(self.gc_before["folders"])
+        self.run("gc", env)
+        if self.gc_state(round_dir, url) != self.gc_after:
+            raise AssertionError("after the rerun the data dir or the DB differs from an uninterrupted collection")
+        report.leftovers += len(_temps(round_dir))
 
     def close(self) -> None:
         if self.server is not None:

@@ -79,6 +79,16 @@ runs = Table(
     Column("is_live", Boolean, nullable=False, default=False),
 )
 
+run_folders = Table(  # every run folder a stage made: what retention (recsketch.retention) weighs and deletes
+    "run_folders",
+    metadata,
+    Column("folder", String(250), primary_key=True),  # its name under <data dir>/runs/
+    Column("kind", String(16), nullable=False),  # crawl | recommendations
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),  # loaded: no longer in flight
+    Column("deleting_at", DateTime(timezone=True)),  # retention began deleting it: no stage may write to it
+)
+
 run_metrics = Table(  # offline metrics of each loaded run: one row per (method, metric, split)
     "run_metrics",
     metadata,

@@ -172,7 +172,8 @@ def unavailable(engine: Engine, exc: Exception) -> DatabaseUnavailable:
                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
 
 
-def _insert(conn: Connection):
+def insert_for(conn: Connection):
+    """The dialect's INSERT (PostgreSQL's or SQLite's), which has ``on_conflict_do_*``."""
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert
 
 
@@ -189,7 +190,7 @@ def upsert_models(engine: Engine, rows: Sequence[dict]) -> None:
     for row in rows:  # a multi-row INSERT needs the same columns in every row
         by_columns.setdefault(tuple(sorted(row)), []).append(row)
     with engine.begin() as conn:
-        insert = _insert(conn)
+        insert = insert_for(conn)
         for columns, group in by_columns.items():
             for batch in _batches(group):
                 stmt = insert(models).values(list(batch))
@@ -214,7 +215,7 @@ def replace_likes(engine: Engine, likers: Mapping[str, Iterable[str]],
     rows = [{"mid": mid, "uid": uid} for mid in mids for uid in sorted(set(likers[mid]))]
     with engine.begin() as conn:
         conn.execute(delete(likes).where(likes.c.mid.in_(mids)))
-        insert = _insert(conn)
+        insert = insert_for(conn)
         for batch in _batches(rows):
             conn.execute(insert(likes).values(list(batch)))
         conn.execute(update(models).where(models.c.mid.in_(mids)).values(likes_complete=True, likes_reason=None))
@@ -429,6 +430,12 @@ def copy_rows(conn: Connection, table: str, run_id: str, backbone: str, rows: Ro
         f"COPY {table} (run_id, mid, rank, similar_mid, score, backbone, method) FROM STDIN WITH (FORMAT {form})",
         stream,
         size=1 << 20)
+
+
+def loaded_runs(engine: Engine) -> list[dict]:
+    """Every loaded run still recorded (retention deletes the rows of the runs it deletes), newest first."""
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(select(runs).order_by(runs.c.loaded_at.desc())).mappings()]
 
 
 def live_run(engine: Engine) -> dict | None:

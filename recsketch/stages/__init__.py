@@ -99,9 +99,10 @@ PLAN_HYBRID = Task("plan_hybrid", "neighbours", "plan_hybrid_stage",
 HYBRID_SHARD = Task("hybrid_shard", "neighbours", "hybrid_shard_stage", "one row block's hybrid top-k")
 MERGE_HYBRID = Task("merge_hybrid", "neighbours", "merge_hybrid_stage", "the hybrid lists joined")
 LOAD = Task("load", "load", "load_stage", "the run's lists served, if it passes the quality gate")
+CLEANUP = Task("cleanup", "cleanup", "cleanup_stage", "run folders past RECSKETCH_KEEP_RUNS deleted (retention)")
 
 TASKS: tuple[Task, ...] = (CRAWL, THRESHOLD, PLAN_CHUNKS, EXTRACT, PLAN_SIMILARITY, SIMILARITY_SHARD,
-                           MERGE_SIMILARITY, EVALUATE, PLAN_HYBRID, HYBRID_SHARD, MERGE_HYBRID, LOAD)
+                           MERGE_SIMILARITY, EVALUATE, PLAN_HYBRID, HYBRID_SHARD, MERGE_HYBRID, LOAD, CLEANUP)
 
 PUBLISHED_SINCE = Option("--published-since", "published_since",
                          "crawl only models published at or after this time (ISO 8601, UTC)", "timestamp")
@@ -124,6 +125,7 @@ STEPS: tuple[Step, ...] = (
     Step("load", "stage 6: load recommendations into the DB (after evaluate)", finish=LOAD,
          options=(Option("--force", "force", "load even if the quality gate refuses the run", "flag"),),
          needs_db=True, takes_run_id=True),
+    Step("gc", "stage 7: retention: run folders past RECSKETCH_KEEP_RUNS deleted", finish=CLEANUP, needs_db=True),
 )
 
 

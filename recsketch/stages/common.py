@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -13,6 +12,7 @@ from recsketch.config import Settings
 from recsketch.contracts import ChunkPlan, RunLikes
 from recsketch.db import store
 from recsketch.errors import RecsketchError
+from recsketch.ids import run_folder_name
 from recsketch.likes import threshold_likes
 from recsketch.storage import Location, sweep_stale_temps
 
@@ -26,8 +26,7 @@ def new_run_id() -> str:
 
 def run_dir(settings: Settings, run_id: str) -> Location:
     """The run's folder; the run id is reduced to characters that are safe in a path or key."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._") or "run"
-    path = settings.run_dir(safe)
+    path = settings.run_dir(run_folder_name(run_id))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from recsketch import retention
 from recsketch.config import INPUT_SIZE, Settings
 from recsketch.crawl import crawl
 from recsketch.db import store
@@ -20,6 +21,7 @@ def crawl_stage(settings: Settings, folder: Location, *, published_since: dateti
     through the catalogue DB by every worker); ``published_since``/``before`` bound the models
     listed (a backfill's day). Returns the crawl's statistics, without the problem list."""
     engine = store.connect(settings.resolved_database_url)
+    retention.register(engine, folder.name, retention.Kind.CRAWL)
     sweep(progress, settings.thumbs_dir, folder)
     rate = settings.effective_rate_limit
     client = SketchfabClient(settings.sketchfab_url, settings.likes_base_url, settings.sketchfab_token,

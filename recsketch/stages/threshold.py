@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from recsketch import retention
 from recsketch.config import Settings
 from recsketch.contracts import RunLikes, ValidModels
 from recsketch.crawl import thumbnail_path
@@ -19,6 +20,7 @@ def threshold_stage(settings: Settings, folder: Location, progress: Progress = l
     """Models that survive the like threshold and have a thumbnail: the run's item set, each
     with its thumbnail's version (features are keyed by it); and the surviving likes, which
     evaluate and plan_hybrid use."""
+    retention.register(store.connect(settings.resolved_database_url), folder.name, retention.Kind.RECOMMENDATIONS)
     valid, with_thumbnail, likes = valid_models(settings, progress)
     if len(valid) < 2:
         raise RecsketchError(

@@ -33,6 +33,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(suite: FaultSuite, stage
     assert report.redone == 0 and report.leftovers == 0, report.line()
     if stage == "load":  # at least one kill landed inside the load's transaction, by construction
         assert report.in_transaction >= 1, report.line()
+    if stage == "gc":  # and one with some of a folder deleted, the rest not
+        assert report.mid_work >= 1, report.line()
 
 
 def test_a_kill_after_the_new_last_result_is_published_recovers_to_it(suite: FaultSuite) -> None:

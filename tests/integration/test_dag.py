@@ -33,7 +33,7 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     assert {t.task_id for t in crawl_dag.tasks} == {"crawl", "publish_catalogue"}
     assert {t.task_id for t in recs_dag.tasks} == {"threshold", "plan_chunks", "extract", "plan_similarity",
                                                   "similarity_shard", "merge_similarity", "evaluate", "plan_hybrid",
-                                                  "hybrid_shard", "merge_hybrid", "load"}
+                                                  "hybrid_shard", "merge_hybrid", "load", "cleanup"}
     for dag in (crawl_dag, recs_dag):
         assert "recsketch" in dag.tags and dag.max_active_runs == 1
         for task in dag.tasks:
@@ -55,6 +55,7 @@ def test_dagbag_has_no_import_errors_and_the_expected_shape() -> None:
     assert isinstance(recs_dag.get_task("hybrid_shard"), MappedOperator)
     assert recs_dag.get_task("merge_hybrid").trigger_rule == "none_failed"
     assert recs_dag.get_task("merge_hybrid").downstream_task_ids == {"load"}
+    assert recs_dag.get_task("load").downstream_task_ids == {"cleanup"}  # retention after every load
 
 
 def test_params_are_validated() -> None:

@@ -52,7 +52,7 @@ def test_a_database_of_the_first_release_upgrades_with_every_row(db_url: str) ->
                           "VALUES ('old-run', :mid, :rank, :other, 0.5, 'vgg16')"),
                      [{"mid": m, "rank": r + 1, "other": o} for m in (A, B, C)
                       for r, o in enumerate(x for x in (A, B, C) if x != m)])
-    with pytest.raises(SchemaBehind, match=r"made before migrations.*needs 0004: run `recsketch db upgrade`"):
+    with pytest.raises(SchemaBehind, match=r"made before migrations.*needs 0005: run `recsketch db upgrade`"):
         store.connect(db_url)  # a stage refuses it, and says what to run
     assert migrate.upgrade(engine) == (None, migrate.head())
     upgraded = store.connect(db_url)
@@ -68,7 +68,7 @@ def test_a_database_of_the_first_release_upgrades_with_every_row(db_url: str) ->
 def test_a_stage_refuses_a_database_behind_the_code(db_url: str) -> None:
     engine = store.engine_for(db_url)
     migrate.upgrade(engine, "0002")
-    with pytest.raises(SchemaBehind, match=r"at schema revision 0002, this code needs 0004"):
+    with pytest.raises(SchemaBehind, match=r"at schema revision 0002, this code needs 0005"):
         store.connect(db_url)
     with pytest.raises(SchemaBehind):
         store.connect(db_url, read_only=True)

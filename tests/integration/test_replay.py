@@ -16,6 +16,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from recsketch.config import Settings
+from recsketch.contracts import run_folder_keys
 from recsketch.db import store
 from recsketch.db.schema import recommendations
 from recsketch.sketchfab.server import Catalog, start_in_thread
@@ -88,6 +89,10 @@ def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Pa
                 catalog.keep_likers(dropped, 2)  # its likes withdrawn: below the threshold
             summary = run_pipeline(daily, f"day-{day}", progress=lambda _: None)
             modes.append((summary["similarity"]["mode"], summary["hybrid"]["mode"]))
+            folder = daily.run_dir(f"day-{day}")  # retention finds each file of an incremental day by name
+            assert {p.name for p in folder.iterdir()} <= {key.name for key in run_folder_keys(folder)}
+            kept = sorted(p.name for p in (tmp_path / "data" / "runs").iterdir())
+            assert kept == sorted(f"day-{d}" for d in range(max(1, day - daily.keep_runs + 1), day + 1)), kept
             fresh = Settings(data_dir=tmp_path / f"fresh-{day}", database_url=f"sqlite:///{tmp_path}/fresh-{day}.db",
                              **base)
             run_pipeline(fresh, "fresh", progress=lambda _: None)
