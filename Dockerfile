@@ -15,6 +15,7 @@ RUN pip install --no-deps .
 # the DAG bundle: the same DAGs and plugins on every host (no shared folder)
 COPY dags ./dags
 COPY plugins ./plugins
+COPY tools/airflow_maintenance.py ./tools/
 # VGG16 ImageNet weights (no top) into Keras' cache at build time, so workers run offline
 RUN mkdir -p "$KERAS_HOME/models" && curl -fsSL -o "$KERAS_HOME/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" \
     https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5

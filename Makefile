@@ -11,7 +11,7 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURD
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	PATH=$(CURDIR)/$(BIN):$$PATH
 
-.PHONY: venv demo airflow test faults bench lint lock clean
+.PHONY: venv demo airflow airflow-clean test faults bench lint lock clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,10 @@ airflow: venv
 	server=$$!; trap "kill $$server" EXIT; \
 	RECSKETCH_DATA_DIR=$(CURDIR)/$(DEMO_DIR)/airflow-data $(BIN)/python -m tools.local_airflow \
 	    --port $(AIRFLOW_PORT) --sketchfab-url http://127.0.0.1:$(DEMO_PORT)
+
+# the local Airflow's run history and task logs past KEEP_DAYS (30), as the stack's airflow-maintenance does
+airflow-clean: venv
+	$(BIN)/python -m tools.local_airflow --maintenance --keep-days $(or $(KEEP_DAYS),30)
 
 # -rs: every skipped test is listed with its reason (.ci/run installs or starts what they need)
 test: venv

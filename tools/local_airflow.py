@@ -6,6 +6,7 @@ plugins/, the ``sketchfab_api`` pool, and the Connections set through the enviro
 :class:`LocalAirflow` to trigger runs and backfills through the REST API and the CLI.
 
     python -m tools.local_airflow --port 8080 --sketchfab-url http://127.0.0.1:8765
+    python -m tools.local_airflow --maintenance [--keep-days 30]    # make airflow-clean
 """
 
 from __future__ import annotations
@@ -184,12 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres",
                         help="PostgreSQL server for Airflow's metadata DB and the recommendations DB")
     parser.add_argument("--sketchfab-url", default=os.environ.get("RECSKETCH_SKETCHFAB_URL", "https://api.sketchfab.com"))
+    parser.add_argument("--maintenance", action="store_true",
+                        help="instead of starting it: purge its run history and task logs past --keep-days "
+                             "(tools.airflow_maintenance)")
+    parser.add_argument("--keep-days", type=float, default=30.0, help="with --maintenance: days kept (30)")
     args = parser.parse_args(argv)
     metadata = ensure_database(args.postgres, "recsketch_airflow", fresh=False)
     recommendations = ensure_database(args.postgres, "recsketch", fresh=False)
     env = connection_env(args.sketchfab_url, os.environ.get("RECSKETCH_SKETCHFAB_TOKEN"), recommendations)
     env.setdefault("RECSKETCH_DATA_DIR", os.environ.get("RECSKETCH_DATA_DIR", str(REPO / "data")))
     airflow = LocalAirflow(args.home, port=args.port, metadata_url=metadata, env=env)
+    if args.maintenance:
+        from datetime import UTC, datetime, timedelta
+
+        from tools.airflow_maintenance import clean
+
+        print(clean(airflow.env, datetime.now(UTC) - timedelta(days=args.keep_days)))
+        return 0
 
     def start() -> str:
         airflow.start()

@@ -205,6 +205,53 @@ def test_gallery_in_chromium_after_logging_in(deployment: Deployment, triggered:
     assert (ARTIFACTS / "gallery.png").stat().st_size > 10_000
 
 
+def test_maintenance_purges_airflows_old_history_and_task_logs_and_the_dags_still_run(
+        deployment: Deployment, triggered: dict) -> None:
+    """Issue 24 part 4: tools.airflow_maintenance (``make airflow-clean``, the stack's
+    airflow-maintenance) against this live Airflow: history before the cut goes but each DAG's
+    latest run, task logs older than the cut go, and a DAG triggered afterwards still runs."""
+    from datetime import UTC, timedelta
+
+    from sqlalchemy import create_engine, text
+
+    from tools.airflow_maintenance import clean, log_folder
+
+    airflow = deployment.airflow
+    metadata = create_engine(airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    crawl_runs = airflow.dag_runs("recsketch")
+    assert len(crawl_runs) >= 2  # the manual crawl and the daily one unpausing started
+    logs = log_folder(airflow.env)
+    old_log, new_log = logs / "old-run" / "attempt=1.log", logs / "new-run" / "attempt=1.log"
+    for path, age in ((old_log, timedelta(days=40)), (new_log, -timedelta(hours=1))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("a task log\n")
+        stamp = (datetime.now(UTC) - age).timestamp()
+        os.utime(path, (stamp, stamp))
+    time.sleep(30)  # the cut lies behind the runs so far, and behind the components' last heartbeats
+    cut = datetime.now(UTC) - timedelta(seconds=15)
+
+    with metadata.connect() as conn:
+        before = {table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() for table in ("dag_run", "log")}
+    result = clean(airflow.env, cut)
+    with metadata.connect() as conn:
+        per_dag = dict(conn.execute(text("SELECT dag_id, count(*) FROM dag_run GROUP BY dag_id")).all())
+        old_audit = conn.execute(text("SELECT count(*) FROM log WHERE dttm < :cut"), {"cut": cut}).scalar()
+        orphans = conn.execute(text("SELECT count(*) FROM task_instance t LEFT JOIN dag_run r "
+                                    "ON r.dag_id = t.dag_id AND r.run_id = t.run_id WHERE r.id IS NULL")).scalar()
+    metadata.dispose()
+    assert before["dag_run"] > len(per_dag) and before["log"] > 0
+    assert per_dag == {"recsketch": 1, "recsketch_recommendations": 1}  # each DAG's latest run stays
+    assert old_audit == 0 and orphans == 0
+    assert not old_log.exists() and new_log.exists() and result["log_files_removed"] >= 1
+
+    run = airflow.api("POST", "/dags/recsketch/dagRuns", json={"logical_date": None, "conf": {}})
+    deadline = time.monotonic() + 300
+    while (state := airflow.api("GET", f"/dags/recsketch/dagRuns/{run['dag_run_id']}")["state"]) != "success":
+        assert state != "failed" and time.monotonic() < deadline, state
+        time.sleep(2)
+    assert len(airflow.dag_runs("recsketch")) == 2
+
+
 def test_backfill_over_three_days_processes_each_days_models_once(tmp_path: Path, demo_catalog: Path,
                                                                   demo_groups: dict[str, str], serve) -> None:
     models = read_models(demo_catalog / "model_urls.psv").rows

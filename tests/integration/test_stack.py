@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).parents[2]
 COMPOSE = REPO / "docker-compose.yaml"
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker",
-                    "airflow-triggerer", "airflow-init"}
+                    "airflow-triggerer", "airflow-init", "airflow-maintenance"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_services_and_health_checks(compose: dict) -> None:
     services = compose["services"]
     assert set(services) == AIRFLOW_SERVICES | {"postgres", "redis", "seaweedfs"}
     for name, service in services.items():
-        if name != "airflow-init":
+        if name not in ("airflow-init", "airflow-maintenance"):  # a one-off, and a daily loop
             assert "healthcheck" in service, name
     assert services["airflow-worker"]["command"] == "celery worker"
     assert services["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
@@ -116,6 +116,19 @@ def test_connections_the_api_pool_and_the_schema_are_set_up(compose: dict) -> No
     target = database_url(upgrade[0]["RECSKETCH_DATABASE_URL"])
     assert (target["scheme"], target["host"], target["database"]) == ("postgresql+psycopg2", "postgres", "recsketch")
     assert argvs.index(["airflow", "db", "migrate"]) < argvs.index(["recsketch", "db", "upgrade"])
+
+
+def test_a_maintenance_service_bounds_airflows_own_state_daily(compose: dict) -> None:
+    """Airflow 3 tasks cannot reach the metadata DB: the stack runs tools/airflow_maintenance.py
+    beside it, from the image, once a day."""
+    service = compose["services"]["airflow-maintenance"]
+    assert service["entrypoint"] == "/bin/bash" and service["restart"] == "always"
+    assert service["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
+    loop = service["command"][1]
+    assert "python /opt/recsketch/tools/airflow_maintenance.py --keep-days 30" in loop and "sleep 86400" in loop
+    copies = [args.split() for kind, args in dockerfile_instructions() if kind == "COPY"]
+    assert ["tools/airflow_maintenance.py", "./tools/"] in copies
+    assert "import tools" not in (REPO / "tools" / "airflow_maintenance.py").read_text()  # runs as a lone file
 
 
 def test_the_image_installs_the_lock_and_prefetches_vgg16_weights() -> None:
