@@ -12,12 +12,16 @@ scaled, as ``scale_bench`` does, and checked against the exact lists of the same
   visual full  the sampled rows against every model, to the kept depth
   hybrid day   ``bounded_top_k`` from the sampled rows' exact visual lists and the factors
   hybrid full  the sampled rows against every model's blended row (``BlendedRows``)
+  tasks        the day's other tasks timed whole at N: threshold, the features' gather (a copy),
+               evaluate, plan_hybrid's ALS and factors, the merges' writes, the load of both
+               methods into PostgreSQL; with the neighbours, the day's DAG (goal <= 30 min)
 
 Each part runs in a child process of its own, so its peak RSS is its own (``os.wait4``).
 
     python -m benchmarks.daily_bench [--models 1000000] [--sample 1000] [--dim 1280]
 
-``--models 100000`` makes a quick run. Goal: the day <= 0.05 x a full pass (visual + hybrid).
+``--models 100000`` makes a quick run; ``--no-tasks`` stops after the neighbours. Goals: the
+day's neighbours <= 0.05 x a full pass (visual + hybrid); the day's DAG <= 30 min.
 """
 
 from __future__ import annotations
