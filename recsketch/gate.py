@@ -2,8 +2,8 @@
 ``RECSKETCH_GATE_MIN_RATIO`` × the best of the kept served runs, and ``RECSKETCH_GATE_MIN_NDCG``
 if that is set, all scored on the same held-out likes.
 
-What is scored is what each run would serve: its neighbour lists (``topk.npz``,
-``topk-hybrid.npz``) read as item-item recommendations, a user's score for a model being the sum
+What is scored is what each run would serve: its neighbour lists of each method
+(``TopKStore.for_run``) read as item-item recommendations, a user's score for a model being the sum
 of its scores in the lists of the models the user liked. The candidate's lists and every kept
 loaded run's are ranked for the same users on today's split of today's likes, so the bar is the
 best run retention still keeps, not yesterday's (a slide of a few percent a day is stopped, not
@@ -51,6 +51,7 @@ def list_matrix(lists: TopK, position: Mapping[str, int], n_items: int) -> spars
 def list_scorer(train: sparse.csr_matrix, lists: sparse.csr_matrix) -> Callable[[np.ndarray, slice], np.ndarray]:
     """A user's score for each model of a slice: the summed list scores over the models they liked
     (-inf for a model none of their liked models lists: it is never recommended)."""
+    lists = lists.tocsc()  # sliced by columns (item blocks) below: one slice reads only its columns
     shown = lists.copy()
     shown.data[:] = 1.0
 
