@@ -246,7 +246,7 @@ def _gc(settings: Settings, dry_run: bool) -> int:
         return 0
     result = retention.collect(settings, engine)
     print(json.dumps({"deleted": result["deleted"], "kept": len(result["kept"]),
-                      "files_deleted": result["files_deleted"]}))
+                      "files_deleted": result["files_deleted"], "failed": result["failed"]}))
     return 0
 
 

@@ -17,7 +17,7 @@ is collected after that, unless it is among the newest).
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from recsketch import storage
 from recsketch.config import Settings
@@ -118,15 +119,21 @@ def collect(settings: Settings, engine: Engine, *, current: str | None = None, d
     kept = [v for v in verdicts if v.keep]
     progress(f"gc: {len(kept)} run folders kept (RECSKETCH_KEEP_RUNS={settings.keep_runs} of each kind, the live "
              f"run's, runs in flight), {len(doomed)} {'would be ' if dry_run else ''}deleted")
-    files = 0
+    files, failed = 0, []
     for verdict in doomed:
         if dry_run:
             progress(f"gc: would delete {verdict.folder} ({verdict.kind}, {verdict.reason})")
             continue
-        files += delete_folder(settings, engine, verdict.folder)
+        try:
+            files += delete_folder(settings, engine, verdict.folder)
+        except (OSError, SQLAlchemyError) as exc:  # marked: the next collection (or one running now) finishes it
+            failed.append(verdict.folder)
+            progress(f"gc: {verdict.folder} is not deleted yet ({type(exc).__name__}: {exc}); the next collection "
+                     "finishes it")
+            continue
         progress(f"gc: deleted {verdict.folder} ({verdict.kind}, {verdict.reason})")
-    return {"kept": [v.folder for v in kept], "deleted": [v.folder for v in doomed], "dry_run": dry_run,
-            "files_deleted": files}
+    return {"kept": [v.folder for v in kept], "deleted": [v.folder for v in doomed if v.folder not in failed],
+            "dry_run": dry_run, "files_deleted": files, "failed": failed}
 
 
 def delete_folder(settings: Settings, engine: Engine, folder: str) -> int:
@@ -167,8 +174,14 @@ def _remove_tree(folder: Path) -> int:
                 removed += 1
         except FileNotFoundError:
             continue
-    with contextlib.suppress(FileNotFoundError):
+    try:
         folder.rmdir()
+    except FileNotFoundError:
+        pass  # another collection removed it
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+        log.info("gc: %s still holds files another collection is removing", folder)
     return removed
 
 
@@ -184,7 +197,10 @@ def _register_unlisted(settings: Settings, engine: Engine) -> None:
     for path in sorted(root.iterdir()):
         if path.is_dir() and path.name not in known:
             kind = Kind.RECOMMENDATIONS if (path / VALID_MODELS_FILE).exists() else Kind.CRAWL
-            changed = datetime.fromtimestamp(_changed(path), UTC)
+            try:
+                changed = datetime.fromtimestamp(_changed(path), UTC)
+            except FileNotFoundError:
+                continue  # removed meanwhile (another collection)
             register(engine, path.name, kind, changed)
             finish(engine, path.name, changed)  # no release before this one is still writing it
 

@@ -16,4 +16,4 @@ def cleanup_stage(settings: Settings, folder: Location, progress: Progress = log
     engine = store.connect(settings.resolved_database_url)
     result = retention.collect(settings, engine, current=folder.name, dry_run=dry_run, progress=progress)
     return {"kept": len(result["kept"]), "deleted": len(result["deleted"]), "files_deleted": result["files_deleted"],
-            "dry_run": dry_run}
+            "failed": len(result["failed"]), "dry_run": dry_run}

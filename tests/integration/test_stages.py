@@ -22,6 +22,6 @@ def test_a_run_writes_only_contract_files_and_summarises_every_step(sketchfab, t
                                                   "EvaluationReport", "SimilarityPlan", "TopKStore"}
     # retention finds every one of them by name, as it must on an object store (no listing)
     assert set(files) <= {key.name for key in run_folder_keys(run_dir(settings, "day-1"))}
-    assert summary["gc"] == {"kept": 1, "deleted": 0, "files_deleted": 0, "dry_run": False}
+    assert summary["gc"] == {"kept": 1, "deleted": 0, "files_deleted": 0, "failed": 0, "dry_run": False}
     again = stages.run_pipeline(settings, "day-2", progress=lambda _: None)  # nothing changed: reused
     assert again["similarity"]["mode"] == "unchanged (reused)" and again["extract"] == []
