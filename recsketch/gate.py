@@ -17,7 +17,6 @@ figures are not the held-out quality that ``evaluate`` reports.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,9 +25,7 @@ import pandas as pd
 from scipy import sparse
 
 from recsketch.contracts import Method, TopK
-from recsketch.evaluation import EvaluationConfig, Likes, rank_metrics, split_likes
-
-log = logging.getLogger(__name__)
+from recsketch.evaluation import EvaluationConfig, Likes, _users_with, rank_metrics, split_likes
 
 METRIC = "ndcg@10"
 SPLIT = "served"  # the run_metrics split of the served lists' scores
@@ -79,9 +76,7 @@ def served_scores(likes: pd.DataFrame, candidate: Mapping[str, TopK], kept: Mapp
     data = Likes.from_frame(likes, mids)
     split = split_likes(data, config)
     position = {mid: code for code, mid in enumerate(mids)}
-    rng = np.random.default_rng(config.seed + 5)
-    has = np.flatnonzero((np.diff(split.test.indptr) > 0) & (np.diff(split.train.indptr) > 0))
-    users = np.sort(rng.choice(has, size=min(len(has), config.max_users), replace=False))
+    users = _users_with(split.test, split.train, config.max_users, np.random.default_rng(config.seed + 5))
     everything = np.arange(len(mids))
 
     def ndcg(lists: TopK) -> float:
