@@ -9,6 +9,8 @@ only enter the list if ``ŝ >= max(t - 2ε, running k-th - ε)``. Those candidat
 exactly (:func:`exact_scores`) and merged by (-score, index). Every path that builds a
 neighbour list (a full pass, a refresh's clean rows, the in-memory reference) ends in the same
 exact scores, so their lists agree to the last bit, whatever precision found the candidates.
+Past the exact window (float32 tiles scored by sgemm itself) the last bits can depend on a
+pair's place in its tile (seen on a Zen 5's OpenBLAS): paths agree within 1e-6 there.
 
 The bound, for rows ``q``, ``c`` and their bfloat16 roundings ``q̃ = q - r_q``, ``c̃ = c - r_c``:
 ``|q·c - q̃·c̃| <= |q̃||r_c| + |r_q||c̃| + |r_q||r_c|`` (Cauchy-Schwarz, with the residuals'

@@ -1,5 +1,6 @@
 """The exact top-k kernel: whichever precision finds the candidates, the lists are the exact
-ones, and the same to the last bit; the error bound it relies on holds on real products."""
+ones (in bfloat16 the same to the last bit, in float32 within sgemm's rounding); the error
+bound it relies on holds on real products."""
 
 from __future__ import annotations
 
@@ -114,7 +115,10 @@ def test_a_tile_that_breaks_its_bound_is_recomputed_in_float32(monkeypatch: pyte
     assert "broke its error bound" in caplog.text
 
 
-def test_a_refreshed_list_equals_a_full_pass_to_the_last_bit(precision: str) -> None:
+def test_a_refreshed_list_equals_a_full_pass(precision: str) -> None:
+    """In bfloat16 (exact float64 scores) to the last bit; in float32 within sgemm's rounding,
+    which on some CPUs (seen on a Zen 5) depends on a row's place in its tile: scores within
+    1e-6, and indices the same except where two scores are that close (issue 23's contract)."""
     rng = np.random.default_rng(4)
     old = clustered(900, 256, seed=4)
     ids = [f"m{i}" for i in range(900)]
@@ -132,8 +136,17 @@ def test_a_refreshed_list_equals_a_full_pass_to_the_last_bit(precision: str) -> 
     full_indices, full_scores = top_k_tiled(day, 40, (0, len(day)), candidate_block=300)
     for row in range(len(day)):
         limit = int(refresh.limit[row])
-        assert np.array_equal(indices[row, :limit], full_indices[row, :limit]), row
-        assert np.array_equal(scores[row, :limit], full_scores[row, :limit]), row
+        got, want, want_scores = indices[row, :limit], full_indices[row, :limit], full_scores[row, :limit]
+        if precision == "bf16":
+            assert np.array_equal(got, want) and np.array_equal(scores[row, :limit], want_scores), row
+            continue
+        assert np.allclose(scores[row, :limit], want_scores, rtol=0, atol=1e-6), row
+        gaps = np.abs(np.diff(want_scores))
+        near = np.zeros(limit, dtype=bool)  # a place whose score is within 1e-6 of a neighbour's
+        near[:-1] |= gaps <= 1e-6
+        near[1:] |= gaps <= 1e-6
+        assert np.array_equal(got[~near], want[~near]), row
+        assert set(got[near].tolist()) <= set(full_indices[row].tolist()), row
 
 
 def test_the_kernel_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,7 +190,9 @@ def test_the_factor_scan_finds_every_pair_at_or_past_its_threshold(scan: str, mo
     queries = np.arange(100, 400)
     # float32 cosines as the scan reports them: a bfloat16 scan confirms its pairs with einsum, a
     # float32 one reads its tile
-    exact = np.einsum("qd,nd->qn", factors[queries], factors) if scan == "bf16" else factors[queries] @ factors.T
+    # tile by tile as the scan computes it: some CPUs' sgemm rounds by a pair's place in the tile
+    exact = np.einsum("qd,nd->qn", factors[queries], factors) if scan == "bf16" else \
+        np.hstack([factors[queries] @ factors[start:start + 512].T for start in range(0, len(factors), 512)])
     threshold = -np.sort(-exact, axis=1)[:, 40].astype(np.float32)  # the 41st best of each row
     none = np.zeros(len(queries), dtype=bool)
     rows, cols, cfs = hybrid._hits(side, side.part(100, 400), threshold, none.copy(), none.copy(), 10_000, 512)
