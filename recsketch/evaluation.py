@@ -49,7 +49,7 @@ KS = (10, 20)
 USER_BLOCK = 1024
 HYBRID_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 
-Scorer = Callable[[np.ndarray, slice], Any]  # (users, a contiguous item range) -> scores [users, items]
+Scorer = Callable[[np.ndarray, np.ndarray], Any]  # (users, ascending item codes) -> scores [users, items]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class EvaluationConfig:
     cold_items: float = 0.1  # share of models held out with all their likes
     seed: int = 0
     max_users: int = 10_000  # users evaluated (sampled): bounds the cost at any catalogue size
+    tune_users: int = 4_096  # validation users the CF weight is chosen on (11 weights compared on the same users)
     factors: int = 64
     iterations: int = 15
     regularization: float = 0.05
@@ -132,7 +133,9 @@ def split_likes(likes: Likes, config: EvaluationConfig) -> Split:
     return Split(warm.matrix(~held), warm.matrix(held), cold, likes.matrix(is_cold), info)
 
 
-ITEM_BLOCK = 32_768  # models scored per step: a user block's scores are USER_BLOCK x ITEM_BLOCK floats
+ITEM_BLOCK = 32_768  # candidates scored per step: a user block's scores are USER_BLOCK x ITEM_BLOCK floats
+UNRANKED = np.float32(-3e38)  # a model never recommended to that user (finite, so that blends of it stay defined)
+BLEND_DEPTH = 64  # each part's best per row: their union settles every blend weight's top-k, or the row is blended
 
 
 def top_columns(scores: np.ndarray, kk: int) -> np.ndarray:
@@ -155,7 +158,11 @@ class RunningTop:
         if take <= 0:
             return
         items, values = largest(scores, take)
-        merged = np.concatenate([self.items, items + first_item], axis=1)
+        self.add_best(items + first_item, values)
+
+    def add_best(self, items: np.ndarray, values: np.ndarray) -> None:
+        """A block's own best per row (items, values), at most ``kk`` of each."""
+        merged = np.concatenate([self.items, items], axis=1)
         merged_values = np.concatenate([self.values, values.astype(np.float32)], axis=1)
         if merged.shape[1] > self.kk:
             keep, merged_values = largest(merged_values, self.kk)
@@ -207,16 +214,11 @@ class _Accumulator:
 
 @dataclass(frozen=True)
 class Candidates:
-    """The models a split ranks among (``positions``: their codes), as the item blocks see them."""
+    """The models a split ranks among (``positions``: their codes, ascending), scored in groups
+    of consecutive candidates: a split of 10 % of the models reads and scores only those."""
 
     positions: np.ndarray
     n_items: int
-
-    @functools.cached_property
-    def allowed(self) -> np.ndarray:
-        allowed = np.zeros(self.n_items, dtype=bool)
-        allowed[self.positions] = True
-        return allowed
 
     @functools.cached_property
     def rank_of(self) -> np.ndarray:
@@ -225,50 +227,155 @@ class Candidates:
         rank[self.positions] = np.arange(len(self.positions))
         return rank
 
-    def blocks(self, block: int | None = None) -> Iterator[slice]:
-        """Contiguous item ranges that hold candidates (read as slices: one pread each)."""
-        block = block or ITEM_BLOCK
-        for start in range(0, self.n_items, block):
-            if self.allowed[start:start + block].any():
-                yield slice(start, min(self.n_items, start + block))
+    def groups(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(position of the first, item codes) of up to ``size`` consecutive candidates."""
+        size = size or ITEM_BLOCK
+        for first in range(0, len(self.positions), size):
+            yield first, self.positions[first:first + size]
+
+
+class BlockRows:
+    """The rows of a group of item codes, read once for every user block that scores them (an
+    array or ``NpyRows``, read by contiguous slices of at most ``ITEM_BLOCK`` rows)."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+        self._codes: np.ndarray | None = None
+        self._block = np.zeros((0, rows.shape[1]), dtype=np.float32)
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        if codes is not self._codes:
+            self._codes, self._block = codes, gather_rows(self.rows, codes)
+        return self._block
+
+
+def gather_rows(rows, codes: np.ndarray) -> np.ndarray:
+    """``rows[codes]`` (ascending codes) as float32, read slice by slice: one read for a run of
+    consecutive codes, never a row at a time."""
+    if not len(codes):
+        return np.zeros((0, rows.shape[1]), dtype=np.float32)
+    first, last = int(codes[0]), int(codes[-1]) + 1
+    if last - first == len(codes):
+        return np.asarray(rows[first:last], dtype=np.float32)
+    out = np.empty((len(codes), rows.shape[1]), dtype=np.float32)
+    for start in range(first, last, ITEM_BLOCK):
+        lo, hi = np.searchsorted(codes, [start, start + ITEM_BLOCK])
+        if lo < hi:
+            out[lo:hi] = np.asarray(rows[start:min(last, start + ITEM_BLOCK)], dtype=np.float32)[codes[lo:hi] - start]
+    return out
+
+
+class _Exclusions:
+    """A user block's training likes as (row, candidate position), ordered by position: what a
+    group of candidates must never recommend to them."""
+
+    def __init__(self, liked: sparse.csr_matrix, candidates: Candidates) -> None:
+        coo = liked.tocoo()
+        rank = candidates.rank_of[coo.col]
+        keep = rank >= 0
+        order = np.argsort(rank[keep], kind="stable")
+        self.rows, self.ranks = coo.row[keep][order], rank[keep][order]
+
+    def apply(self, scores: np.ndarray, first: int) -> None:
+        lo, hi = np.searchsorted(self.ranks, [first, first + scores.shape[1]])
+        scores[self.rows[lo:hi], self.ranks[lo:hi] - first] = UNRANKED
+
+
+def _blended_best(parts: tuple[np.ndarray, np.ndarray], weights: Sequence[float], kk: int
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each weight w's best ``kk`` columns per row of ``(1 - w) a + w b``, exactly, from the union
+    of each part's best D: a column outside it has ``a <= a_D`` and ``b <= b_D``, so it scores at
+    most ``(1 - w) a_D + w b_D``, and a row whose k-th best in the union reaches that bound is
+    settled. Rows left unsettled at some weight try a 4x deeper union, then are blended in full:
+    every weight for a few top-k's work when the parts agree, never more than blending each."""
+    a, b = parts
+    rows, width = a.shape
+    take = min(kk, width)
+    out = [(np.zeros((rows, take), np.int64), np.zeros((rows, take), np.float32)) for _ in weights]
+    pending = [np.arange(rows) for _ in weights]  # per weight: rows not settled yet
+    for slot, w in enumerate(weights):  # a part alone, or a single blend: its own top-k is cheaper than unions
+        if w in (0.0, 1.0) or sum(0.0 < other < 1.0 for other in weights) <= 1:
+            full = a if w == 0.0 else b if w == 1.0 else ((1 - w) * a + w * b).astype(np.float32)
+            out[slot] = largest(full, take)
+            pending[slot] = pending[slot][:0]
+    depth = max(BLEND_DEPTH, kk)
+    while depth < width // 2 and any(len(left) for left in pending):
+        todo = np.unique(np.concatenate(pending))
+        sub_a, sub_b = (a, b) if len(todo) == rows else (a[todo], b[todo])
+        top_a, value_a = largest(sub_a, depth)
+        top_b, value_b = largest(sub_b, depth)
+        union = np.sort(np.concatenate([top_a, top_b], axis=1), axis=1)
+        repeated = np.zeros(union.shape, dtype=bool)
+        repeated[:, 1:] = union[:, 1:] == union[:, :-1]
+        union_a, union_b = np.take_along_axis(sub_a, union, 1), np.take_along_axis(sub_b, union, 1)
+        floor_a, floor_b = value_a.min(axis=1), value_b.min(axis=1)
+        for slot, w in enumerate(weights):
+            mine = np.flatnonzero(np.isin(todo, pending[slot]))
+            if not len(mine):
+                continue
+            blend = ((1 - w) * union_a[mine] + w * union_b[mine]).astype(np.float32)
+            blend[repeated[mine]] = UNRANKED
+            pick, values = largest(blend, take)
+            settled = values.min(axis=1) >= (1 - w) * floor_a[mine] + w * floor_b[mine]
+            done = todo[mine[settled]]
+            out[slot][0][done] = np.take_along_axis(union[mine], pick, 1)[settled]
+            out[slot][1][done] = values[settled]
+            pending[slot] = todo[mine[~settled]]
+        depth *= 4
+    for slot, w in enumerate(weights):
+        left = pending[slot]
+        if len(left):
+            full = ((1 - w) * a[left] + w * b[left]).astype(np.float32)
+            out[slot][0][left], out[slot][1][left] = largest(full, take)
+    return out
+
+
+def _writable(scores: Any) -> np.ndarray:
+    """Scores as a float32 array of their own (a product's output as it is; a view or another type copied)."""
+    if isinstance(scores, np.ndarray) and scores.dtype == np.float32 and scores.flags.owndata \
+            and scores.flags.writeable:
+        return scores
+    return np.array(scores, dtype=np.float32)
 
 
 def rank_users(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
                candidates: Candidates, accumulators: Sequence[_Accumulator] | None = None,
                ks: Sequence[int] = KS, blend: Sequence[float] | None = None) -> list[_Accumulator]:
-    """Users ranking the candidates, block by block of users and of items with a running
-    top-k; ``exclude`` (their training likes) never counts as a recommendation. ``blend``: the
-    scorer gives two parts (visual, cf) and each weight w ranks ``(1 - w) visual + w cf``."""
+    """Users ranking the candidates: groups of candidates outside (each group's features read
+    once), blocks of users inside, each with a running top-k; ``exclude`` (their training likes)
+    never counts as a recommendation. ``blend``: the scorer gives two parts (visual, cf) and each
+    weight w ranks ``(1 - w) visual + w cf`` (w = 0 is visual alone), all from one product."""
     weights = [None] if blend is None else list(blend)
     totals = list(accumulators) if accumulators is not None else [_Accumulator(ks, len(candidates.positions))
                                                                   for _ in weights]
     kk = min(max(totals[0].ks), len(candidates.positions))
-    for start in range(0, len(users), USER_BLOCK):
-        block = users[start:start + USER_BLOCK]
-        running = [RunningTop(len(block), kk) for _ in weights]
-        excluded = exclude[block].tocsc() if exclude is not None else None
-        for items in candidates.blocks():
-            parts = scorer(block, items)
-            mask = ~candidates.allowed[items]
-            if excluded is not None:
-                part = excluded[:, items].tocoo()
-            for top, w in zip(running, weights, strict=True):
-                scores = np.array(parts if w is None else (1 - w) * parts[0] + w * parts[1], dtype=np.float32)
-                scores[:, mask] = -np.inf
-                if excluded is not None:
-                    scores[part.row, part.col] = -np.inf
-                top.add(scores, items.start)
+    blocks = [users[start:start + USER_BLOCK] for start in range(0, len(users), USER_BLOCK)]
+    running = [[RunningTop(len(block), kk) for _ in weights] for block in blocks]
+    excluded = [_Exclusions(exclude[block], candidates) if exclude is not None else None for block in blocks]
+    for first, codes in candidates.groups():
+        for block, tops, skip in zip(blocks, running, excluded, strict=True):
+            parts = scorer(block, codes)
+            scored = [_writable(part) for part in (parts if blend is not None else [parts])]
+            for scores in scored:
+                if skip is not None:
+                    skip.apply(scores, first)
+            if blend is None:
+                tops[0].add(scored[0], first)
+                continue
+            for top, (items, values) in zip(tops, _blended_best((scored[0], scored[1]), blend, kk), strict=True):
+                top.add_best(items + first, values)
+    for block, tops in zip(blocks, running, strict=True):
         truth = test[block][:, candidates.positions].tocsr()
-        for top, total in zip(running, totals, strict=True):
+        for top, total in zip(tops, totals, strict=True):
             best, values = top.best()
-            total.add(np.where(np.isfinite(values), candidates.rank_of[best], -1), truth)
+            total.add(np.where(values > UNRANKED / 2, best, -1), truth)
     return totals
 
 
 def rank_metrics(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
                  candidates: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     """Precision, recall, NDCG and coverage at each k for ``users`` ranking ``candidates``
-    (item codes); ``scorer(users, items)`` scores a contiguous slice of items."""
+    (item codes); ``scorer(users, codes)`` scores a group of them (ascending item codes)."""
     return rank_users(scorer, users, test, exclude, Candidates(np.asarray(candidates), test.shape[1]),
                       ks=ks)[0].result()
 
@@ -308,60 +415,88 @@ def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
     return users
 
 
-def _methods(train: sparse.csr_matrix, unit, users: np.ndarray, config: EvaluationConfig, weight: float | None,
-             als: tuple[np.ndarray, np.ndarray]) -> dict[str, Scorer]:
-    """Scorers of contiguous item slices, trained on ``train`` (``als``: its factors) for ``users``."""
+def _methods(train: sparse.csr_matrix, config: EvaluationConfig, als: tuple[np.ndarray, np.ndarray]
+             ) -> dict[str, Scorer]:
+    """The likes-only scorers of item codes, trained on ``train`` (``als``: its factors);
+    popularity ranks by one order for everyone (``rank_by_popularity``)."""
     rng = np.random.default_rng(config.seed + 1)
-    popularity = np.asarray(train.sum(axis=0)).ravel().astype(np.float64)
     user_factors, item_factors = als
-    methods: dict[str, Scorer] = {
-        "random": lambda users, items: rng.random((len(users), items.stop - items.start), dtype=np.float32),
-        "popularity": lambda users, items: np.broadcast_to(popularity[items], (len(users), items.stop - items.start)),
-        "cf": lambda users, items: user_factors[users] @ item_factors[items].T,
+    return {
+        "random": lambda users, codes: rng.random((len(users), len(codes)), dtype=np.float32),
+        "cf": lambda users, codes: user_factors[users] @ item_factors[codes].T,
     }
-    if unit is not None:
-        profiles = UserSums(train, users, unit, unit=True)
-        methods["visual"] = lambda users, items: profiles(users) @ np.asarray(unit[items], np.float32).T
-        if weight is not None:
-            methods["hybrid"] = _hybrid_scorer(train, users, unit, normalise(item_factors), weight)
-    return methods
 
 
-def _hybrid_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np.ndarray, weight: float) -> Scorer:
-    """A user's hybrid score for a model: its summed hybrid similarity to the models they liked,
-    ``(1 - w) Σ visual + w Σ cf``, from the users' sums of each part (the embedding is never built)."""
+def rank_by_popularity(train: sparse.csr_matrix, users: np.ndarray, test: sparse.csr_matrix,
+                       candidates: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """``rank_metrics`` of the most liked candidates first (ties by item code): one order for
+    every user, less their training likes, so each user reads the order's head, not N scores."""
+    popularity = np.asarray(train.sum(axis=0)).ravel()
+    total = _Accumulator(ks, len(candidates))
+    kk = min(max(ks), len(candidates))
+    order = np.argsort(-popularity[candidates], kind="stable")  # candidate positions, most liked first
+    rank_of = Candidates(np.asarray(candidates), train.shape[1]).rank_of
+    for start in range(0, len(users), USER_BLOCK):
+        block = users[start:start + USER_BLOCK]
+        liked = train[block].tocoo()
+        liked_rank = rank_of[liked.col]
+        head = order[:min(len(order), kk + int(np.bincount(liked.row, minlength=len(block)).max(initial=0)))]
+        width = len(candidates)
+        rows = np.repeat(np.arange(len(block)), len(head)).reshape(len(block), len(head))
+        allowed = ~np.isin(rows * width + head[None, :],
+                           (liked.row.astype(np.int64) * width + liked_rank)[liked_rank >= 0])
+        place = np.cumsum(allowed, axis=1) - 1
+        keep = allowed & (place < kk)
+        best = np.full((len(block), kk), -1, dtype=np.int64)
+        best[rows[keep], place[keep]] = np.broadcast_to(head, rows.shape)[keep]
+        total.add(best, test[block][:, candidates].tocsr())
+    return total.result()
+
+
+def _parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np.ndarray) -> Scorer:
+    """A user's two summed similarities to a model over the models they liked: ``Σ visual`` and
+    ``Σ cf`` (from the users' sums of each part: the embedding is never built). Blended with
+    weight w they rank as the served hybrid lists do; w = 0 ranks as the visual profile (the
+    sum of the liked models' unit features: its cosine and its dot product differ by a factor
+    per user, which changes no ranking)."""
     visual, cf = UserSums(train, users, unit), UserSums(train, users, factors)
-    return lambda block, items: ((1 - weight) * (visual(block) @ np.asarray(unit[items], np.float32).T)
-                                 + weight * (cf(block) @ factors[items].T))
+    rows = BlockRows(unit)
+    return lambda block, codes: (visual(block) @ rows(codes).T, cf(block) @ factors[codes].T)
 
 
 def tune_hybrid_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig) -> tuple[float, dict]:
     """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on a validation split
-    carved out of the training likes (models trained on the rest)."""
+    carved out of the training likes (models trained on the rest): every weight from one pass."""
     rng = np.random.default_rng(config.seed + 2)
     coo = train.tocoo()
     held = _holdout_mask(coo.row.astype(np.int64), config.holdout, rng)
     inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
     fit, valid = inner.matrix(~held), inner.matrix(held)
     factors = normalise(_fit_als(fit, config)[1])
-    users = _users_with(valid, fit, config.max_users, rng)
-    visual_sums, cf_sums = UserSums(fit, users, unit), UserSums(fit, users, factors)
-
-    def parts(block: np.ndarray, items: slice) -> tuple[np.ndarray, np.ndarray]:  # both once, every weight
-        return visual_sums(block) @ np.asarray(unit[items], np.float32).T, cf_sums(block) @ factors[items].T
-
-    totals = rank_users(parts, users, valid, fit, Candidates(np.arange(train.shape[1]), train.shape[1]),
-                        ks=(10,), blend=HYBRID_WEIGHTS)
+    users = _users_with(valid, fit, min(config.max_users, config.tune_users), rng)
+    totals = rank_users(_parts_scorer(fit, users, unit, factors), users, valid, fit,
+                        Candidates(np.arange(train.shape[1]), train.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
     by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
     return best, {"weights": by_weight, "chosen": best}
+
+
+def _visual_and_hybrid(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix,
+                       exclude: sparse.csr_matrix | None, candidates: np.ndarray, weight: float,
+                       ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Visual (w = 0) and hybrid (the tuned w) from one pass of the parts scorer."""
+    visual, hybrid = rank_users(scorer, users, test, exclude, Candidates(candidates, test.shape[1]), ks=ks,
+                                blend=(0.0, weight))
+    return {"visual": visual.result(), "hybrid": hybrid.result()}
 
 
 def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
              progress: Callable[[str], None] = log.info) -> dict:
     """Every method on the warm split, and (with features) visual and hybrid on the cold start.
     ``unit``: L2-normalised features, one row per ``likes.item_ids`` entry (None: likes only), an
-    array or ``NpyRows``: read by item blocks, so memory holds blocks, never N x d."""
+    array or ``NpyRows``: read by item blocks, so memory holds blocks, never N x d. The features
+    are read in three passes: the weight's tuning, the warm split's visual and hybrid together,
+    and the cold start's, which reads only its cold models."""
     config = config or EvaluationConfig()
     started = time.monotonic()
     if config.threads == 0:
@@ -372,13 +507,18 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     tuning: dict = {}
     if unit is not None:
         weight, tuning = tune_hybrid_weight(split.train, unit, config)
-        progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']})")
+        progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']}) "
+                 f"after {time.monotonic() - started:.1f} s")
     als = _fit_als(split.train, config)  # once: the warm methods and the cold start share it
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
-    methods = _methods(split.train, unit, users, config, weight, als)
     results = {name: rank_metrics(scorer, users, split.test, split.train, warm_items, config.ks)
-               for name, scorer in methods.items()}
+               for name, scorer in _methods(split.train, config, als).items()}
+    results = {"random": results.pop("random"),
+               "popularity": rank_by_popularity(split.train, users, split.test, warm_items, config.ks), **results}
+    if unit is not None and weight is not None:
+        results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, normalise(als[1])), users, split.test,
+                                      split.train, warm_items, weight, config.ks)
     for name, metrics in results.items():
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
     report: dict = {"k": list(config.ks), "split": {**split.info, "evaluated_users": len(users)},
@@ -389,6 +529,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
             progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
         report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"]}
     report["seconds"] = round(time.monotonic() - started, 2)
+    progress(f"evaluate: done in {report['seconds']} s")
     return report
 
 
@@ -399,12 +540,11 @@ def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
     factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)  # the cold models have no likes
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
-    profiles = UserSums(split.train, users, unit, unit=True)
     random_rng = np.random.default_rng(config.seed + 4)
-    scorers: dict[str, Scorer] = {
-        "random": lambda block, items: random_rng.random((len(block), items.stop - items.start), dtype=np.float32),
-        "visual": lambda block, items: profiles(block) @ np.asarray(unit[items], np.float32).T,
-        "hybrid": _hybrid_scorer(split.train, users, unit, factors, weight),
-    }
-    return {name: rank_metrics(scorer, users, split.cold_test, None, split.cold_items, config.ks)
-            for name, scorer in scorers.items()}
+
+    def random(block: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        return random_rng.random((len(block), len(codes)), dtype=np.float32)
+
+    return {"random": rank_metrics(random, users, split.cold_test, None, split.cold_items, config.ks),
+            **_visual_and_hybrid(_parts_scorer(split.train, users, unit, factors), users, split.cold_test, None,
+                                 split.cold_items, weight, config.ks)}

@@ -45,14 +45,18 @@ def list_matrix(lists: TopK, position: Mapping[str, int], n_items: int) -> spars
                              shape=(n_items, n_items))
 
 
-def list_scorer(train: sparse.csr_matrix, lists: sparse.csr_matrix) -> Callable[[np.ndarray, slice], np.ndarray]:
-    """A user's score for each model of a slice: the summed list scores over the models they liked
-    (-inf for a model none of their liked models lists: it is never recommended)."""
+def list_scorer(train: sparse.csr_matrix, lists: sparse.csr_matrix
+                ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A user's score for each model of a group (ascending item codes): the summed list scores
+    over the models they liked (-inf for a model none of their liked models lists: it is never
+    recommended)."""
     lists = lists.tocsc()  # sliced by columns (item blocks) below: one slice reads only its columns
     shown = lists.copy()
     shown.data[:] = 1.0
 
-    def score(users: np.ndarray, items: slice) -> np.ndarray:
+    def score(users: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        contiguous = len(codes) and int(codes[-1]) - int(codes[0]) + 1 == len(codes)
+        items = slice(int(codes[0]), int(codes[-1]) + 1) if contiguous else codes
         liked = train[users]
         scores = (liked @ lists[:, items]).toarray()
         scores[(liked @ shown[:, items]).toarray() == 0] = -np.inf

@@ -378,3 +378,48 @@ def test_the_running_top_k_equals_one_pass_over_every_item() -> None:
     items, values = top.best()
     assert (items == np.argsort(-scores, axis=1)[:, :20]).all()
     assert (values == -np.sort(-scores, axis=1)[:, :20]).all()
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.9])
+def test_every_weights_blend_from_one_pass_equals_blending_each(correlation: float, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``_blended_best``: the union of each part's best, widened where a row is unsettled, gives
+    each weight's exact top-k (values; indices where no two values tie), with excluded models
+    (``UNRANKED`` in both parts) never above a real one."""
+    from recsketch import evaluation
+
+    monkeypatch.setattr(evaluation, "BLEND_DEPTH", 8)  # shallow: rows go unsettled, the deeper path runs
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((300, 2000)).astype(np.float32)
+    b = (correlation * a + np.sqrt(1 - correlation**2) * rng.standard_normal((300, 2000))).astype(np.float32)
+    excluded = rng.random((300, 2000)) < 0.05
+    a[excluded], b[excluded] = evaluation.UNRANKED, evaluation.UNRANKED
+    weights = evaluation.HYBRID_WEIGHTS
+    for w, (items, values) in zip(weights, evaluation._blended_best((a, b), weights, 20), strict=True):
+        full = ((1 - w) * a + w * b).astype(np.float32)
+        expected = -np.sort(-full, axis=1)[:, :20]
+        order = np.argsort(-values, axis=1, kind="stable")
+        assert np.array_equal(np.take_along_axis(values, order, 1), expected), w
+        assert np.array_equal(np.take_along_axis(full, items, 1), values), w
+        assert not excluded[np.arange(300)[:, None], items].any(), w
+
+
+def test_popularity_ranks_as_the_scorer_of_counts_would() -> None:
+    """``rank_by_popularity`` (one order, each user's training likes skipped) gives the metrics of
+    scoring every candidate by its like count, ties by the lower item code."""
+    from recsketch.evaluation import rank_by_popularity
+
+    rng = np.random.default_rng(3)
+    n_users, n_items = 400, 300
+    weights = np.arange(1, n_items + 1, dtype=np.float64) ** 2
+    liked = rng.random((n_users, n_items)) < 0.1 * weights / weights.mean()
+    train = sparse.csr_matrix(liked & (rng.random(liked.shape) < 0.8), dtype=np.float32)
+    test = sparse.csr_matrix(liked & (train.toarray() == 0), dtype=np.float32)
+    counts = np.asarray(train.sum(axis=0)).ravel()
+    distinct = counts - np.arange(n_items) * 1e-3  # ties broken as rank_by_popularity breaks them
+    assert len(np.unique(counts)) < n_items  # there are ties to break
+    candidates = np.arange(0, n_items, 3)
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    by_order = rank_by_popularity(train, users, test, candidates, (5, 10))
+    scored = rank_metrics(lambda block, codes: np.broadcast_to(distinct[codes], (len(block), len(codes))),
+                          users, test, train, candidates, (5, 10))
+    assert by_order == scored and by_order["ndcg@10"] > 0
