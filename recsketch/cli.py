@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         for option in part.options:
             _add_option(stage, option)
 
-    gc = commands.add_parser("gc", help="retention: delete the run folders past RECSKETCH_KEEP_RUNS (the load "
-                             "does it too)")
+    gc = commands.add_parser("gc", help="retention: delete the run folders past RECSKETCH_KEEP_RUNS and compact "
+                             "the feature chunks (the load does it too)")
     gc.add_argument("--dry-run", dest="dry_run", action="store_true",
                     help="print what would be kept and deleted, delete nothing")
 
@@ -222,8 +222,10 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     else:
         versions, _, likes = valid_models(settings)
         report = evaluate_catalogue(settings, versions, config=config, likes=likes)
+    history = _served_history(settings)
     if as_json:
-        print(json.dumps(report))
+        print(json.dumps({**report, "served_history": [{**run, "loaded_at": str(run["loaded_at"])}
+                                                       for run in history]}))
         return 0
     ks = report["k"]
     names = [f"{m}@{k}" for k in ks for m in ("precision", "recall", "ndcg", "coverage")]
@@ -232,21 +234,41 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     for section, title in (("methods", "warm"), ("cold_start", "cold start")):
         for method, values in report.get(section, {}).items():
             print(f"{title + ' ' + method:<22}" + "".join(f"{values[n]:>14.4f}" for n in names))
+    if history:
+        from recsketch.gate import trend
+
+        print("\nthe loaded runs' lists, scored by the quality gate at their load (each run is held to "
+              "RECSKETCH_GATE_MIN_RATIO x the best kept run's, on its own day's split):")
+        print("\n".join(trend(history)))
     return 0
 
 
-def _gc(settings: Settings, dry_run: bool) -> int:
-    from recsketch import retention
+def _served_history(settings: Settings) -> list[dict]:
+    """The kept loaded runs' stored metrics (none when the DB holds no run yet)."""
     from recsketch.db import store
 
     engine = store.connect(settings.resolved_database_url)
+    try:
+        return store.metrics_history(engine)
+    finally:
+        engine.dispose()
+
+
+def _gc(settings: Settings, dry_run: bool) -> int:
+    from recsketch import compaction, retention
+    from recsketch.db import store
+    from recsketch.stages.cleanup import clean
+
+    engine = store.connect(settings.resolved_database_url)
     if dry_run:
-        for verdict in retention.judge(settings, engine):
+        verdicts = retention.judge(settings, engine)
+        for verdict in verdicts:
             print(f"{'keep' if verdict.keep else 'delete':<7} {verdict.folder}  ({verdict.kind}, {verdict.reason})")
+        compaction.compact_features(settings, engine, [v.folder for v in verdicts if v.keep], dry_run=True,
+                                    progress=print)
         return 0
-    result = retention.collect(settings, engine)
-    print(json.dumps({"deleted": result["deleted"], "kept": len(result["kept"]),
-                      "files_deleted": result["files_deleted"], "failed": result["failed"]}))
+    result = clean(settings, progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({**result, "kept": len(result["kept"])}))
     return 0
 
 

@@ -115,6 +115,19 @@ class ThumbnailIndex:
                 handle.write(f"{mid}\t{url}\n")
             self.urls[mid] = url
 
+    def compact(self, keep: set[str]) -> int:
+        """Rewrite the index (whole, atomically) with one line per model in ``keep`` (the
+        catalogue's): replaced downloads and deleted models go; returns the lines dropped."""
+        if self.path is None or not self.path.exists():
+            return 0
+        with self._lock:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            self.urls = {mid: url for mid, url in self.urls.items() if mid in keep}
+            if len(lines) == len(self.urls):
+                return 0
+            storage.write_text(self.path, "".join(f"{mid}\t{url}\n" for mid, url in sorted(self.urls.items())))
+        return len(lines) - len(self.urls)
+
     def has(self, mid: str, url: str | None, path: Location) -> bool:
         return url is not None and self.urls.get(mid) == url and path.is_file()
 
@@ -243,7 +256,7 @@ def crawl(
                 break
         _repair(settings, engine, client, pool, index, published_since, published_before, seen, stats, now)
     if full_listing:  # a backfill or a resumed crawl saw part of the catalogue: it deletes nothing
-        _delete_vanished(engine, client, listed, stats, progress)
+        _delete_vanished(settings, engine, client, listed, stats, progress)
     stats.http = client.stats.as_dict()
     stats.duration_s = round(time.monotonic() - started, 3)
     refreshed = ", ".join(f"{reason}={n}" for reason, n in sorted(stats.likes_refreshed.items())) or "none"
@@ -260,10 +273,11 @@ def crawl(
     return stats
 
 
-def _delete_vanished(engine: Engine, client: SketchfabClient, listed: set[str], stats: CrawlStats,
-                     progress: Callable[[str], None]) -> None:
+def _delete_vanished(settings: Settings, engine: Engine, client: SketchfabClient, listed: set[str],
+                     stats: CrawlStats, progress: Callable[[str], None]) -> None:
     """Stored models that a whole listing no longer shows are asked for by their own page;
-    those that answer 404 are deleted with their likes. Any other answer keeps the model."""
+    those that answer 404 are deleted with their likes and their thumbnail file (by its exact
+    key). Any other answer keeps the model."""
     vanished = sorted(store.stored_model_ids(engine) - listed)
     if not vanished:
         return
@@ -275,6 +289,8 @@ def _delete_vanished(engine: Engine, client: SketchfabClient, listed: set[str], 
         except RecsketchError as exc:
             stats.deletions_unconfirmed += 1
             stats.problems.append(f"{mid}: not listed, and its page did not answer 404, so it is kept: {exc}")
+    for mid in gone:  # before the rows: a kill between leaves rows that the next crawl deletes again
+        thumbnail_path(settings, mid).unlink(missing_ok=True)
     stats.models_deleted = store.delete_models(engine, gone)
     progress(f"crawl: {len(vanished)} stored models are no longer listed: {stats.models_deleted} deleted "
              f"(their page answers 404), {len(vanished) - len(gone)} kept")

@@ -112,3 +112,22 @@ def judge(likes: pd.DataFrame, candidate: Mapping[str, TopK], kept: Mapping[str,
                              f"max({min_ratio} x best, RECSKETCH_GATE_MIN_NDCG {min_ndcg})) on {users} users: "
                              + ("passed" if ok else "FAILED"))
     return verdict
+
+
+def trend(history: list[dict], methods: tuple[str, ...] = ("visual", "hybrid")) -> list[str]:
+    """Lines of each loaded run's served NDCG@10 at its load (``store.metrics_history``, oldest
+    first) beside the best of the runs before it: the reference the gate held it to, per method."""
+    lines = [f"{'served ' + METRIC + ' at load':<40}" + "".join(f"{m:>10}{'best before':>13}" for m in methods)]
+    best: dict[str, float] = {}
+    for run in history:
+        cells = []
+        for method in methods:
+            value = run["metrics"].get(f"{SPLIT}/{method}/{METRIC}")
+            reference = best.get(method)
+            cells.append((f"{value:>10.4f}" if value is not None else f"{'-':>10}")
+                         + (f"{reference:>13.4f}" if reference is not None else f"{'-':>13}"))
+            if value is not None:
+                best[method] = max(value, reference if reference is not None else value)
+        name = run["run_id"] + (" (live)" if run["is_live"] else "")
+        lines.append(f"{name[:39]:<40}" + "".join(cells))
+    return lines

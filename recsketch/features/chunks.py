@@ -192,10 +192,10 @@ class ChunkStore:
                 manifest[chunk_id] = list(chunk.entries())
                 added += 1
         if added or not self.manifest_path.exists():
-            self._write_manifest(manifest)
+            self.write_manifest(manifest)
         return added
 
-    def _write_manifest(self, manifest: dict[str, list[tuple[str, str]]]) -> None:
+    def write_manifest(self, manifest: dict[str, list[tuple[str, str]]]) -> None:
         """One whole object (one PUT, or a rename locally): readers see the old or the new."""
         payload = {"backbone_key": self.backbone_key,
                    "chunks": {cid: [list(e) for e in entries] for cid, entries in sorted(manifest.items())}}
@@ -221,7 +221,7 @@ class ChunkStore:
         manifest = self.manifest()
         dropped = [cid for cid in chunk_ids if cid in manifest]
         if dropped:
-            self._write_manifest({cid: entries for cid, entries in manifest.items() if cid not in dropped})
+            self.write_manifest({cid: entries for cid, entries in manifest.items() if cid not in dropped})
         return len(dropped)
 
     def done(self) -> set[tuple[str, str]]:

@@ -48,6 +48,8 @@ def test_a_deleted_model_is_served_nowhere_and_nothing_else_is_deleted(demo_cata
         assert any(mid == unsure for mid, _ in after)  # a transient error is not a deletion
         stored = store.stored_model_ids(engine)
         assert victim not in stored and unsure in stored
+        assert not (settings.thumbs_dir / f"{victim}.jpg").exists()  # its thumbnail file goes with it
+        assert (settings.thumbs_dir / f"{unsure}.jpg").exists()
         with engine.connect() as conn:
             assert not conn.execute(select(likes.c.uid).where(likes.c.mid == victim)).first()
 

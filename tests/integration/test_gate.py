@@ -95,6 +95,11 @@ def test_a_slow_slide_is_stopped_on_the_day_it_falls_below_the_ratio_of_the_best
     assert [h["run_id"] for h in history] == [f"day-{d}" for d in range(stopped + 1)]
     assert [h["metrics"]["served/visual/ndcg@10"] for h in history] == pytest.approx(scores[:stopped + 1], abs=1e-5)
     assert all("served/hybrid/ndcg@10" in h["metrics"] for h in history)  # hybrid is gated too
+    lines = gate.trend(history)  # what `recsketch evaluate` prints under its table
+    assert len(lines) == stopped + 2 and lines[-1].startswith(f"day-{stopped} (live)")
+    last = lines[-1].split()
+    assert float(last[2]) == pytest.approx(scores[stopped], abs=1e-4)
+    assert float(last[3]) == pytest.approx(max(scores[:stopped]), abs=1e-4)  # the best before it
 
 
 def test_the_hybrid_lists_are_gated_too(tmp_path: Path) -> None:

@@ -55,6 +55,28 @@ def assert_same_service(daily: dict, fresh: dict, day: int) -> None:
                                                                        if round(s, 5) == round(expected[-1][1], 5)}
 
 
+def assert_compacted(settings: Settings, kept: list[str], deleted: str | None) -> None:
+    """After the day's cleanup: no chunk in the manifest is COMPACT_SHARE unneeded or more, the
+    deleted model's thumbnail file and index line are gone."""
+    from recsketch.compaction import COMPACT_SHARE, needed_entries
+    from recsketch.features.chunks import ChunkStore
+    from recsketch.features.keys import backbone_key
+
+    engine = store.connect(settings.resolved_database_url)
+    try:
+        needed = needed_entries(settings, engine, kept)
+    finally:
+        engine.dispose()
+    manifest = ChunkStore(settings.features_dir, backbone_key(settings)).manifest()
+    assert manifest
+    for chunk_id, entries in manifest.items():
+        assert sum(entry not in needed for entry in entries) < COMPACT_SHARE * len(entries), (chunk_id, entries)
+    if deleted is not None:
+        assert not (settings.thumbs_dir / f"{deleted}.jpg").exists()
+        index = settings.thumbs_dir / "index.tsv"
+        assert deleted not in {line.split("\t")[0] for line in index.read_text().splitlines()}
+
+
 def pytest_approx(value: float):  # type: ignore[no-untyped-def]
     import pytest
 
@@ -75,7 +97,7 @@ def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Pa
     modes = []
     try:
         base = dict(sketchfab_url=server.url, runtime="torch", top_k=3, http_retries=1, gate_min_ratio=0.0)
-        daily = Settings(data_dir=tmp_path / "data", **base)
+        daily = Settings(data_dir=tmp_path / "data", keep_runs=2, **base)  # runs collected, chunks compacted
         for day in range(1, DAYS + 1):
             if day > 1:
                 for model in held_back[2 * (day - 2): 2 * (day - 1)]:
@@ -93,6 +115,7 @@ def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Pa
             assert {p.name for p in folder.iterdir()} <= {key.name for key in run_folder_keys(folder)}
             kept = sorted(p.name for p in (tmp_path / "data" / "runs").iterdir())
             assert kept == sorted(f"day-{d}" for d in range(max(1, day - daily.keep_runs + 1), day + 1)), kept
+            assert_compacted(daily, kept, deleted if day > 1 else None)
             fresh = Settings(data_dir=tmp_path / f"fresh-{day}", database_url=f"sqlite:///{tmp_path}/fresh-{day}.db",
                              **base)
             run_pipeline(fresh, "fresh", progress=lambda _: None)

@@ -185,12 +185,16 @@ def test_the_cli_gc_prints_its_verdicts_dry_and_deletes_when_asked(tmp_path: Pat
     env = {"RECSKETCH_DATA_DIR": str(data), "RECSKETCH_KEEP_RUNS": "1", "PATH": "/usr/bin:/bin"}
     dry = subprocess.run([sys.executable, "-m", "recsketch.cli", "gc", "--dry-run"], env=env, capture_output=True,
                          text=True, check=True)
-    assert dry.stdout.splitlines() == ["keep    new  (recommendations, newest)",
-                                       "delete  old  (recommendations, past retention)"]
+    lines = dry.stdout.splitlines()
+    assert lines[:2] == ["keep    new  (recommendations, newest)", "delete  old  (recommendations, past retention)"]
+    assert len(lines) == 3 and lines[2].startswith("gc: features ")
     assert (data / "runs" / "old").exists()
     done = subprocess.run([sys.executable, "-m", "recsketch.cli", "gc"], env=env, capture_output=True, text=True,
                           check=True)
-    assert json.loads(done.stdout) == {"deleted": ["old"], "kept": 1, "files_deleted": old_files, "failed": []}
+    result = json.loads(done.stdout)
+    assert {key: result[key] for key in ("deleted", "kept", "files_deleted", "failed")} == {
+        "deleted": ["old"], "kept": 1, "files_deleted": old_files, "failed": []}
+    assert {"chunks_dropped", "chunks_rewritten", "chunk_files_deleted", "feature_entries"} <= result.keys()
     assert not (data / "runs" / "old").exists() and (data / "runs" / "new").exists()
 
 

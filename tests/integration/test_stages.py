@@ -8,6 +8,8 @@ from pathlib import Path
 from recsketch import stages
 from recsketch.config import Settings
 from recsketch.contracts import owner_of, run_folder_keys
+from recsketch.features.chunks import ChunkStore
+from recsketch.features.keys import backbone_key
 from recsketch.stages.common import run_dir
 
 
@@ -22,6 +24,10 @@ def test_a_run_writes_only_contract_files_and_summarises_every_step(sketchfab, t
                                                   "EvaluationReport", "SimilarityPlan", "TopKStore"}
     # retention finds every one of them by name, as it must on an object store (no listing)
     assert set(files) <= {key.name for key in run_folder_keys(run_dir(settings, "day-1"))}
-    assert summary["gc"] == {"kept": 1, "deleted": 0, "files_deleted": 0, "failed": 0, "dry_run": False}
+    entries = sum(len(held) for held in ChunkStore(settings.features_dir, backbone_key(settings)).manifest().values())
+    assert summary["gc"] == {"kept": 1, "deleted": 0, "files_deleted": 0, "failed": 0, "dry_run": False,
+                             "chunks_dropped": 0, "chunks_rewritten": 0, "chunk_files_deleted": 0,
+                             "feature_entries": entries, "thumbnail_index_lines_dropped": 0, "exports_deleted": 0}
+    assert entries == summary["load"]["models"]  # every extracted model is served: nothing to compact
     again = stages.run_pipeline(settings, "day-2", progress=lambda _: None)  # nothing changed: reused
     assert again["similarity"]["mode"] == "unchanged (reused)" and again["extract"] == []
