@@ -504,20 +504,38 @@ RUN_FOLDER_FILES: tuple[tuple[str, str], ...] = (  # (file name pattern, the cla
 )
 
 
-def run_folder_keys(folder: Location) -> list[Location]:
-    """Every key a run folder may hold, by name (an object store is never listed): what its
-    plans name first, then the fixed files, the plans last, so a deletion cut short finds the
-    rest again. A test runs the pipeline and checks that nothing in a folder is missing here."""
+def hybrid_visual_rows_key(folder: Location, mids: list[str], versions: list[str]) -> Location:
+    """Where plan_hybrid gathers the unit visual rows of the run's lists (``mids`` at
+    ``versions``) when the visual plan wrote none at full dimension (an unchanged day)."""
+    named = hashlib.sha1("\n".join(f"{m} {v}" for m, v in zip(mids, versions or [""] * len(mids), strict=True))
+                         .encode()).hexdigest()[:12]
+    return folder / f"{Method.HYBRID.file_name}-visual-{named}.npy"
+
+
+def run_working_keys(folder: Location) -> list[Location]:
+    """The keys a run's tasks write for each other and nothing reads once its lists are merged
+    and loaded: what its plans name (gathered features, refresh plans, shards), the hybrid's
+    gathered visual rows and the deep visual lists its bound reads."""
     named: list[Location] = []
     for method in Method:
         try:
             named += SimilarityPlan.read(folder, method).keys(folder)
         except RecsketchError:  # no plan of this method (or unreadable: its files were never named)
             continue
-    fixed = [CRAWL_STATS_FILE, VALID_MODELS_FILE, RUN_LIKES_FILE, EVALUATION_FILE, TOPK_FILE, DEEP_TOPK_FILE,
+    visual = TopKStore.for_run(folder).read()
+    if visual is not None:
+        named.append(hybrid_visual_rows_key(folder, visual.mids, visual.versions))
+    return [*named, folder / DEEP_TOPK_FILE]
+
+
+def run_folder_keys(folder: Location) -> list[Location]:
+    """Every key a run folder may hold, by name (an object store is never listed): the working
+    files first, then the fixed files, the plans last, so a deletion cut short finds the rest
+    again. A test runs the pipeline and checks that nothing in a folder is missing here."""
+    fixed = [CRAWL_STATS_FILE, VALID_MODELS_FILE, RUN_LIKES_FILE, EVALUATION_FILE, TOPK_FILE,
              *(f"topk-{method.value}.npz" for method in Method if method is not Method.VISUAL)]
     plans = [PLAN_FILE, *(SimilarityPlan.path(folder, method).name for method in Method)]
-    return named + [folder / name for name in fixed + plans]
+    return run_working_keys(folder) + [folder / name for name in fixed + plans]
 
 
 def owner_of(name: str) -> str | None:

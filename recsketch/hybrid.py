@@ -286,7 +286,8 @@ def _scan(factor_side: kernel.Side, listed: np.ndarray, visual: np.ndarray, quer
     queries = np.arange(query_first, query_first + len(listed))
     query = factors[queries]
     cf = np.einsum("md,mjd->mj", query, factors[np.maximum(listed, 0)])
-    listed_scores[:] = np.where(valid, (1 - w) * visual + w * cf, -np.inf)
+    with np.errstate(invalid="ignore"):  # pads: -inf x 0 where w = 1, masked by ``valid``
+        listed_scores[:] = np.where(valid, (1 - w) * visual + w * cf, -np.inf)
     count = valid.sum(axis=1)
     kth = -np.sort(-listed_scores, axis=1)[:, kk - 1] if listed.shape[1] >= kk else np.full(len(count), -np.inf)
     last_visual = np.where(count > 0, visual[np.arange(len(count)), np.maximum(count - 1, 0)], -np.inf)

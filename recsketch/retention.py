@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from recsketch import storage
 from recsketch.config import Settings
-from recsketch.contracts import VALID_MODELS_FILE, run_folder_keys
+from recsketch.contracts import VALID_MODELS_FILE, run_folder_keys, run_working_keys
 from recsketch.db import store
 from recsketch.db.schema import run_folders, run_metrics, runs
 from recsketch.errors import RecsketchError
@@ -160,6 +160,30 @@ def delete_folder(settings: Settings, engine: Engine, folder: str) -> int:
             conn.execute(delete(runs).where(runs.c.run_id.in_(loaded)))
         conn.execute(delete(run_folders).where(run_folders.c.folder == folder))
     return files
+
+
+def thin(settings: Settings, engine: Engine, folders: Iterable[str], *, dry_run: bool = False) -> int:
+    """Delete the working files of the loaded runs among ``folders``: what their similarity plans
+    name (the gathered features, refresh plans, shards) and the deep visual lists the hybrid
+    bound read, consumed once the lists are merged and served (the next day's refresh reads
+    the backbone's latest lists, not a run's). Their plans, reports, likes and served lists
+    stay (the gate scores kept runs' lists). A run that has not loaded keeps everything, so its
+    merge or load can be rerun. Returns the files."""
+    names = list(folders)
+    if not names:
+        return 0
+    with engine.connect() as conn:
+        loaded = conn.execute(select(run_folders.c.folder).where(run_folders.c.folder.in_(names),
+                                                                 run_folders.c.finished_at.is_not(None))).scalars()
+        finished = sorted(set(loaded))
+    removed = 0
+    for folder in finished:
+        for key in run_working_keys(settings.run_dir(folder)):
+            if key.exists():
+                if not dry_run:
+                    key.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _remove_tree(folder: Path) -> int:

@@ -20,12 +20,16 @@ def clean(settings: Settings, current: str | None = None, progress: Progress = l
     cleanup and ``recsketch gc``."""
     engine = store.connect(settings.resolved_database_url)
     result = retention.collect(settings, engine, current=current, dry_run=dry_run, progress=progress)
+    working = retention.thin(settings, engine, result["kept"], dry_run=dry_run)
+    progress(f"gc: {working} working files of loaded runs (gathered features, shards) "
+             f"{'would be ' if dry_run else ''}deleted")
     features = compaction.compact_features(settings, engine, result["kept"], dry_run=dry_run, progress=progress)
     index_lines = 0 if dry_run else ThumbnailIndex(settings.thumbs_dir).compact(set(store.stored_model_ids(engine)))
     exports = compaction.remove_stale_exports(settings, dry_run=dry_run, progress=progress)
-    return {**result, "chunks_dropped": features.dropped, "chunks_rewritten": features.rewritten,
-            "chunk_files_deleted": features.files_deleted, "feature_entries": features.entries_after,
-            "thumbnail_index_lines_dropped": index_lines, "exports_deleted": exports}
+    return {**result, "working_files_deleted": working, "chunks_dropped": features.dropped,
+            "chunks_rewritten": features.rewritten, "chunk_files_deleted": features.files_deleted,
+            "feature_entries": features.entries_after, "thumbnail_index_lines_dropped": index_lines,
+            "exports_deleted": exports}
 
 
 def cleanup_stage(settings: Settings, folder: Location, progress: Progress = log.info, dry_run: bool = False) -> dict:

@@ -10,7 +10,6 @@ A third method is a third source: a ``rows`` that writes its embedding and an ``
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from recsketch.contracts import (
     TopK,
     TopKStore,
     ValidModels,
+    hybrid_visual_rows_key,
 )
 from recsketch.errors import RecsketchError
 from recsketch.evaluation import Likes
@@ -457,8 +457,7 @@ def visual_rows(settings: Settings, folder: Location, visual: TopK, progress: Pr
         return plan.features_path(folder)
     versions = (dict(zip(visual.mids, visual.versions, strict=True)) if visual.versions
                 else dict.fromkeys(visual.mids, ""))
-    named = hashlib.sha1("\n".join(f"{m} {versions[m]}" for m in visual.mids).encode()).hexdigest()[:12]
-    location = folder / f"{Method.HYBRID.file_name}-visual-{named}.npy"
+    location = hybrid_visual_rows_key(folder, visual.mids, visual.versions)
     if progress is None or location.exists():
         if not location.exists():
             raise RecsketchError(f"{location} is missing: run plan_hybrid again")

@@ -25,9 +25,20 @@ def test_a_run_writes_only_contract_files_and_summarises_every_step(sketchfab, t
     # retention finds every one of them by name, as it must on an object store (no listing)
     assert set(files) <= {key.name for key in run_folder_keys(run_dir(settings, "day-1"))}
     entries = sum(len(held) for held in ChunkStore(settings.features_dir, backbone_key(settings)).manifest().values())
+    working = summary["gc"].pop("working_files_deleted")
+    assert working >= 4  # both methods' gathered features and shards: the run loaded, its lists are merged
+    assert not [name for name in files if "-shard-" in name or "-features-" in name], files
     assert summary["gc"] == {"kept": 1, "deleted": 0, "files_deleted": 0, "failed": 0, "dry_run": False,
                              "chunks_dropped": 0, "chunks_rewritten": 0, "chunk_files_deleted": 0,
                              "feature_entries": entries, "thumbnail_index_lines_dropped": 0, "exports_deleted": 0}
     assert entries == summary["load"]["models"]  # every extracted model is served: nothing to compact
     again = stages.run_pipeline(settings, "day-2", progress=lambda _: None)  # nothing changed: reused
     assert again["similarity"]["mode"] == "unchanged (reused)" and again["extract"] == []
+    # an unchanged day gathers the hybrid's visual rows into a file of its own: named, and deleted once loaded
+    day2 = Path(run_dir(settings, "day-2"))
+    assert again["gc"]["working_files_deleted"] >= 2
+    left = sorted(p.name for p in day2.iterdir())
+    assert set(left) <= {key.name for key in run_folder_keys(day2)}, left
+    assert not [name for name in left if "-shard-" in name or "-features-" in name or "-visual-" in name
+                or name == "topk-deep.npz"], left
+    assert {"topk.npz", "topk-hybrid.npz", "valid_models.json", "likes.npz"} <= set(left)
