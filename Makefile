@@ -95,6 +95,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.daily_bench
 	$(BIN)/python -m benchmarks.dag_bench
 	$(BIN)/python -m benchmarks.evaluate_bench
+	$(BIN)/python -m benchmarks.months_bench
 
 lint: venv
 	$(BIN)/ruff check .
