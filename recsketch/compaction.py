@@ -1,7 +1,7 @@
 """Compaction (DESIGN §7): feature rows that nothing needs any more, and the chunks that held them, go.
 
 A feature row is needed while its (model, thumbnail version) is the catalogue's now (the next
-run reads it) or a kept run's (``valid_models.json`` of a folder retention keeps). A replaced
+run reads it) or a kept run's (its ``ValidModels``, in a folder retention keeps). A replaced
 thumbnail's old row and a deleted model's row stop being needed once the last kept run that
 used them is collected. Chunks are write-once, so compaction never edits one:
 

@@ -92,6 +92,7 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     """dag.test() against the local server over HTTP, into PostgreSQL: neighbours are right."""
     from airflow.dag_processing.dagbag import DagBag
 
+    from recsketch.contracts import Method, SimilarityPlan
     from recsketch.db import store
 
     # the API and the DB come from Airflow Connections; the environment holds neither
@@ -124,8 +125,10 @@ def test_dag_end_to_end_into_postgres(sketchfab, pg_url: str, demo_groups: dict[
     # three chunks of at most 30 models, each a checkpoint file
     chunk_files = list((tmp_path / "data" / "features").rglob("chunk-*.npz"))
     assert len(chunk_files) == 3
-    assert len(list((tmp_path / "data" / "runs").glob("*/similarity-shard-*.npz"))) == 3
-    assert len(list((tmp_path / "data" / "runs").glob("*/hybrid-shard-*.npz"))) == 3  # mapped alike
+    run_folder = next(p for p in (tmp_path / "data" / "runs").iterdir() if (p / "valid_models.json").exists())
+    assert len(SimilarityPlan.read(run_folder, Method.VISUAL).shards) == 3
+    assert len(SimilarityPlan.read(run_folder, Method.HYBRID).shards) == 3  # mapped alike
+    assert not list(run_folder.glob("*-shard-*.npz"))  # the run loaded: cleanup deleted its working files
     # the sparse models were removed by the threshold, the model without thumbnail never planned
     valid = json.loads(next((tmp_path / "data" / "runs").glob("*/valid_models.json")).read_text())
     assert sorted(valid) == sorted(demo_groups)

@@ -146,7 +146,9 @@ def test_likes_are_read_as_codes_with_every_uid_kept_as_written(backend: str, pg
 
 def test_memory_mapped_tiled_shards_equal_the_in_memory_top_k(tmp_path: Path) -> None:
     """A shard read through a memory map, in tiles far smaller than N, equals the in-memory
-    top-k exactly: indices (ties by lower index) and scores, identical thumbnails at 1.0."""
+    top-k: the same indices (ties by lower index), scores within 1e-6 (float32 tiles scored by
+    sgemm round by a pair's place in the tile on some CPUs, a Zen 5 here), identical
+    thumbnails at exactly 1.0."""
     from recsketch.similarity import NpyRows, normalise, top_k_cosine, top_k_tiled
 
     rng = np.random.default_rng(3)
@@ -159,7 +161,7 @@ def test_memory_mapped_tiled_shards_equal_the_in_memory_top_k(tmp_path: Path) ->
     mapped = np.load(tmp_path / "unit.npy", mmap_mode="r")
     expected = top_k_cosine(unit, 10, rows=(300, 2100), normalised=True)
     got = top_k_tiled(mapped, 10, (300, 2100), query_block=333, candidate_block=257)
-    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert np.array_equal(got[0], expected[0]) and np.allclose(got[1], expected[1], rtol=0, atol=1e-6)
     ties = top_k_tiled(mapped, 10, (100, 110), query_block=4, candidate_block=64)
     assert np.array_equal(ties[0], top_k_cosine(unit, 10, rows=(100, 110), normalised=True)[0])
     assert top_k_tiled(mapped, 5, (7, 8))[1][0, 0] == 1.0
@@ -168,7 +170,7 @@ def test_memory_mapped_tiled_shards_equal_the_in_memory_top_k(tmp_path: Path) ->
         read = top_k_tiled(rows, 10, (300, 2100), query_block=333, candidate_block=257)
     finally:
         rows.close()
-    assert np.array_equal(read[0], expected[0]) and np.array_equal(read[1], expected[1])
+    assert np.array_equal(read[0], expected[0]) and np.array_equal(read[1], got[1])  # the same tiles, bit for bit
 
 
 def test_a_registered_chunk_that_no_longer_reads_back_is_planned_again(tmp_path: Path) -> None:
