@@ -56,10 +56,11 @@ def served_state(settings, engine) -> int:  # type: ignore[no-untyped-def]
     from recsketch.features.keys import backbone_key
 
     current = store.models_with_thumbnails(engine)
-    manifest = ChunkStore(settings.features_dir, backbone_key(settings)).manifest()
+    chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
+    manifest = chunk_store.manifest()
     dim = 0
     for chunk_id in manifest:
-        chunk = ChunkStore(settings.features_dir, backbone_key(settings)).read(chunk_id)
+        chunk = chunk_store.read(chunk_id)
         if chunk is not None and chunk.features.size:
             dim = chunk.features.shape[1]
             break

@@ -154,7 +154,8 @@ def compact(store: ChunkStore, needed: set[Entry], *, chunk_rows: int, dry_run: 
     are plan_similarity and this, which run in turn in a DAG run)."""
     now = now or datetime.now(UTC)
     manifest = store.manifest()
-    retired, files_deleted = _delete_retired(store, manifest, _read_journal(store), now, dry_run)
+    journaled = _read_journal(store)
+    retired, files_deleted = _delete_retired(store, manifest, dict(journaled), now, dry_run)
     entries_before = sum(len(entries) for entries in manifest.values())
     dropped, worn = [], []
     for chunk_id, entries in manifest.items():
@@ -174,7 +175,7 @@ def compact(store: ChunkStore, needed: set[Entry], *, chunk_rows: int, dry_run: 
         retired.update({cid: now.isoformat() for cid in [*dropped, *worn] if cid not in after})
     if not dry_run:
         journal = {cid: when for cid, when in retired.items() if cid not in after}
-        if journal != _read_journal(store):
+        if journal != journaled or created:  # _rewrite journaled the new chunks it made
             _write_journal(store, journal)
     moving = sum(entry in needed for cid in worn for entry in manifest[cid])
     result = Compaction(len(manifest), len(after) if not dry_run else len(kept) + -(-moving // chunk_rows),
