@@ -415,16 +415,36 @@ def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
     return users
 
 
-def _methods(train: sparse.csr_matrix, config: EvaluationConfig, als: tuple[np.ndarray, np.ndarray]
-             ) -> dict[str, Scorer]:
-    """The likes-only scorers of item codes, trained on ``train`` (``als``: its factors);
-    popularity ranks by one order for everyone (``rank_by_popularity``)."""
-    rng = np.random.default_rng(config.seed + 1)
+def _cf_scorer(als: tuple[np.ndarray, np.ndarray]) -> Scorer:
+    """ALS's scores of item codes (``als``: user and item factors trained on the training likes)."""
     user_factors, item_factors = als
-    return {
-        "random": lambda users, codes: rng.random((len(users), len(codes)), dtype=np.float32),
-        "cf": lambda users, codes: user_factors[users] @ item_factors[codes].T,
-    }
+    return lambda users, codes: user_factors[users] @ item_factors[codes].T
+
+
+def rank_at_random(users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
+                   candidates: np.ndarray, ks: Sequence[int], rng: np.random.Generator) -> dict[str, float]:
+    """``rank_metrics`` of a uniformly random order of the candidates, less each user's
+    ``exclude``: the first k of a random permutation, drawn as k + (the user's excluded) distinct
+    positions, the order i.i.d. uniform scores give, without drawing and ranking N per user."""
+    candidates = np.asarray(candidates)
+    total = _Accumulator(ks, len(candidates))
+    width = len(candidates)
+    kk = min(max(ks), width)
+    rank_of = Candidates(candidates, test.shape[1]).rank_of
+    for start in range(0, len(users), USER_BLOCK):
+        block = users[start:start + USER_BLOCK]
+        skip = exclude[block].tocsr() if exclude is not None else None
+        best = np.full((len(block), kk), -1, dtype=np.int64)
+        for row in range(len(block)):
+            banned = np.zeros(0, dtype=np.int64)
+            if skip is not None:
+                banned = rank_of[skip.indices[skip.indptr[row]:skip.indptr[row + 1]]]
+                banned = banned[banned >= 0]
+            drawn = rng.choice(width, size=min(width, kk + len(banned)), replace=False)
+            drawn = drawn[~np.isin(drawn, banned)][:kk]
+            best[row, :len(drawn)] = drawn
+        total.add(best, test[block][:, candidates].tocsr())
+    return total.result()
 
 
 def rank_by_popularity(train: sparse.csr_matrix, users: np.ndarray, test: sparse.csr_matrix,
@@ -512,10 +532,10 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     als = _fit_als(split.train, config)  # once: the warm methods and the cold start share it
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
-    results = {name: rank_metrics(scorer, users, split.test, split.train, warm_items, config.ks)
-               for name, scorer in _methods(split.train, config, als).items()}
-    results = {"random": results.pop("random"),
-               "popularity": rank_by_popularity(split.train, users, split.test, warm_items, config.ks), **results}
+    results = {"random": rank_at_random(users, split.test, split.train, warm_items, config.ks,
+                                        np.random.default_rng(config.seed + 1)),
+               "popularity": rank_by_popularity(split.train, users, split.test, warm_items, config.ks)}
+    results["cf"] = rank_metrics(_cf_scorer(als), users, split.test, split.train, warm_items, config.ks)
     if unit is not None and weight is not None:
         results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, normalise(als[1])), users, split.test,
                                       split.train, warm_items, weight, config.ks)
@@ -540,11 +560,8 @@ def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
     factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)  # the cold models have no likes
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
-    random_rng = np.random.default_rng(config.seed + 4)
-
-    def random(block: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        return random_rng.random((len(block), len(codes)), dtype=np.float32)
-
-    return {"random": rank_metrics(random, users, split.cold_test, None, split.cold_items, config.ks),
+    random = rank_at_random(users, split.cold_test, None, split.cold_items, config.ks,
+                            np.random.default_rng(config.seed + 4))
+    return {"random": random,
             **_visual_and_hybrid(_parts_scorer(split.train, users, unit, factors), users, split.cold_test, None,
                                  split.cold_items, weight, config.ks)}

@@ -423,3 +423,37 @@ def test_popularity_ranks_as_the_scorer_of_counts_would() -> None:
     scored = rank_metrics(lambda block, codes: np.broadcast_to(distinct[codes], (len(block), len(codes))),
                           users, test, train, candidates, (5, 10))
     assert by_order == scored and by_order["ndcg@10"] > 0
+
+
+def test_the_random_baseline_draws_a_uniform_order_of_what_each_user_may_be_shown() -> None:
+    """``rank_at_random`` (k + excluded distinct draws a user, not N scores) shows every allowed
+    candidate with the same chance and never an excluded one: its precision is the share of
+    held-out likes among the allowed candidates, as i.i.d. uniform scores give, and it is seeded."""
+    from recsketch.evaluation import rank_at_random
+
+    rng = np.random.default_rng(5)
+    n_users, n_items, k = 3000, 40, 10
+    candidates = np.arange(0, n_items, 2)  # 20 of them
+    train = sparse.csr_matrix(rng.random((n_users, n_items)) < 0.15, dtype=np.float32)
+    test = sparse.csr_matrix((rng.random((n_users, n_items)) < 0.3) & (train.toarray() == 0), dtype=np.float32)
+    users = np.flatnonzero(np.diff(test[:, candidates].tocsr().indptr) > 0)
+    allowed = 1 - train[users][:, candidates].toarray()
+    held = test[users][:, candidates].toarray()
+    shown = np.minimum(k, allowed.sum(axis=1))
+    # expected hits: each allowed candidate is in the first `shown` of a uniform order with chance shown / allowed
+    expected_precision = (held.sum(axis=1) * shown / np.maximum(allowed.sum(axis=1), 1) / k).mean()
+    drawn = rank_at_random(users, test, train, candidates, (k,), np.random.default_rng(1))
+    scored = rank_metrics(lambda block, codes: np.random.default_rng(int(block[0])).random((len(block), len(codes))),
+                          users, test, train, candidates, (k,))
+    assert drawn["precision@10"] == pytest.approx(expected_precision, rel=0.03)
+    assert scored["precision@10"] == pytest.approx(expected_precision, rel=0.03)
+    assert drawn["ndcg@10"] == pytest.approx(scored["ndcg@10"], rel=0.05)
+    assert drawn == rank_at_random(users, test, train, candidates, (k,), np.random.default_rng(1))
+    assert drawn != rank_at_random(users, test, train, candidates, (k,), np.random.default_rng(2))
+    # nothing excluded is shown: with every candidate but one excluded, the list is that one
+    one_allowed = sparse.csr_matrix(np.ones((1, n_items), dtype=np.float32))
+    one_allowed[0, candidates[7]] = 0
+    one_allowed.eliminate_zeros()
+    only = rank_at_random(np.array([0]), sparse.csr_matrix(np.eye(1, n_items, candidates[7], dtype=np.float32)),
+                          one_allowed, candidates, (k,), np.random.default_rng(0))
+    assert only["precision@10"] == pytest.approx(1 / k) and only["coverage@10"] == pytest.approx(1 / len(candidates))
