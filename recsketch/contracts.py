@@ -99,7 +99,7 @@ class RunLikes:
         arrays = {}
         for name, column in columns.items():
             arrays[f"{name}_codes"] = column.codes.astype(np.int32)
-            arrays[f"{name}_names"] = np.asarray(column.categories, dtype=str)
+            arrays[f"{name}_names"] = storage.text_array(list(column.categories))
         storage.save_npz(folder / RUN_LIKES_FILE, **arrays)
 
     @staticmethod
@@ -111,7 +111,8 @@ class RunLikes:
         except FileNotFoundError:
             return None
         try:
-            return pd.DataFrame({name: pd.Categorical.from_codes(data[f"{name}_codes"], data[f"{name}_names"])
+            return pd.DataFrame({name: pd.Categorical.from_codes(data[f"{name}_codes"],
+                                                                 storage.texts(data[f"{name}_names"]))
                                  for name in ("mid", "uid")})
         except (KeyError, ValueError):
             raise RecsketchError(f"{folder / RUN_LIKES_FILE} is damaged: run the threshold stage again") from None
@@ -470,15 +471,25 @@ class TopKStore:
         return cls(folder / DEEP_TOPK_FILE)
 
     def write(self, topk: TopK) -> None:
-        storage.save_npz(self.path, mids=np.array(topk.mids, dtype=str), indices=topk.indices, scores=topk.scores,
-                       backbone_key=np.array(topk.backbone_key), versions=np.array(topk.versions, dtype=str))
+        narrow = topk.indices.size == 0 or int(topk.indices.max()) < 2**31  # row numbers: int32 halves them
+        storage.save_npz(self.path, mids=storage.text_array(topk.mids),
+                         indices=topk.indices.astype(np.int32) if narrow else topk.indices, scores=topk.scores,
+                         backbone_key=np.array(topk.backbone_key), versions=storage.text_array(topk.versions))
 
     def read(self) -> TopK | None:
         """The stored result, or None when there is none (or it is unreadable: recomputed)."""
         try:
             data = storage.load_npz(self.path)
-            return TopK([str(m) for m in data["mids"]], data["indices"], data["scores"],
-                        str(data["backbone_key"]), [str(v) for v in data["versions"]])
+            return TopK(storage.texts(data["mids"]), data["indices"].astype(np.int64), data["scores"],
+                        str(data["backbone_key"]), storage.texts(data["versions"]))
+        except (OSError, KeyError, ValueError, EOFError):
+            return None
+
+    def read_models(self) -> tuple[list[str], list[str]] | None:
+        """The result's (mids, versions) alone: locally the lists themselves are not read."""
+        try:
+            data = storage.load_npz(self.path, ("mids", "versions"))
+            return storage.texts(data["mids"]), storage.texts(data["versions"])
         except (OSError, KeyError, ValueError, EOFError):
             return None
 
@@ -522,9 +533,9 @@ def run_working_keys(folder: Location) -> list[Location]:
             named += SimilarityPlan.read(folder, method).keys(folder)
         except RecsketchError:  # no plan of this method (or unreadable: its files were never named)
             continue
-    visual = TopKStore.for_run(folder).read()
-    if visual is not None:
-        named.append(hybrid_visual_rows_key(folder, visual.mids, visual.versions))
+    models = TopKStore.for_run(folder).read_models()
+    if models is not None:
+        named.append(hybrid_visual_rows_key(folder, *models))
     return [*named, folder / DEEP_TOPK_FILE]
 
 

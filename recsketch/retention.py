@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from recsketch import storage
 from recsketch.config import Settings
-from recsketch.contracts import VALID_MODELS_FILE, run_folder_keys, run_working_keys
+from recsketch.contracts import RUN_LIKES_FILE, VALID_MODELS_FILE, run_folder_keys, run_working_keys
 from recsketch.db import store
 from recsketch.db.schema import run_folders, run_metrics, runs
 from recsketch.errors import RecsketchError
@@ -166,9 +166,11 @@ def thin(settings: Settings, engine: Engine, folders: Iterable[str], *, dry_run:
     """Delete the working files of the loaded runs among ``folders``: what their similarity plans
     name (the gathered features, refresh plans, shards) and the deep visual lists the hybrid
     bound read, consumed once the lists are merged and served (the next day's refresh reads
-    the backbone's latest lists, not a run's). Their plans, reports, likes and served lists
-    stay (the gate scores kept runs' lists). A run that has not loaded keeps everything, so its
-    merge or load can be rerun. Returns the files."""
+    the backbone's latest lists, not a run's); and the likes of those no longer live (what
+    evaluate, plan_hybrid and the gate of that run read: a rerun of those then reads the
+    catalogue's likes, and a reload of it passes ungated). Their plans, reports and served
+    lists stay (the gate scores kept runs' lists on today's likes). A run that has not loaded
+    keeps everything, so its merge or load can be rerun. Returns the files."""
     names = list(folders)
     if not names:
         return 0
@@ -176,9 +178,12 @@ def thin(settings: Settings, engine: Engine, folders: Iterable[str], *, dry_run:
         loaded = conn.execute(select(run_folders.c.folder).where(run_folders.c.folder.in_(names),
                                                                  run_folders.c.finished_at.is_not(None))).scalars()
         finished = sorted(set(loaded))
+    live = store.live_run(engine)
+    live_folder = run_folder_name(live["run_id"]) if live else None
     removed = 0
     for folder in finished:
-        for key in run_working_keys(settings.run_dir(folder)):
+        root = settings.run_dir(folder)
+        for key in run_working_keys(root) + ([root / RUN_LIKES_FILE] if folder != live_folder else []):
             if key.exists():
                 if not dry_run:
                     key.unlink(missing_ok=True)

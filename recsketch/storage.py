@@ -324,11 +324,29 @@ def save_npz(path: Location, *, fsync: bool = False, **arrays: np.ndarray) -> No
     write_bytes(path, npz_bytes(**arrays))
 
 
-def load_npz(path: Location) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` (FileNotFoundError if absent; a damaged one raises what numpy raises)."""
+def load_npz(path: Location, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, or those ``names`` (a local file reads only theirs);
+    FileNotFoundError if absent, KeyError for a name it lacks; a damaged one raises what numpy raises."""
     source: Path | io.BytesIO = path if isinstance(path, Path) else io.BytesIO(path.read_bytes())
     with np.load(source, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+        return {name: data[name] for name in (data.files if names is None else names)}
+
+
+def text_array(values: list[str]) -> np.ndarray:
+    """Strings as UTF-8 bytes (``S``): a 32-character id takes 32 bytes, not the 128 of numpy's
+    ``<U32``. ``texts`` reads either kind back."""
+    array = np.array(values, dtype=str)
+    try:
+        return array.astype(np.bytes_)  # ASCII (every Sketchfab uid): numpy encodes it at C speed
+    except UnicodeEncodeError:
+        return np.array([value.encode() for value in values], dtype=np.bytes_)
+
+
+def texts(array: np.ndarray) -> list[str]:
+    """The strings of ``text_array``'s bytes, or of a ``<U`` array an older release wrote."""
+    if array.dtype.kind == "S":
+        return [value.decode() for value in array.tolist()]
+    return [str(value) for value in array.tolist()]
 
 
 def save_npy(path: Location, array: np.ndarray) -> None:

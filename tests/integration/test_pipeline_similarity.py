@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recsketch.config import Settings
-from recsketch.contracts import TOPK_FILE
+from recsketch.contracts import TOPK_FILE, TopKStore
 from recsketch.features.chunks import Chunk, ChunkStore
 from recsketch.features.keys import backbone_key
 from recsketch.similarity import top_k_cosine
@@ -28,8 +28,8 @@ def test_new_models_cost_new_x_all_and_equal_a_full_run(tmp_path: Path) -> None:
         folder = run_dir(settings, run_id)
         (folder / "valid_models.json").write_text(json.dumps(valid))
         summary = similarity_stage(settings, folder)
-        with np.load(folder / TOPK_FILE) as data:
-            return summary, [str(m) for m in data["mids"]], data["indices"]
+        topk = TopKStore(folder / TOPK_FILE).require("similarity")
+        return summary, topk.mids, topk.indices
 
     store.write(Chunk("first", mids[:40], np.stack([vectors[m] for m in mids[:40]]), {}, store.backbone_key))
     first, _, _ = run("r1", mids[:40])
@@ -160,9 +160,8 @@ def test_a_changed_thumbnail_is_extracted_again_in_a_chunk_of_its_own(tmp_path: 
     assert not np.allclose(new[row], old[row])  # the new image's features are the ones read
     assert np.allclose(np.delete(new, row, axis=0), np.delete(old, row, axis=0))
     assert "1 changed, 0 gone" in similarity_stage(settings, second)["mode"]  # worked forward, not a full pass
-    with np.load(second / TOPK_FILE) as data:
-        order2 = [str(m) for m in data["mids"]]
-        assert (data["indices"] == top_k_cosine(new[[order.index(m) for m in order2]], 3)[0]).all()
+    result = TopKStore(second / TOPK_FILE).require("similarity")
+    assert (result.indices == top_k_cosine(new[[order.index(m) for m in result.mids]], 3)[0]).all()
 
 
 def test_each_handover_file_has_one_reader_and_one_writer() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from recsketch import stages
 from recsketch.config import Settings
-from recsketch.contracts import owner_of, run_folder_keys
+from recsketch.contracts import RunLikes, TopKStore, owner_of, run_folder_keys
 from recsketch.features.chunks import ChunkStore
 from recsketch.features.keys import backbone_key
 from recsketch.stages.common import run_dir
@@ -42,3 +44,14 @@ def test_a_run_writes_only_contract_files_and_summarises_every_step(sketchfab, t
     assert not [name for name in left if "-shard-" in name or "-features-" in name or "-visual-" in name
                 or name == "topk-deep.npz"], left
     assert {"topk.npz", "topk-hybrid.npz", "valid_models.json", "likes.npz"} <= set(left)
+    # the run no longer live keeps its served lists (the gate scores them) but not its likes
+    day1 = sorted(p.name for p in Path(run_dir(settings, "day-1")).iterdir())
+    assert {"topk.npz", "topk-hybrid.npz", "valid_models.json"} <= set(day1) and "likes.npz" not in day1, day1
+    # ids are stored as UTF-8 bytes and rows as int32: a kept list costs ~128 B a model, not ~312
+    with np.load(day2 / "topk.npz") as data:
+        assert data["mids"].dtype.kind == "S" and data["versions"].dtype.kind == "S"
+        assert data["indices"].dtype == np.int32
+    served = TopKStore(day2 / "topk.npz").require("similarity")
+    assert served.indices.dtype == np.int64 and all(isinstance(m, str) and len(m) == 32 for m in served.mids)
+    likes = RunLikes.read(day2)
+    assert likes is not None and len(likes) > 0 and isinstance(likes["uid"].iloc[0], str)
