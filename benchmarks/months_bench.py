@@ -103,7 +103,9 @@ def main() -> None:
         rng = random.Random(9)
         database = _database(args.admin_url)
         settings = Settings(data_dir=work / "data", sketchfab_url=server.url, runtime="torch", top_k=10,
-                            keep_runs=args.keep_runs, gate_min_ratio=0.0, http_retries=1, database_url=database)
+                            keep_runs=args.keep_runs, gate_min_ratio=0.0, http_retries=1, database_url=database,
+                            compaction_grace_s=0.0)  # replayed days are seconds apart: what compaction retires
+        # goes the next day, as the hour's grace does when days are a day apart
         engine = store.connect(settings.resolved_database_url)
         history: list[dict] = []
         print(f"  {'day':>4} {'models':>6} " + " ".join(f"{kind:>10}" for kind in KINDS)

@@ -14,10 +14,11 @@ used them is collected. Chunks are write-once, so compaction never edits one:
 Order makes it safe to kill at any point: the new chunks are created, then the manifest is
 written whole (readers see the old set or the new), then the chunks it dropped are recorded
 as retired (``compaction.json``, with the time). A retired chunk's file is deleted by a later
-compaction, :data:`GRACE` after retirement, by its exact key (never by listing), and only if
-the manifest does not hold it: a run that read the old manifest a moment before still finds
-every chunk it named. A chunk created for a compaction that was killed before its manifest
-was written is recorded as retired before it is written, so it goes too.
+compaction, ``RECSKETCH_COMPACTION_GRACE_S`` (:data:`GRACE`) after retirement, by its exact key
+(never by listing), and only if the manifest does not hold it: a run that read the old
+manifest a moment before still finds every chunk it named. A chunk created for a compaction
+that was killed before its manifest was written is recorded as retired before it is written,
+so it goes too.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def compact_features(settings: Settings, engine: Engine, kept_folders: Iterable[
     """:func:`compact` on the configured backbone's chunks, against what is needed now."""
     chunk_store = ChunkStore(settings.features_dir, backbone_key(settings))
     return compact(chunk_store, needed_entries(settings, engine, kept_folders), chunk_rows=settings.chunk_size,
-                   dry_run=dry_run, progress=progress)
+                   dry_run=dry_run, grace=timedelta(seconds=settings.compaction_grace_s), progress=progress)
 
 
 def remove_stale_exports(settings: Settings, *, dry_run: bool = False,
@@ -130,14 +131,14 @@ def _write_journal(store: ChunkStore, retired: dict[str, str]) -> None:
 
 
 def _delete_retired(store: ChunkStore, manifest: dict[str, list[Entry]], retired: dict[str, str],
-                    now: datetime, dry_run: bool) -> tuple[dict[str, str], int]:
+                    now: datetime, grace: timedelta, dry_run: bool) -> tuple[dict[str, str], int]:
     """Delete retired chunks past the grace period that the manifest does not hold; returns the
     journal left and the files deleted."""
     left, deleted = {}, 0
     for chunk_id, when in retired.items():
         if chunk_id in manifest:  # created by a compaction whose manifest was written: live
             continue
-        if now - datetime.fromisoformat(when) < GRACE or dry_run:
+        if now - datetime.fromisoformat(when) < grace or dry_run:
             left[chunk_id] = when
             continue
         path = store.path(chunk_id)
@@ -148,14 +149,16 @@ def _delete_retired(store: ChunkStore, manifest: dict[str, list[Entry]], retired
 
 
 def compact(store: ChunkStore, needed: set[Entry], *, chunk_rows: int, dry_run: bool = False,
-            now: datetime | None = None, progress: Callable[[str], None] = log.info) -> Compaction:
+            now: datetime | None = None, grace: timedelta = GRACE,
+            progress: Callable[[str], None] = log.info) -> Compaction:
     """Drop and rewrite the chunks of ``store`` that hold unneeded entries (see the module);
-    ``chunk_rows``: the size of the new chunks. One task at a time (the manifest's writers
-    are plan_similarity and this, which run in turn in a DAG run)."""
+    ``chunk_rows``: the size of the new chunks; a retired file goes ``grace`` after retirement.
+    One task at a time (the manifest's writers are plan_similarity and this, which run in turn
+    in a DAG run)."""
     now = now or datetime.now(UTC)
     manifest = store.manifest()
     journaled = _read_journal(store)
-    retired, files_deleted = _delete_retired(store, manifest, dict(journaled), now, dry_run)
+    retired, files_deleted = _delete_retired(store, manifest, dict(journaled), now, grace, dry_run)
     entries_before = sum(len(entries) for entries in manifest.values())
     dropped, worn = [], []
     for chunk_id, entries in manifest.items():
@@ -185,7 +188,7 @@ def compact(store: ChunkStore, needed: set[Entry], *, chunk_rows: int, dry_run: 
     progress(f"gc: features {store.backbone_key}: {len(dropped)} chunks {would}dropped (nothing in them needed), "
              f"{len(worn)} worn ones (>= {COMPACT_SHARE:.0%} unneeded) {would}rewritten into {result.created} new "
              f"ones; {entries_before:,} entries -> {result.entries_after:,}; {files_deleted} retired chunk files "
-             f"deleted ({len(retired) - files_deleted if dry_run else len(journal)} retired, waiting {GRACE})")
+             f"deleted ({len(retired) - files_deleted if dry_run else len(journal)} retired, waiting {grace})")
     return result
 
 

@@ -117,6 +117,7 @@ class Settings(BaseModel):
     gate_min_ndcg: float = Field(0.0, ge=0)  # and below this served NDCG@10 (0: no absolute floor)
     eval_max_users: int = Field(10_000, ge=1)  # users the evaluate stage ranks for (sampled)
     keep_runs: int = Field(7, ge=1)  # run folders of each kind retention keeps (recsketch gc), beside live/in flight
+    compaction_grace_s: float = Field(3600.0, ge=0)  # a retired chunk file outlives any reader of the manifest
 
     @field_validator("data_dir", mode="before")
     @classmethod

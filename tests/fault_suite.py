@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import create_engine, text
 
-from recsketch import contracts
+from recsketch import contracts, storage
 from recsketch.config import Settings
 from recsketch.features.chunks import Chunk, ChunkStore
 from recsketch.features.keys import backbone_key
@@ -287,10 +287,10 @@ class FaultSuite:
         state: dict[str, np.ndarray] = {}
         for path in sorted((data_dir / "features").rglob("chunk-*.npz")):
             with np.load(path) as data:
-                for mid, row in zip(data["mids"], data["features"], strict=True):
-                    if str(mid) in state:
+                for mid, row in zip(storage.texts(data["mids"]), data["features"], strict=True):
+                    if mid in state:
                         raise AssertionError(f"{mid} has features in two chunks")
-                    state[str(mid)] = row.copy()
+                    state[mid] = row.copy()
         return state
 
     @staticmethod

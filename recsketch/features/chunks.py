@@ -111,12 +111,12 @@ class ChunkStore:
         failed = sorted(chunk.failed.items())
         features = np.ascontiguousarray(chunk.features, dtype=np.float32)
         return storage.npz_bytes(
-            mids=np.array(chunk.mids, dtype=str),
+            mids=storage.text_array(chunk.mids),  # UTF-8 bytes: 32 B a Sketchfab uid, not 128
             features=features,
             sha256=np.array(_checksum(chunk.mids, features)),
-            failed_mids=np.array([m for m, _ in failed], dtype=str),
+            failed_mids=storage.text_array([m for m, _ in failed]),
             failed_reasons=np.array([r for _, r in failed], dtype=str),
-            versions=np.array([chunk.versions.get(m, "") for m in [*chunk.mids, *(m for m, _ in failed)]], dtype=str),
+            versions=storage.text_array([chunk.versions.get(m, "") for m in [*chunk.mids, *(m for m, _ in failed)]]),
             backbone_key=np.array(self.backbone_key),
         )
 
@@ -126,13 +126,13 @@ class ChunkStore:
         try:
             data = storage.load_npz(path)
             key = str(data["backbone_key"])
-            mids = [str(m) for m in data["mids"]]
+            mids = storage.texts(data["mids"])
             features = data["features"]
-            failed = dict(zip((str(m) for m in data["failed_mids"]),
+            failed = dict(zip(storage.texts(data["failed_mids"]),
                               (str(r) for r in data["failed_reasons"]), strict=True))
             checksum = str(data["sha256"])
             settled = [*mids, *failed]
-            versions = dict(zip(settled, (str(v) for v in data["versions"]), strict=True)) \
+            versions = dict(zip(settled, storage.texts(data["versions"]), strict=True)) \
                 if "versions" in data else {}
         except FileNotFoundError:
             return None

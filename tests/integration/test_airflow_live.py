@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 
+from recsketch import storage
 from recsketch.db import store
 from recsketch.psv import read_models
 from tests.fault_suite import Databases
@@ -285,7 +286,7 @@ def test_backfill_over_three_days_processes_each_days_models_once(tmp_path: Path
         chunk_mids: list[str] = []
         for chunk in (deployment.data_dir / "features").rglob("chunk-*.npz"):
             with np.load(chunk) as data:
-                chunk_mids += [str(m) for m in data["mids"]]
+                chunk_mids += storage.texts(data["mids"])
         assert sorted(chunk_mids) == sorted(set(chunk_mids)) and set(demo_groups) <= set(chunk_mids)
         # the asset-driven recommendation runs never overlapped: events that came meanwhile waited
         recs_runs = sorted(airflow.dag_runs("recsketch_recommendations"), key=lambda r: r["start_date"])

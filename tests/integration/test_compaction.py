@@ -197,3 +197,17 @@ def test_stale_exports_and_index_lines_go_the_current_ones_stay(tmp_path: Path) 
     assert again.urls == {a: "https://x/3.jpg", b: "https://x/2.jpg"}
     assert len((thumbs / "index.tsv").read_text().splitlines()) == 2
     assert again.compact({a, b}) == 0
+
+
+def test_the_grace_is_the_one_configured(tmp_path: Path) -> None:
+    """``RECSKETCH_COMPACTION_GRACE_S`` reaches compaction: a retired file waits that long, not the default."""
+    from recsketch.config import Settings
+
+    store, _ = _store(tmp_path, {"aaaa": [("m00", "v1")], "bbbb": [("m01", "v1")]})
+    needed = {("m01", "v1")}
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    grace = timedelta(seconds=Settings(compaction_grace_s=60).compaction_grace_s)
+    assert compact(store, needed, chunk_rows=4, now=now, grace=grace).dropped == 1
+    assert compact(store, needed, chunk_rows=4, now=now + grace / 2, grace=grace).files_deleted == 0
+    assert compact(store, needed, chunk_rows=4, now=now + grace, grace=grace).files_deleted == 1  # well within GRACE
+    assert _files(store) == {"chunk-bbbb.npz"}
