@@ -42,7 +42,7 @@ from recsketch.storage import Location
 
 log = logging.getLogger(__name__)
 
-COMPACT_SHARE = 0.5  # a chunk this share unneeded (or more) is rewritten
+COMPACT_SHARE = 0.25  # a chunk this share unneeded (or more) is rewritten: ~4x the unneeded rows rewritten, ~1/8 left
 GRACE = timedelta(hours=1)  # a retired chunk outlives any reader of the manifest that named it
 JOURNAL_FILE = "compaction.json"
 
