@@ -234,6 +234,11 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     for section, title in (("methods", "warm"), ("cold_start", "cold start")):
         for method, values in report.get(section, {}).items():
             print(f"{title + ' ' + method:<22}" + "".join(f"{values[n]:>14.4f}" for n in names))
+    als = report.get("als") or {}
+    if als:
+        print(f"\nALS chosen on validation: {json.dumps(als['params'])}, NDCG@10 {als['validation_ndcg@10']:.4f} "
+              f"({len(als['tried'])} tried, {als['skipped']} past the budget)"
+              + (f"; hybrid CF weight {report['hybrid']['cf_weight']}" if report.get("hybrid") else ""))
     if history:
         from recsketch.gate import trend
 

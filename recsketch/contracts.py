@@ -152,6 +152,12 @@ class EvaluationReport:
         weight = (self.payload.get("hybrid") or {}).get("cf_weight")
         return None if weight is None else float(weight)
 
+    @property
+    def als_params(self) -> dict[str, float] | None:
+        """ALS's hyperparameters chosen on validation (None: a report from before the tuning)."""
+        params = (self.payload.get("als") or {}).get("params")
+        return dict(params) if params else None
+
     def metric(self, method: str, metric: str) -> float | None:
         value = self.payload.get("methods", {}).get(method, {}).get(metric)
         return None if value is None else float(value)
@@ -162,9 +168,18 @@ class EvaluationReport:
 
     def metric_rows(self) -> list[dict]:
         """The ``run_metrics`` rows: one per (method, metric, split)."""
-        return [{"method": method, "metric": metric, "split": split, "value": float(value)}
+        rows = [{"method": method, "metric": metric, "split": split, "value": float(value)}
                 for section, split in (("methods", "warm"), ("cold_start", "cold_start"))
                 for method, values in self.payload.get(section, {}).items() for metric, value in values.items()]
+        als = self.payload.get("als") or {}  # the tuning's choice and what it scored on validation
+        if als.get("params"):
+            rows.append({"method": "cf", "metric": "ndcg@10", "split": "validation",
+                         "value": float(als["validation_ndcg@10"])})
+            rows += [{"method": "cf", "metric": f"als_{name}", "split": "chosen", "value": float(value)}
+                     for name, value in als["params"].items()]
+        if self.cf_weight is not None:
+            rows.append({"method": "hybrid", "metric": "cf_weight", "split": "chosen", "value": self.cf_weight})
+        return rows
 
 
 class CrawlReport:

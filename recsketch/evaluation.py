@@ -59,10 +59,12 @@ class EvaluationConfig:
     seed: int = 0
     max_users: int = 10_000  # users evaluated (sampled): bounds the cost at any catalogue size
     tune_users: int = 4_096  # validation users the CF weight is chosen on (11 weights compared on the same users)
-    factors: int = 64
+    factors: int = 64  # ALS's start: the tuning's first candidate (``tune_als``), what runs when tune_fits is 0
     iterations: int = 15
     regularization: float = 0.05
     alpha: float = 2.0  # ALS confidence of a like
+    tune_fits: float = 8.0  # the ALS tuning's budget, in fits of the start's work (factors x iterations)
+    tune_max_work: float = 2e10  # and at most this many like x factor x iteration products: big catalogues tune less
     ridge: float = DEFAULT_RIDGE
     threads: int = 0  # 0: every core
     ks: tuple[int, ...] = KS
@@ -380,9 +382,92 @@ def rank_metrics(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exc
                       ks=ks)[0].result()
 
 
-def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray]:
-    return fit_als(train, factors=config.factors, regularization=config.regularization, alpha=config.alpha,
-                   iterations=config.iterations, seed=config.seed, threads=config.threads)
+@dataclass(frozen=True)
+class AlsParams:
+    """ALS's hyperparameters: what the tuning chooses and plan_hybrid fits the run's likes with."""
+
+    factors: int = 64
+    regularization: float = 0.05
+    alpha: float = 2.0
+    iterations: int = 15
+
+    @classmethod
+    def of(cls, config: EvaluationConfig) -> AlsParams:
+        return cls(config.factors, config.regularization, config.alpha, config.iterations)
+
+    def work(self, likes: int) -> float:
+        """Products of a fit (likes x factors x iterations): what the tuning's budget counts."""
+        return float(likes) * self.factors * self.iterations
+
+
+def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig,
+             params: AlsParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+    params = params or AlsParams.of(config)
+    return fit_als(train, factors=params.factors, regularization=params.regularization, alpha=params.alpha,
+                   iterations=params.iterations, seed=config.seed, threads=config.threads)
+
+
+ALS_GRID = {  # tried one hyperparameter at a time from the best so far, in this order (a coordinate search)
+    "factors": (8, 16, 32, 128),
+    "regularization": (0.005, 0.5, 5.0),
+    "alpha": (0.5, 8.0, 32.0),
+    "iterations": (5, 30),
+}
+
+
+@dataclass(frozen=True)
+class AlsChoice:
+    params: AlsParams
+    validation_ndcg: float  # NDCG@10 of the chosen fit on the validation likes
+    item_factors: np.ndarray  # the chosen fit's, on the tuning's fit split (the hybrid weight is tuned on them)
+    tried: list[dict]  # each candidate's hyperparameters and validation NDCG@10, in the order tried
+    skipped: int  # candidates past the budget
+
+    def summary(self) -> dict:
+        return {"params": self.params.__dict__, "validation_ndcg@10": self.validation_ndcg, "tried": self.tried,
+                "skipped": self.skipped}
+
+
+def tune_als(fit: sparse.csr_matrix, valid: sparse.csr_matrix, users: np.ndarray, config: EvaluationConfig,
+             progress: Callable[[str], None] = log.info) -> AlsChoice:
+    """ALS's hyperparameters chosen by NDCG@10 on ``valid`` (models fitted on ``fit``): the start
+    (``config``'s) first, then each of ``ALS_GRID``'s values one hyperparameter at a time from the
+    best so far, while the budget lasts (``tune_fits`` fits of the start's work, at most
+    ``tune_max_work``); candidates that would pass it are skipped, so the choice depends on the
+    seed and the data, never on the machine's speed. Ties go to the cheaper fit."""
+    start = AlsParams.of(config)
+    budget = min(config.tune_fits * start.work(fit.nnz), max(config.tune_max_work, start.work(fit.nnz)))
+    everything = Candidates(np.arange(fit.shape[1]), fit.shape[1])
+    spent, skipped, tried = 0.0, 0, []
+    best: tuple[float, float, AlsParams, np.ndarray] | None = None
+
+    def trial(params: AlsParams) -> None:
+        nonlocal spent, best
+        started = time.monotonic()
+        user_factors, item_factors = _fit_als(fit, config, params)
+        spent += params.work(fit.nnz)
+        ndcg = rank_users(_cf_scorer((user_factors, item_factors)), users, valid, fit, everything,
+                          ks=(10,))[0].result()["ndcg@10"]
+        tried.append({**params.__dict__, "ndcg@10": ndcg})
+        progress(f"evaluate: ALS {params.__dict__}: validation NDCG@10 {ndcg:.4f} "
+                 f"[{time.monotonic() - started:.1f} s]")
+        if best is None or (ndcg, -params.work(1)) > (best[0], best[1]):
+            best = (ndcg, -params.work(1), params, item_factors)
+
+    trial(start)
+    for name, values in ALS_GRID.items():
+        assert best is not None
+        centre = best[2]
+        for value in values:
+            params = AlsParams(**{**centre.__dict__, name: value})
+            if params.factors >= min(fit.shape):  # more factors than users or models: nothing to learn
+                continue
+            if spent + params.work(fit.nnz) > budget:
+                skipped += 1
+                continue
+            trial(params)
+    assert best is not None
+    return AlsChoice(best[2], best[0], best[3], tried, skipped)
 
 
 class UserSums:
@@ -484,18 +569,31 @@ def _parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np
     return lambda block, codes: (visual(block) @ rows(codes).T, cf(block) @ factors[codes].T)
 
 
-def tune_hybrid_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig) -> tuple[float, dict]:
-    """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on a validation split
-    carved out of the training likes (models trained on the rest): every weight from one pass."""
+@dataclass(frozen=True)
+class Validation:
+    """A validation split carved out of the training likes (the test likes are never seen):
+    models are fitted on ``fit`` and chosen by ``valid``, ranked for ``users``."""
+
+    fit: sparse.csr_matrix
+    valid: sparse.csr_matrix
+    users: np.ndarray
+
+
+def validation_split(train: sparse.csr_matrix, config: EvaluationConfig) -> Validation:
     rng = np.random.default_rng(config.seed + 2)
     coo = train.tocoo()
     held = _holdout_mask(coo.row.astype(np.int64), config.holdout, rng)
     inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
     fit, valid = inner.matrix(~held), inner.matrix(held)
-    factors = normalise(_fit_als(fit, config)[1])
-    users = _users_with(valid, fit, min(config.max_users, config.tune_users), rng)
-    totals = rank_users(_parts_scorer(fit, users, unit, factors), users, valid, fit,
-                        Candidates(np.arange(train.shape[1]), train.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
+    return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng))
+
+
+def tune_hybrid_weight(validation: Validation, unit, item_factors: np.ndarray) -> tuple[float, dict]:
+    """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on the validation split,
+    ``item_factors`` fitted on its fit likes: every weight from one pass."""
+    fit, valid, users = validation.fit, validation.valid, validation.users
+    totals = rank_users(_parts_scorer(fit, users, unit, normalise(item_factors)), users, valid, fit,
+                        Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
     by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
     return best, {"weights": by_weight, "chosen": best}
@@ -525,11 +623,16 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     rng = np.random.default_rng(config.seed + 3)
     weight = None
     tuning: dict = {}
+    validation = validation_split(split.train, config)
+    choice = tune_als(validation.fit, validation.valid, validation.users, config, progress)
+    progress(f"evaluate: ALS chosen on validation: {choice.params.__dict__} (NDCG@10 {choice.validation_ndcg:.4f}; "
+             f"{len(choice.tried)} tried, {choice.skipped} past the budget) after {time.monotonic() - started:.1f} s")
     if unit is not None:
-        weight, tuning = tune_hybrid_weight(split.train, unit, config)
+        weight, tuning = tune_hybrid_weight(validation, unit, choice.item_factors)
         progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']}) "
                  f"after {time.monotonic() - started:.1f} s")
-    als = _fit_als(split.train, config)  # once: the warm methods and the cold start share it
+    del validation
+    als = _fit_als(split.train, config, choice.params)  # once: the warm methods and the cold start share it
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
     results = {"random": rank_at_random(users, split.test, split.train, warm_items, config.ks,
@@ -542,7 +645,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     for name, metrics in results.items():
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
     report: dict = {"k": list(config.ks), "split": {**split.info, "evaluated_users": len(users)},
-                    "methods": results}
+                    "methods": results, "als": choice.summary()}
     if unit is not None and len(split.cold_items) >= 2:
         report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng, als[1])
         for name, metrics in report["cold_start"].items():

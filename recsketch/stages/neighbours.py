@@ -282,22 +282,27 @@ class HybridSource:
     method = Method.HYBRID
 
     def rows(self, settings: Settings, folder: Location, scratch: Path, progress: Progress) -> Rows | Done:
-        weight = EvaluationReport.require(folder).cf_weight
+        report = EvaluationReport.require(folder)
+        weight = report.cf_weight
         if weight is None:
             progress("hybrid: the evaluation tuned no CF weight (too few models for a cold-start split): no hybrid set")
             return Done(PlanMode.NONE, "")
+        params = report.als_params or {}  # what evaluate chose on validation (an older report: ALS's defaults)
         visual = TopKStore.for_run(folder).require("similarity")
         started = time.monotonic()
         canonical = sorted(visual.mids)  # ALS's start depends on the item order: fit in one order, whatever
         matrix = Likes.from_frame(run_likes(settings, folder, progress), canonical).matrix()  # the lists' order
         limit_threads(settings.effective_threads)
-        _, fitted = fit_als(matrix, threads=settings.effective_threads)
+        kinds = (("factors", int), ("regularization", float), ("alpha", float), ("iterations", int))
+        chosen = {name: cast(params[name]) for name, cast in kinds if name in params}
+        _, fitted = fit_als(matrix, threads=settings.effective_threads, **chosen)  # type: ignore[arg-type]
         position = {mid: row for row, mid in enumerate(canonical)}
         in_lists_order = np.array([position[mid] for mid in visual.mids], dtype=np.int64)
         item_factors = fitted[in_lists_order]
         liked = (np.asarray(matrix.sum(axis=0)).ravel() > 0)[in_lists_order]
         del matrix
-        progress(f"hybrid: ALS factors for {len(visual.mids)} models ({int(liked.sum())} liked) "
+        progress(f"hybrid: ALS factors ({chosen or 'defaults'}) for {len(visual.mids)} models "
+                 f"({int(liked.sum())} liked) "
                  f"in {time.monotonic() - started:.1f}s")
         location = visual_rows(settings, folder, visual, progress)
         with storage.local_copy(location) as path:

@@ -251,7 +251,8 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
         assert summary["models"] == len(mids) and summary["shards"] == 5
         plan = SimilarityPlan.read(folder, "hybrid")  # bounded by the visual lists: no blended pass
         assert plan.mode == "bounded" and "visual depth 100" in plan.label, plan.label
-        assert np.load(plan.features_path(folder)).shape == (len(mids), 64)  # the factors, not N x (d + 64)
+        chosen = json.loads((folder / "evaluation.json").read_text())["als"]["params"]  # tuned on validation
+        assert np.load(plan.features_path(folder)).shape == (len(mids), chosen["factors"])  # not N x (d + f)
         results.append(TopKStore.for_run(folder, "hybrid").require("hybrid"))
     pca = settings.with_overrides(pca_dim=6)  # approximate visual lists bound nothing: the full blended pass
     folder = run_dir(pca, "pca")
@@ -263,11 +264,12 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
     merge_hybrid_stage(pca, folder)
     assert SimilarityPlan.read(folder, "hybrid").mode == "full"
     results.append(TopKStore.for_run(folder, "hybrid").require("hybrid"))
-    weight = json.loads((run_dir(settings, "full") / "evaluation.json").read_text())["hybrid"]["cf_weight"]
+    report = json.loads((run_dir(settings, "full") / "evaluation.json").read_text())
+    weight, params = report["hybrid"]["cf_weight"], report["als"]["params"]  # plan_hybrid fits with evaluate's choice
     visual = TopKStore.for_run(run_dir(settings, "full")).require("similarity")
     order = [mids.index(mid) for mid in visual.mids]
     matrix = Likes.from_frame(frame[~frame["mid"].isin(unliked)], visual.mids).matrix()
-    _, item_factors = fit_als(matrix, threads=1)
+    _, item_factors = fit_als(matrix, threads=1, **params)
     liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
     assert (~liked).sum() == len(unliked)
     embedding = hybrid_embedding(unit[order], complete_factors(unit[order], item_factors, liked), weight)
@@ -457,3 +459,53 @@ def test_the_random_baseline_draws_a_uniform_order_of_what_each_user_may_be_show
     only = rank_at_random(np.array([0]), sparse.csr_matrix(np.eye(1, n_items, candidates[7], dtype=np.float32)),
                           one_allowed, candidates, (k,), np.random.default_rng(0))
     assert only["precision@10"] == pytest.approx(1 / k) and only["coverage@10"] == pytest.approx(1 / len(candidates))
+
+
+def _planted_catalogue(seed: int = 0) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    """Issue 25's catalogue: 80 models in 16 visual groups, 160 users who each like most models of
+    two groups plus two popular ones (where ALS with 64 factors fell below popularity)."""
+    rng = np.random.default_rng(seed)
+    mids = [f"{i:032x}" for i in range(80)]
+    group_of = {mid: f"g{i // 5}" for i, mid in enumerate(mids)}
+    centres = rng.standard_normal((16, 32))
+    features = np.repeat(centres, 5, axis=0) + 0.6 * rng.standard_normal((80, 32))
+    likes = taste_model_likes(group_of, [f"u{n}" for n in range(160)], random.Random(seed), favourites=2,
+                              favourite_likes=4, noise_likes=2)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    return pd.DataFrame(likes, columns=["mid", "uid"]), mids, unit.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_on_planted_tastes_the_tuned_cf_beats_popularity_widely_and_hybrid_matches_the_best_part(seed: int) -> None:
+    frame, mids, unit = _planted_catalogue(seed)
+    report = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=seed), progress=lambda _: None)
+    methods = report["methods"]
+    assert methods["cf"]["ndcg@10"] > 3 * methods["popularity"]["ndcg@10"], methods  # was below it untuned
+    # the weight is chosen on a validation split of ~150 users: within two standard errors (~0.06) of the best part
+    assert methods["hybrid"]["ndcg@10"] >= max(methods["visual"]["ndcg@10"], methods["cf"]["ndcg@10"]) - 0.06
+    als = report["als"]
+    tried = {tuple(t[name] for name in ("factors", "regularization", "alpha", "iterations")): t["ndcg@10"]
+             for t in als["tried"]}
+    start = (64, 0.05, 2.0, 15)
+    assert start in tried and len(tried) > 5  # the shipped start, then the grid
+    assert als["validation_ndcg@10"] == max(tried.values()) > tried[start]  # chosen on validation, not fixed
+    assert als["params"]["factors"] < 64  # 64 factors over-fit 80 models
+
+
+def test_the_als_tuning_is_seeded_and_stays_within_its_budget() -> None:
+    from recsketch.evaluation import AlsParams, tune_als, validation_split
+
+    frame, mids, _ = _planted_catalogue(seed=1)
+    likes = Likes.from_frame(frame, mids)
+    config = EvaluationConfig(seed=3, tune_fits=2.5)
+    validation = validation_split(split_likes(likes, config).train, config)
+    first = tune_als(validation.fit, validation.valid, validation.users, config, progress=lambda _: None)
+    again = tune_als(validation.fit, validation.valid, validation.users, config, progress=lambda _: None)
+    assert first.tried == again.tried and first.params == again.params
+    start = AlsParams.of(config).work(validation.fit.nnz)
+    spent = sum(AlsParams(**{k: t[k] for k in ("factors", "regularization", "alpha", "iterations")}).work(
+        validation.fit.nnz) for t in first.tried)
+    assert spent <= 2.5 * start and first.skipped > 0  # what would pass the budget is skipped, not fitted
+    capped = tune_als(validation.fit, validation.valid, validation.users,
+                      EvaluationConfig(seed=3, tune_max_work=1.0), progress=lambda _: None)
+    assert len(capped.tried) == 1 and capped.params == AlsParams.of(config)  # a big catalogue: the start alone
