@@ -506,6 +506,30 @@ def _cf_scorer(als: tuple[np.ndarray, np.ndarray]) -> Scorer:
     return lambda users, codes: user_factors[users] @ item_factors[codes].T
 
 
+class ItemKnnScorer:
+    """ItemKNN: a model's score for a user is the sum of its cosines, on the training like
+    matrix, to the models the user liked (every neighbour counted, no truncation or shrinkage).
+    Sparse throughout: each user's co-likers weighted once (users x users' likers), then
+    multiplied into each group of candidates' likers; never N x N."""
+
+    def __init__(self, train: sparse.csr_matrix, users: np.ndarray) -> None:
+        likes = train.tocsr().astype(np.float32)
+        counts = np.asarray(likes.sum(axis=0)).ravel()
+        self.inverse_norms = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0).astype(np.float32)
+        users = np.unique(users)
+        self.row_of = {int(user): row for row, user in enumerate(users)}
+        self.co_likers = ((likes[users] @ sparse.diags(self.inverse_norms)) @ likes.T).tocsr()
+        self.columns = likes.tocsc()
+        self._codes: np.ndarray | None = None
+        self._likers = self.columns[:, :0]
+
+    def __call__(self, block: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        if codes is not self._codes:
+            self._codes, self._likers = codes, self.columns[:, codes].tocsr()
+        weights = self.co_likers[[self.row_of[int(u)] for u in block]]
+        return np.asarray((weights @ self._likers).todense(), dtype=np.float32) * self.inverse_norms[codes]
+
+
 def rank_at_random(users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
                    candidates: np.ndarray, ks: Sequence[int], rng: np.random.Generator) -> dict[str, float]:
     """``rank_metrics`` of a uniformly random order of the candidates, less each user's
@@ -639,6 +663,8 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
                                         np.random.default_rng(config.seed + 1)),
                "popularity": rank_by_popularity(split.train, users, split.test, warm_items, config.ks)}
     results["cf"] = rank_metrics(_cf_scorer(als), users, split.test, split.train, warm_items, config.ks)
+    results["itemknn"] = rank_metrics(ItemKnnScorer(split.train, users), users, split.test, split.train, warm_items,
+                                      config.ks)
     if unit is not None and weight is not None:
         results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, normalise(als[1])), users, split.test,
                                       split.train, warm_items, weight, config.ks)

@@ -78,7 +78,8 @@ def test_on_likes_with_tastes_every_learned_method_beats_chance_and_hybrid_serve
     frame, mids, unit = _clustered_catalogue(groups=40, per_group=15, users=600)
     report = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=1), progress=lambda _: None)
     methods, cold = report["methods"], report["cold_start"]
-    assert report["k"] == [10, 20] and set(methods) == {"random", "popularity", "visual", "cf", "hybrid"}
+    assert report["k"] == [10, 20] and set(methods) == {"random", "popularity", "visual", "cf", "itemknn",
+                                                                   "hybrid"}
     assert set(methods["visual"]) == {f"{m}@{k}" for k in (10, 20) for m in ("precision", "recall", "ndcg",
                                                                                  "coverage")}
     chance = methods["random"]["ndcg@10"]
@@ -113,10 +114,11 @@ def test_on_movielens_cf_beats_popularity() -> None:
     likes = threshold_likes(movielens_likes(), 5).likes
     report = evaluate(Likes.from_frame(likes), None, EvaluationConfig(seed=0), progress=lambda _: None)
     methods = report["methods"]
-    assert set(methods) == {"random", "popularity", "cf"} and "cold_start" not in report
+    assert set(methods) == {"random", "popularity", "cf", "itemknn"} and "cold_start" not in report
     assert report["split"]["users"] > 900 and report["split"]["likes"] > 50_000
     assert methods["cf"]["ndcg@10"] > 1.2 * methods["popularity"]["ndcg@10"]
     assert methods["cf"]["precision@10"] > methods["popularity"]["precision@10"]
+    assert methods["itemknn"]["ndcg@10"] > 1.2 * methods["popularity"]["ndcg@10"]
     assert methods["popularity"]["ndcg@10"] > 3 * methods["random"]["ndcg@10"]
 
 
@@ -509,3 +511,28 @@ def test_the_als_tuning_is_seeded_and_stays_within_its_budget() -> None:
     capped = tune_als(validation.fit, validation.valid, validation.users,
                       EvaluationConfig(seed=3, tune_max_work=1.0), progress=lambda _: None)
     assert len(capped.tried) == 1 and capped.params == AlsParams.of(config)  # a big catalogue: the start alone
+
+
+def test_itemknn_scores_are_the_sums_of_cosines_to_what_each_user_liked() -> None:
+    from recsketch.evaluation import ItemKnnScorer
+
+    rng = np.random.default_rng(4)
+    dense = (rng.random((50, 30)) < 0.2).astype(np.float32)
+    dense[:, 7] = 0  # a model nobody liked scores 0
+    train = sparse.csr_matrix(dense)
+    norms = np.linalg.norm(dense, axis=0)
+    cosine = (dense.T @ dense) / np.maximum(np.outer(norms, norms), 1e-12)
+    users, codes = np.array([3, 11, 40]), np.arange(5, 25)
+    expected = dense[users] @ cosine[:, codes]
+    scorer = ItemKnnScorer(train, users)
+    np.testing.assert_allclose(scorer(users, codes), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scorer(users[::-1], codes), expected[::-1], rtol=1e-5, atol=1e-6)
+    assert (scorer(users, np.array([7])) == 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_planted_tastes_itemknn_beats_popularity(seed: int) -> None:
+    frame, mids, unit = _planted_catalogue(seed)
+    methods = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=seed),
+                       progress=lambda _: None)["methods"]
+    assert methods["itemknn"]["ndcg@10"] > 3 * methods["popularity"]["ndcg@10"], methods
