@@ -238,7 +238,9 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     if als:
         print(f"\nALS chosen on validation: {json.dumps(als['params'])}, NDCG@10 {als['validation_ndcg@10']:.4f} "
               f"({len(als['tried'])} tried, {als['skipped']} past the budget)"
-              + (f"; hybrid CF weight {report['hybrid']['cf_weight']}" if report.get("hybrid") else ""))
+              + (f"; hybrid CF weight {report['hybrid']['cf_weight']}, cold start "
+                 f"{report['hybrid'].get('cold_cf_weight', report['hybrid']['cf_weight'])}"
+                 if report.get("hybrid") else ""))
     if history:
         from recsketch.gate import trend
 

@@ -153,6 +153,12 @@ class EvaluationReport:
         return None if weight is None else float(weight)
 
     @property
+    def cold_cf_weight(self) -> float | None:
+        """The CF weight the cold start was ranked at (tuned apart from the warm one; None: none)."""
+        weight = (self.payload.get("hybrid") or {}).get("cold_cf_weight")
+        return None if weight is None else float(weight)
+
+    @property
     def als_params(self) -> dict[str, float] | None:
         """ALS's hyperparameters chosen on validation (None: a report from before the tuning)."""
         params = (self.payload.get("als") or {}).get("params")
@@ -179,6 +185,9 @@ class EvaluationReport:
                      for name, value in als["params"].items()]
         if self.cf_weight is not None:
             rows.append({"method": "hybrid", "metric": "cf_weight", "split": "chosen", "value": self.cf_weight})
+        if self.cold_cf_weight is not None:
+            rows.append({"method": "hybrid", "metric": "cold_cf_weight", "split": "chosen",
+                         "value": self.cold_cf_weight})
         return rows
 
 

@@ -623,6 +623,44 @@ def tune_hybrid_weight(validation: Validation, unit, item_factors: np.ndarray) -
     return best, {"weights": by_weight, "chosen": best}
 
 
+def cold_validation(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[Validation, np.ndarray] | None:
+    """Liked models carved out of the training likes with all their likes, as the cold start
+    carves models out of all of them: ``fit`` lacks them, ``valid`` holds their likes. None when
+    fewer than two would be carved."""
+    rng = np.random.default_rng(config.seed + 5)
+    liked = np.flatnonzero(np.diff(train.tocsc().indptr) > 0)
+    n_cold = round(len(liked) * config.cold_items) if config.cold_items > 0 else 0
+    if n_cold < 2:
+        return None
+    cold = np.sort(rng.choice(liked, size=n_cold, replace=False))
+    coo = train.tocoo()
+    inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
+    is_cold = np.isin(inner.items, cold)
+    fit, valid = inner.matrix(~is_cold), inner.matrix(is_cold)
+    return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng)), cold
+
+
+def tune_cold_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig, params: AlsParams
+                     ) -> tuple[float, dict] | None:
+    """The CF weight for models nobody has liked yet, chosen apart from the warm one: their
+    factors are predicted from their pictures (``stream_factors``), which carry less than ALS's,
+    so the blend that suits them differs. Models carved from the training likes
+    (``cold_validation``) are ranked among themselves, as the cold start ranks its models, from
+    an ALS fit (the chosen ``params``) without them; every weight from one pass."""
+    carved = cold_validation(train, config)
+    if carved is None:
+        return None
+    validation, cold = carved
+    _, item_factors = _fit_als(validation.fit, config, params)
+    liked = np.diff(validation.fit.tocsc().indptr) > 0
+    factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)
+    totals = rank_users(_parts_scorer(validation.fit, validation.users, unit, factors), validation.users,
+                        validation.valid, None, Candidates(cold, train.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
+    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
+    best = max(by_weight, key=lambda w: (by_weight[w], -w))
+    return best, {"weights": by_weight, "chosen": best, "models": len(cold), "users": len(validation.users)}
+
+
 def _visual_and_hybrid(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix,
                        exclude: sparse.csr_matrix | None, candidates: np.ndarray, weight: float,
                        ks: Sequence[int]) -> dict[str, dict[str, float]]:
@@ -637,8 +675,9 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     """Every method on the warm split, and (with features) visual and hybrid on the cold start.
     ``unit``: L2-normalised features, one row per ``likes.item_ids`` entry (None: likes only), an
     array or ``NpyRows``: read by item blocks, so memory holds blocks, never N x d. The features
-    are read in three passes: the weight's tuning, the warm split's visual and hybrid together,
-    and the cold start's, which reads only its cold models."""
+    are read in four passes: the weight's tuning, the cold-start weight's (the ridge map's fit
+    reads the liked models' blocks), the warm split's visual and hybrid together, and the cold
+    start's, which reads only its cold models."""
     config = config or EvaluationConfig()
     started = time.monotonic()
     if config.threads == 0:
@@ -656,6 +695,13 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
         progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']}) "
                  f"after {time.monotonic() - started:.1f} s")
     del validation
+    cold_weight, cold_tuning = None, None
+    if unit is not None:
+        cold = tune_cold_weight(split.train, unit, config, choice.params)
+        if cold is not None:
+            cold_weight, cold_tuning = cold
+            progress(f"evaluate: cold-start CF weight {cold_weight} (validation NDCG@10 by weight: "
+                     f"{cold_tuning['weights']}) after {time.monotonic() - started:.1f} s")
     als = _fit_als(split.train, config, choice.params)  # once: the warm methods and the cold start share it
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
@@ -673,10 +719,13 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     report: dict = {"k": list(config.ks), "split": {**split.info, "evaluated_users": len(users)},
                     "methods": results, "als": choice.summary()}
     if unit is not None and len(split.cold_items) >= 2:
-        report["cold_start"] = _cold_start(split, unit, config, weight or 0.0, rng, als[1])
+        cold_start_weight = (weight or 0.0) if cold_weight is None else cold_weight
+        report["cold_start"] = _cold_start(split, unit, config, cold_start_weight, rng, als[1])
         for name, metrics in report["cold_start"].items():
             progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
-        report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"]}
+        report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"],
+                            "cold_cf_weight": cold_start_weight,
+                            "cold_validation_ndcg@10": (cold_tuning or {}).get("weights")}
     report["seconds"] = round(time.monotonic() - started, 2)
     progress(f"evaluate: done in {report['seconds']} s")
     return report
@@ -684,8 +733,9 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
 
 def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng: np.random.Generator,
                 item_factors: np.ndarray) -> dict[str, dict[str, float]]:
-    """Cold models ranked among themselves for the users who liked them: visual, and hybrid with
-    CF factors predicted from the visual embedding (ridge fitted on the warm models)."""
+    """Cold models ranked among themselves for the users who liked them: visual, and hybrid at the
+    cold-start weight with CF factors predicted from the visual embedding (ridge fitted on the
+    warm models)."""
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
     factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)  # the cold models have no likes
     users = _users_with(split.cold_test, split.train, config.max_users, rng)

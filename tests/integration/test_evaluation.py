@@ -10,8 +10,17 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
+from recsketch.contracts import EvaluationReport
 from recsketch.demo import taste_model_likes
-from recsketch.evaluation import EvaluationConfig, Likes, _holdout_mask, evaluate, rank_metrics, split_likes
+from recsketch.evaluation import (
+    HYBRID_WEIGHTS,
+    EvaluationConfig,
+    Likes,
+    _holdout_mask,
+    evaluate,
+    rank_metrics,
+    split_likes,
+)
 
 
 def test_metrics_of_a_known_ranking() -> None:
@@ -536,3 +545,19 @@ def test_on_planted_tastes_itemknn_beats_popularity(seed: int) -> None:
     methods = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=seed),
                        progress=lambda _: None)["methods"]
     assert methods["itemknn"]["ndcg@10"] > 3 * methods["popularity"]["ndcg@10"], methods
+
+
+def test_the_cold_start_weight_is_tuned_apart_and_the_cold_hybrid_keeps_up_with_visual() -> None:
+    """Predicted factors carry less than ALS's: the weight for models nobody liked yet is chosen
+    on models carved from the training likes, and the cold hybrid is ranked at it."""
+    frame, mids, unit = _clustered_catalogue(groups=40, per_group=15, users=600)
+    report = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=2), progress=lambda _: None)
+    hybrid, cold = report["hybrid"], report["cold_start"]
+    by_weight = hybrid["cold_validation_ndcg@10"]
+    assert set(by_weight) == set(HYBRID_WEIGHTS)
+    assert by_weight[hybrid["cold_cf_weight"]] == max(by_weight.values())  # chosen on its own validation
+    # ~60 cold models ranked for their likers: within noise of visual, the better part for them
+    assert cold["hybrid"]["ndcg@10"] >= cold["visual"]["ndcg@10"] - 0.05, (hybrid, cold)
+    assert EvaluationReport(report).cold_cf_weight == hybrid["cold_cf_weight"]
+    rows = {(r["method"], r["metric"]): r["value"] for r in EvaluationReport(report).metric_rows()}
+    assert rows[("hybrid", "cold_cf_weight")] == hybrid["cold_cf_weight"]
