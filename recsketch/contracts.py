@@ -149,13 +149,15 @@ class EvaluationReport:
     @property
     def cf_weight(self) -> float | None:
         """The hybrid's tuned CF weight (None: too few models to tune one)."""
-        weight = (self.payload.get("hybrid") or {}).get("cf_weight")
-        return None if weight is None else float(weight)
+        return self._hybrid_weight("cf_weight")
 
     @property
     def cold_cf_weight(self) -> float | None:
         """The CF weight the cold start was ranked at (tuned apart from the warm one; None: none)."""
-        weight = (self.payload.get("hybrid") or {}).get("cold_cf_weight")
+        return self._hybrid_weight("cold_cf_weight")
+
+    def _hybrid_weight(self, key: str) -> float | None:
+        weight = (self.payload.get("hybrid") or {}).get(key)
         return None if weight is None else float(weight)
 
     @property

@@ -603,11 +603,24 @@ class Validation:
     users: np.ndarray
 
 
+def _as_likes(matrix: sparse.csr_matrix) -> Likes:
+    """A like matrix as codes again, to be split further."""
+    coo = matrix.tocoo()
+    return Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * matrix.shape[1], matrix.shape[0])
+
+
+def _best_weight(totals: Sequence[_Accumulator]) -> tuple[float, dict]:
+    """The weight whose NDCG@10 is best (ties: the lower weight), from ``rank_users``'s totals
+    for ``HYBRID_WEIGHTS``."""
+    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
+    best = max(by_weight, key=lambda w: (by_weight[w], -w))
+    return best, {"weights": by_weight, "chosen": best}
+
+
 def validation_split(train: sparse.csr_matrix, config: EvaluationConfig) -> Validation:
     rng = np.random.default_rng(config.seed + 2)
-    coo = train.tocoo()
-    held = _holdout_mask(coo.row.astype(np.int64), config.holdout, rng)
-    inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
+    inner = _as_likes(train)
+    held = _holdout_mask(inner.users, config.holdout, rng)
     fit, valid = inner.matrix(~held), inner.matrix(held)
     return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng))
 
@@ -618,9 +631,7 @@ def tune_hybrid_weight(validation: Validation, unit, item_factors: np.ndarray) -
     fit, valid, users = validation.fit, validation.valid, validation.users
     totals = rank_users(_parts_scorer(fit, users, unit, normalise(item_factors)), users, valid, fit,
                         Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
-    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
-    best = max(by_weight, key=lambda w: (by_weight[w], -w))
-    return best, {"weights": by_weight, "chosen": best}
+    return _best_weight(totals)
 
 
 def cold_validation(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[Validation, np.ndarray] | None:
@@ -633,8 +644,7 @@ def cold_validation(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple
     if n_cold < 2:
         return None
     cold = np.sort(rng.choice(liked, size=n_cold, replace=False))
-    coo = train.tocoo()
-    inner = Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * train.shape[1], train.shape[0])
+    inner = _as_likes(train)
     is_cold = np.isin(inner.items, cold)
     fit, valid = inner.matrix(~is_cold), inner.matrix(is_cold)
     return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng)), cold
@@ -656,9 +666,7 @@ def tune_cold_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig, p
     factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)
     totals = rank_users(_parts_scorer(validation.fit, validation.users, unit, factors), validation.users,
                         validation.valid, None, Candidates(cold, train.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
-    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
-    best = max(by_weight, key=lambda w: (by_weight[w], -w))
-    return best, {"weights": by_weight, "chosen": best, "models": len(cold), "users": len(validation.users)}
+    return _best_weight(totals)
 
 
 def _visual_and_hybrid(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix,
