@@ -236,7 +236,7 @@ def part_tasks(args: argparse.Namespace, work: Path) -> dict:
     from benchmarks.load_bench import synthetic_topk
     from benchmarks.scale_bench import ADMIN_URL
     from recsketch.evaluation import EvaluationConfig, Likes, evaluate
-    from recsketch.hybrid import fit_als, stream_factors
+    from recsketch.hybrid import DEFAULT_REGULARIZATION, fit_als, likes_rows, stream_factors
     from recsketch.likes import threshold_likes
     from recsketch.similarity import NpyRows
 
@@ -271,7 +271,7 @@ def part_tasks(args: argparse.Namespace, work: Path) -> dict:
     matrix = likes.matrix()
     _, item_factors = fit_als(matrix, threads=os.cpu_count() or 1)
     liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
-    factors = stream_factors(unit, item_factors, liked)
+    factors = stream_factors(unit, likes_rows(item_factors, DEFAULT_REGULARIZATION), liked)
     seconds["plan_hybrid (ALS, factors)"] = time.perf_counter() - started
     unit.close()
     started = time.perf_counter()  # merge_similarity writes the deep lists twice (the run's, the latest) and the

@@ -13,10 +13,11 @@ Methods: ``random`` and ``popularity`` (baselines), ``visual`` (a user's profile
 the unit features of the models they liked: their held-out likes ranked by cosine to it, the
 seed's visual similarity turned into a user ranking), ``cf`` (implicit ALS on the training
 likes, user × item factors), and ``hybrid``: the neighbours recsketch serves as "hybrid",
-whose item-item similarity is ``(1 - w) × visual cosine + w × cosine of the ALS item factors``
-(``recsketch.hybrid``); a user's score for a model is its summed similarity to the models
-they liked, and ``w`` maximises NDCG@10 on a validation split carved out of training. For
-cold-start models the visual embedding is mapped into the CF factor space by ridge
+whose item-item similarity is ``(1 - w) × visual cosine + w × likes similarity`` (the dot
+product of ALS's whitened item factors, ``hybrid.likes_rows``: summed over a user's liked
+models it is ALS's own score); a user's score for a model is its summed similarity to the
+models they liked, and ``w`` maximises NDCG@10 on a validation split carved out of training.
+For cold-start models the visual embedding is mapped into the likes rows' space by ridge
 regression fitted on the warm models (the DropoutNet idea, linear), so they get hybrid
 neighbours too.
 
@@ -40,7 +41,7 @@ import pandas as pd
 from scipy import sparse
 
 from recsketch.contracts import PRIMARY_METRIC  # noqa: F401  (what the gate compares, re-exported)
-from recsketch.hybrid import DEFAULT_RIDGE, fit_als, stream_factors
+from recsketch.hybrid import DEFAULT_RIDGE, fit_als, likes_rows, stream_factors
 from recsketch.similarity import largest, normalise
 
 log = logging.getLogger(__name__)
@@ -625,11 +626,11 @@ def validation_split(train: sparse.csr_matrix, config: EvaluationConfig) -> Vali
     return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng))
 
 
-def tune_hybrid_weight(validation: Validation, unit, item_factors: np.ndarray) -> tuple[float, dict]:
+def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray) -> tuple[float, dict]:
     """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on the validation split,
-    ``item_factors`` fitted on its fit likes: every weight from one pass."""
+    ``rows``: the likes rows of a fit on its fit likes: every weight from one pass."""
     fit, valid, users = validation.fit, validation.valid, validation.users
-    totals = rank_users(_parts_scorer(fit, users, unit, normalise(item_factors)), users, valid, fit,
+    totals = rank_users(_parts_scorer(fit, users, unit, rows), users, valid, fit,
                         Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
     return _best_weight(totals)
 
@@ -663,7 +664,7 @@ def tune_cold_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig, p
     validation, cold = carved
     _, item_factors = _fit_als(validation.fit, config, params)
     liked = np.diff(validation.fit.tocsc().indptr) > 0
-    factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)
+    factors = stream_factors(unit, likes_rows(item_factors, params.regularization), liked, ridge=config.ridge)
     totals = rank_users(_parts_scorer(validation.fit, validation.users, unit, factors), validation.users,
                         validation.valid, None, Candidates(cold, train.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
     return _best_weight(totals)
@@ -699,7 +700,8 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     progress(f"evaluate: ALS chosen on validation: {choice.params.__dict__} (NDCG@10 {choice.validation_ndcg:.4f}; "
              f"{len(choice.tried)} tried, {choice.skipped} past the budget) after {time.monotonic() - started:.1f} s")
     if unit is not None:
-        weight, tuning = tune_hybrid_weight(validation, unit, choice.item_factors)
+        weight, tuning = tune_hybrid_weight(validation, unit,
+                                            likes_rows(choice.item_factors, choice.params.regularization))
         progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']}) "
                  f"after {time.monotonic() - started:.1f} s")
     del validation
@@ -711,6 +713,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
             progress(f"evaluate: cold-start CF weight {cold_weight} (validation NDCG@10 by weight: "
                      f"{cold_tuning['weights']}) after {time.monotonic() - started:.1f} s")
     als = _fit_als(split.train, config, choice.params)  # once: the warm methods and the cold start share it
+    rows = likes_rows(als[1], choice.params.regularization)
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
     users = _users_with(split.test, split.train, config.max_users, rng)
     results = {"random": rank_at_random(users, split.test, split.train, warm_items, config.ks,
@@ -720,7 +723,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     results["itemknn"] = rank_metrics(ItemKnnScorer(split.train, users), users, split.test, split.train, warm_items,
                                       config.ks)
     if unit is not None and weight is not None:
-        results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, normalise(als[1])), users, split.test,
+        results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, rows), users, split.test,
                                       split.train, warm_items, weight, config.ks)
     for name, metrics in results.items():
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
@@ -728,7 +731,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
                     "methods": results, "als": choice.summary()}
     if unit is not None and len(split.cold_items) >= 2:
         cold_start_weight = (weight or 0.0) if cold_weight is None else cold_weight
-        report["cold_start"] = _cold_start(split, unit, config, cold_start_weight, rng, als[1])
+        report["cold_start"] = _cold_start(split, unit, config, cold_start_weight, rng, rows)
         for name, metrics in report["cold_start"].items():
             progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
         report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"],
@@ -740,12 +743,12 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
 
 
 def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng: np.random.Generator,
-                item_factors: np.ndarray) -> dict[str, dict[str, float]]:
+                rows: np.ndarray) -> dict[str, dict[str, float]]:
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid at the
-    cold-start weight with CF factors predicted from the visual embedding (ridge fitted on the
-    warm models)."""
+    cold-start weight with likes rows predicted from the visual embedding (ridge fitted on the
+    warm models' ``rows``)."""
     liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
-    factors = stream_factors(unit, item_factors, liked, ridge=config.ridge)  # the cold models have no likes
+    factors = stream_factors(unit, rows, liked, ridge=config.ridge)  # the cold models have no likes
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
     random = rank_at_random(users, split.cold_test, None, split.cold_items, config.ks,
                             np.random.default_rng(config.seed + 4))

@@ -236,15 +236,19 @@ def exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
 def _rescore_near_one(unit, start: int | np.ndarray, best: np.ndarray,
                       best_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Identical vectors score a hair off 1.0 in float32: rescore those in float64 and re-sort.
-    ``start``: the first query row (contiguous queries), or the query rows themselves."""
+    ``start``: the first query row (contiguous queries), or the query rows themselves. Rows
+    that are not unit vectors (``unit.cosine`` False: the hybrid's blended rows) are rescored
+    as the dot products they are."""
     rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
     if len(rows_near_one):
         queries = start + rows_near_one if isinstance(start, int) else np.asarray(start)[rows_near_one]
         a = _dense_rows(unit, queries).astype(np.float64)
         b = _dense_rows(unit, best[rows_near_one, cols]).astype(np.float64)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        exact = np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0)
-        best_scores[rows_near_one, cols] = np.minimum(exact, 1.0)
+        exact = np.einsum("ij,ij->i", a, b)
+        if getattr(unit, "cosine", True):
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            exact = np.minimum(exact / np.where(norms > 0, norms, 1.0), 1.0)
+        best_scores[rows_near_one, cols] = exact
         order = np.lexsort((best, -best_scores), axis=1)
         best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
     return best, best_scores

@@ -34,7 +34,7 @@ from recsketch.errors import RecsketchError
 from recsketch.evaluation import Likes
 from recsketch.features.chunks import ChunkStore, Gathered, NpyFileRows, RowSink
 from recsketch.features.keys import backbone_key
-from recsketch.hybrid import BlendedRows, bounded_top_k, fit_als, stream_factors
+from recsketch.hybrid import DEFAULT_REGULARIZATION, BlendedRows, bounded_top_k, fit_als, likes_rows, stream_factors
 from recsketch.resources import limit_threads
 from recsketch.similarity import NpyRows, Refresh, plan_refresh, reduce_measured, refresh_top_k, top_k_tiled
 from recsketch.stages.common import Progress, chunk_plan_if_any, log, run_likes, sweep
@@ -271,8 +271,9 @@ class VisualSource:
 
 
 class HybridSource:
-    """The pictures and the likes: ALS item factors of the run's likes blended with the unit
-    visual features at the CF weight evaluate tuned (``recsketch.hybrid``), over the models of
+    """The pictures and the likes: ALS item factors of the run's likes, whitened into likes rows
+    (``hybrid.likes_rows``), blended with the unit visual features at the CF weight evaluate
+    tuned (``recsketch.hybrid``), over the models of
     the visual lists. No lists when evaluate tuned no weight. The plan writes the N x f
     factors (cold models' predicted from their pictures); when the run's exact visual lists
     are deep enough to bound it (``hybrid.bounded_top_k``), a shard computes its rows from them
@@ -308,7 +309,8 @@ class HybridSource:
         with storage.local_copy(location) as path:
             unit = _rows_of(path, visual.mids, location)
             try:
-                factors = stream_factors(unit, item_factors, liked)
+                regularization = float(chosen.get("regularization", DEFAULT_REGULARIZATION))
+                factors = stream_factors(unit, likes_rows(item_factors, regularization), liked)
             finally:
                 unit.close()
         with scratch.open("wb") as handle:

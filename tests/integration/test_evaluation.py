@@ -94,7 +94,9 @@ def test_on_likes_with_tastes_every_learned_method_beats_chance_and_hybrid_serve
     chance = methods["random"]["ndcg@10"]
     for name in ("visual", "cf", "hybrid"):
         assert methods[name]["ndcg@10"] > 3 * chance, (name, methods[name], chance)
-    assert methods["hybrid"]["ndcg@10"] >= 0.9 * max(methods["visual"]["ndcg@10"], methods["cf"]["ndcg@10"])
+    # hybrid at w = 1 is ALS's score less each user's confidence term (hybrid.likes_rows): measured 0.008-0.015
+    # under cf on three such catalogues, where one NDCG@10 over 600 users has a standard error of ~0.012
+    assert methods["hybrid"]["ndcg@10"] >= max(methods["visual"]["ndcg@10"], methods["cf"]["ndcg@10"]) - 0.02
     assert cold["visual"]["ndcg@10"] > 2 * cold["random"]["ndcg@10"]
     assert cold["hybrid"]["ndcg@10"] > 2 * cold["random"]["ndcg@10"]
     assert 0.0 <= report["hybrid"]["cf_weight"] <= 1.0
@@ -129,6 +131,33 @@ def test_on_movielens_cf_beats_popularity() -> None:
     assert methods["cf"]["precision@10"] > methods["popularity"]["precision@10"]
     assert methods["itemknn"]["ndcg@10"] > 1.2 * methods["popularity"]["ndcg@10"]
     assert methods["popularity"]["ndcg@10"] > 3 * methods["random"]["ndcg@10"]
+
+
+@pytest.mark.parametrize("noise", [0.3, 1.0, 2.0])
+def test_on_movielens_with_visual_features_of_known_quality_hybrid_matches_the_best_part(noise: float) -> None:
+    """MovieLens-100K's likes with synthetic "visual" features of known quality: each movie's
+    taste factors (ALS on all its likes) plus noise of ``noise`` times their scale, so the
+    pictures go from nearly as good as the likes (0.3) to worse than popularity (2.0). The
+    hybrid, its weight tuned on validation, is at least as good as the better of its parts;
+    the cold start, whose weight is tuned apart, at least as good as visual."""
+    from recsketch.hybrid import fit_als
+    from recsketch.likes import threshold_likes
+    from recsketch.similarity import normalise
+    from tools.movielens import movielens_likes
+
+    likes = Likes.from_frame(threshold_likes(movielens_likes(), 5).likes)
+    _, taste = fit_als(likes.matrix(), factors=32, regularization=1.0, iterations=15, seed=0)
+    rng = np.random.default_rng(7)
+    unit = normalise(normalise(taste) + noise / np.sqrt(32) * rng.standard_normal(taste.shape))
+    report = evaluate(likes, unit, EvaluationConfig(seed=0), progress=lambda _: None)
+    ndcg = {name: metrics["ndcg@10"] for name, metrics in report["methods"].items()}
+    best_part = max(ndcg["visual"], ndcg["cf"])
+    assert ndcg["hybrid"] >= best_part - 0.005, ndcg  # measured: above it at every noise
+    assert ndcg["cf"] > 1.5 * ndcg["popularity"], ndcg
+    if noise == 2.0:
+        assert ndcg["visual"] < ndcg["popularity"], ndcg  # the pictures alone are poor: the likes carry it
+    cold = {name: metrics["ndcg@10"] for name, metrics in report["cold_start"].items()}
+    assert cold["hybrid"] >= cold["visual"] - 0.005, cold
 
 
 def _catalogue_in(settings, frame: pd.DataFrame, mids: list[str]) -> None:  # type: ignore[no-untyped-def]
@@ -233,8 +262,7 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
     and from the chunks when the visual run reused the last result."""
     from recsketch.config import Settings
     from recsketch.contracts import SimilarityPlan, TopKStore
-    from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding
-    from recsketch.similarity import top_k_cosine
+    from recsketch.hybrid import complete_factors, fit_als, hybrid_embedding, likes_rows
     from recsketch.stages import similarity_stage
     from recsketch.stages.common import run_dir
     from recsketch.stages.evaluate import evaluate_stage
@@ -283,8 +311,12 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
     _, item_factors = fit_als(matrix, threads=1, **params)
     liked = np.asarray(matrix.sum(axis=0)).ravel() > 0
     assert (~liked).sum() == len(unliked)
-    embedding = hybrid_embedding(unit[order], complete_factors(unit[order], item_factors, liked), weight)
-    indices, scores = top_k_cosine(embedding, 5)
+    rows = likes_rows(item_factors, params["regularization"])
+    embedding = hybrid_embedding(unit[order], complete_factors(unit[order], rows, liked), weight).astype(np.float64)
+    products = embedding @ embedding.T  # dot products, not cosines: the likes rows are not unit vectors
+    np.fill_diagonal(products, -np.inf)
+    indices = np.lexsort((np.broadcast_to(np.arange(len(products)), products.shape), -products), axis=1)[:, :5]
+    scores = np.take_along_axis(products, indices, 1)
     for result in results:
         assert result.mids == visual.mids
         np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-5)

@@ -50,6 +50,34 @@ def test_bounded_equals_the_blended_full_pass(seed: int, w: float, depth: int) -
     assert result.indices[0, 0] != 100
 
 
+def exact_blend(unit: np.ndarray, factors: np.ndarray, w: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle in float64: every pair's blended dot product, ties by the lower index."""
+    blended = hybrid_embedding(unit, factors, w).astype(np.float64)
+    products = blended @ blended.T
+    np.fill_diagonal(products, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(products)), products.shape), -products), axis=1)[:, :k]
+    return order, np.take_along_axis(products, order, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("w", [0.2, 0.5, 0.9, 1.0])
+def test_bounded_and_the_blended_pass_are_exact_when_the_likes_rows_are_not_unit(seed: int, w: float) -> None:
+    """The likes rows are whitened ALS factors (``hybrid.likes_rows``): their norms vary (what ALS
+    learnt of popularity), so blended scores are dot products that may pass 1. Both ways of
+    computing the lists still equal the exact blend."""
+    unit, taste = catalogue(seed)
+    factors = (taste * np.random.default_rng(seed + 9).lognormal(0.0, 0.6, size=(len(taste), 1))).astype(np.float32)
+    visual_indices, visual_scores = top_k_cosine(unit, 40, normalised=True)
+    exact_indices, exact_scores = exact_blend(unit, factors, w, 5)
+    assert exact_scores.max() > 1.0  # not the unit case again
+    result = bounded_top_k(unit, factors, visual_indices[100:400], visual_scores[100:400], (100, 400), w, 5,
+                           query_block=64, candidate_block=97, max_candidates=60, pair_budget=500)
+    assert_same_lists(unit, factors, w, np.arange(100, 400), result.indices, result.scores,
+                      exact_indices[100:400], exact_scores[100:400])
+    tiled = top_k_tiled(BlendedRows(unit, factors, w), 5, (100, 400), query_block=64, candidate_block=97)
+    assert_same_lists(unit, factors, w, np.arange(100, 400), *tiled, exact_indices[100:400], exact_scores[100:400])
+
+
 def test_rows_the_bound_cannot_settle_and_worn_lists_are_computed_in_full() -> None:
     unit, factors = catalogue(7)
     visual_indices, visual_scores = top_k_cosine(unit, 30, normalised=True)
