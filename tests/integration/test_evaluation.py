@@ -384,7 +384,7 @@ def test_evaluate_streams_item_blocks_from_a_file_and_measures_what_it_measured_
 def test_evaluate_never_holds_the_features(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The evaluation's peak allocation (tracemalloc: numpy's arrays included) grows with the
     catalogue by far less than its N x d features do: it holds item blocks, the users' sums and
-    the N x f factors, never the features (at a million models they would be 5 GB)."""
+    a few copies of the N x f factors, never the features (at a million models they would be 5 GB)."""
     import tracemalloc
 
     from recsketch import evaluation, hybrid
@@ -392,10 +392,10 @@ def test_evaluate_never_holds_the_features(tmp_path, monkeypatch) -> None:  # ty
 
     monkeypatch.setattr(evaluation, "ITEM_BLOCK", 4096)
     monkeypatch.setattr(hybrid, "BLOCK_ROWS", 4096)
-    peaks, sizes = [], []
+    peaks, sizes, factor_sizes = [], [], []
     for groups in (300, 900):
         frame, mids, unit = _clustered_catalogue(groups=groups, per_group=40, users=1500)
-        wide = np.ascontiguousarray(np.repeat(unit, 32, axis=1) / np.sqrt(32), dtype=np.float32)  # 1,024-d
+        wide = np.ascontiguousarray(np.repeat(unit, 64, axis=1) / np.sqrt(64), dtype=np.float32)  # 2,048-d
         np.save(tmp_path / "unit.npy", wide)
         evaluate(Likes.from_frame(frame, mids[:50]), wide[:50], EvaluationConfig(seed=2, threads=1),
                  progress=lambda _: None)  # the libraries' imports, before measuring
@@ -409,8 +409,12 @@ def test_evaluate_never_holds_the_features(tmp_path, monkeypatch) -> None:  # ty
             tracemalloc.stop()
             rows.close()
         sizes.append(wide.nbytes)
+        factor_sizes.append(len(mids) * report["als"]["params"]["factors"] * 4)
         assert report["methods"]["visual"]["ndcg@10"] > 3 * report["methods"]["random"]["ndcg@10"]
-    assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)
+    # N x f float32 factors are held (ALS's, their likes rows, the cold start's predicted ones): up to four at once;
+    # the features are not: here they grow by 8x what one copy of the (256-d) factors does
+    allowed = 0.25 * (sizes[1] - sizes[0]) + 4 * (factor_sizes[1] - factor_sizes[0])
+    assert peaks[1] - peaks[0] < allowed < sizes[1] - sizes[0], (peaks, sizes, factor_sizes)
 
 
 def test_the_running_top_k_equals_one_pass_over_every_item() -> None:
