@@ -136,7 +136,9 @@ def main() -> None:
             print(f"  {part}: {split['models']:,} models, {split['likes']:,} likes, {split['users']:,} users, "
                   f"evaluate {report['seconds']:.1f} s", flush=True)
         if "hybrid" in report:
-            print(f"    hybrid CF weight {report['hybrid']['cf_weight']}, cold start "
+            hybrid = report["hybrid"]
+            print(f"    hybrid likes half {hybrid.get('likes')} (validation NDCG@10 "
+                  f"{hybrid.get('likes_validation_ndcg@10')}), CF weight {hybrid['cf_weight']}, cold start "
                   f"{report['hybrid'].get('cold_cf_weight')} (each tuned on validation)", flush=True)
         als = report["als"]
         print(f"    ALS chosen on validation: {als['params']} (validation NDCG@10 {als['validation_ndcg@10']:.4f}, "

@@ -214,7 +214,8 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
         if not 0 <= share < 1:
             raise ConfigError(f"{name} is a share of likes or models: between 0 and 1, not {share}")
     config = EvaluationConfig(holdout=holdout, cold_items=cold, seed=seed,
-                              max_users=max_users or settings.eval_max_users, threads=settings.effective_threads)
+                              max_users=max_users or settings.eval_max_users, threads=settings.effective_threads,
+                              hybrid_likes=settings.hybrid_likes)
     if run_id:
         folder = run_dir(settings, run_id)
         evaluate_stage(settings, folder, config=config)
@@ -238,7 +239,8 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     if als:
         print(f"\nALS chosen on validation: {json.dumps(als['params'])}, NDCG@10 {als['validation_ndcg@10']:.4f} "
               f"({len(als['tried'])} tried, {als['skipped']} past the budget)"
-              + (f"; hybrid CF weight {report['hybrid']['cf_weight']}, cold start "
+              + (f"; hybrid likes half {report['hybrid'].get('likes', 'als')}, CF weight "
+                 f"{report['hybrid']['cf_weight']}, cold start "
                  f"{report['hybrid'].get('cold_cf_weight', report['hybrid']['cf_weight'])}"
                  if report.get("hybrid") else ""))
     if history:

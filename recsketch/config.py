@@ -97,6 +97,7 @@ class Settings(BaseModel):
     top_k: int = Field(10, ge=1)
     neighbour_depth: int = Field(100, ge=1)  # exact visual neighbours kept per model: the hybrid's bound, deletions
     hybrid_exact: bool = False  # hybrid rows the bound cannot settle: computed in full (True) or measured (False)
+    hybrid_likes: Literal["auto", "als", "itemknn"] = "auto"  # the hybrid's likes half; auto: the one validating best
     min_likes: int = Field(5, ge=0)
     chunk_size: int = Field(256, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: the backbone's own fastest batch

@@ -161,6 +161,12 @@ class EvaluationReport:
         return None if weight is None else float(weight)
 
     @property
+    def hybrid_likes(self) -> str:
+        """The hybrid's likes half evaluate chose on validation: "als" (likes rows) or "itemknn"
+        (a report from before the choice: "als")."""
+        return str((self.payload.get("hybrid") or {}).get("likes") or "als")
+
+    @property
     def als_params(self) -> dict[str, float] | None:
         """ALS's hyperparameters chosen on validation (None: a report from before the tuning)."""
         params = (self.payload.get("als") or {}).get("params")

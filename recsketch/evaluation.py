@@ -16,7 +16,8 @@ likes, user × item factors), and ``hybrid``: the neighbours recsketch serves as
 whose item-item similarity is ``(1 - w) × visual cosine + w × likes similarity`` (the dot
 product of ALS's whitened item factors, ``hybrid.likes_rows``: summed over a user's liked
 models it is ALS's own score); a user's score for a model is its summed similarity to the
-models they liked, and ``w`` maximises NDCG@10 on a validation split carved out of training.
+models they liked, and ``w`` maximises NDCG@10 on a validation split carved out of training,
+as does the likes half itself: ALS's rows, or ItemKNN's like-matrix cosines (``itemknn``).
 For cold-start models the visual embedding is mapped into the likes rows' space by ridge
 regression fitted on the warm models (the DropoutNet idea, linear), so they get hybrid
 neighbours too.
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 KS = (10, 20)
 USER_BLOCK = 1024
 HYBRID_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
+LIKES_HALVES = ("als", "itemknn")  # the hybrid's likes half: ALS's likes rows, or ItemKNN's like-matrix cosines
+KNN_WEIGHTS = HYBRID_WEIGHTS[:-1]  # ItemKNN's hybrid keeps some of the pictures: a model nobody liked has no cosines
 
 Scorer = Callable[[np.ndarray, np.ndarray], Any]  # (users, ascending item codes) -> scores [users, items]
 
@@ -67,6 +70,7 @@ class EvaluationConfig:
     tune_fits: float = 8.0  # the ALS tuning's budget, in fits of the start's work (factors x iterations)
     tune_max_work: float = 2e10  # and at most this many like x factor x iteration products: big catalogues tune less
     ridge: float = DEFAULT_RIDGE
+    hybrid_likes: str = "auto"  # the hybrid's likes half: "als", "itemknn", or "auto" (the one that validates better)
     threads: int = 0  # 0: every core
     ks: tuple[int, ...] = KS
 
@@ -594,6 +598,17 @@ def _parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np
     return lambda block, codes: (visual(block) @ rows(codes).T, cf(block) @ factors[codes].T)
 
 
+def _knn_parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit) -> Scorer:
+    """``Σ visual`` and ``Σ ItemKNN cosine`` over the models a user liked: the hybrid whose likes
+    half is ItemKNN (``hybrid.knn_top_k`` serves it), ranked as its lists are."""
+    visual, knn, rows = UserSums(train, users, unit), ItemKnnScorer(train, users), BlockRows(unit)
+    return lambda block, codes: (visual(block) @ rows(codes).T, knn(block, codes))
+
+
+def _hybrid_scorer(likes: str, train: sparse.csr_matrix, users: np.ndarray, unit, rows: np.ndarray) -> Scorer:
+    return _knn_parts_scorer(train, users, unit) if likes == "itemknn" else _parts_scorer(train, users, unit, rows)
+
+
 @dataclass(frozen=True)
 class Validation:
     """A validation split carved out of the training likes (the test likes are never seen):
@@ -610,10 +625,10 @@ def _as_likes(matrix: sparse.csr_matrix) -> Likes:
     return Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * matrix.shape[1], matrix.shape[0])
 
 
-def _best_weight(totals: Sequence[_Accumulator]) -> tuple[float, dict]:
+def _best_weight(totals: Sequence[_Accumulator], weights: Sequence[float] = HYBRID_WEIGHTS) -> tuple[float, dict]:
     """The weight whose NDCG@10 is best (ties: the lower weight), from ``rank_users``'s totals
-    for ``HYBRID_WEIGHTS``."""
-    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(HYBRID_WEIGHTS, totals, strict=True)}
+    for ``weights``."""
+    by_weight = {w: total.result()["ndcg@10"] for w, total in zip(weights, totals, strict=True)}
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
     return best, {"weights": by_weight, "chosen": best}
 
@@ -626,13 +641,25 @@ def validation_split(train: sparse.csr_matrix, config: EvaluationConfig) -> Vali
     return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng))
 
 
-def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray) -> tuple[float, dict]:
-    """The CF weight (0: visual only, 1: CF only) with the best NDCG@10 on the validation split,
-    ``rows``: the likes rows of a fit on its fit likes: every weight from one pass."""
+def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray, likes: str = "auto"
+                       ) -> tuple[str, float, dict]:
+    """The hybrid's likes half and CF weight (0: visual only, 1: the likes only) with the best
+    NDCG@10 on the validation split: ``rows``, the likes rows of an ALS fit on its fit likes, and
+    ItemKNN's cosines on them, each at every weight from one pass; ``likes`` "als" or "itemknn"
+    tries that half only. Ties: ALS, the lower weight."""
     fit, valid, users = validation.fit, validation.valid, validation.users
-    totals = rank_users(_parts_scorer(fit, users, unit, rows), users, valid, fit,
-                        Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
-    return _best_weight(totals)
+    if likes not in ("auto", *LIKES_HALVES):
+        raise ValueError(f"the hybrid's likes half is one of auto, {', '.join(LIKES_HALVES)}: not {likes!r}")
+    tried: dict[str, tuple[float, dict]] = {}
+    for half in LIKES_HALVES if likes == "auto" else (likes,):
+        weights = KNN_WEIGHTS if half == "itemknn" else HYBRID_WEIGHTS
+        totals = rank_users(_hybrid_scorer(half, fit, users, unit, rows), users, valid, fit,
+                            Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=weights)
+        tried[half] = _best_weight(totals, weights)
+    best = max(tried, key=lambda half: (tried[half][1]["weights"][tried[half][0]], half == "als"))
+    weight, tuning = tried[best]
+    return best, weight, {**tuning, "likes": best,
+                          "by_likes": {half: t[1]["weights"][t[0]] for half, t in tried.items()}}
 
 
 def cold_validation(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple[Validation, np.ndarray] | None:
@@ -700,15 +727,17 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     choice = tune_als(validation.fit, validation.valid, validation.users, config, progress)
     progress(f"evaluate: ALS chosen on validation: {choice.params.__dict__} (NDCG@10 {choice.validation_ndcg:.4f}; "
              f"{len(choice.tried)} tried, {choice.skipped} past the budget) after {time.monotonic() - started:.1f} s")
+    half = "als"
     if unit is not None:
-        weight, tuning = tune_hybrid_weight(validation, unit,
-                                            likes_rows(choice.item_factors, choice.params.regularization))
-        progress(f"evaluate: hybrid CF weight {weight} (validation NDCG@10 by weight: {tuning['weights']}) "
-                 f"after {time.monotonic() - started:.1f} s")
+        half, weight, tuning = tune_hybrid_weight(validation, unit,
+                                                  likes_rows(choice.item_factors, choice.params.regularization),
+                                                  config.hybrid_likes)
+        progress(f"evaluate: hybrid likes half {half} (validation NDCG@10 {tuning['by_likes']}), CF weight {weight} "
+                 f"(validation NDCG@10 by weight: {tuning['weights']}) after {time.monotonic() - started:.1f} s")
     choice = replace(choice, item_factors=choice.item_factors[:0])  # its N x f no longer needed: not held to the end
     del validation
     cold_weight, cold_tuning = None, None
-    if unit is not None:
+    if unit is not None and half == "als":  # ItemKNN has no cosines for a model nobody liked: its lists are visual
         cold = tune_cold_weight(split.train, unit, config, choice.params)
         if cold is not None:
             cold_weight, cold_tuning = cold
@@ -726,7 +755,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     results["itemknn"] = rank_metrics(ItemKnnScorer(split.train, users), users, split.test, split.train, warm_items,
                                       config.ks)
     if unit is not None and weight is not None:
-        results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, rows), users, split.test,
+        results |= _visual_and_hybrid(_hybrid_scorer(half, split.train, users, unit, rows), users, split.test,
                                       split.train, warm_items, weight, config.ks)
     for name, metrics in results.items():
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
@@ -734,10 +763,11 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
                     "methods": results, "als": choice.summary()}
     if unit is not None and len(split.cold_items) >= 2:
         cold_start_weight = (weight or 0.0) if cold_weight is None else cold_weight
-        report["cold_start"] = _cold_start(split, unit, config, cold_start_weight, rng, rows)
+        report["cold_start"] = _cold_start(split, unit, config, cold_start_weight, rng, rows, half)
         for name, metrics in report["cold_start"].items():
             progress(f"evaluate: cold-start {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
-        report["hybrid"] = {"cf_weight": weight, "validation_ndcg@10": tuning["weights"],
+        report["hybrid"] = {"likes": half, "likes_validation_ndcg@10": tuning["by_likes"],
+                            "cf_weight": weight, "validation_ndcg@10": tuning["weights"],
                             "cold_cf_weight": cold_start_weight,
                             "cold_validation_ndcg@10": (cold_tuning or {}).get("weights")}
     report["seconds"] = round(time.monotonic() - started, 2)
@@ -746,15 +776,17 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
 
 
 def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng: np.random.Generator,
-                rows: np.ndarray) -> dict[str, dict[str, float]]:
+                rows: np.ndarray, half: str = "als") -> dict[str, dict[str, float]]:
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid at the
-    cold-start weight with likes rows predicted from the visual embedding (ridge fitted on the
-    warm models' ``rows``)."""
-    liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
-    factors = stream_factors(unit, rows, liked, ridge=config.ridge)  # the cold models have no likes
+    cold-start weight: with ALS's half, likes rows predicted from the visual embedding (ridge
+    fitted on the warm models' ``rows``); with ItemKNN's, their cosines (none: nobody liked them)."""
     users = _users_with(split.cold_test, split.train, config.max_users, rng)
     random = rank_at_random(users, split.cold_test, None, split.cold_items, config.ks,
                             np.random.default_rng(config.seed + 4))
-    return {"random": random,
-            **_visual_and_hybrid(_parts_scorer(split.train, users, unit, factors), users, split.cold_test, None,
-                                 split.cold_items, weight, config.ks)}
+    if half == "itemknn":
+        scorer = _knn_parts_scorer(split.train, users, unit)
+    else:
+        liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
+        scorer = _parts_scorer(split.train, users, unit, stream_factors(unit, rows, liked, ridge=config.ridge))
+    return {"random": random, **_visual_and_hybrid(scorer, users, split.cold_test, None, split.cold_items, weight,
+                                                   config.ks)}

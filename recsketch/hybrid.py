@@ -441,3 +441,80 @@ def pair_visual(unit, first: int, last: int, pair_rows: np.ndarray, pair_cols: n
             picked = order[step : min(hi, step + pairs_per_step)]
             out[picked] = np.einsum("ij,ij->i", queries[pair_rows[picked]], block[pair_cols[picked] - start])
     return out
+
+
+def like_columns(likes: sparse.csr_matrix) -> sparse.csr_matrix:
+    """Each model's likers as a unit row (models x users, from a users x models like matrix):
+    their dot products are ItemKNN's cosines, zero unless two models share a liker."""
+    by_model = sparse.csr_matrix(likes.T, dtype=np.float32)
+    by_model.sum_duplicates()
+    norms = np.sqrt(np.asarray(by_model.multiply(by_model).sum(axis=1)).ravel())
+    by_model.data /= np.repeat(np.where(norms > 0, norms, 1.0), np.diff(by_model.indptr)).astype(np.float32)
+    return by_model
+
+
+KNN_ROW_BLOCK = 1024  # query rows whose co-liked models are found at once (their pairs in memory)
+
+
+def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visual_scores: np.ndarray,
+              rows: tuple[int, int], cf_weight: float, k: int,
+              row_block: int = KNN_ROW_BLOCK) -> tuple[np.ndarray, np.ndarray, int]:
+    """The hybrid top-k of rows ``first..last`` (indices, scores, and the co-liked pairs scored
+    beyond the lists) when its likes half is ItemKNN: ``(1 - w) v + w c``
+    with ``c`` the cosine of two models' likers (``like_columns``), exactly, from each row's exact
+    visual top-D (D ≥ k) and the models that share a liker with it. A model in neither has
+    ``c = 0`` and ``v ≤ v_D``, so it scores at most ``(1 - w) v_D``, which each of the D listed
+    models reaches (``c ≥ 0``): the best k of the union are the best k of all, ties by the lower
+    index as the visual lists break them. A row whose list holds fewer than k models (worn by
+    deletions) gets its exact visual top-k first. Cost: the pairs of co-liked models, each read
+    once (``pair_visual``); memory holds ``row_block`` rows' pairs."""
+    from recsketch.similarity import _empty_lists, top_k_tiled
+
+    first, last = rows
+    n = columns.shape[0]
+    kk, indices, scores = _empty_lists(last - first, n, k)
+    if kk <= 0:
+        return indices, scores, 0
+    pairs = 0
+    listed, listed_scores = np.asarray(visual_indices), np.asarray(visual_scores, dtype=np.float32)
+    short = np.flatnonzero((listed >= 0).sum(axis=1) < kk)
+    if len(short):  # too short to bound anything: the row's exact visual top-k instead
+        width = max(listed.shape[1], kk)
+        listed = np.pad(listed, ((0, 0), (0, width - listed.shape[1])), constant_values=-1)
+        listed_scores = np.pad(listed_scores, ((0, 0), (0, width - listed_scores.shape[1])),
+                               constant_values=-np.inf)
+        exact_indices, exact_scores = top_k_tiled(unit, kk, first + short)
+        listed[short], listed_scores[short] = -1, -np.inf
+        listed[short, :kk], listed_scores[short, :kk] = exact_indices, exact_scores
+    w = np.float32(cf_weight)
+    for r_first in range(0, last - first, row_block):
+        r_last = min(last - first, r_first + row_block)
+        co = (columns[first + r_first:first + r_last] @ columns.T).tocoo()
+        co_rows, co_cols, co_values = co.row.astype(np.int64), co.col.astype(np.int64), co.data.astype(np.float32)
+        keep = co_cols != first + r_first + co_rows  # never a model's own neighbour
+        co_rows, co_cols, co_values = co_rows[keep], co_cols[keep], co_values[keep]
+        co_keys = co_rows * n + co_cols
+        order = np.argsort(co_keys, kind="stable")
+        co_keys, co_rows, co_cols, co_values = co_keys[order], co_rows[order], co_cols[order], co_values[order]
+        block_listed = listed[r_first:r_last]
+        l_rows, l_ranks = np.nonzero(block_listed >= 0)
+        l_cols = block_listed[l_rows, l_ranks]
+        l_visual = listed_scores[r_first:r_last][l_rows, l_ranks]
+        l_keys = l_rows * n + l_cols
+        at = np.minimum(np.searchsorted(co_keys, l_keys), max(len(co_keys) - 1, 0))
+        found = (co_keys[at] == l_keys) if len(co_keys) else np.zeros(len(l_keys), dtype=bool)
+        l_knn = np.where(found, co_values[at] if len(co_keys) else 0.0, 0.0).astype(np.float32)
+        extra = ~np.isin(co_keys, l_keys)
+        e_rows, e_cols, e_knn = co_rows[extra], co_cols[extra], co_values[extra]
+        e_visual = pair_visual(unit, first + r_first, first + r_last, e_rows, e_cols)
+        pairs += len(e_rows)
+        pair_rows = np.concatenate([l_rows, e_rows])
+        pair_cols = np.concatenate([l_cols, e_cols])
+        pair_scores = np.concatenate([(1 - w) * l_visual + w * l_knn, (1 - w) * e_visual + w * e_knn])
+        order = np.lexsort((pair_cols, -pair_scores, pair_rows))
+        pair_rows, pair_cols, pair_scores = pair_rows[order], pair_cols[order], pair_scores[order]
+        rank = np.arange(len(pair_rows)) - np.searchsorted(pair_rows, pair_rows)
+        top = rank < kk
+        indices[r_first + pair_rows[top], rank[top]] = pair_cols[top]
+        scores[r_first + pair_rows[top], rank[top]] = pair_scores[top]
+    return indices, scores, pairs

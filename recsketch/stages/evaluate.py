@@ -25,7 +25,8 @@ def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: P
     streamed into a local file of unit rows and read by blocks: memory never holds N x d."""
     likes = thresholded_likes(settings) if likes is None else likes
     store = ChunkStore(settings.features_dir, backbone_key(settings))
-    config = config or EvaluationConfig(max_users=settings.eval_max_users, threads=settings.effective_threads)
+    config = config or EvaluationConfig(max_users=settings.eval_max_users, threads=settings.effective_threads,
+                                        hybrid_likes=settings.hybrid_likes)
     with tempfile.TemporaryDirectory(prefix="recsketch-evaluate-") as scratch:  # local: read by blocks
         path = Path(scratch) / "unit.npy"
         sink = NpyFileRows(path)

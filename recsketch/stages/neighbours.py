@@ -34,7 +34,16 @@ from recsketch.errors import RecsketchError
 from recsketch.evaluation import Likes
 from recsketch.features.chunks import ChunkStore, Gathered, NpyFileRows, RowSink
 from recsketch.features.keys import backbone_key
-from recsketch.hybrid import DEFAULT_REGULARIZATION, BlendedRows, bounded_top_k, fit_als, likes_rows, stream_factors
+from recsketch.hybrid import (
+    DEFAULT_REGULARIZATION,
+    BlendedRows,
+    bounded_top_k,
+    fit_als,
+    knn_top_k,
+    like_columns,
+    likes_rows,
+    stream_factors,
+)
 from recsketch.resources import limit_threads
 from recsketch.similarity import NpyRows, Refresh, plan_refresh, reduce_measured, refresh_top_k, top_k_tiled
 from recsketch.stages.common import Progress, chunk_plan_if_any, log, run_likes, sweep
@@ -291,6 +300,8 @@ class HybridSource:
         params = report.als_params or {}  # what evaluate chose on validation (an older report: ALS's defaults)
         visual = TopKStore.for_run(folder).require("similarity")
         started = time.monotonic()
+        if report.hybrid_likes == "itemknn":
+            return self._itemknn_rows(settings, folder, visual, weight, scratch, progress)
         canonical = sorted(visual.mids)  # ALS's start depends on the item order: fit in one order, whatever
         matrix = Likes.from_frame(run_likes(settings, folder, progress), canonical).matrix()  # the lists' order
         limit_threads(settings.effective_threads)
@@ -324,9 +335,28 @@ class HybridSource:
         detail = f"CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
         return Rows(visual.mids, detail, bounded=bounded)
 
+    @staticmethod
+    def _itemknn_rows(settings: Settings, folder: Location, visual: TopK, weight: float, scratch: Path,
+                      progress: Progress) -> Rows:
+        """ItemKNN as the likes half (it validated better than ALS): nothing to fit or write (the
+        shards read the run's likes); bounded by the exact visual lists, else each shard finds
+        its rows' exact visual top-k first (``hybrid.knn_top_k``)."""
+        visual_rows(settings, folder, visual, progress)  # gathered once for the shards, when the run wrote none
+        with scratch.open("wb") as handle:  # no factors: the plan's file holds N x 0
+            np.save(handle, np.zeros((len(visual.mids), 0), dtype=np.float32), allow_pickle=False)
+        deep = TopKStore.deep_for_run(folder).read()
+        bounded = deep is not None and deep.mids == visual.mids
+        progress(f"hybrid: likes half ItemKNN (it validated better than ALS), CF weight {weight}, for "
+                 f"{len(visual.mids)} models; " + (f"bounded by the exact visual top-{deep.k}" if bounded and deep
+                                                   else "the visual lists are approximate (PCA): each shard's "
+                                                        "exact visual top-k first"))
+        detail = f"ItemKNN, CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
+        return Rows(visual.mids, detail, bounded=bounded)
+
     def shard(self, settings: Settings, folder: Location, plan: SimilarityPlan, first: int,
               last: int) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
-        weight = EvaluationReport.require(folder).cf_weight
+        report = EvaluationReport.require(folder)
+        weight = report.cf_weight
         if weight is None:
             raise RecsketchError(f"the evaluation in {folder} tuned no CF weight: run evaluate and plan_hybrid again")
         visual = TopKStore.for_run(folder).require("similarity")
@@ -334,6 +364,8 @@ class HybridSource:
         if order != visual.mids:
             raise RecsketchError(f"the hybrid plan in {folder} is for other models than the visual neighbours: "
                                  "run plan_hybrid again")
+        if report.hybrid_likes == "itemknn":
+            return self._itemknn_shard(settings, folder, plan, visual, weight, first, last)
         features = plan.features_path(folder)
         with storage.local_copy(features) as path:
             factors = np.load(path)
@@ -353,6 +385,25 @@ class HybridSource:
                 return indices, scores, {}
             finally:
                 unit.close()
+
+    @staticmethod
+    def _itemknn_shard(settings: Settings, folder: Location, plan: SimilarityPlan, visual: TopK, weight: float,
+                       first: int, last: int) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+        columns = like_columns(Likes.from_frame(run_likes(settings, folder, log.info), visual.mids).matrix())
+        location = visual_rows(settings, folder, visual, None)
+        with storage.local_copy(location) as path:
+            unit = _rows_of(path, visual.mids, location)
+            try:
+                if plan.mode is PlanMode.BOUNDED:
+                    deep = TopKStore.deep_for_run(folder).require("similarity")
+                    listed, listed_scores = deep.indices[first:last], deep.scores[first:last]
+                else:  # approximate visual lists bound nothing: the rows' exact visual top-k
+                    listed, listed_scores = top_k_tiled(unit, settings.top_k, (first, last))
+                indices, scores, pairs = knn_top_k(unit, columns, listed, listed_scores, (first, last), weight,
+                                                   settings.top_k)
+            finally:
+                unit.close()
+        return indices, scores, {"pairs": pairs}  # every row proven by the bound (knn_top_k)
 
     def identity(self, settings: Settings, folder: Location, mids: list[str]) -> tuple[str, list[str]]:
         visual = TopKStore.for_run(folder).require("similarity")

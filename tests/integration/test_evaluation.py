@@ -133,6 +133,26 @@ def test_on_movielens_cf_beats_popularity() -> None:
     assert methods["popularity"]["ndcg@10"] > 3 * methods["random"]["ndcg@10"]
 
 
+def test_itemknn_becomes_the_likes_half_where_it_validates_better_than_als() -> None:
+    """800 tastes of 5 models each, more than ALS's 256 factors hold: ItemKNN ranks held-out likes
+    better than ALS, so evaluate's auto choice takes it as the hybrid's likes half, and the hybrid
+    is at least as good as every part. Forced to ALS's half, the hybrid stays near ALS."""
+    frame, mids, unit = _clustered_catalogue(groups=800, per_group=5, users=3000)
+    likes = Likes.from_frame(frame, mids)
+    report = evaluate(likes, unit, EvaluationConfig(seed=1), progress=lambda _: None)
+    ndcg = {name: metrics["ndcg@10"] for name, metrics in report["methods"].items()}
+    tried = report["hybrid"]["likes_validation_ndcg@10"]
+    assert report["hybrid"]["likes"] == "itemknn" and tried["itemknn"] > tried["als"], tried
+    assert ndcg["itemknn"] > ndcg["cf"] + 0.03, ndcg  # measured: 0.798 vs 0.722
+    assert ndcg["hybrid"] >= max(ndcg["visual"], ndcg["cf"], ndcg["itemknn"]) - 0.005, ndcg
+    assert report["hybrid"]["cf_weight"] < 1.0 and report["hybrid"]["cold_cf_weight"] == report["hybrid"]["cf_weight"]
+    cold = report["cold_start"]  # ItemKNN has no cosines for a model nobody liked: its cold start is visual
+    assert cold["hybrid"]["ndcg@10"] == cold["visual"]["ndcg@10"]
+    forced = evaluate(likes, unit, EvaluationConfig(seed=1, hybrid_likes="als"), progress=lambda _: None)
+    assert forced["hybrid"]["likes"] == "als" and set(forced["hybrid"]["likes_validation_ndcg@10"]) == {"als"}
+    assert forced["methods"]["hybrid"]["ndcg@10"] < ndcg["hybrid"] - 0.03, (forced["methods"]["hybrid"], ndcg)
+
+
 @pytest.mark.parametrize("noise", [0.3, 1.0, 2.0])
 def test_on_movielens_with_visual_features_of_known_quality_hybrid_matches_the_best_part(noise: float) -> None:
     """MovieLens-100K's likes with synthetic "visual" features of known quality: each movie's
@@ -321,6 +341,52 @@ def test_the_sharded_hybrid_equals_the_whole_matrix_computation(tmp_path) -> Non
         assert result.mids == visual.mids
         np.testing.assert_allclose(result.scores, scores, rtol=1e-4, atol=1e-5)
         assert (result.indices == indices).mean() > 0.99  # equal, but for exact ties
+
+
+def test_an_itemknn_likes_half_is_served_exactly_through_the_stages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RECSKETCH_HYBRID_LIKES=itemknn: evaluate tunes the weight of the ItemKNN hybrid, plan_hybrid
+    fits nothing, and the shards' lists (bounded by the exact visual lists, or each shard's exact
+    visual top-k under PCA) equal the exact blend of visual and like-matrix cosines over every pair."""
+    from recsketch.config import Settings
+    from recsketch.contracts import EvaluationReport, SimilarityPlan, TopKStore
+    from recsketch.hybrid import like_columns
+    from recsketch.stages import similarity_stage
+    from recsketch.stages.common import run_dir
+    from recsketch.stages.evaluate import evaluate_stage
+    from recsketch.stages.neighbours import hybrid_shard_stage, merge_hybrid_stage, plan_hybrid_stage
+    from recsketch.stages.threshold import threshold_stage
+
+    frame, mids, unit = _clustered_catalogue(groups=12, per_group=10, users=200)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", top_k=5,
+                        similarity_shard_rows=40, threads=1, hybrid_likes="itemknn")
+    _catalogue_in(settings, frame, mids)
+    _features_for(settings, mids, unit)
+    results = {}
+    for name, run_settings in (("exact", settings), ("pca", settings.with_overrides(pca_dim=6))):
+        folder = run_dir(run_settings, name)
+        threshold_stage(run_settings, folder)
+        similarity_stage(run_settings, folder)
+        evaluate_stage(run_settings, folder)
+        report = EvaluationReport.require(folder)
+        assert report.hybrid_likes == "itemknn" and report.cf_weight is not None and report.cf_weight < 1.0
+        assert set(report.payload["hybrid"]["likes_validation_ndcg@10"]) == {"itemknn"}  # as set: not tried against ALS
+        for shard in plan_hybrid_stage(run_settings, folder):
+            hybrid_shard_stage(run_settings, folder, shard)
+        summary = merge_hybrid_stage(run_settings, folder)
+        plan = SimilarityPlan.read(folder, "hybrid")
+        assert "ItemKNN" in plan.label and plan.mode == ("bounded" if name == "exact" else "full"), plan.label
+        if name == "exact":
+            assert summary["proven"] == len(mids) and summary["pairs"] > 0, summary
+        results[name] = (TopKStore.for_run(folder, "hybrid").require("hybrid"), report.cf_weight)
+    for result, weight in results.values():
+        order = [mids.index(mid) for mid in result.mids]
+        columns = like_columns(Likes.from_frame(frame, result.mids).matrix()).toarray().astype(np.float64)
+        blend = (1 - weight) * (unit[order].astype(np.float64) @ unit[order].T) + weight * (columns @ columns.T)
+        np.fill_diagonal(blend, -np.inf)
+        indices = np.lexsort((np.broadcast_to(np.arange(len(blend)), blend.shape), -blend), axis=1)[:, :5]
+        np.testing.assert_allclose(result.scores, np.take_along_axis(blend, indices, 1), atol=1e-5)
+        assert (result.indices == indices).mean() > 0.99  # equal, but for float32 near-ties
+        assert (result.indices != TopKStore.for_run(run_dir(settings, "exact")).require("s").indices).any()
 
 
 def test_a_run_is_measured_on_the_likes_it_was_thresholded_on(tmp_path) -> None:  # type: ignore[no-untyped-def]

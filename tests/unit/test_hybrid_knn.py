@@ -1,0 +1,59 @@
+"""The hybrid whose likes half is ItemKNN (``hybrid.knn_top_k``): from the exact visual lists and
+each row's co-liked models, it equals the exact blend of visual cosines and like-matrix cosines
+over every pair, whatever the weight, the lists' depth, or how worn a list is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from recsketch.hybrid import knn_top_k, like_columns
+from recsketch.similarity import normalise, top_k_cosine
+
+
+def catalogue(seed: int, n: int = 400, users: int = 300) -> tuple[np.ndarray, sparse.csr_matrix]:
+    """Clustered unit features and sparse likes of clustered tastes; some models nobody liked."""
+    rng = np.random.default_rng(seed)
+    unit = normalise(rng.normal(size=(10, 16))[rng.integers(10, size=n)] + 0.7 * rng.normal(size=(n, 16)))
+    taste = rng.integers(8, size=users)
+    group = rng.integers(8, size=n)
+    liked = (rng.random((users, n)) < np.where(taste[:, None] == group[None, :], 0.08, 0.005))
+    liked[:, ::9] = False  # nobody liked these: ItemKNN has no cosines for them
+    return unit.astype(np.float32), sparse.csr_matrix(liked.astype(np.float32))
+
+
+def exact(unit: np.ndarray, likes: sparse.csr_matrix, w: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    columns = like_columns(likes).toarray().astype(np.float64)
+    scores = (1 - w) * (unit.astype(np.float64) @ unit.T) + w * (columns @ columns.T)
+    np.fill_diagonal(scores, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(scores)), scores.shape), -scores), axis=1)[:, :k]
+    return order, np.take_along_axis(scores, order, 1)
+
+
+def test_like_columns_are_itemknn_cosines() -> None:
+    likes = sparse.csr_matrix(np.array([[1, 1, 0], [1, 0, 1], [1, 1, 0]], dtype=np.float32))
+    columns = like_columns(likes).toarray()
+    assert columns @ columns.T == pytest.approx(np.array([[1, 2 / np.sqrt(6), 1 / np.sqrt(3)],
+                                                           [2 / np.sqrt(6), 1, 0],
+                                                           [1 / np.sqrt(3), 0, 1]]), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("w", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("depth", [5, 30])
+def test_knn_hybrid_equals_the_exact_blend(seed: int, w: float, depth: int) -> None:
+    unit, likes = catalogue(seed)
+    visual_indices, visual_scores = top_k_cosine(unit, depth, normalised=True)
+    visual_indices[::4, 8:], visual_scores[::4, 8:] = -1, -np.inf  # worn by deletions, still >= k
+    visual_indices[1::7, 2:], visual_scores[1::7, 2:] = -1, -np.inf  # shorter than k: recomputed
+    expected_indices, expected_scores = exact(unit, likes, w, 5)
+    indices, scores, pairs = knn_top_k(unit, like_columns(likes), visual_indices[50:350], visual_scores[50:350],
+                                       (50, 350), w, 5, row_block=64)
+    assert pairs > 0
+    np.testing.assert_allclose(scores, expected_scores[50:350], atol=1e-6)
+    differ = indices != expected_indices[50:350]
+    assert differ.mean() <= 0.002  # only float32 near-ties may order otherwise
+    assert (indices != np.arange(50, 350)[:, None]).all()  # never a model's own neighbour
+    visual_top = top_k_cosine(unit, 5, normalised=True)[0][50:350]
+    assert (indices != visual_top).any(axis=1).mean() > 0.2  # the likes half moved lists: not the visual ones again
