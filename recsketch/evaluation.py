@@ -42,7 +42,15 @@ import pandas as pd
 from scipy import sparse
 
 from recsketch.contracts import PRIMARY_METRIC  # noqa: F401  (what the gate compares, re-exported)
-from recsketch.hybrid import DEFAULT_RIDGE, fit_als, likes_rows, stream_factors
+from recsketch.hybrid import (
+    DEFAULT_RIDGE,
+    KNN_MAX_SHARE,
+    fit_als,
+    knn_affordable,
+    knn_pairs_bound,
+    likes_rows,
+    stream_factors,
+)
 from recsketch.similarity import largest, normalise
 
 log = logging.getLogger(__name__)
@@ -727,11 +735,15 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     choice = tune_als(validation.fit, validation.valid, validation.users, config, progress)
     progress(f"evaluate: ALS chosen on validation: {choice.params.__dict__} (NDCG@10 {choice.validation_ndcg:.4f}; "
              f"{len(choice.tried)} tried, {choice.skipped} past the budget) after {time.monotonic() - started:.1f} s")
-    half = "als"
+    half, halves = "als", config.hybrid_likes
+    if unit is not None and halves == "auto" and not knn_affordable(split.train):
+        halves = "als"
+        progress(f"evaluate: ItemKNN's hybrid is not a candidate: its {knn_pairs_bound(split.train):,} co-liked pairs "
+                 f"would cost more than {KNN_MAX_SHARE} of a full pass")
     if unit is not None:
         half, weight, tuning = tune_hybrid_weight(validation, unit,
                                                   likes_rows(choice.item_factors, choice.params.regularization),
-                                                  config.hybrid_likes)
+                                                  halves)
         progress(f"evaluate: hybrid likes half {half} (validation NDCG@10 {tuning['by_likes']}), CF weight {weight} "
                  f"(validation NDCG@10 by weight: {tuning['weights']}) after {time.monotonic() - started:.1f} s")
     choice = replace(choice, item_factors=choice.item_factors[:0])  # its N x f no longer needed: not held to the end

@@ -453,12 +453,29 @@ def like_columns(likes: sparse.csr_matrix) -> sparse.csr_matrix:
     return by_model
 
 
-KNN_ROW_BLOCK = 1024  # query rows whose co-liked models are found at once (their pairs in memory)
+KNN_PAIR_BLOCK = 4_000_000  # co-liked pairs found at once (rows grouped by their bound): ~100 MB of pairs
+KNN_MAX_SHARE = 0.05  # auto takes ItemKNN's half only while its pairs bound stays under this share of N²...
+KNN_MIN_PAIRS = 2e8  # ...or under this many pairs (a small catalogue's full pass costs little)
+
+
+def knn_pairs_bound(likes: sparse.csr_matrix) -> int:
+    """At most how many (model, co-liked model) pairs ItemKNN's hybrid scores for a users x
+    models like matrix: each user's likes paired with each other, Σ_u n_u²."""
+    counts = np.diff(sparse.csr_matrix(likes).indptr).astype(np.int64)
+    return int((counts * counts).sum())
+
+
+def knn_affordable(likes: sparse.csr_matrix) -> bool:
+    """Whether ItemKNN's hybrid costs a day's share of a full pass (``KNN_MAX_SHARE`` of its N²
+    pairs; at least ``KNN_MIN_PAIRS``): a catalogue where most pairs share a liker would make
+    every day a full blended pass."""
+    n = likes.shape[1]
+    return knn_pairs_bound(likes) <= max(KNN_MAX_SHARE * float(n) * n, KNN_MIN_PAIRS)
 
 
 def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visual_scores: np.ndarray,
               rows: tuple[int, int], cf_weight: float, k: int,
-              row_block: int = KNN_ROW_BLOCK) -> tuple[np.ndarray, np.ndarray, int]:
+              pair_block: int = KNN_PAIR_BLOCK) -> tuple[np.ndarray, np.ndarray, int]:
     """The hybrid top-k of rows ``first..last`` (indices, scores, and the co-liked pairs scored
     beyond the lists) when its likes half is ItemKNN: ``(1 - w) v + w c``
     with ``c`` the cosine of two models' likers (``like_columns``), exactly, from each row's exact
@@ -467,7 +484,8 @@ def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visu
     models reaches (``c ≥ 0``): the best k of the union are the best k of all, ties by the lower
     index as the visual lists break them. A row whose list holds fewer than k models (worn by
     deletions) gets its exact visual top-k first. Cost: the pairs of co-liked models, each read
-    once (``pair_visual``); memory holds ``row_block`` rows' pairs."""
+    once (``pair_visual``); memory holds about ``pair_block`` pairs (rows grouped by how many
+    co-liked models they can have; a row past it alone)."""
     from recsketch.similarity import _empty_lists, top_k_tiled
 
     first, last = rows
@@ -487,8 +505,14 @@ def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visu
         listed[short], listed_scores[short] = -1, -np.inf
         listed[short, :kk], listed_scores[short, :kk] = exact_indices, exact_scores
     w = np.float32(cf_weight)
-    for r_first in range(0, last - first, row_block):
-        r_last = min(last - first, r_first + row_block)
+    liked = columns[first:last].copy()
+    liked.data[:] = 1.0
+    likers_per_user = np.diff(columns.tocsc().indptr).astype(np.float64)
+    bound = np.cumsum(liked @ likers_per_user)  # rows' co-liked models, at most (with repeats), running
+    r_first = 0
+    while r_first < last - first:
+        spent = bound[r_first - 1] if r_first else 0.0
+        r_last = max(r_first + 1, int(np.searchsorted(bound, spent + pair_block, side="right")))
         co = (columns[first + r_first:first + r_last] @ columns.T).tocoo()
         co_rows, co_cols, co_values = co.row.astype(np.int64), co.col.astype(np.int64), co.data.astype(np.float32)
         keep = co_cols != first + r_first + co_rows  # never a model's own neighbour
@@ -517,4 +541,5 @@ def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visu
         top = rank < kk
         indices[r_first + pair_rows[top], rank[top]] = pair_cols[top]
         scores[r_first + pair_rows[top], rank[top]] = pair_scores[top]
+        r_first = r_last
     return indices, scores, pairs

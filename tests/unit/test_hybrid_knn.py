@@ -42,14 +42,15 @@ def test_like_columns_are_itemknn_cosines() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("w", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("depth", [5, 30])
-def test_knn_hybrid_equals_the_exact_blend(seed: int, w: float, depth: int) -> None:
+@pytest.mark.parametrize("pair_block", [1, 400])  # every row alone (each past the block), or rows grouped
+def test_knn_hybrid_equals_the_exact_blend(seed: int, w: float, depth: int, pair_block: int) -> None:
     unit, likes = catalogue(seed)
     visual_indices, visual_scores = top_k_cosine(unit, depth, normalised=True)
     visual_indices[::4, 8:], visual_scores[::4, 8:] = -1, -np.inf  # worn by deletions, still >= k
     visual_indices[1::7, 2:], visual_scores[1::7, 2:] = -1, -np.inf  # shorter than k: recomputed
     expected_indices, expected_scores = exact(unit, likes, w, 5)
     indices, scores, pairs = knn_top_k(unit, like_columns(likes), visual_indices[50:350], visual_scores[50:350],
-                                       (50, 350), w, 5, row_block=64)
+                                       (50, 350), w, 5, pair_block=pair_block)
     assert pairs > 0
     np.testing.assert_allclose(scores, expected_scores[50:350], atol=1e-6)
     differ = indices != expected_indices[50:350]
@@ -57,3 +58,14 @@ def test_knn_hybrid_equals_the_exact_blend(seed: int, w: float, depth: int) -> N
     assert (indices != np.arange(50, 350)[:, None]).all()  # never a model's own neighbour
     visual_top = top_k_cosine(unit, 5, normalised=True)[0][50:350]
     assert (indices != visual_top).any(axis=1).mean() > 0.2  # the likes half moved lists: not the visual ones again
+
+
+def test_auto_leaves_itemknn_out_where_most_pairs_share_a_liker() -> None:
+    """ItemKNN's hybrid scores every co-liked pair: where users like most of the catalogue it
+    would be a full blended pass every day, so auto does not take it there."""
+    from recsketch.hybrid import knn_affordable, knn_pairs_bound
+
+    _, sparse_likes = catalogue(0)
+    assert knn_pairs_bound(sparse_likes) == int((np.diff(sparse_likes.indptr) ** 2).sum())
+    dense = sparse.csr_matrix(np.ones((3000, 2000), dtype=np.float32))  # 3,000 users liking all 2,000 models
+    assert knn_affordable(sparse_likes) and not knn_affordable(dense)
