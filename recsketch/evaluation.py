@@ -355,12 +355,14 @@ def _writable(scores: Any) -> np.ndarray:
 
 def rank_users(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclude: sparse.csr_matrix | None,
                candidates: Candidates, accumulators: Sequence[_Accumulator] | None = None,
-               ks: Sequence[int] = KS, blend: Sequence[float] | None = None) -> list[_Accumulator]:
+               ks: Sequence[int] = KS, blend: Sequence[float] | None = None, halves: int = 1) -> list[_Accumulator]:
     """Users ranking the candidates: groups of candidates outside (each group's features read
     once), blocks of users inside, each with a running top-k; ``exclude`` (their training likes)
     never counts as a recommendation. ``blend``: the scorer gives two parts (visual, cf) and each
-    weight w ranks ``(1 - w) visual + w cf`` (w = 0 is visual alone), all from one product."""
-    weights = [None] if blend is None else list(blend)
+    weight w ranks ``(1 - w) visual + w cf`` (w = 0 is visual alone), all from one product; with
+    ``halves`` > 1 it gives visual and that many likes halves, each blended at every weight (the
+    totals half by half), the visual product made once for all of them."""
+    weights = [None] if blend is None else list(blend) * halves
     totals = list(accumulators) if accumulators is not None else [_Accumulator(ks, len(candidates.positions))
                                                                   for _ in weights]
     kk = min(max(totals[0].ks), len(candidates.positions))
@@ -377,7 +379,9 @@ def rank_users(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix, exclu
             if blend is None:
                 tops[0].add(scored[0], first)
                 continue
-            for top, (items, values) in zip(tops, _blended_best((scored[0], scored[1]), blend, kk), strict=True):
+            per_weight = [pair for half in range(1, halves + 1)
+                          for pair in _blended_best((scored[0], scored[half]), blend, kk)]
+            for top, (items, values) in zip(tops, per_weight, strict=True):
                 top.add_best(items + first, values)
     for block, tops in zip(blocks, running, strict=True):
         truth = test[block][:, candidates.positions].tocsr()
@@ -617,6 +621,13 @@ def _hybrid_scorer(likes: str, train: sparse.csr_matrix, users: np.ndarray, unit
     return _knn_parts_scorer(train, users, unit) if likes == "itemknn" else _parts_scorer(train, users, unit, rows)
 
 
+def _both_halves_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, rows: np.ndarray) -> Scorer:
+    """``Σ visual``, ``Σ likes rows`` and ``Σ ItemKNN cosine``: both hybrids from one visual product."""
+    visual, cf, knn, block_rows = (UserSums(train, users, unit), UserSums(train, users, rows),
+                                   ItemKnnScorer(train, users), BlockRows(unit))
+    return lambda block, codes: (visual(block) @ block_rows(codes).T, cf(block) @ rows[codes].T, knn(block, codes))
+
+
 @dataclass(frozen=True)
 class Validation:
     """A validation split carved out of the training likes (the test likes are never seen):
@@ -658,12 +669,18 @@ def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray, likes: st
     fit, valid, users = validation.fit, validation.valid, validation.users
     if likes not in ("auto", *LIKES_HALVES):
         raise ValueError(f"the hybrid's likes half is one of auto, {', '.join(LIKES_HALVES)}: not {likes!r}")
-    tried: dict[str, tuple[float, dict]] = {}
-    for half in LIKES_HALVES if likes == "auto" else (likes,):
-        weights = KNN_WEIGHTS if half == "itemknn" else HYBRID_WEIGHTS
-        totals = rank_users(_hybrid_scorer(half, fit, users, unit, rows), users, valid, fit,
-                            Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=weights)
-        tried[half] = _best_weight(totals, weights)
+    everything = Candidates(np.arange(fit.shape[1]), fit.shape[1])
+    if likes == "auto":  # one pass: the visual product shared
+        totals = rank_users(_both_halves_scorer(fit, users, unit, rows), users, valid, fit, everything, ks=(10,),
+                            blend=HYBRID_WEIGHTS, halves=2)
+        width = len(HYBRID_WEIGHTS)  # ItemKNN's totals at w = 1 (the last) are not a candidate
+        per_half = {"als": totals[:width], "itemknn": totals[width:width + len(KNN_WEIGHTS)]}
+    else:
+        weights = KNN_WEIGHTS if likes == "itemknn" else HYBRID_WEIGHTS
+        per_half = {likes: rank_users(_hybrid_scorer(likes, fit, users, unit, rows), users, valid, fit, everything,
+                                      ks=(10,), blend=weights)}
+    tried = {half: _best_weight(totals, KNN_WEIGHTS if half == "itemknn" else HYBRID_WEIGHTS)
+             for half, totals in per_half.items()}
     best = max(tried, key=lambda half: (tried[half][1]["weights"][tried[half][0]], half == "als"))
     weight, tuning = tried[best]
     return best, weight, {**tuning, "likes": best,

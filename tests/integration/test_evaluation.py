@@ -113,7 +113,8 @@ def test_on_uniform_random_likes_nothing_beats_chance_by_much() -> None:
     frame = pd.DataFrame(sorted(pairs), columns=["mid", "uid"])
     report = evaluate(Likes.from_frame(frame, mids), unit, EvaluationConfig(seed=1), progress=lambda _: None)
     chance = report["methods"]["random"]["ndcg@10"]
-    assert report["methods"]["visual"]["ndcg@10"] < 2 * chance + 0.01
+    for method in ("popularity", "cf", "itemknn", "visual", "hybrid"):  # measured: 0.006-0.010, chance 0.008
+        assert report["methods"][method]["ndcg@10"] < 2 * chance + 0.01, (method, report["methods"][method])
 
 
 def test_on_movielens_cf_beats_popularity() -> None:
