@@ -236,7 +236,7 @@ def part_tasks(args: argparse.Namespace, work: Path) -> dict:
     from benchmarks.load_bench import synthetic_topk
     from benchmarks.scale_bench import ADMIN_URL
     from recsketch.evaluation import EvaluationConfig, Likes, evaluate
-    from recsketch.hybrid import DEFAULT_REGULARIZATION, fit_als, likes_rows, stream_factors
+    from recsketch.hybrid import DEFAULT_REGULARIZATION, fit_als, knn_pairs_bound, likes_rows, stream_factors
     from recsketch.likes import threshold_likes
     from recsketch.similarity import NpyRows
 
@@ -284,7 +284,9 @@ def part_tasks(args: argparse.Namespace, work: Path) -> dict:
     del deep
     seconds["load"] = _load_both(ADMIN_URL, synthetic_topk(n, K))
     return {"seconds": seconds, "likes": len(likes.users), "users": int(likes.n_users),
-            "factors_shape": list(factors.shape), "evaluated_users": report["split"]["evaluated_users"]}
+            "factors_shape": list(factors.shape), "evaluated_users": report["split"]["evaluated_users"],
+            "hybrid_likes": (report.get("hybrid") or {}).get("likes"), "als_params": report["als"]["params"],
+            "knn_pairs_bound": knn_pairs_bound(matrix)}
 
 
 def _load_both(admin_url: str, topk) -> float:  # type: ignore[no-untyped-def]
@@ -380,6 +382,9 @@ def main() -> None:
               f"{tasks['peak_rss_gib']:.2f} GiB): " + ", ".join(f"{name} {value / 60:.1f} min"
                                                                for name, value in steps.items())
               + f"; in all {sum(steps.values()) / 60:.1f} min (goal <= 30)", flush=True)
+        print(f"  evaluate chose ALS {tasks['als_params']} and the {tasks['hybrid_likes']} likes half (ItemKNN's "
+              f"co-liked pairs at most {tasks['knn_pairs_bound']:,}); the hybrid day above is timed with ALS's "
+              "bounded scan at 64 factors", flush=True)
 
 
 if __name__ == "__main__":
