@@ -599,33 +599,34 @@ def rank_by_popularity(train: sparse.csr_matrix, users: np.ndarray, test: sparse
     return total.result()
 
 
-def _parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np.ndarray) -> Scorer:
-    """A user's two summed similarities to a model over the models they liked: ``Σ visual`` and
-    ``Σ cf`` (from the users' sums of each part: the embedding is never built). Blended with
-    weight w they rank as the served hybrid lists do; w = 0 ranks as the visual profile (the
-    sum of the liked models' unit features: its cosine and its dot product differ by a factor
-    per user, which changes no ranking)."""
-    visual, cf = UserSums(train, users, unit), UserSums(train, users, factors)
-    rows = BlockRows(unit)
-    return lambda block, codes: (visual(block) @ rows(codes).T, cf(block) @ factors[codes].T)
+@dataclass(frozen=True)
+class _RowSums:
+    """ALS's likes half: each user's summed likes rows, dotted with a group's rows."""
+
+    sums: UserSums
+    rows: np.ndarray
+
+    def __call__(self, block: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        return self.sums(block) @ self.rows[codes].T
 
 
-def _knn_parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit) -> Scorer:
-    """``Σ visual`` and ``Σ ItemKNN cosine`` over the models a user liked: the hybrid whose likes
-    half is ItemKNN (``hybrid.knn_top_k`` serves it), ranked as its lists are."""
-    visual, knn, rows = UserSums(train, users, unit), ItemKnnScorer(train, users), BlockRows(unit)
-    return lambda block, codes: (visual(block) @ rows(codes).T, knn(block, codes))
-
-
-def _hybrid_scorer(likes: str, train: sparse.csr_matrix, users: np.ndarray, unit, rows: np.ndarray) -> Scorer:
-    return _knn_parts_scorer(train, users, unit) if likes == "itemknn" else _parts_scorer(train, users, unit, rows)
-
-
-def _both_halves_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, rows: np.ndarray) -> Scorer:
-    """``Σ visual``, ``Σ likes rows`` and ``Σ ItemKNN cosine``: both hybrids from one visual product."""
-    visual, cf, knn, block_rows = (UserSums(train, users, unit), UserSums(train, users, rows),
-                                   ItemKnnScorer(train, users), BlockRows(unit))
-    return lambda block, codes: (visual(block) @ block_rows(codes).T, cf(block) @ rows[codes].T, knn(block, codes))
+def _parts_scorer(train: sparse.csr_matrix, users: np.ndarray, unit, factors: np.ndarray | None,
+                  halves: Sequence[str] = ("als",)) -> Scorer:
+    """A user's summed similarities to a model over the models they liked: ``Σ visual``, then
+    each likes half's (``"als"``: ``Σ`` of the likes rows ``factors``' dot products; ``"itemknn"``:
+    ``Σ`` of like-matrix cosines), from users' sums (the embedding is never built) and one
+    visual product. Blended with weight w they rank as the served hybrid lists do; w = 0 ranks
+    as the visual profile (the sum of the liked models' unit features: its cosine and its dot
+    product differ by a factor per user, which changes no ranking)."""
+    visual, rows = UserSums(train, users, unit), BlockRows(unit)
+    likes: list[Scorer] = []
+    for half in halves:
+        if half == "itemknn":
+            likes.append(ItemKnnScorer(train, users))
+        else:
+            assert factors is not None
+            likes.append(_RowSums(UserSums(train, users, factors), factors))
+    return lambda block, codes: (visual(block) @ rows(codes).T, *(part(block, codes) for part in likes))
 
 
 @dataclass(frozen=True)
@@ -669,18 +670,15 @@ def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray, likes: st
     fit, valid, users = validation.fit, validation.valid, validation.users
     if likes not in ("auto", *LIKES_HALVES):
         raise ValueError(f"the hybrid's likes half is one of auto, {', '.join(LIKES_HALVES)}: not {likes!r}")
-    everything = Candidates(np.arange(fit.shape[1]), fit.shape[1])
-    if likes == "auto":  # one pass: the visual product shared
-        totals = rank_users(_both_halves_scorer(fit, users, unit, rows), users, valid, fit, everything, ks=(10,),
-                            blend=HYBRID_WEIGHTS, halves=2)
-        width = len(HYBRID_WEIGHTS)  # ItemKNN's totals at w = 1 (the last) are not a candidate
-        per_half = {"als": totals[:width], "itemknn": totals[width:width + len(KNN_WEIGHTS)]}
-    else:
-        weights = KNN_WEIGHTS if likes == "itemknn" else HYBRID_WEIGHTS
-        per_half = {likes: rank_users(_hybrid_scorer(likes, fit, users, unit, rows), users, valid, fit, everything,
-                                      ks=(10,), blend=weights)}
-    tried = {half: _best_weight(totals, KNN_WEIGHTS if half == "itemknn" else HYBRID_WEIGHTS)
-             for half, totals in per_half.items()}
+    halves = LIKES_HALVES if likes == "auto" else (likes,)
+    totals = rank_users(_parts_scorer(fit, users, unit, rows, halves), users, valid, fit,
+                        Candidates(np.arange(fit.shape[1]), fit.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS,
+                        halves=len(halves))  # one pass: the visual product shared by the halves
+    width = len(HYBRID_WEIGHTS)
+    tried: dict[str, tuple[float, dict]] = {}
+    for slot, half in enumerate(halves):  # ItemKNN's totals at w = 1 (its last) are not a candidate
+        weights = KNN_WEIGHTS if half == "itemknn" else HYBRID_WEIGHTS
+        tried[half] = _best_weight(totals[slot * width:slot * width + len(weights)], weights)
     best = max(tried, key=lambda half: (tried[half][1]["weights"][tried[half][0]], half == "als"))
     weight, tuning = tried[best]
     return best, weight, {**tuning, "likes": best,
@@ -784,7 +782,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     results["itemknn"] = rank_metrics(ItemKnnScorer(split.train, users), users, split.test, split.train, warm_items,
                                       config.ks)
     if unit is not None and weight is not None:
-        results |= _visual_and_hybrid(_hybrid_scorer(half, split.train, users, unit, rows), users, split.test,
+        results |= _visual_and_hybrid(_parts_scorer(split.train, users, unit, rows, (half,)), users, split.test,
                                       split.train, warm_items, weight, config.ks)
     for name, metrics in results.items():
         progress(f"evaluate: {name:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
@@ -813,7 +811,7 @@ def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng
     random = rank_at_random(users, split.cold_test, None, split.cold_items, config.ks,
                             np.random.default_rng(config.seed + 4))
     if half == "itemknn":
-        scorer = _knn_parts_scorer(split.train, users, unit)
+        scorer = _parts_scorer(split.train, users, unit, None, ("itemknn",))
     else:
         liked = np.asarray(split.train.sum(axis=0)).ravel() > 0
         scorer = _parts_scorer(split.train, users, unit, stream_factors(unit, rows, liked, ridge=config.ridge))
