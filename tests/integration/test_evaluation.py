@@ -642,6 +642,40 @@ def test_itemknn_scores_are_the_sums_of_cosines_to_what_each_user_liked() -> Non
     assert (scorer(users, np.array([7])) == 0).all()
 
 
+def test_itemknn_costs_are_counted_per_user_and_a_budget_keeps_the_first_users_it_affords() -> None:
+    """``knn_products``: each user's multiply-adds in the ItemKNN scorer, the likes of every user
+    who shares a model with them (themselves included), counted here by brute force."""
+    from recsketch.evaluation import knn_products, knn_users_within
+
+    rng = np.random.default_rng(5)
+    dense = (rng.random((40, 25)) < 0.15).astype(np.float32)
+    train = sparse.csr_matrix(dense)
+    users = np.arange(40)
+    expected = [sum(dense[v].sum() for v in range(40) if (dense[u] * dense[v]).any()) for u in users]
+    np.testing.assert_array_equal(knn_products(train, users, block=7), expected)
+    budget = float(np.sum(expected[:17]))
+    assert len(knn_users_within(train, users, budget, block=5)) == 17
+    assert len(knn_users_within(train, users, budget - 1, block=5)) == 16
+    assert len(knn_users_within(train, users, 0.0)) == 1  # still measured
+    assert len(knn_users_within(train, users, 1e18)) == 40
+
+
+def test_past_its_cost_budget_itemknn_is_no_likes_half_and_ranks_for_fewer_users() -> None:
+    """The 800-taste catalogue where ItemKNN is the better half (above): with a budget that its
+    validation would pass, auto takes ALS's half without ranking ItemKNN's, and the ItemKNN
+    baseline is measured on the users the budget affords, reported in the split."""
+    frame, mids, unit = _clustered_catalogue(groups=800, per_group=5, users=3000)
+    likes = Likes.from_frame(frame, mids)
+    messages: list[str] = []
+    report = evaluate(likes, unit, EvaluationConfig(seed=1, knn_max_products=2e5), progress=messages.append)
+    assert report["hybrid"]["likes"] == "als" and set(report["hybrid"]["likes_validation_ndcg@10"]) == {"als"}
+    assert any("ItemKNN's hybrid is not a candidate" in line for line in messages), messages
+    split = report["split"]
+    assert 1 <= split["itemknn_users"] < split["evaluated_users"], split
+    assert report["methods"]["itemknn"]["ndcg@10"] > report["methods"]["popularity"]["ndcg@10"]
+    assert EvaluationReport(report).hybrid_likes == "als"
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_on_planted_tastes_itemknn_beats_popularity(seed: int) -> None:
     frame, mids, unit = _planted_catalogue(seed)
