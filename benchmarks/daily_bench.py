@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -265,7 +266,9 @@ def part_tasks(args: argparse.Namespace, work: Path) -> dict:
     (work / "gathered.npy").unlink()
     unit = NpyRows(work / "after.npy")
     started = time.perf_counter()
-    report = evaluate(likes, unit, EvaluationConfig(threads=os.cpu_count() or 1), progress=lambda _: None)
+    report = evaluate(likes, unit, EvaluationConfig(threads=os.cpu_count() or 1),
+                      progress=lambda line: print(f"    [{time.perf_counter() - started:6.0f} s] {line[:160]}",
+                                                  file=sys.stderr, flush=True))  # where evaluate's time goes
     seconds["evaluate"] = time.perf_counter() - started
     started = time.perf_counter()
     matrix = likes.matrix()

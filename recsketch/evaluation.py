@@ -76,7 +76,7 @@ class EvaluationConfig:
     regularization: float = 0.05
     alpha: float = 2.0  # ALS confidence of a like
     tune_fits: float = 8.0  # the ALS tuning's budget, in fits of the start's work (factors x iterations)
-    tune_max_work: float = 2e10  # and at most this many like x factor x iteration products: big catalogues tune less
+    tune_max_work: float = 2e10  # and at most this ``AlsParams.work``: big catalogues tune less (1 M: the start)
     ridge: float = DEFAULT_RIDGE
     hybrid_likes: str = "auto"  # the hybrid's likes half: "als", "itemknn", or "auto" (the one that validates better)
     knn_max_products: float = 4e9  # ItemKNN's sparse products per ranking (~1 min on 2 cores): past it, fewer users
@@ -414,8 +414,14 @@ class AlsParams:
         return cls(config.factors, config.regularization, config.alpha, config.iterations)
 
     def work(self, likes: int) -> float:
-        """Products of a fit (likes x factors x iterations): what the tuning's budget counts."""
-        return float(likes) * self.factors * self.iterations
+        """What a fit costs, in like x factor x iteration products: what the tuning's budget
+        counts. A like also costs ``ALS_LIKE_COST`` factors' worth whatever the factors (its read
+        of the other side's row): at 1 M models, 15 M likes, an iteration took 2.6 s at 8 factors,
+        3.5 at 16, 5.6 at 64 (Zen 4), not 8x less at 8."""
+        return float(likes) * (self.factors + ALS_LIKE_COST) * self.iterations
+
+
+ALS_LIKE_COST = 40  # factors' worth of a like's fixed cost in a fit (fitted to the timings above)
 
 
 def _fit_als(train: sparse.csr_matrix, config: EvaluationConfig,
@@ -787,8 +793,8 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
         within = knn_users_within(validation.fit, validation.users, config.knn_max_products)
         if len(within) < len(validation.users):
             halves = "als"
-            progress(f"evaluate: ItemKNN's hybrid is not a candidate: its validation of {len(validation.users):,} users "
-                     f"would pass knn_max_products {config.knn_max_products:.2g} after {len(within):,}")
+            progress(f"evaluate: ItemKNN's hybrid is not a candidate: its validation of {len(validation.users):,} "
+                     f"users would pass knn_max_products {config.knn_max_products:.2g} after {len(within):,}")
     if unit is not None:
         half, weight, tuning = tune_hybrid_weight(validation, unit,
                                                   likes_rows(choice.item_factors, choice.params.regularization),
