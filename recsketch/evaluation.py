@@ -554,18 +554,22 @@ class ItemKnnScorer:
         return np.asarray((weights @ self._likers).todense(), dtype=np.float32) * self.inverse_norms[codes]
 
 
+def _knn_costs(train: sparse.csr_matrix, users: np.ndarray, block: int) -> Iterator[np.ndarray]:
+    """``knn_products`` of ``users`` a block at a time (the like matrix and its transpose made once)."""
+    likes = sparse.csr_matrix(train, dtype=np.float32)
+    likers = likes.T.tocsr()
+    counts = np.diff(likes.indptr).astype(np.float64)
+    for start in range(0, len(users), block):
+        co = (likes[users[start:start + block]] @ likers).tocsr()
+        co.data[:] = 1.0
+        yield co @ counts
+
+
 def knn_products(train: sparse.csr_matrix, users: np.ndarray, block: int = 2048) -> np.ndarray:
     """Each user's multiply-adds in ``ItemKnnScorer`` over every candidate: the likes of every
     user who shares a model with them (Σ over co-likers v of n_v). Power-law likes make it grow
     much faster than N: ~3 M a user at 1 M models (17 M likes), ~50 s a 1,000 users here."""
-    likes = sparse.csr_matrix(train, dtype=np.float32)
-    counts = np.diff(likes.indptr).astype(np.float64)
-    out = np.zeros(len(users), dtype=np.float64)
-    for start in range(0, len(users), block):
-        co = (likes[users[start:start + block]] @ likes.T).tocsr()
-        co.data[:] = 1.0
-        out[start:start + block] = co @ counts
-    return out
+    return np.concatenate([np.zeros(0), *_knn_costs(train, users, block)])
 
 
 def knn_users_within(train: sparse.csr_matrix, users: np.ndarray, budget: float, block: int = 512) -> np.ndarray:
@@ -573,11 +577,11 @@ def knn_users_within(train: sparse.csr_matrix, users: np.ndarray, budget: float,
     ``budget``, costed a block at a time until it is spent; at least one, so that ItemKNN is
     still measured."""
     spent = 0.0
-    for start in range(0, len(users), block):
-        costs = spent + np.cumsum(knn_products(train, users[start:start + block]))
-        if costs[-1] > budget:
-            return users[:max(1, start + int(np.searchsorted(costs, budget, side="right")))]
-        spent = float(costs[-1])
+    for start, costs in zip(range(0, len(users), block), _knn_costs(train, users, block), strict=True):
+        total = spent + np.cumsum(costs)
+        if total[-1] > budget:
+            return users[:max(1, start + int(np.searchsorted(total, budget, side="right")))]
+        spent = float(total[-1])
     return users
 
 
@@ -764,6 +768,25 @@ def _visual_and_hybrid(scorer: Scorer, users: np.ndarray, test: sparse.csr_matri
     return {"visual": visual.result(), "hybrid": hybrid.result()}
 
 
+def _likes_halves(train: sparse.csr_matrix, validation: Validation, config: EvaluationConfig,
+                  progress: Callable[[str], None]) -> str:
+    """The likes halves the hybrid's tuning tries: ``config.hybrid_likes`` as set, or for auto,
+    ALS's alone where ItemKNN would cost too much, to serve (``knn_affordable``) or to validate
+    (``knn_max_products``)."""
+    if config.hybrid_likes != "auto":
+        return config.hybrid_likes
+    if not knn_affordable(train):
+        progress(f"evaluate: ItemKNN's hybrid is not a candidate: its {knn_pairs_bound(train):,} co-liked pairs "
+                 f"would cost more than {KNN_MAX_SHARE} of a full pass")
+        return "als"
+    within = knn_users_within(validation.fit, validation.users, config.knn_max_products)
+    if len(within) < len(validation.users):
+        progress(f"evaluate: ItemKNN's hybrid is not a candidate: its validation of {len(validation.users):,} "
+                 f"users would pass knn_max_products {config.knn_max_products:.2g} after {len(within):,}")
+        return "als"
+    return "auto"
+
+
 def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
              progress: Callable[[str], None] = log.info) -> dict:
     """Every method on the warm split, and (with features) visual and hybrid on the cold start.
@@ -784,17 +807,8 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     choice = tune_als(validation.fit, validation.valid, validation.users, config, progress)
     progress(f"evaluate: ALS chosen on validation: {choice.params.__dict__} (NDCG@10 {choice.validation_ndcg:.4f}; "
              f"{len(choice.tried)} tried, {choice.skipped} past the budget) after {time.monotonic() - started:.1f} s")
-    half, halves = "als", config.hybrid_likes
-    if unit is not None and halves == "auto" and not knn_affordable(split.train):
-        halves = "als"
-        progress(f"evaluate: ItemKNN's hybrid is not a candidate: its {knn_pairs_bound(split.train):,} co-liked pairs "
-                 f"would cost more than {KNN_MAX_SHARE} of a full pass")
-    if unit is not None and halves == "auto":
-        within = knn_users_within(validation.fit, validation.users, config.knn_max_products)
-        if len(within) < len(validation.users):
-            halves = "als"
-            progress(f"evaluate: ItemKNN's hybrid is not a candidate: its validation of {len(validation.users):,} "
-                     f"users would pass knn_max_products {config.knn_max_products:.2g} after {len(within):,}")
+    half = "als"
+    halves = _likes_halves(split.train, validation, config, progress) if unit is not None else "als"
     if unit is not None:
         half, weight, tuning = tune_hybrid_weight(validation, unit,
                                                   likes_rows(choice.item_factors, choice.params.regularization),
