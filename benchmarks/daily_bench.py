@@ -64,7 +64,8 @@ def clustered(rng: np.random.Generator, centres: np.ndarray, rows: int, noise: f
 
 def part_world(args: argparse.Namespace, work: Path) -> dict:
     """after.npy (the day's unit features), gone.npy (the rows gone today), changed.npz (the
-    changed rows and their features of the day before), factors.npy (the day's CF factors)."""
+    changed rows and their features of the day before), factors.npy (the day's CF factors: the
+    kept models' are the day before's too, as a kept ALS fit leaves them), gone-factors.npy."""
     sizes = layout(args.models)
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.models // 200, args.dim), dtype=np.float32)
@@ -84,6 +85,8 @@ def part_world(args: argparse.Namespace, work: Path) -> dict:
     np.savez(work / "changed.npz", rows=changed, before=clustered(rng, centres, CHANGED, 0.35)[0])
     labels = None if taste_of_group is None else taste_of_group[groups]
     np.save(work / "factors.npy", clustered(rng, tastes, sizes["after"], 0.5, labels)[0])
+    # the gone models' factors of the day before (their own draws: the rest of the world stays as it was)
+    np.save(work / "gone-factors.npy", clustered(np.random.default_rng(1), tastes, GONE, 0.5)[0])
     return {"bytes": (work / "after.npy").stat().st_size}
 
 
@@ -197,6 +200,8 @@ def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
     started = time.perf_counter()
     exact_indices, exact_scores = top_k_tiled(BlendedRows(after, factors, CF_WEIGHT), K, sample)
     full_seconds = time.perf_counter() - started
+    fold = _fold_in_day(args, work, after, factors, visual, exact_indices, exact_scores,
+                        per_row_seconds, reading[0], setup_seconds + rounding_seconds)
     rows = len(factors)
     shards = -(-rows // SHARD_ROWS)
     flushes = max(shards, int(np.ceil(result.candidates / args.sample * rows / PAIR_BUDGET)))
@@ -220,7 +225,56 @@ def part_hybrid(args: argparse.Namespace, work: Path) -> dict:
             "unproven_share": result.unproven_rows / args.sample, "check_minutes": check_seconds / 60,
             "recall": recall,
             "score_error": float(np.abs(result.scores - exact_scores).max()),
-            "index_agreement": float((result.indices == exact_indices).mean())}
+            "index_agreement": float((result.indices == exact_indices).mean()), "fold_in": fold}
+
+
+def _fold_in_day(args: argparse.Namespace, work: Path, after, factors: np.ndarray, visual,  # type: ignore[no-untyped-def]
+                 exact_indices: np.ndarray, exact_scores: np.ndarray, per_row_seconds: float, flush_seconds: float,
+                 setup_seconds: float) -> dict:
+    """The hybrid day when the ALS fit is kept (``recsketch.likes_fit``): the sampled rows' exact
+    hybrid lists of the day before, worked forward as plan_hybrid does (``refresh_top_k`` over the
+    blended rows, the dirty rows by the bound), against the exact lists of the day. The rows the
+    day dirties beyond the sample (new and changed models, and the sample's share of worn lists)
+    cost the bound's measured time a row; it is one task (less than a shard's work)."""
+    from recsketch.hybrid import BlendedRows, bounded_top_k
+    from recsketch.similarity import Refresh, refresh_top_k, top_k_tiled
+
+    sizes = layout(args.models)
+    sample = (0, args.sample)
+    changed = np.load(work / "changed.npz")
+    before = BeforeRows(after, sizes["kept"], changed["rows"], changed["before"], np.load(work / "gone.npy"))
+    before_factors = np.concatenate([factors[: sizes["kept"]], np.load(work / "gone-factors.npy")])
+    old_indices, old_scores = top_k_tiled(BlendedRows(before, before_factors, CF_WEIGHT), K, sample)
+    gone_or_changed = np.zeros(sizes["before"], dtype=bool)
+    gone_or_changed[sizes["kept"]:] = True
+    gone_or_changed[changed["rows"]] = True
+    listed = np.where(gone_or_changed[old_indices], -1, old_indices)  # kept rows keep their row numbers
+    order = np.argsort(listed < 0, axis=1, kind="stable")
+    known = np.take_along_axis(listed, order, 1)
+    known_scores = np.where(known >= 0, np.take_along_axis(old_scores, order, 1), -np.inf).astype(np.float32)
+    remaining = (known >= 0).sum(axis=1)
+    clean = remaining >= K
+    fresh = np.concatenate([changed["rows"], np.arange(sizes["kept"], sizes["after"])])
+    spent = [0.0]
+
+    def dirty(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        result = bounded_top_k(after, factors, visual["indices"][ids], visual["scores"][ids], ids, CF_WEIGHT, K,
+                               exact=args.exact, check_rows=0)
+        spent[0] += time.perf_counter() - started
+        return result.indices, result.scores
+
+    started = time.perf_counter()
+    indices, scores = refresh_top_k(BlendedRows(after, factors, CF_WEIGHT), K,
+                                    Refresh(clean, known, known_scores, fresh, remaining), rows=sample, dirty=dirty)
+    clean_seconds = time.perf_counter() - started - spent[0]
+    rows = len(factors)
+    dirty_rows = NEW + CHANGED + (1 - clean.mean()) * rows
+    day_seconds = clean_seconds * rows / args.sample + dirty_rows * per_row_seconds + flush_seconds + setup_seconds
+    return {"day_hours": day_seconds / 3600, "clean_share": float(clean.mean()), "dirty_rows": int(dirty_rows),
+            "clean_seconds_per_1000": clean_seconds / args.sample * 1000,
+            "differ_rows": int((indices != exact_indices).any(axis=1).sum()),
+            "score_error": float(np.abs(scores - exact_scores).max())}
 
 
 def part_tasks(args: argparse.Namespace, work: Path) -> dict:

@@ -98,6 +98,8 @@ class Settings(BaseModel):
     neighbour_depth: int = Field(100, ge=1)  # exact visual neighbours kept per model: the hybrid's bound, deletions
     hybrid_exact: bool = False  # hybrid rows the bound cannot settle: computed in full (True) or measured (False)
     hybrid_likes: Literal["auto", "als", "itemknn"] = "auto"  # the hybrid's likes half; auto: the one validating best
+    als_refit_drift: float = Field(0.05, ge=0)  # refit ALS once this share of the fit's likes changed; else fold in
+    als_refit_days: float = Field(7.0, ge=0)  # and once the fit is this many days old
     min_likes: int = Field(5, ge=0)
     chunk_size: int = Field(256, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: the backbone's own fastest batch

@@ -48,6 +48,7 @@ RUN_LIKES_FILE = "likes.npz"  # the thresholded likes the run was made from
 PLAN_FILE = "chunk_plan.json"
 TOPK_FILE = "topk.npz"
 LATEST_TOPK_FILE = "topk-latest-exact.npz"  # beside the backbone's chunks: the deep lists of the last exact run
+LIKES_FIT_FILE = "likes-fit.npz"  # a run's ALS factors (plan_hybrid), kept by merge_hybrid as the next day's base
 DEEP_TOPK_FILE = "topk-deep.npz"  # a run's exact visual lists to RECSKETCH_NEIGHBOUR_DEPTH (exact runs only)
 EVALUATION_FILE = "evaluation.json"
 CRAWL_STATS_FILE = "crawl_stats.json"
@@ -544,6 +545,7 @@ RUN_FOLDER_FILES: tuple[tuple[str, str], ...] = (  # (file name pattern, the cla
     (r"(similarity|hybrid)-(features|visual|shard|refresh)-[0-9a-f]{12}(-\d{9}-\d{9})?\.(npy|npz)",
      "SimilarityPlan"),
     (r"topk(-hybrid|-deep)?\.npz", "TopKStore"),
+    (re.escape(LIKES_FIT_FILE), "LikesFit"),
 )
 
 
@@ -568,7 +570,7 @@ def run_working_keys(folder: Location) -> list[Location]:
     models = TopKStore.for_run(folder).read_models()
     if models is not None:
         named.append(hybrid_visual_rows_key(folder, *models))
-    return [*named, folder / DEEP_TOPK_FILE]
+    return [*named, folder / DEEP_TOPK_FILE, folder / LIKES_FIT_FILE]
 
 
 def run_folder_keys(folder: Location) -> list[Location]:

@@ -53,17 +53,26 @@ def likes_rows(item_factors: np.ndarray, regularization: float, liked: np.ndarra
     rank at 0.293. Scaled to a mean squared norm of 1 over the ``liked`` models (default: rows
     that are not zero), so the CF weight reads on the visual cosine's scale."""
     y = np.asarray(item_factors, dtype=np.float32)
+    return y @ whitening(y, regularization, liked)
+
+
+def whitening(item_factors: np.ndarray, regularization: float, liked: np.ndarray | None = None) -> np.ndarray:
+    """The f x f map of :func:`likes_rows` (``rows = Y @ map``), kept by a fit that folds new
+    models in later (``recsketch.likes_fit``): their rows are then on the fit's scale."""
+    y = np.asarray(item_factors, dtype=np.float32)
     gram = np.zeros((y.shape[1], y.shape[1]))
     for first in range(0, len(y), BLOCK_ROWS):  # in float64, by blocks: memory holds one N x f copy, the rows
         block = y[first:first + BLOCK_ROWS].astype(np.float64)
         gram += block.T @ block
     values, vectors = np.linalg.eigh(gram + regularization * np.eye(y.shape[1]))
-    rows = y @ ((vectors / np.sqrt(np.maximum(values, 1e-12))) @ vectors.T).astype(np.float32)
-    squares = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+    root = ((vectors / np.sqrt(np.maximum(values, 1e-12))) @ vectors.T).astype(np.float32)
+    squares = np.zeros(len(y))
+    for first in range(0, len(y), BLOCK_ROWS):
+        part = y[first:first + BLOCK_ROWS] @ root
+        squares[first:first + BLOCK_ROWS] = np.einsum("ij,ij->i", part, part, dtype=np.float64)
     chosen = squares > 0 if liked is None else np.asarray(liked, dtype=bool)
     mean = float(squares[chosen].mean()) if chosen.any() else 0.0
-    rows /= np.float32(np.sqrt(mean) if mean > 0 else 1.0)
-    return rows
+    return (root / np.float32(np.sqrt(mean) if mean > 0 else 1.0)).astype(np.float32)
 
 
 def complete_factors(unit: np.ndarray, item_factors: np.ndarray, liked: np.ndarray,
@@ -223,13 +232,14 @@ MIN_RECALL = 0.999  # measured mode: below this on the checked rows, every unpro
 
 
 def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_scores: np.ndarray,
-                  rows: tuple[int, int], cf_weight: float, k: int, *, exact: bool = True,
+                  rows: tuple[int, int] | np.ndarray, cf_weight: float, k: int, *, exact: bool = True,
                   max_candidates: int | None = None, check_rows: int = 20, query_block: int = 2048,
                   candidate_block: int | None = None,
                   pair_budget: int = 8_000_000) -> BoundedResult:
-    """The hybrid top-k of rows ``first..last`` without the N x (d + f) blended pass.
+    """The hybrid top-k of rows ``first..last`` (or of the rows an index array names: a
+    refresh's dirty rows) without the N x (d + f) blended pass.
 
-    ``visual_indices``/``visual_scores`` (rows first..last, -1 / -inf pads) are each row's exact
+    ``visual_indices``/``visual_scores`` (those rows, in that order, -1 / -inf pads) are each row's exact
     visual top-D. A model j outside row i's list has visual cosine ``v(i, j) ≤ v_D`` (the list's
     last score), so its hybrid score ``(1 - w) v + w c`` is at most ``(1 - w) v_D + w c(i, j)``.
     With ``s_k`` the k-th best hybrid score among the listed models, j can only enter the top-k
@@ -248,9 +258,10 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     or ``NpyRows``; memory holds the factors, a query block's tiles and the pending pairs."""
     from recsketch.similarity import _empty_lists, recall_at_k, top_k_tiled
 
-    first, last = rows
+    row_ids = query_ids(rows)
+    count = len(row_ids)
     n = len(factors)
-    kk, indices, scores = _empty_lists(last - first, n, k)
+    kk, indices, scores = _empty_lists(count, n, k)
     if kk <= 0:
         return BoundedResult(indices, scores, 0, 0)
     if cf_weight == 0.0:  # the hybrid is the visual list
@@ -258,15 +269,15 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     cap = max(256, n // 1000) if max_candidates is None else max_candidates
     factors = np.asarray(factors, dtype=np.float32)
     factor_side = kernel.Side(factors, kernel.scan_precision())  # rounded once for every query block
-    fallback = np.zeros(last - first, dtype=bool)
-    overflow = np.zeros(last - first, dtype=bool)
+    fallback = np.zeros(count, dtype=bool)
+    overflow = np.zeros(count, dtype=bool)
     listed_scores = np.full(visual_indices.shape, -np.inf, dtype=np.float32)
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     settled_from, pairs_seen = 0, 0
-    for q_first in range(0, last - first, query_block):
-        q = slice(q_first, min(last - first, q_first + query_block))
+    for q_first in range(0, count, query_block):
+        q = slice(q_first, min(count, q_first + query_block))
         block = candidate_block or max(256, SCAN_TILE // (q.stop - q.start))
-        found = _scan(factor_side, visual_indices[q], visual_scores[q], first + q.start, cf_weight, kk, cap, block,
+        found = _scan(factor_side, visual_indices[q], visual_scores[q], row_ids[q], cf_weight, kk, cap, block,
                       listed_scores[q], fallback[q], overflow[q])
         pending.append((found[0] + q.start, found[1], found[2]))
         pairs_seen += len(found[0])
@@ -274,16 +285,16 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
         if exact:
             fallback[over] = True
         elif len(over):  # their CF top-cap joins their candidates (unproven)
-            cf_indices, cf_values = top_k_tiled(factors, cap + visual_indices.shape[1], first + over)
+            cf_indices, cf_values = top_k_tiled(factors, cap + visual_indices.shape[1], row_ids[over])
             owner = np.repeat(over, cf_indices.shape[1])
             listed = visual_indices[over]
             seen = np.isin(owner * n + cf_indices.ravel(),
                            (np.repeat(over, listed.shape[1]) * n + listed.ravel())[listed.ravel() >= 0])
             pending.append((owner[~seen], cf_indices.ravel()[~seen], cf_values.ravel()[~seen]))
             pairs_seen += int((~seen).sum())
-        if sum(len(part[0]) for part in pending) >= pair_budget or q.stop == last - first:
+        if sum(len(part[0]) for part in pending) >= pair_budget or q.stop == count:
             pair_rows, pair_cols, pair_cf = (np.concatenate(parts) for parts in zip(*pending, strict=True))
-            _settle(unit, factors, cf_weight, kk, first, (settled_from, q.stop), visual_indices, listed_scores,
+            _settle(unit, factors, cf_weight, kk, row_ids, (settled_from, q.stop), visual_indices, listed_scores,
                     fallback, pair_rows, pair_cols, pair_cf, indices, scores)
             pending, settled_from = [], q.stop
     blended = BlendedRows(unit, factors, cf_weight)
@@ -291,7 +302,7 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     checked, recall = np.zeros(0, dtype=np.int64), None
     if len(unproven):
         checked = unproven[np.linspace(0, len(unproven) - 1, min(check_rows, len(unproven))).astype(np.int64)]
-        exact_indices, exact_scores = top_k_tiled(blended, kk, first + checked)
+        exact_indices, exact_scores = top_k_tiled(blended, kk, row_ids[checked])
         recall = recall_at_k(exact_indices, indices[checked])
         indices[checked], scores[checked] = exact_indices, exact_scores
         if recall < MIN_RECALL:
@@ -301,12 +312,26 @@ def bounded_top_k(unit, factors: np.ndarray, visual_indices: np.ndarray, visual_
     fallback[checked] = False
     again = np.flatnonzero(fallback)
     if len(again):
-        indices[again], scores[again] = top_k_tiled(blended, kk, first + again)
+        indices[again], scores[again] = top_k_tiled(blended, kk, row_ids[again])
     still = int((overflow & ~fallback).sum()) - len(checked)
     return BoundedResult(indices, scores, len(again), pairs_seen, max(0, still), len(checked), recall)
 
 
-def _scan(factor_side: kernel.Side, listed: np.ndarray, visual: np.ndarray, query_first: int, w: float, kk: int,
+def query_ids(rows: tuple[int, int] | np.ndarray) -> np.ndarray:
+    """Row numbers of ``first..last``, or the given ones."""
+    if isinstance(rows, tuple):
+        return np.arange(rows[0], rows[1], dtype=np.int64)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _read_rows(unit, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of an array or ``NpyRows``: one read when they are a run, else row by row."""
+    if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1 and bool((np.diff(ids) == 1).all()):
+        return np.asarray(unit[int(ids[0]):int(ids[-1]) + 1], dtype=np.float32)
+    return np.asarray(unit[ids], dtype=np.float32)
+
+
+def _scan(factor_side: kernel.Side, listed: np.ndarray, visual: np.ndarray, queries: np.ndarray, w: float, kk: int,
           cap: int, candidate_block: int, listed_scores: np.ndarray, fallback: np.ndarray, overflow: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query block: its listed models' hybrid scores (into ``listed_scores``), its bound τ,
@@ -316,7 +341,6 @@ def _scan(factor_side: kernel.Side, listed: np.ndarray, visual: np.ndarray, quer
     factors = factor_side.rows
     n = len(factors)
     valid = listed >= 0
-    queries = np.arange(query_first, query_first + len(listed))
     query = factors[queries]
     cf = np.einsum("md,mjd->mj", query, factors[np.maximum(listed, 0)])
     with np.errstate(invalid="ignore"):  # pads: -inf x 0 where w = 1, masked by ``valid``
@@ -328,7 +352,7 @@ def _scan(factor_side: kernel.Side, listed: np.ndarray, visual: np.ndarray, quer
     threshold = np.where(complete, np.inf, (kth - (1 - w) * last_visual - EPSILON) / w)
     fallback |= (count < kk) & ~complete
     slack = cap + listed.shape[1]  # the listed models pass τ too: they are dropped below
-    rows, cols, cfs = _hits(factor_side, factor_side.part(query_first, query_first + len(listed)), threshold,
+    rows, cols, cfs = _hits(factor_side, factor_side.take(queries), threshold,
                             fallback, overflow, slack, candidate_block)
     listed_keys = (queries[:, None] * n + listed)[valid]
     keep = (cols != queries[rows]) & ~np.isin(queries[rows] * n + cols, listed_keys)  # self, and the listed
@@ -395,7 +419,7 @@ def _joined(rows: list[np.ndarray], cols: list[np.ndarray], cfs: list[np.ndarray
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(cfs)
 
 
-def _settle(unit, factors: np.ndarray, w: float, kk: int, first: int, span: tuple[int, int],
+def _settle(unit, factors: np.ndarray, w: float, kk: int, row_ids: np.ndarray, span: tuple[int, int],
             visual_indices: np.ndarray, listed_scores: np.ndarray, fallback: np.ndarray, pair_rows: np.ndarray,
             pair_cols: np.ndarray, pair_cf: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> None:
     """Rows ``span`` (shard-local) that the bound settles: their pairs' visual cosines read,
@@ -406,7 +430,7 @@ def _settle(unit, factors: np.ndarray, w: float, kk: int, first: int, span: tupl
     settled = lo + np.flatnonzero(~fallback[lo:hi])
     if not len(settled):
         return
-    pair_score = ((1 - w) * pair_visual(unit, first + lo, first + hi, pair_rows - lo, pair_cols)
+    pair_score = ((1 - w) * pair_visual(unit, row_ids[lo:hi], pair_rows - lo, pair_cols)
                   + w * pair_cf).astype(np.float32)
     slot = np.searchsorted(settled, pair_rows)
     order = np.lexsort((pair_cols, slot))
@@ -417,19 +441,19 @@ def _settle(unit, factors: np.ndarray, w: float, kk: int, first: int, span: tupl
     rank = np.arange(len(slot)) - np.searchsorted(slot, slot)
     extra[slot, rank], extra_scores[slot, rank] = column, value
     best, best_scores = merge_lists(visual_indices[settled], listed_scores[settled], extra, extra_scores, kk)
-    indices[settled], scores[settled] = _rescore_near_one(BlendedRows(unit, factors, w), first + settled, best,
+    indices[settled], scores[settled] = _rescore_near_one(BlendedRows(unit, factors, w), row_ids[settled], best,
                                                           best_scores)
 
 
-def pair_visual(unit, first: int, last: int, pair_rows: np.ndarray, pair_cols: np.ndarray,
+def pair_visual(unit, query_rows: np.ndarray, pair_rows: np.ndarray, pair_cols: np.ndarray,
                 block_rows: int = BLOCK_ROWS, pairs_per_step: int = 32_768) -> np.ndarray:
-    """Visual cosines of (query row ``first + pair_rows``, model ``pair_cols``) pairs: ``unit``
+    """Visual cosines of (query row ``query_rows[pair_rows]``, model ``pair_cols``) pairs: ``unit``
     read once, block by block, for the blocks the pairs name; memory holds the queries, a block
     and a step of pairs."""
     out = np.zeros(len(pair_rows), dtype=np.float32)
     if not len(pair_rows):
         return out
-    queries = np.asarray(unit[first:last], dtype=np.float32)
+    queries = _read_rows(unit, np.asarray(query_rows, dtype=np.int64))
     order = np.argsort(pair_cols, kind="stable")
     cols = pair_cols[order]
     for start in range(0, unit.shape[0], block_rows):
@@ -530,7 +554,7 @@ def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visu
         l_knn = np.where(found, co_values[at] if len(co_keys) else 0.0, 0.0).astype(np.float32)
         extra = ~np.isin(co_keys, l_keys)
         e_rows, e_cols, e_knn = co_rows[extra], co_cols[extra], co_values[extra]
-        e_visual = pair_visual(unit, first + r_first, first + r_last, e_rows, e_cols)
+        e_visual = pair_visual(unit, np.arange(first + r_first, first + r_last), e_rows, e_cols)
         pairs += len(e_rows)
         pair_rows = np.concatenate([l_rows, e_rows])
         pair_cols = np.concatenate([l_cols, e_cols])

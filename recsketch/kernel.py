@@ -116,6 +116,15 @@ class Side:
             self.low_norms = self.norms + residual  # |q̃| <= |q| + |q - q̃|
 
 
+    def take(self, ids: np.ndarray) -> Side:
+        """Rows ``ids`` of this side (copies of the rows, nothing recomputed)."""
+        piece = Side.__new__(Side)
+        piece.rows, piece.precision, piece.norms = self.rows[ids], self.precision, self.norms[ids]
+        piece.low = self.low[torch_module().from_numpy(np.asarray(ids, dtype=np.int64))] if self.low is not None \
+            else None
+        piece.low_norms, piece.residual_norms = self.low_norms[ids], self.residual_norms[ids]
+        return piece
+
     def part(self, first: int, last: int) -> Side:
         """Rows first..last of this side (views, nothing recomputed)."""
         piece = Side.__new__(Side)

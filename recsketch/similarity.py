@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,7 +284,9 @@ def merge_new_items(
 
 
 def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | None = None, block_rows: int = 2048,
-                  candidate_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+                  candidate_block: int = 32768,
+                  dirty: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-``depth`` of rows ``first..last`` (default: all) of ``unit`` from a previous
     result, as ``(indices, scores)`` padded with -1 / -inf where a row's list is shorter.
 
@@ -293,7 +295,8 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
     ``refresh.limit`` among the models that kept theirs; they are scored only against the
     ``fresh`` columns (new models, changed features) and merged with their list, which stays
     exact to its ``limit``. Every other row (new, changed, or whose list lost too many models)
-    is computed against all rows, tiled, to the full depth. Equal to a full recompute to each
+    is computed against all rows, tiled, to the full depth (or by ``dirty``, given the rows'
+    numbers: an exact top-``depth`` of them found another way, as the hybrid's bound). Equal to a full recompute to each
     row's limit; costs (dirty rows x N) + (clean rows x fresh columns) instead of N x N.
     ``unit`` may be an array or :class:`NpyRows`: memory holds blocks and the fresh rows.
     """
@@ -311,7 +314,8 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
         raise ValueError(f"the known lists hold {known_indices.shape[1]} neighbours, fewer than depth {kk}")
     dirty_rows = first + np.flatnonzero(~clean[first:last])
     if len(dirty_rows):
-        indices[dirty_rows - first], scores[dirty_rows - first] = top_k_tiled(unit, kk, dirty_rows)
+        indices[dirty_rows - first], scores[dirty_rows - first] = \
+            top_k_tiled(unit, kk, dirty_rows) if dirty is None else dirty(dirty_rows)
     fresh = np.sort(fresh)
     tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
     exact = kernel.product_precision(unit.shape[1], kk) == "bf16"  # the kernel's scores, as the dirty rows' are

@@ -34,7 +34,7 @@ import posixpath
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -317,6 +317,11 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 
 
 def save_npz(path: Location, *, fsync: bool = False, **arrays: np.ndarray) -> None:
+    save_arrays(path, arrays, fsync=fsync)
+
+
+def save_arrays(path: Location, arrays: Mapping[str, np.ndarray], *, fsync: bool = False) -> None:
+    """An ``.npz`` of ``arrays`` written atomically (:func:`save_npz` with the names in a mapping)."""
     if isinstance(path, Path):  # streamed to the temp file: no second copy in memory
         with atomic_write(path, fsync=fsync) as handle:
             np.savez(handle, allow_pickle=False, **arrays)

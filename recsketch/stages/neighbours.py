@@ -9,17 +9,20 @@ A third method is a third source: a ``rows`` that writes its embedding and an ``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from recsketch import storage
+from recsketch import likes_fit, storage
 from recsketch.config import Settings
 from recsketch.contracts import (
+    LIKES_FIT_FILE,
     ChunkPlan,
     EvaluationReport,
     Method,
@@ -35,13 +38,10 @@ from recsketch.evaluation import Likes
 from recsketch.features.chunks import ChunkStore, Gathered, NpyFileRows, RowSink
 from recsketch.features.keys import backbone_key
 from recsketch.hybrid import (
-    DEFAULT_REGULARIZATION,
     BlendedRows,
     bounded_top_k,
-    fit_als,
     knn_top_k,
     like_columns,
-    likes_rows,
     stream_factors,
 )
 from recsketch.resources import limit_threads
@@ -302,38 +302,86 @@ class HybridSource:
         started = time.monotonic()
         if report.hybrid_likes == "itemknn":
             return self._itemknn_rows(settings, folder, visual, weight, scratch, progress)
-        canonical = sorted(visual.mids)  # ALS's start depends on the item order: fit in one order, whatever
-        matrix = Likes.from_frame(run_likes(settings, folder, progress), canonical).matrix()  # the lists' order
+        likes = run_likes(settings, folder, progress)
         limit_threads(settings.effective_threads)
         kinds = (("factors", int), ("regularization", float), ("alpha", float), ("iterations", int))
-        chosen = {name: cast(params[name]) for name, cast in kinds if name in params}
-        _, fitted = fit_als(matrix, threads=settings.effective_threads, **chosen)  # type: ignore[arg-type]
-        position = {mid: row for row, mid in enumerate(canonical)}
-        in_lists_order = np.array([position[mid] for mid in visual.mids], dtype=np.int64)
-        item_factors = fitted[in_lists_order]
-        liked = (np.asarray(matrix.sum(axis=0)).ravel() > 0)[in_lists_order]
-        del matrix
-        progress(f"hybrid: ALS factors ({chosen or 'defaults'}) for {len(visual.mids)} models "
-                 f"({int(liked.sum())} liked) "
-                 f"in {time.monotonic() - started:.1f}s")
-        location = visual_rows(settings, folder, visual, progress)
-        with storage.local_copy(location) as path:
-            unit = _rows_of(path, visual.mids, location)
-            try:
-                regularization = float(chosen.get("regularization", DEFAULT_REGULARIZATION))
-                factors = stream_factors(unit, likes_rows(item_factors, regularization), liked)
-            finally:
-                unit.close()
+        chosen: dict[str, float] = {name: cast(params[name]) for name, cast in kinds if name in params}
+        latest_path = ChunkStore(settings.features_dir, visual.backbone_key).root / likes_fit.LATEST_FILE
+        latest = likes_fit.HybridLatest.read(latest_path)
+        keys = likes_fit.like_keys(likes)
+        reason = likes_fit.refit_reason(latest, chosen, visual.backbone_key, keys, settings.als_refit_drift,
+                                        settings.als_refit_days)
+        liked_mids = set(likes["mid"].astype(str))
+        liked = np.array([mid in liked_mids for mid in visual.mids], dtype=bool)
+        if reason is None and not liked.all():
+            reason = f"{int((~liked).sum())} models have no likes (the cold-start map moves with their pictures)"
+        if reason is None and latest is not None:
+            fit, new = likes_fit.fold_in(latest.fit, likes, visual.mids, settings.effective_threads)
+            changed = likes_fit.drift(latest.fit.keys, keys)
+            progress(f"hybrid: the ALS fit of {_when(latest.fit.fitted_at)} kept ({changed:.2%} of its likes "
+                     f"changed since); {int(new.sum())} new models folded in, "
+                     f"in {time.monotonic() - started:.1f}s")
+        else:
+            progress(f"hybrid: fitting ALS: {reason}")
+            fit = likes_fit.fit(likes, visual.mids, chosen, settings.effective_threads)
+            progress(f"hybrid: ALS factors ({chosen or 'defaults'}) for {len(visual.mids)} models "
+                     f"({int(liked.sum())} liked) in {time.monotonic() - started:.1f}s")
+            if not liked.all():  # the cold models' rows predicted from their pictures
+                location = visual_rows(settings, folder, visual, progress)
+                with storage.local_copy(location) as path:
+                    unit = _rows_of(path, visual.mids, location)
+                    try:
+                        fit = dataclasses.replace(fit, rows=stream_factors(unit, fit.rows, liked))
+                    finally:
+                        unit.close()
+        del likes
+        fit.write(folder / LIKES_FIT_FILE)
         with scratch.open("wb") as handle:
-            np.save(handle, factors, allow_pickle=False)
+            np.save(handle, fit.rows, allow_pickle=False)
+        visual_rows(settings, folder, visual, progress)  # gathered once for the shards, when the run wrote none
         deep = TopKStore.deep_for_run(folder).read()
         bounded = deep is not None and deep.mids == visual.mids
+        detail = f"CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
+        if reason is None and latest is not None and latest.cf_weight == weight and \
+                latest.topk.k == min(settings.top_k, len(visual.mids) - 1):
+            worked = self._worked_forward(settings, folder, visual, latest, fit, weight, detail, scratch, progress)
+            if worked is not None:
+                return worked
         progress(f"hybrid: {len(visual.mids)} models' factors ready (CF weight {weight}, {int((~liked).sum())} "
                  f"without likes given predicted factors) in {time.monotonic() - started:.1f}s; "
                  + (f"bounded by the exact visual top-{deep.k}" if bounded and deep is not None
                     else "the visual lists are approximate (PCA): a full blended pass"))
-        detail = f"CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
         return Rows(visual.mids, detail, bounded=bounded)
+
+    def _worked_forward(self, settings: Settings, folder: Location, visual: TopK, latest: likes_fit.HybridLatest,
+                        fit: likes_fit.LikesFit, weight: float, detail: str, scratch: Path,
+                        progress: Progress) -> Rows | Done | None:
+        """The last hybrid lists worked forward onto today's (``similarity.refresh_top_k`` over the
+        blended rows): the fit's models kept their likes rows, so only the new ones, the changed
+        pictures and the rows whose lists held a gone or changed model are computed (against
+        all, by the bound where the run has exact visual lists); None when that would cost a
+        full pass."""
+        old_version = dict(zip(latest.topk.mids, latest.topk.versions, strict=True))
+        new_version = dict(zip(visual.mids, visual.versions, strict=True))
+        changed = {mid for mid, version in new_version.items() if mid in old_version and old_version[mid] != version}
+        if latest.topk.mids == visual.mids and latest.topk.versions == visual.versions:
+            progress("hybrid: the same models, pictures and fit as the last lists: reused")
+            return Done(PlanMode.UNCHANGED, "reused", latest.topk)
+        k = latest.topk.k
+        refresh = plan_refresh(latest.topk.mids, latest.topk.indices, latest.topk.scores, visual.mids, changed, k, k)
+        gone = len(set(old_version) - set(new_version))
+        fresh = len(refresh.fresh)
+        worked = (f"worked forward: {fresh - len(changed)} new, {len(changed)} changed, {gone} gone: "
+                  f"{refresh.dirty} rows x {len(visual.mids)}")
+        if refresh.cost >= FULL_PASS_SHARE:
+            progress(f"hybrid: the last lists {worked} would cost a full pass: bounded lists of every model instead")
+            return None
+        progress(f"hybrid: the last lists {worked}, {refresh.cost:.1%} of a full pass ({detail})")
+        if refresh.cost * len(visual.mids) > settings.similarity_shard_rows:
+            return Rows(visual.mids, f"{detail}; {worked}", refresh=refresh)
+        indices, scores = _hybrid_refresh(settings, folder, visual, fit.rows, weight, refresh, None)
+        return Done(PlanMode.INCREMENTAL, f"{detail}; {worked}",
+                    TopK(visual.mids, indices, scores, visual.backbone_key, visual.versions))
 
     @staticmethod
     def _itemknn_rows(settings: Settings, folder: Location, visual: TopK, weight: float, scratch: Path,
@@ -373,6 +421,10 @@ class HybridSource:
         with storage.local_copy(location) as path:
             unit = _rows_of(path, order, location)
             try:
+                if plan.mode is PlanMode.INCREMENTAL:
+                    indices, scores = _hybrid_refresh(settings, folder, visual, factors, weight,
+                                                      plan.read_refresh(folder), (first, last), unit)
+                    return indices, scores, {}
                 if plan.mode is PlanMode.BOUNDED:
                     deep = TopKStore.deep_for_run(folder).require("similarity")
                     result = bounded_top_k(unit, factors, deep.indices[first:last], deep.scores[first:last],
@@ -413,10 +465,54 @@ class HybridSource:
         return visual.backbone_key, visual.versions
 
     def publish(self, settings: Settings, folder: Location, topk: TopK, exact: bool) -> None:
+        """The run's lists; with ALS as the likes half, also the base of the next day's refresh:
+        the lists with the run's fit and weight (``likes_fit.HybridLatest``)."""
         TopKStore.for_run(folder, Method.HYBRID).write(topk)
+        report = EvaluationReport.require(folder)
+        fit = likes_fit.LikesFit.read(folder / LIKES_FIT_FILE)
+        if not exact or report.hybrid_likes == "itemknn" or report.cf_weight is None or fit is None \
+                or fit.mids != topk.mids:
+            return
+        latest = ChunkStore(settings.features_dir, topk.backbone_key).root / likes_fit.LATEST_FILE
+        likes_fit.HybridLatest(fit, topk, report.cf_weight).write(latest)
 
     def summary(self, folder: Location) -> dict[str, object]:
         return {"cf_weight": EvaluationReport.require(folder).cf_weight}
+
+
+def _when(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _hybrid_refresh(settings: Settings, folder: Location, visual: TopK, factors: np.ndarray, weight: float,
+                    refresh: Refresh, rows: tuple[int, int] | None, unit: NpyRows | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The hybrid lists of ``rows`` (default all) worked forward from the last ones: the rows
+    to compute (new, changed, or whose list lost a model) by the bound from the run's exact
+    visual lists when it has them (``bounded_top_k``, 64-d), else against every blended row."""
+    deep = TopKStore.deep_for_run(folder).read()
+    bounded = deep is not None and deep.mids == visual.mids
+
+    def dirty(unit_rows, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not bounded or deep is None:
+            return top_k_tiled(BlendedRows(unit_rows, factors, weight), refresh.known_indices.shape[1], ids)
+        result = bounded_top_k(unit_rows, factors, deep.indices[ids], deep.scores[ids], ids, weight,
+                               refresh.known_indices.shape[1], exact=settings.hybrid_exact)
+        return result.indices, result.scores
+
+    def run(unit_rows) -> tuple[np.ndarray, np.ndarray]:
+        return refresh_top_k(BlendedRows(unit_rows, factors, weight), refresh.known_indices.shape[1], refresh,
+                             rows=rows, dirty=lambda ids: dirty(unit_rows, ids))
+
+    if unit is not None:
+        return run(unit)
+    location = visual_rows(settings, folder, visual, None)
+    with storage.local_copy(location) as path:
+        local = _rows_of(path, visual.mids, location)
+        try:
+            return run(local)
+        finally:
+            local.close()
 
 
 SOURCES: dict[Method, Source] = {Method.VISUAL: VisualSource(), Method.HYBRID: HybridSource()}

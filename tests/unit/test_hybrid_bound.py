@@ -50,6 +50,21 @@ def test_bounded_equals_the_blended_full_pass(seed: int, w: float, depth: int) -
     assert result.indices[0, 0] != 100
 
 
+@pytest.mark.parametrize("w", [0.3, 0.7])
+def test_bounded_rows_named_by_an_index_array_equal_the_blended_full_pass(w: float) -> None:
+    """A refresh's dirty rows are scattered: named by an array, in any order, they get the
+    same lists as the full pass gives them (query blocks, pair flushes and fallbacks included)."""
+    unit, factors = catalogue(3)
+    rows = np.random.default_rng(3).permutation(len(unit))[:150]
+    visual_indices, visual_scores = top_k_cosine(unit, 20, normalised=True)
+    exact_indices, exact_scores = top_k_cosine(hybrid_embedding(unit, factors, w), 5, normalised=True)
+    result = bounded_top_k(unit, factors, visual_indices[rows], visual_scores[rows], rows, w, 5,
+                           query_block=32, candidate_block=97, max_candidates=40, pair_budget=300)
+    assert_same_lists(unit, factors, w, rows, result.indices, result.scores, exact_indices[rows],
+                      exact_scores[rows])
+    assert result.fallback_rows < len(rows)  # the bound settled some: not every row in full
+
+
 def exact_blend(unit: np.ndarray, factors: np.ndarray, w: float, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The oracle in float64: every pair's blended dot product, ties by the lower index."""
     blended = hybrid_embedding(unit, factors, w).astype(np.float64)
