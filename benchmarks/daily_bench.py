@@ -329,7 +329,7 @@ def part_tasks(args: argparse.Namespace, work: Path) -> dict:
     threads = os.cpu_count() or 1
     started = time.perf_counter()  # a refit day's plan_hybrid: the likes' keys, ALS, the likes rows, their write
     keys = likes_fit.like_keys(kept)
-    fit = likes_fit.fit(kept, mids, {}, threads)
+    fit = likes_fit.fit(kept, mids, {}, threads, keys)
     fit.write(work / "likes-fit.npz")
     seconds["plan_hybrid (a refit: ALS)"] = time.perf_counter() - started
     folded = _fold_in_plan(work, rng, kept, mids, fit, keys, threads)
@@ -379,7 +379,7 @@ def _fold_in_plan(work: Path, rng: np.random.Generator, kept, mids: list[str], f
     day_keys = likes_fit.like_keys(day)
     latest = likes_fit.HybridLatest.read(work / "latest.npz")
     assert latest is not None
-    reason = likes_fit.refit_reason(latest, {}, "bench", day_keys, 0.05, 7.0)
+    reason = likes_fit.refit_reason(latest, {}, "bench", likes_fit.drift(latest.fit.keys, day_keys), 0.05, 7.0)
     worked, new = likes_fit.fold_in(latest.fit, day, today, threads)
     refresh = plan_refresh(latest.topk.mids, latest.topk.indices, latest.topk.scores, today, changed, K, K)
     worked.write(work / "likes-fit.npz")

@@ -132,9 +132,10 @@ class HybridLatest:
             return None
 
 
-def refit_reason(latest: HybridLatest | None, params: dict[str, float], backbone_key: str, keys: np.ndarray,
+def refit_reason(latest: HybridLatest | None, params: dict[str, float], backbone_key: str, changed: float,
                  max_drift: float, max_age_days: float, now: float | None = None) -> str | None:
-    """Why the likes must be fitted again today (None: the kept fit is worked forward)."""
+    """Why the likes must be fitted again today (None: the kept fit is worked forward);
+    ``changed``: the share of the fit's likes changed since (:func:`drift`)."""
     if latest is None:
         return "no earlier fit is kept"
     if latest.topk.backbone_key != backbone_key:
@@ -146,7 +147,6 @@ def refit_reason(latest: HybridLatest | None, params: dict[str, float], backbone
     age_days = ((time.time() if now is None else now) - latest.fit.fitted_at) / 86_400
     if age_days > max_age_days:
         return f"the fit is {age_days:.1f} days old (RECSKETCH_ALS_REFIT_DAYS={max_age_days:g})"
-    changed = drift(latest.fit.keys, keys)
     if changed > max_drift:
         return f"{changed:.2%} of its likes changed (RECSKETCH_ALS_REFIT_DRIFT={max_drift:g})"
     return None
@@ -168,9 +168,11 @@ def _codes(likes: pd.DataFrame, mids: list[str], users: list[str]) -> tuple[np.n
     return slot[uid_codes[keep]], items[keep].astype(np.int64), list(users) + others
 
 
-def fit(likes: pd.DataFrame, mids: list[str], params: dict[str, float], threads: int) -> LikesFit:
+def fit(likes: pd.DataFrame, mids: list[str], params: dict[str, float], threads: int,
+        keys: np.ndarray | None = None) -> LikesFit:
     """ALS on the run's likes, its item factors in ``mids`` order (fitted in sorted order: ALS's
-    start depends on the item order, so a fit does not depend on the lists' order)."""
+    start depends on the item order, so a fit does not depend on the lists' order); ``keys``:
+    the likes' :func:`like_keys`, if made already."""
     canonical = sorted(mids)
     user_codes, item_codes, users = _codes(likes, canonical, [])
     matrix = sparse.csr_matrix((np.ones(len(user_codes), np.float32), (user_codes, item_codes)),
@@ -182,7 +184,8 @@ def fit(likes: pd.DataFrame, mids: list[str], params: dict[str, float], threads:
     item_factors = np.ascontiguousarray(fitted[position], dtype=np.float32)
     transform = whitening(item_factors, float(params.get("regularization", DEFAULT_REGULARIZATION)))
     return LikesFit(list(mids), item_factors, item_factors @ transform, users,
-                    np.ascontiguousarray(user_factors, dtype=np.float32), transform, dict(params), like_keys(likes),
+                    np.ascontiguousarray(user_factors, dtype=np.float32), transform, dict(params),
+                    like_keys(likes) if keys is None else keys,
                     time.time())
 
 

@@ -309,7 +309,8 @@ class HybridSource:
         latest_path = ChunkStore(settings.features_dir, visual.backbone_key).root / likes_fit.LATEST_FILE
         latest = likes_fit.HybridLatest.read(latest_path)
         keys = likes_fit.like_keys(likes)
-        reason = likes_fit.refit_reason(latest, chosen, visual.backbone_key, keys, settings.als_refit_drift,
+        changed = likes_fit.drift(latest.fit.keys, keys) if latest is not None else 1.0
+        reason = likes_fit.refit_reason(latest, chosen, visual.backbone_key, changed, settings.als_refit_drift,
                                         settings.als_refit_days)
         liked_mids = set(likes["mid"].astype(str))
         liked = np.array([mid in liked_mids for mid in visual.mids], dtype=bool)
@@ -317,13 +318,12 @@ class HybridSource:
             reason = f"{int((~liked).sum())} models have no likes (the cold-start map moves with their pictures)"
         if reason is None and latest is not None:
             fit, new = likes_fit.fold_in(latest.fit, likes, visual.mids, settings.effective_threads)
-            changed = likes_fit.drift(latest.fit.keys, keys)
             progress(f"hybrid: the ALS fit of {_when(latest.fit.fitted_at)} kept ({changed:.2%} of its likes "
                      f"changed since); {int(new.sum())} new models folded in, "
                      f"in {time.monotonic() - started:.1f}s")
         else:
             progress(f"hybrid: fitting ALS: {reason}")
-            fit = likes_fit.fit(likes, visual.mids, chosen, settings.effective_threads)
+            fit = likes_fit.fit(likes, visual.mids, chosen, settings.effective_threads, keys)
             progress(f"hybrid: ALS factors ({chosen or 'defaults'}) for {len(visual.mids)} models "
                      f"({int(liked.sum())} liked) in {time.monotonic() - started:.1f}s")
             if not liked.all():  # the cold models' rows predicted from their pictures

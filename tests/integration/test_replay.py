@@ -96,8 +96,9 @@ def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Pa
     server = start_in_thread(catalog)
     modes = []
     try:
+        # ALS refitted every day, as a fresh full run fits it (a fit kept across days: test_incremental_hybrid)
         base = dict(sketchfab_url=server.url, runtime="torch", top_k=3, http_retries=1, gate_min_ratio=0.0,
-                    als_refit_drift=0.0)  # ALS refitted every day: what a fresh full run fits (a kept fit: test_incremental_hybrid)
+                    als_refit_drift=0.0)
         daily = Settings(data_dir=tmp_path / "data", keep_runs=2, **base)  # runs collected, chunks compacted
         for day in range(1, DAYS + 1):
             if day > 1:
