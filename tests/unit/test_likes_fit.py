@@ -24,7 +24,7 @@ def test_the_drift_counts_likes_added_and_gone_whatever_the_column_types() -> No
     assert len(keys) == len(fitted)
     assert (like_keys(frame(fitted[::-1] + fitted[:3], categorical=True)) == keys).all()  # order, repeats, dtype
     assert (like_keys(frame([("u1", "m1")])) != like_keys(frame([("m1", "u1")]))).all()  # (mid, uid) is ordered
-    day = fitted[2:] + [("m99", "u0"), ("m98", "u7"), ("m1", "u5")]  # 2 gone, 3 added
+    day = [*fitted[2:], ("m99", "u0"), ("m98", "u7"), ("m1", "u5")]  # 2 gone, 3 added
     assert drift(keys, like_keys(frame(day))) == 5 / 19
     assert drift(keys, keys) == 0.0
 
