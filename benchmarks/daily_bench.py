@@ -12,9 +12,13 @@ scaled, as ``scale_bench`` does, and checked against the exact lists of the same
   visual full  the sampled rows against every model, to the kept depth
   hybrid day   ``bounded_top_k`` from the sampled rows' exact visual lists and the factors
   hybrid full  the sampled rows against every model's blended row (``BlendedRows``)
+  hybrid kept  the day with the ALS fit kept (``recsketch.likes_fit``): the sampled rows' exact
+               hybrid lists of the day before worked forward (``refresh_top_k`` over the blended
+               rows, the dirty rows by the bound), checked against the day's exact lists
   tasks        the day's other tasks timed whole at N: threshold, the features' gather (a copy),
-               evaluate, plan_hybrid's ALS and factors, the merges' writes, the load of both
-               methods into PostgreSQL; with the neighbours, the day's DAG (goal <= 30 min)
+               evaluate, plan_hybrid (a refit: ALS; a kept fit: the fold-in and the refresh's
+               plan), the merges' writes, the load of both methods into PostgreSQL; with the
+               neighbours, the day's DAG for a refit day and a kept-fit day (goal <= 30 min)
 
 Each part runs in a child process of its own, so its peak RSS is its own (``os.wait4``).
 
@@ -80,13 +84,15 @@ def part_world(args: argparse.Namespace, work: Path) -> dict:
         out[start:stop], groups[start:stop] = clustered(rng, centres, stop - start, 0.35)
     out.flush()
     del out
-    np.save(work / "gone.npy", clustered(rng, centres, GONE, 0.35)[0])
+    gone, gone_groups = clustered(rng, centres, GONE, 0.35)
+    np.save(work / "gone.npy", gone)
     changed = np.sort(rng.choice(np.arange(args.sample, sizes["kept"]), CHANGED, replace=False))
     np.savez(work / "changed.npz", rows=changed, before=clustered(rng, centres, CHANGED, 0.35)[0])
     labels = None if taste_of_group is None else taste_of_group[groups]
     np.save(work / "factors.npy", clustered(rng, tastes, sizes["after"], 0.5, labels)[0])
     # the gone models' factors of the day before (their own draws: the rest of the world stays as it was)
-    np.save(work / "gone-factors.npy", clustered(np.random.default_rng(1), tastes, GONE, 0.5)[0])
+    gone_labels = None if taste_of_group is None else taste_of_group[gone_groups]
+    np.save(work / "gone-factors.npy", clustered(np.random.default_rng(1), tastes, GONE, 0.5, gone_labels)[0])
     return {"bytes": (work / "after.npy").stat().st_size}
 
 
@@ -235,7 +241,8 @@ def _fold_in_day(args: argparse.Namespace, work: Path, after, factors: np.ndarra
     hybrid lists of the day before, worked forward as plan_hybrid does (``refresh_top_k`` over the
     blended rows, the dirty rows by the bound), against the exact lists of the day. The rows the
     day dirties beyond the sample (new and changed models, and the sample's share of worn lists)
-    cost the bound's measured time a row; it is one task (less than a shard's work)."""
+    cost the bound's measured time a row (worn lists: as sampled, or the gone and changed models'
+    mean in-degree, k each, if more); it is one task (less than a shard's work)."""
     from recsketch.hybrid import BlendedRows, bounded_top_k
     from recsketch.similarity import Refresh, refresh_top_k, top_k_tiled
 
@@ -269,7 +276,8 @@ def _fold_in_day(args: argparse.Namespace, work: Path, after, factors: np.ndarra
                                     Refresh(clean, known, known_scores, fresh, remaining), rows=sample, dirty=dirty)
     clean_seconds = time.perf_counter() - started - spent[0]
     rows = len(factors)
-    dirty_rows = NEW + CHANGED + (1 - clean.mean()) * rows
+    # rows whose lists held a gone or changed model: as sampled, but at least their mean in-degree (k) each
+    dirty_rows = NEW + CHANGED + max((1 - clean.mean()) * rows, (GONE + CHANGED) * K)
     day_seconds = clean_seconds * rows / args.sample + dirty_rows * per_row_seconds + flush_seconds + setup_seconds
     return {"day_hours": day_seconds / 3600, "clean_share": float(clean.mean()), "dirty_rows": int(dirty_rows),
             "clean_seconds_per_1000": clean_seconds / args.sample * 1000,
@@ -367,22 +375,33 @@ def _fold_in_plan(work: Path, rng: np.random.Generator, kept, mids: list[str], f
     likes_fit.HybridLatest(fit, lists, CF_WEIGHT).write(work / "latest.npz")
     gone = set(mids[-GONE:])
     new_mids = [f"new{i:029x}" for i in range(NEW)]
-    users = kept["uid"].cat.categories
-    likers = [users[int(u)] if u >= 0 else f"newuser{i}" for i, u in
-              enumerate(np.where(rng.random(NEW * 10) < 0.2, -1, rng.integers(0, len(users), NEW * 10)))]
-    day = pd.concat([kept[~kept["mid"].isin(gone)].astype(str),
-                     pd.DataFrame({"mid": np.repeat(new_mids, 10), "uid": likers})], ignore_index=True)
-    day = day.astype({"mid": "category", "uid": "category"})
+    model_names, user_names = list(kept["mid"].cat.categories), list(kept["uid"].cat.categories)
+    staying = ~kept["mid"].isin(gone).to_numpy()
+    likers = np.where(rng.random(NEW * 10) < 0.2, len(user_names) + np.arange(NEW * 10),  # a fifth new users
+                      rng.integers(0, len(user_names), NEW * 10))
+    day = pd.DataFrame({  # as threshold saves them: categorical codes, the new names appended
+        "mid": pd.Categorical.from_codes(np.concatenate([kept["mid"].cat.codes.to_numpy()[staying],
+                                                         len(model_names) + np.repeat(np.arange(NEW), 10)]),
+                                         model_names + new_mids),
+        "uid": pd.Categorical.from_codes(np.concatenate([kept["uid"].cat.codes.to_numpy()[staying], likers]),
+                                         user_names + [f"newuser{i}" for i in range(NEW * 10)])})
     today = [m for m in mids if m not in gone] + new_mids
     changed = set(mids[:CHANGED])
+    steps: dict[str, float] = {}
     started = time.perf_counter()
     day_keys = likes_fit.like_keys(day)
+    steps["hashes"] = time.perf_counter() - started
     latest = likes_fit.HybridLatest.read(work / "latest.npz")
     assert latest is not None
+    steps["read"] = time.perf_counter() - started - sum(steps.values())
     reason = likes_fit.refit_reason(latest, {}, "bench", likes_fit.drift(latest.fit.keys, day_keys), 0.05, 7.0)
+    steps["drift"] = time.perf_counter() - started - sum(steps.values())
     worked, new = likes_fit.fold_in(latest.fit, day, today, threads)
+    steps["fold-in"] = time.perf_counter() - started - sum(steps.values())
     refresh = plan_refresh(latest.topk.mids, latest.topk.indices, latest.topk.scores, today, changed, K, K)
+    steps["plan_refresh"] = time.perf_counter() - started - sum(steps.values())
     worked.write(work / "likes-fit.npz")
+    steps["the run's fit written"] = time.perf_counter() - started - sum(steps.values())
     plan_seconds = time.perf_counter() - started
     started = time.perf_counter()
     worked_lists = TopK(today, refresh.known_indices, refresh.known_scores, "bench", ["v"] * len(today))
@@ -390,7 +409,8 @@ def _fold_in_plan(work: Path, rng: np.random.Generator, kept, mids: list[str], f
     write_seconds = time.perf_counter() - started
     return {"seconds": plan_seconds + write_seconds, "plan_seconds": plan_seconds, "write_seconds": write_seconds,
             "drift": likes_fit.drift(keys, day_keys), "refit_reason": reason, "folded": int(new.sum()),
-            "state_gib": (work / "latest.npz").stat().st_size / 2**30, "dirty_rows": refresh.dirty}
+            "state_gib": (work / "latest.npz").stat().st_size / 2**30, "dirty_rows": refresh.dirty,
+            "steps": {name: round(value, 1) for name, value in steps.items()}}
 
 
 def _load_both(admin_url: str, topk) -> float:  # type: ignore[no-untyped-def]
@@ -493,7 +513,7 @@ def main() -> None:
         kept = tasks["fold_in"]
         print(f"  plan_hybrid with the fit kept: {kept['folded']:,} models folded in, the likes drifted "
               f"{kept['drift']:.3%} (refit: {kept['refit_reason'] or 'no'}), {kept['dirty_rows']:,} lists to recompute "
-              f"of random stand-ins; its work {kept['plan_seconds']:.1f} s, the kept state "
+              f"of random stand-ins; its work {kept['plan_seconds']:.1f} s ({kept['steps']}), the kept state "
               f"({kept['state_gib']:.2f} GiB) written in {kept['write_seconds']:.1f} s", flush=True)
         for name, plan, hybrid_hours in (("a refit day", plans[0], hybrid["day_hours"]),
                                          ("a day with the fit kept", plans[1], fold["day_hours"])):

@@ -57,6 +57,12 @@ def _names_and_codes(column: pd.Series) -> tuple[list[str], np.ndarray]:
     return [str(name) for name in names], codes.astype(np.int64)
 
 
+def liked_models(likes: pd.DataFrame) -> set[str]:
+    """The models a (mid, uid) frame has a like of."""
+    names, codes = _names_and_codes(likes["mid"])
+    return {names[code] for code in np.unique(codes)}
+
+
 def drift(fitted: np.ndarray, now: np.ndarray) -> float:
     """Likes added or gone since the fit, as a share of the likes it saw (sorted unique keys)."""
     common = len(np.intersect1d(fitted, now, assume_unique=True))

@@ -31,17 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import create_engine, text
 
 from recsketch import contracts, storage
 from recsketch.config import Settings
 from recsketch.features.chunks import Chunk, ChunkStore
 from recsketch.features.keys import backbone_key
+from recsketch.likes_fit import LATEST_FILE
 from recsketch.psv import write_psv
 from recsketch.sketchfab.server import Faults, start_in_thread
 
 PG_ADMIN_URL = os.environ.get("RECSKETCH_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-STAGES = ("crawl", "extract", "similarity", "incremental", "load", "gc")
+STAGES = ("crawl", "extract", "similarity", "incremental", "hybrid", "load", "gc")
 COMMANDS = {"incremental": "similarity"}  # the similarity step, working the last result forward
 RUN_ID = "r"
 
@@ -230,6 +232,7 @@ class FaultSuite:
         with np.load(self.syn_dir / "runs" / RUN_ID / "topk.npz") as data:
             self.ref_topk = {k: data[k].copy() for k in ("mids", "indices", "scores")}
         self.setup_incremental(mids)
+        self.setup_hybrid(mids)
         # a previous run is live before the loads under test: it must stay served through a kill
         shutil.copytree(self.syn_dir / "runs" / RUN_ID, self.syn_dir / "runs" / "previous")
         subprocess.run([sys.executable, "-m", "recsketch.cli", "load", "--run-id", "previous"], env=env,
@@ -265,6 +268,44 @@ class FaultSuite:
             raise RuntimeError("the incremental reference did not replace the last result")
         with np.load(self._latest(reference)) as data:  # the deep lists, not the served ones
             self.ref_latest = {k: data[k].copy() for k in ("mids", "indices", "scores")}
+
+    def setup_hybrid(self, mids: list[str]) -> None:
+        """The last hybrid lists with their ALS fit over mids[1000:] (the incremental base), then
+        the day that adds mids[:1000] and loses the last 500: the hybrid step folds the new
+        models into the kept fit and works the lists forward; a kill must leave either state."""
+        rng = np.random.default_rng(11)
+        self.hybrid_likes = pd.DataFrame({"mid": np.repeat(mids, 6),
+                                          "uid": [f"u{u}" for u in rng.integers(0, 2000, 6 * len(mids))]})
+        base = self.workdir / "hybrid-base"
+        shutil.copytree(self.incremental_base / "features", base / "features", copy_function=os.link)
+        env = self._hybrid_run(base, mids[1000:])
+        self.run("similarity", env)
+        self.run("hybrid", env)
+        self.hybrid_base = base
+        self.previous_hybrid = self._hybrid_latest(base).read_bytes()
+        reference = self.workdir / "hybrid-reference"
+        self.reference["hybrid"] = self.run("hybrid", self._prepare_hybrid(reference))
+        plan = json.loads((reference / "runs" / RUN_ID / "hybrid_plan.json").read_text())
+        if plan["mode"] != "incremental":
+            raise RuntimeError(f"the hybrid reference ran {plan['mode']!r}, not incremental (the fit kept)")
+        with np.load(reference / "runs" / RUN_ID / "topk-hybrid.npz") as data:
+            self.ref_hybrid = {k: data[k].copy() for k in ("mids", "indices", "scores")}
+        with np.load(self._hybrid_latest(reference)) as data:
+            self.ref_hybrid_latest = {k: data[k].copy() for k in ("mids", "indices", "scores", "rows")}
+
+    def _hybrid_run(self, round_dir: Path, valid: list[str]) -> dict[str, str]:
+        """A run folder of ``valid`` models with their likes and a report that chose ALS at 0.5."""
+        folder = round_dir / "runs" / RUN_ID
+        folder.mkdir(parents=True)
+        (folder / "valid_models.json").write_text(json.dumps(valid))
+        contracts.RunLikes.write(folder, self.hybrid_likes[self.hybrid_likes["mid"].isin(set(valid))])
+        contracts.EvaluationReport({"hybrid": {"cf_weight": 0.5, "likes": "als"},
+                                    "als": {"params": {"factors": 8, "iterations": 4}}}).write(folder)
+        return {**self.env(round_dir, f"sqlite:///{round_dir / 'unused.sqlite'}"), "RECSKETCH_ALS_REFIT_DRIFT": "0.5"}
+
+    @staticmethod
+    def _hybrid_latest(round_dir: Path) -> Path:
+        return next((round_dir / "features").rglob(LATEST_FILE))
 
     @staticmethod
     def _latest(round_dir: Path) -> Path:
@@ -427,6 +468,28 @@ class FaultSuite:
                 if not all(np.array_equal(data[k], v) for k, v in self.ref_latest.items()):
                     raise AssertionError("the kill left a last result that is neither the old nor the new one")
         self._rerun_and_compare("incremental", round_dir, env, report, self.ref_incremental)
+
+    # hybrid: the last hybrid lists worked forward with the fit kept; a kill leaves the old or new state whole
+    def _prepare_hybrid(self, round_dir: Path) -> dict[str, str]:
+        round_dir.mkdir(parents=True)
+        shutil.copytree(self.hybrid_base / "features", round_dir / "features", copy_function=os.link)
+        env = self._hybrid_run(round_dir, self.incremental_valid)
+        self.run("similarity", env)  # the day's visual lists, uninterrupted: the kill is the hybrid step's
+        return env
+
+    def _recover_hybrid(self, round_dir: Path, env: dict[str, str], report: StageReport) -> None:
+        latest = self._hybrid_latest(round_dir)
+        if latest.read_bytes() != self.previous_hybrid:  # replaced: then by the finished new state
+            report.mid_work += 1
+            with np.load(latest) as data:
+                if not all(np.array_equal(data[k], v) for k, v in self.ref_hybrid_latest.items()):
+                    raise AssertionError("the kill left a hybrid state that is neither the old nor the new one")
+        self.run("hybrid", env)
+        report.leftovers += len(_temps(round_dir))
+        with np.load(round_dir / "runs" / RUN_ID / "topk-hybrid.npz") as data:
+            for key, expected in self.ref_hybrid.items():
+                if not np.array_equal(data[key], expected):
+                    raise AssertionError(f"hybrid top-k {key} differ from the uninterrupted run")
 
     def recover_after_publish(self) -> StageReport:
         """The window a random kill rarely hits: the incremental run has replaced the last result

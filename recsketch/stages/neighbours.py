@@ -312,7 +312,7 @@ class HybridSource:
         changed = likes_fit.drift(latest.fit.keys, keys) if latest is not None else 1.0
         reason = likes_fit.refit_reason(latest, chosen, visual.backbone_key, changed, settings.als_refit_drift,
                                         settings.als_refit_days)
-        liked_mids = set(likes["mid"].astype(str))
+        liked_mids = likes_fit.liked_models(likes)
         liked = np.array([mid in liked_mids for mid in visual.mids], dtype=bool)
         if reason is None and not liked.all():
             reason = f"{int((~liked).sum())} models have no likes (the cold-start map moves with their pictures)"
@@ -344,7 +344,7 @@ class HybridSource:
         detail = f"CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
         if reason is None and latest is not None and latest.cf_weight == weight and \
                 latest.topk.k == min(settings.top_k, len(visual.mids) - 1):
-            worked = self._worked_forward(settings, folder, visual, latest, fit, weight, detail, scratch, progress)
+            worked = self._worked_forward(settings, folder, visual, latest, fit, weight, detail, progress)
             if worked is not None:
                 return worked
         progress(f"hybrid: {len(visual.mids)} models' factors ready (CF weight {weight}, {int((~liked).sum())} "
@@ -354,8 +354,7 @@ class HybridSource:
         return Rows(visual.mids, detail, bounded=bounded)
 
     def _worked_forward(self, settings: Settings, folder: Location, visual: TopK, latest: likes_fit.HybridLatest,
-                        fit: likes_fit.LikesFit, weight: float, detail: str, scratch: Path,
-                        progress: Progress) -> Rows | Done | None:
+                        fit: likes_fit.LikesFit, weight: float, detail: str, progress: Progress) -> Rows | Done | None:
         """The last hybrid lists worked forward onto today's (``similarity.refresh_top_k`` over the
         blended rows): the fit's models kept their likes rows, so only the new ones, the changed
         pictures and the rows whose lists held a gone or changed model are computed (against
