@@ -102,8 +102,11 @@ class Likes:
         position = pd.Index(ids).get_indexer(mids)
         keep = position >= 0
         uid_codes, _ = pd.factorize(likes["uid"].astype(str).to_numpy()[keep], sort=True)  # not storage order
-        pairs = np.unique(np.stack([uid_codes.astype(np.int64), position[keep].astype(np.int64)]), axis=1)
-        return cls(pairs[0], pairs[1], ids, int(uid_codes.max()) + 1 if len(uid_codes) else 0)
+        width = max(1, len(ids))  # (user, item) pairs as one sorted key: np.unique(axis=1) was 50x slower
+        pairs = uid_codes.astype(np.int64) * width + position[keep].astype(np.int64)
+        pairs.sort()
+        users, items = np.divmod(pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs, width)
+        return cls(users, items, ids, int(uid_codes.max()) + 1 if len(uid_codes) else 0)
 
     def matrix(self, mask: np.ndarray | None = None) -> sparse.csr_matrix:
         users, items = (self.users, self.items) if mask is None else (self.users[mask], self.items[mask])

@@ -69,6 +69,12 @@ class StageReport:
                 f"{self.leftovers} leftovers; uninterrupted {self.reference_s:.1f}s)")
 
 
+def _arrays(path: Path, names: tuple[str, ...] = ("mids", "indices", "scores")) -> dict[str, np.ndarray]:
+    """Copies of a top-k file's arrays (or of ``names``), to compare a later state with."""
+    with np.load(path) as data:
+        return {name: data[name].copy() for name in names}
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -262,12 +268,10 @@ class FaultSuite:
         plan = json.loads((reference / "runs" / RUN_ID / "similarity_plan.json").read_text())
         if plan["mode"] != "incremental":
             raise RuntimeError(f"the incremental reference ran {plan['mode']!r}, not incremental")
-        with np.load(reference / "runs" / RUN_ID / "topk.npz") as data:
-            self.ref_incremental = {k: data[k].copy() for k in ("mids", "indices", "scores")}
+        self.ref_incremental = _arrays(reference / "runs" / RUN_ID / "topk.npz")
         if self._latest(reference).read_bytes() == self.previous_latest:
             raise RuntimeError("the incremental reference did not replace the last result")
-        with np.load(self._latest(reference)) as data:  # the deep lists, not the served ones
-            self.ref_latest = {k: data[k].copy() for k in ("mids", "indices", "scores")}
+        self.ref_latest = _arrays(self._latest(reference))  # the deep lists, not the served ones
 
     def setup_hybrid(self, mids: list[str]) -> None:
         """The last hybrid lists with their ALS fit over mids[1000:] (the incremental base), then
@@ -288,10 +292,8 @@ class FaultSuite:
         plan = json.loads((reference / "runs" / RUN_ID / "hybrid_plan.json").read_text())
         if plan["mode"] != "incremental":
             raise RuntimeError(f"the hybrid reference ran {plan['mode']!r}, not incremental (the fit kept)")
-        with np.load(reference / "runs" / RUN_ID / "topk-hybrid.npz") as data:
-            self.ref_hybrid = {k: data[k].copy() for k in ("mids", "indices", "scores")}
-        with np.load(self._hybrid_latest(reference)) as data:
-            self.ref_hybrid_latest = {k: data[k].copy() for k in ("mids", "indices", "scores", "rows")}
+        self.ref_hybrid = _arrays(reference / "runs" / RUN_ID / "topk-hybrid.npz")
+        self.ref_hybrid_latest = _arrays(self._hybrid_latest(reference), ("mids", "indices", "scores", "rows"))
 
     def _hybrid_run(self, round_dir: Path, valid: list[str]) -> dict[str, str]:
         """A run folder of ``valid`` models with their likes and a report that chose ALS at 0.5."""
