@@ -334,40 +334,44 @@ class HybridSource:
                         fit = dataclasses.replace(fit, rows=stream_factors(unit, fit.rows, liked))
                     finally:
                         unit.close()
-        del likes
+        del likes, keys
+        previous = None if latest is None else (latest.topk, latest.cf_weight)
+        del latest  # the kept fit's arrays (~1 GB at 1 M models): the day's fit is ``fit`` now
         fit.write(folder / LIKES_FIT_FILE)
         with scratch.open("wb") as handle:
             np.save(handle, fit.rows, allow_pickle=False)
         visual_rows(settings, folder, visual, progress)  # gathered once for the shards, when the run wrote none
         deep = TopKStore.deep_for_run(folder).read()
         bounded = deep is not None and deep.mids == visual.mids
-        detail = f"CF weight {weight}" + (f", visual depth {deep.k}" if bounded and deep is not None else "")
-        if reason is None and latest is not None and latest.cf_weight == weight and \
-                latest.topk.k == min(settings.top_k, len(visual.mids) - 1):
-            worked = self._worked_forward(settings, folder, visual, latest, fit, weight, detail, progress)
+        depth = deep.k if bounded and deep is not None else None
+        del deep  # 1.2 GB at 1 M models: a refresh reads it again, by then alone
+        detail = f"CF weight {weight}" + (f", visual depth {depth}" if depth is not None else "")
+        if reason is None and previous is not None and previous[1] == weight and \
+                previous[0].k == min(settings.top_k, len(visual.mids) - 1):
+            worked = self._worked_forward(settings, folder, visual, previous[0], fit, weight, detail, progress)
             if worked is not None:
                 return worked
         progress(f"hybrid: {len(visual.mids)} models' factors ready (CF weight {weight}, {int((~liked).sum())} "
                  f"without likes given predicted factors) in {time.monotonic() - started:.1f}s; "
-                 + (f"bounded by the exact visual top-{deep.k}" if bounded and deep is not None
+                 + (f"bounded by the exact visual top-{depth}" if depth is not None
                     else "the visual lists are approximate (PCA): a full blended pass"))
         return Rows(visual.mids, detail, bounded=bounded)
 
-    def _worked_forward(self, settings: Settings, folder: Location, visual: TopK, latest: likes_fit.HybridLatest,
+    def _worked_forward(self, settings: Settings, folder: Location, visual: TopK, last: TopK,
                         fit: likes_fit.LikesFit, weight: float, detail: str, progress: Progress) -> Rows | Done | None:
         """The last hybrid lists worked forward onto today's (``similarity.refresh_top_k`` over the
         blended rows): the fit's models kept their likes rows, so only the new ones, the changed
         pictures and the rows whose lists held a gone or changed model are computed (against
         all, by the bound where the run has exact visual lists); None when that would cost a
         full pass."""
-        old_version = dict(zip(latest.topk.mids, latest.topk.versions, strict=True))
+        old_version = dict(zip(last.mids, last.versions, strict=True))
         new_version = dict(zip(visual.mids, visual.versions, strict=True))
         changed = {mid for mid, version in new_version.items() if mid in old_version and old_version[mid] != version}
-        if latest.topk.mids == visual.mids and latest.topk.versions == visual.versions:
+        if last.mids == visual.mids and last.versions == visual.versions:
             progress("hybrid: the same models, pictures and fit as the last lists: reused")
-            return Done(PlanMode.UNCHANGED, "reused", latest.topk)
-        k = latest.topk.k
-        refresh = plan_refresh(latest.topk.mids, latest.topk.indices, latest.topk.scores, visual.mids, changed, k, k)
+            return Done(PlanMode.UNCHANGED, "reused", last)
+        k = last.k
+        refresh = plan_refresh(last.mids, last.indices, last.scores, visual.mids, changed, k, k)
         gone = len(set(old_version) - set(new_version))
         fresh = len(refresh.fresh)
         worked = (f"worked forward: {fresh - len(changed)} new, {len(changed)} changed, {gone} gone: "
