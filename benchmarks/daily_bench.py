@@ -124,8 +124,27 @@ class BeforeRows:
         return np.stack([self[int(row) : int(row) + 1][0] for row in np.asarray(key).ravel()])
 
 
+def worked_lists(sizes: dict[str, int], changed_rows: np.ndarray, old_indices: np.ndarray,
+                 old_scores: np.ndarray, need: int):  # type: ignore[no-untyped-def]
+    """The sampled rows' lists of the day before as ``plan_refresh`` maps them (a ``Refresh``):
+    gone and changed models leave, a row stays clean while ``need`` remain; kept rows keep
+    their row numbers, the fresh ones are the changed and the new models."""
+    from recsketch.similarity import Refresh
+
+    gone_or_changed = np.zeros(sizes["before"], dtype=bool)
+    gone_or_changed[sizes["kept"]:] = True
+    gone_or_changed[changed_rows] = True
+    listed = np.where(gone_or_changed[old_indices], -1, old_indices)
+    order = np.argsort(listed < 0, axis=1, kind="stable")
+    known = np.take_along_axis(listed, order, 1)
+    known_scores = np.where(known >= 0, np.take_along_axis(old_scores, order, 1), -np.inf).astype(np.float32)
+    remaining = (known >= 0).sum(axis=1)
+    fresh = np.concatenate([changed_rows, np.arange(sizes["kept"], sizes["after"])])
+    return Refresh(remaining >= need, known, known_scores, fresh, remaining)
+
+
 def part_visual(args: argparse.Namespace, work: Path) -> dict:
-    from recsketch.similarity import NpyRows, Refresh, refresh_top_k, top_k_tiled
+    from recsketch.similarity import NpyRows, refresh_top_k, top_k_tiled
 
     sizes = layout(args.models)
     after = NpyRows(work / "after.npy")
@@ -137,18 +156,8 @@ def part_visual(args: argparse.Namespace, work: Path) -> dict:
     exact_indices, exact_scores = top_k_tiled(after, DEPTH, sample)
     full_seconds = time.perf_counter() - started
     np.savez(work / "visual-sample.npz", indices=exact_indices, scores=exact_scores)
-    # the refresh of the sampled rows, as plan_refresh maps them: gone and changed models leave
-    gone_or_changed = np.zeros(sizes["before"], dtype=bool)
-    gone_or_changed[sizes["kept"]:] = True
-    gone_or_changed[changed["rows"]] = True
-    listed = np.where(gone_or_changed[old_indices], -1, old_indices)
-    order = np.argsort(listed < 0, axis=1, kind="stable")
-    known = np.take_along_axis(listed, order, 1)
-    known_scores = np.where(known >= 0, np.take_along_axis(old_scores, order, 1), -np.inf).astype(np.float32)
-    remaining = (known >= 0).sum(axis=1)
-    clean = remaining >= max(K, DEPTH // 2)
-    fresh = np.concatenate([changed["rows"], np.arange(sizes["kept"], sizes["after"])])
-    refresh = Refresh(clean, known, known_scores, fresh, remaining)
+    refresh = worked_lists(sizes, changed["rows"], old_indices, old_scores, max(K, DEPTH // 2))
+    clean, remaining = refresh.clean, refresh.limit
     started = time.perf_counter()
     indices, _ = refresh_top_k(after, DEPTH, refresh, rows=sample)
     refresh_seconds = time.perf_counter() - started
@@ -244,7 +253,7 @@ def _fold_in_day(args: argparse.Namespace, work: Path, after, factors: np.ndarra
     cost the bound's measured time a row (worn lists: as sampled, or the gone and changed models'
     mean in-degree, k each, if more); it is one task (less than a shard's work)."""
     from recsketch.hybrid import BlendedRows, bounded_top_k
-    from recsketch.similarity import Refresh, refresh_top_k, top_k_tiled
+    from recsketch.similarity import refresh_top_k, top_k_tiled
 
     sizes = layout(args.models)
     sample = (0, args.sample)
@@ -252,16 +261,8 @@ def _fold_in_day(args: argparse.Namespace, work: Path, after, factors: np.ndarra
     before = BeforeRows(after, sizes["kept"], changed["rows"], changed["before"], np.load(work / "gone.npy"))
     before_factors = np.concatenate([factors[: sizes["kept"]], np.load(work / "gone-factors.npy")])
     old_indices, old_scores = top_k_tiled(BlendedRows(before, before_factors, CF_WEIGHT), K, sample)
-    gone_or_changed = np.zeros(sizes["before"], dtype=bool)
-    gone_or_changed[sizes["kept"]:] = True
-    gone_or_changed[changed["rows"]] = True
-    listed = np.where(gone_or_changed[old_indices], -1, old_indices)  # kept rows keep their row numbers
-    order = np.argsort(listed < 0, axis=1, kind="stable")
-    known = np.take_along_axis(listed, order, 1)
-    known_scores = np.where(known >= 0, np.take_along_axis(old_scores, order, 1), -np.inf).astype(np.float32)
-    remaining = (known >= 0).sum(axis=1)
-    clean = remaining >= K
-    fresh = np.concatenate([changed["rows"], np.arange(sizes["kept"], sizes["after"])])
+    refresh = worked_lists(sizes, changed["rows"], old_indices, old_scores, K)
+    clean = refresh.clean
     spent = [0.0]
 
     def dirty(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,8 +273,7 @@ def _fold_in_day(args: argparse.Namespace, work: Path, after, factors: np.ndarra
         return result.indices, result.scores
 
     started = time.perf_counter()
-    indices, scores = refresh_top_k(BlendedRows(after, factors, CF_WEIGHT), K,
-                                    Refresh(clean, known, known_scores, fresh, remaining), rows=sample, dirty=dirty)
+    indices, scores = refresh_top_k(BlendedRows(after, factors, CF_WEIGHT), K, refresh, rows=sample, dirty=dirty)
     clean_seconds = time.perf_counter() - started - spent[0]
     rows = len(factors)
     # rows whose lists held a gone or changed model: as sampled, but at least their mean in-degree (k) each

@@ -126,6 +126,23 @@ class HybridLatest:
                        versions=storage.text_array(self.topk.versions), backbone_key=np.array(self.topk.backbone_key),
                        cf_weight=np.array(self.cf_weight))
 
+    def same_as_stored(self, path: Location) -> bool:
+        """Whether ``path`` already holds this state (the same lists, fit and weight): read
+        without the factors, so an unchanged day does not write ~1 GB again at 1 M models."""
+        try:
+            data = storage.load_npz(path, ("mids", "versions", "meta", "cf_weight", "backbone_key", "indices",
+                                           "scores"))
+        except (OSError, KeyError, ValueError, EOFError):
+            return False
+        meta = json.loads(str(data["meta"]))
+        same_fit = float(meta["fitted_at"]) == self.fit.fitted_at and int(meta.get("folded", 0)) == self.fit.folded
+        return (same_fit and float(data["cf_weight"]) == self.cf_weight
+                and str(data["backbone_key"]) == self.topk.backbone_key
+                and storage.texts(data["mids"]) == self.topk.mids
+                and storage.texts(data["versions"]) == self.topk.versions
+                and np.array_equal(data["indices"], self.topk.indices)
+                and np.array_equal(data["scores"], self.topk.scores))
+
     @classmethod
     def read(cls, path: Location) -> HybridLatest | None:
         """The stored state, or None when there is none (or it is unreadable: the day refits)."""
@@ -175,6 +192,14 @@ def _codes(likes: pd.DataFrame, mids: list[str], users: list[str]) -> tuple[np.n
     return slot[uid_codes[keep]], items[keep].astype(np.int64), list(users) + others
 
 
+def _binary(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sparse.csr_matrix:
+    """A 0/1 float32 matrix with a one at each (row, col), repeats counted once."""
+    matrix = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
 def fit(likes: pd.DataFrame, mids: list[str], params: dict[str, float], threads: int,
         keys: np.ndarray | None = None) -> LikesFit:
     """ALS on the run's likes, its item factors in ``mids`` order (fitted in sorted order: ALS's
@@ -182,10 +207,7 @@ def fit(likes: pd.DataFrame, mids: list[str], params: dict[str, float], threads:
     the likes' :func:`like_keys`, if made already."""
     canonical = sorted(mids)
     user_codes, item_codes, users = _codes(likes, canonical, [])
-    matrix = sparse.csr_matrix((np.ones(len(user_codes), np.float32), (user_codes, item_codes)),
-                               shape=(len(users), len(canonical)))
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
+    matrix = _binary(user_codes, item_codes, (len(users), len(canonical)))
     user_factors, fitted = fit_als(matrix, threads=threads, **params)  # type: ignore[arg-type]
     position = pd.Index(canonical).get_indexer(mids)
     item_factors = np.ascontiguousarray(fitted[position], dtype=np.float32)
@@ -222,12 +244,8 @@ def fold_in(kept: LikesFit, likes: pd.DataFrame, mids: list[str], threads: int) 
         with threadpool_limits(1, "blas"):
             if len(fresh_users):  # their likes on the models the fit has, in the fit's item order
                 on_old = (user_codes >= len(kept.users)) & ~new[item_codes]
-                user_items = sparse.csr_matrix(
-                    (np.ones(int(on_old.sum()), np.float32),
-                     (user_codes[on_old] - len(kept.users), old[item_codes[on_old]])),
-                    shape=(len(fresh_users), len(kept.mids)))
-                user_items.sum_duplicates()
-                user_items.data[:] = 1.0
+                user_items = _binary(user_codes[on_old] - len(kept.users), old[item_codes[on_old]],
+                                     (len(fresh_users), len(kept.mids)))
                 model.user_factors = kept.user_factors
                 added = np.asarray(model.recalculate_user(np.arange(len(fresh_users)), user_items), np.float32)
             user_factors = np.concatenate([kept.user_factors, added]) if len(added) else kept.user_factors
@@ -235,10 +253,7 @@ def fold_in(kept: LikesFit, likes: pd.DataFrame, mids: list[str], threads: int) 
             new_rows = np.flatnonzero(new)
             on_new = new[item_codes]
             slot = np.searchsorted(new_rows, item_codes[on_new])
-            item_users = sparse.csr_matrix((np.ones(int(on_new.sum()), np.float32), (slot, user_codes[on_new])),
-                                           shape=(len(new_rows), len(users)))
-            item_users.sum_duplicates()
-            item_users.data[:] = 1.0
+            item_users = _binary(slot, user_codes[on_new], (len(new_rows), len(users)))
             folded = np.asarray(model.recalculate_item(np.arange(len(new_rows)), item_users), np.float32)
         item_factors[new] = folded
         rows[new] = folded @ kept.transform

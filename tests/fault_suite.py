@@ -445,14 +445,23 @@ class FaultSuite:
         self._rerun_and_compare("similarity", round_dir, env, report, self.ref_topk)
 
     def _rerun_and_compare(self, stage: str, round_dir: Path, env: dict[str, str], report: StageReport,
-                           reference: dict[str, np.ndarray]) -> None:
-        """Rerun the stage; its top-k must equal the uninterrupted run's, with no temp file left."""
+                           reference: dict[str, np.ndarray], name: str = contracts.TOPK_FILE) -> None:
+        """Rerun the stage; its top-k (``name``) must equal the uninterrupted run's, with no temp file left."""
         self.run(stage, env)
         report.leftovers += len(_temps(round_dir))
-        with np.load(round_dir / "runs" / RUN_ID / "topk.npz") as data:
+        with np.load(round_dir / "runs" / RUN_ID / name) as data:
             for key, expected in reference.items():
                 if not np.array_equal(data[key], expected):
                     raise AssertionError(f"top-k {key} differ from the uninterrupted {stage} run")
+
+    @staticmethod
+    def _old_or_new(path: Path, previous: bytes, new: dict[str, np.ndarray], report: StageReport, what: str) -> None:
+        """After a kill the kept state at ``path`` is the previous bytes or the finished new arrays."""
+        if path.read_bytes() != previous:  # replaced: then it must be the finished new state
+            report.mid_work += 1
+            with np.load(path) as data:
+                if not all(np.array_equal(data[k], v) for k, v in new.items()):
+                    raise AssertionError(f"the kill left {what} that is neither the old nor the new one")
 
     # incremental: the last result worked forward; a kill leaves the old or the new last result whole
     def _prepare_incremental(self, round_dir: Path) -> dict[str, str]:
@@ -463,12 +472,7 @@ class FaultSuite:
         return self.env(round_dir, f"sqlite:///{round_dir / 'unused.sqlite'}")
 
     def _recover_incremental(self, round_dir: Path, env: dict[str, str], report: StageReport) -> None:
-        latest = self._latest(round_dir).read_bytes()
-        if latest != self.previous_latest:  # replaced: then it must be the finished new result
-            report.mid_work += 1
-            with np.load(self._latest(round_dir)) as data:
-                if not all(np.array_equal(data[k], v) for k, v in self.ref_latest.items()):
-                    raise AssertionError("the kill left a last result that is neither the old nor the new one")
+        self._old_or_new(self._latest(round_dir), self.previous_latest, self.ref_latest, report, "a last result")
         self._rerun_and_compare("incremental", round_dir, env, report, self.ref_incremental)
 
     # hybrid: the last hybrid lists worked forward with the fit kept; a kill leaves the old or new state whole
@@ -480,18 +484,9 @@ class FaultSuite:
         return env
 
     def _recover_hybrid(self, round_dir: Path, env: dict[str, str], report: StageReport) -> None:
-        latest = self._hybrid_latest(round_dir)
-        if latest.read_bytes() != self.previous_hybrid:  # replaced: then by the finished new state
-            report.mid_work += 1
-            with np.load(latest) as data:
-                if not all(np.array_equal(data[k], v) for k, v in self.ref_hybrid_latest.items()):
-                    raise AssertionError("the kill left a hybrid state that is neither the old nor the new one")
-        self.run("hybrid", env)
-        report.leftovers += len(_temps(round_dir))
-        with np.load(round_dir / "runs" / RUN_ID / "topk-hybrid.npz") as data:
-            for key, expected in self.ref_hybrid.items():
-                if not np.array_equal(data[key], expected):
-                    raise AssertionError(f"hybrid top-k {key} differ from the uninterrupted run")
+        self._old_or_new(self._hybrid_latest(round_dir), self.previous_hybrid, self.ref_hybrid_latest, report,
+                         "a hybrid state")
+        self._rerun_and_compare("hybrid", round_dir, env, report, self.ref_hybrid, "topk-hybrid.npz")
 
     def recover_after_publish(self) -> StageReport:
         """The window a random kill rarely hits: the incremental run has replaced the last result

@@ -477,7 +477,9 @@ class HybridSource:
                 or fit.mids != topk.mids:
             return
         latest = ChunkStore(settings.features_dir, topk.backbone_key).root / likes_fit.LATEST_FILE
-        likes_fit.HybridLatest(fit, topk, report.cf_weight).write(latest)
+        state = likes_fit.HybridLatest(fit, topk, report.cf_weight)
+        if not state.same_as_stored(latest):  # an unchanged day's lists are the stored ones
+            state.write(latest)
 
     def summary(self, folder: Location) -> dict[str, object]:
         return {"cf_weight": EvaluationReport.require(folder).cf_weight}
