@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-id", help="evaluate this run's models and store the report with the run "
                           "(what the DAG's evaluate task does); default: the catalogue's models with features")
     evaluate.add_argument("--json", dest="as_json", action="store_true", help="print the whole report as JSON")
-    evaluate.add_argument("--holdout", type=float, default=0.2, help="share of each user's likes held out (0.2)")
+    evaluate.add_argument("--holdout", type=float, help="test on this share of each user's likes, drawn at random "
+                          "(default: the held-out likes, 20 %% by a hash of the like, that no served list was "
+                          "fitted on)")
     evaluate.add_argument("--cold", type=float, default=0.1, help="share of models held out with all their likes (0.1)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the split and the samples (0)")
     evaluate.add_argument("--max-users", type=_positive, help="users ranked for (sampled; RECSKETCH_EVAL_MAX_USERS)")
@@ -202,7 +204,7 @@ def _similar(settings: Settings, mid: str, top_k: int | None, as_json: bool, met
     return 0
 
 
-def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: float, cold: float,
+def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: float | None, cold: float,
               seed: int, max_users: int | None) -> int:
     from recsketch.contracts import EvaluationReport
     from recsketch.evaluation import EvaluationConfig
@@ -211,9 +213,10 @@ def _evaluate(settings: Settings, run_id: str | None, as_json: bool, holdout: fl
     from recsketch.stages.threshold import valid_models
 
     for name, share in (("--holdout", holdout), ("--cold", cold)):
-        if not 0 <= share < 1:
+        if share is not None and not 0 <= share < 1:
             raise ConfigError(f"{name} is a share of likes or models: between 0 and 1, not {share}")
-    config = EvaluationConfig(holdout=holdout, cold_items=cold, seed=seed,
+    config = EvaluationConfig(holdout=0.2 if holdout is None else holdout, random_holdout=holdout is not None,
+                              cold_items=cold, seed=seed,
                               max_users=max_users or settings.eval_max_users, threads=settings.effective_threads,
                               hybrid_likes=settings.hybrid_likes)
     if run_id:

@@ -42,6 +42,7 @@ import pandas as pd
 from scipy import sparse
 
 from recsketch.contracts import PRIMARY_METRIC  # noqa: F401  (what the gate compares, re-exported)
+from recsketch.heldout import HELD_OUT_SHARE, held_out
 from recsketch.hybrid import (
     DEFAULT_RIDGE,
     KNN_MAX_SHARE,
@@ -51,6 +52,7 @@ from recsketch.hybrid import (
     likes_rows,
     stream_factors,
 )
+from recsketch.significance import beats
 from recsketch.similarity import largest, normalise
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,24 @@ Scorer = Callable[[np.ndarray, np.ndarray], Any]  # (users, ascending item codes
 
 
 @dataclass(frozen=True)
+class Incumbent:
+    """The choices the served lists were made with (the live run's report): the tunings keep each
+    unless an alternative validates better by more than the standard error of their paired
+    difference (``significance.beats``), so that a noisy day neither changes what is served nor
+    reblends every list. None: no such choice (the tuning chooses freely)."""
+
+    als: dict[str, float] | None = None
+    likes: str | None = None
+    cf_weight: float | None = None
+    cold_cf_weight: float | None = None
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
-    holdout: float = 0.2  # share of each user's likes held out
+    holdout: float = 0.2  # share of each user's training likes carved for validation (and the test's, for likes
+    # without held-out ones or under random_holdout)
+    random_holdout: bool = False  # test on a random share of each user's likes, not the held-out likes: only for likes
+    # no served list was fitted on (another data set), as served lists were fitted on all but the held-out ones
     cold_items: float = 0.1  # share of models held out with all their likes
     seed: int = 0
     max_users: int = 10_000  # users evaluated (sampled): bounds the cost at any catalogue size
@@ -82,16 +100,21 @@ class EvaluationConfig:
     knn_max_products: float = 4e9  # ItemKNN's sparse products per ranking (~1 min on 2 cores): past it, fewer users
     threads: int = 0  # 0: every core
     ks: tuple[int, ...] = KS
+    incumbent: Incumbent | None = None  # yesterday's choices: kept unless an alternative beats them by their noise
 
 
 @dataclass
 class Likes:
-    """Likes as integer codes: user u liked item i; items are the catalogue's models in order."""
+    """Likes as integer codes: user u liked item i; items are the catalogue's models in order.
+    ``held_out``: which of them are the held-out likes no served list is fitted on
+    (``recsketch.heldout``), known when they were read from names; None for likes made as codes
+    (the splits then hold out a random share of each user's likes)."""
 
     users: np.ndarray
     items: np.ndarray
     item_ids: list[str]
     n_users: int
+    held_out: np.ndarray | None = None
 
     @classmethod
     def from_frame(cls, likes: pd.DataFrame, item_ids: Sequence[str] | None = None) -> Likes:
@@ -103,10 +126,12 @@ class Likes:
         keep = position >= 0
         uid_codes, _ = pd.factorize(likes["uid"].astype(str).to_numpy()[keep], sort=True)  # not storage order
         width = max(1, len(ids))  # (user, item) pairs as one sorted key: np.unique(axis=1) was 50x slower
-        pairs = uid_codes.astype(np.int64) * width + position[keep].astype(np.int64)
+        pairs = (uid_codes.astype(np.int64) * width + position[keep].astype(np.int64)) * 2
+        pairs += held_out(likes)[keep]  # the same like is held out or not wherever it repeats
         pairs.sort()
-        users, items = np.divmod(pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs, width)
-        return cls(users, items, ids, int(uid_codes.max()) + 1 if len(uid_codes) else 0)
+        pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs
+        users, items = np.divmod(pairs >> 1, width)
+        return cls(users, items, ids, int(uid_codes.max()) + 1 if len(uid_codes) else 0, (pairs & 1).astype(bool))
 
     def matrix(self, mask: np.ndarray | None = None) -> sparse.csr_matrix:
         users, items = (self.users, self.items) if mask is None else (self.users[mask], self.items[mask])
@@ -143,9 +168,13 @@ def split_likes(likes: Likes, config: EvaluationConfig) -> Split:
     cold = np.sort(rng.choice(n_items, size=n_cold, replace=False)) if n_cold else np.zeros(0, np.int64)
     is_cold = np.isin(likes.items, cold)
     warm_users, warm_items = likes.users[~is_cold], likes.items[~is_cold]
-    held = _holdout_mask(warm_users, config.holdout, rng)
+    if likes.held_out is not None and not config.random_holdout:  # the likes no served list was fitted on
+        held, holdout = likes.held_out[~is_cold], f"held-out likes ({HELD_OUT_SHARE:.0%}, by a hash of the like)"
+    else:
+        held = _holdout_mask(warm_users, config.holdout, rng)
+        holdout = f"{config.holdout:.0%} of each user's, at random"
     warm = Likes(warm_users, warm_items, likes.item_ids, likes.n_users)
-    info = {"seed": config.seed, "holdout": config.holdout, "cold_share": config.cold_items,
+    info = {"seed": config.seed, "holdout": holdout, "cold_share": config.cold_items,
             "users": likes.n_users, "models": n_items, "likes": len(likes.users),
             "train_likes": int((~held).sum()), "test_likes": int(held.sum()),
             "cold_models": n_cold, "cold_likes": int(is_cold.sum())}
@@ -202,6 +231,7 @@ class _Accumulator:
         self.totals = {f"{name}@{k}": 0.0 for k in ks for name in ("precision", "recall", "ndcg")}
         self.shown = {k: np.zeros(n_candidates, dtype=bool) for k in ks}
         self.discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+        self.per_user: dict[int, list[np.ndarray]] = {k: [] for k in ks}  # NDCG@k of each user, blocks in order
 
     def add(self, best: np.ndarray, truth: sparse.csr_matrix) -> None:
         """``best`` [users, kk]: each user's ranked candidate positions (-1: nothing there),
@@ -219,9 +249,15 @@ class _Accumulator:
             dcg = (hit[:, :k] * self.discounts[:min(k, kk)]).sum(axis=1)
             ideal = np.cumsum(self.discounts[:k])[np.clip(relevant, 1, k) - 1]
             self.totals[f"ndcg@{k}"] += float((dcg / ideal).sum())
+            self.per_user[k].append(dcg / ideal)
             shown = best[:, :k]
             self.shown[k][np.unique(shown[shown >= 0])] = True
         self.users += best.shape[0]
+
+    def user_ndcg(self, k: int = 10) -> np.ndarray:
+        """Each ranked user's NDCG@k, in the order of the users ranked: paired comparisons of
+        two rankings of the same users (the gate, the choices' hysteresis) read these."""
+        return np.concatenate([np.zeros(0), *self.per_user[k]])
 
     def result(self) -> dict[str, float]:
         count = max(self.users, 1)
@@ -463,25 +499,30 @@ def tune_als(fit: sparse.csr_matrix, valid: sparse.csr_matrix, users: np.ndarray
     ``tune_max_work``); candidates that would pass it are skipped, so the choice depends on the
     seed and the data, never on the machine's speed. Ties go to the cheaper fit."""
     start = AlsParams.of(config)
+    incumbent = _incumbent_params(config)
     budget = min(config.tune_fits * start.work(fit.nnz), max(config.tune_max_work, start.work(fit.nnz)))
     everything = Candidates(np.arange(fit.shape[1]), fit.shape[1])
     spent, skipped, tried = 0.0, 0, []
-    best: tuple[float, float, AlsParams, np.ndarray] | None = None
+    best: tuple[float, float, AlsParams, np.ndarray, np.ndarray] | None = None
+    kept: tuple[float, float, AlsParams, np.ndarray, np.ndarray] | None = None  # the incumbent's trial
 
     def trial(params: AlsParams) -> None:
-        nonlocal spent, best
+        nonlocal spent, best, kept
         started = time.monotonic()
         user_factors, item_factors = _fit_als(fit, config, params)
         spent += params.work(fit.nnz)
-        ndcg = rank_users(_cf_scorer((user_factors, item_factors)), users, valid, fit, everything,
-                          ks=(10,))[0].result()["ndcg@10"]
+        total = rank_users(_cf_scorer((user_factors, item_factors)), users, valid, fit, everything, ks=(10,))[0]
+        ndcg = total.result()["ndcg@10"]
         tried.append({**params.__dict__, "ndcg@10": ndcg})
         progress(f"evaluate: ALS {params.__dict__}: validation NDCG@10 {ndcg:.4f} "
                  f"[{time.monotonic() - started:.1f} s]")
+        result = (ndcg, -params.work(1), params, item_factors, total.user_ndcg(10))
+        if params == incumbent:
+            kept = result
         if best is None or (ndcg, -params.work(1)) > (best[0], best[1]):
-            best = (ndcg, -params.work(1), params, item_factors)
+            best = result
 
-    trial(start)
+    trial(incumbent or start)  # yesterday's choice first: the search moves from it
     for name, values in ALS_GRID.items():
         assert best is not None
         centre = best[2]
@@ -494,7 +535,20 @@ def tune_als(fit: sparse.csr_matrix, valid: sparse.csr_matrix, users: np.ndarray
                 continue
             trial(params)
     assert best is not None
+    if kept is not None and best is not kept and not beats(best[4], kept[4]):
+        progress(f"evaluate: ALS {best[2].__dict__} validated {best[0]:.4f}, not better than the served "
+                 f"{kept[2].__dict__}'s {kept[0]:.4f} by more than the standard error: the served kept")
+        best = kept
     return AlsChoice(best[2], best[0], best[3], tried, skipped)
+
+
+def _incumbent_params(config: EvaluationConfig) -> AlsParams | None:
+    """Yesterday's ALS hyperparameters, if there are any."""
+    if config.incumbent is None or not config.incumbent.als:
+        return None
+    kinds = {"factors": int, "regularization": float, "alpha": float, "iterations": int}
+    return AlsParams(**{name: cast(config.incumbent.als[name]) for name, cast in kinds.items()
+                        if name in config.incumbent.als})
 
 
 class UserSums:
@@ -518,7 +572,7 @@ class UserSums:
         return self.sums[[self.row_of[int(u)] for u in users]]
 
 
-def _users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
+def users_with(matrix: sparse.csr_matrix, train: sparse.csr_matrix, limit: int,
                 rng: np.random.Generator) -> np.ndarray:
     """Users with held-out likes here and training likes to rank from (at most ``limit``, sampled)."""
     users = np.flatnonzero((np.diff(matrix.indptr) > 0) & (np.diff(train.indptr) > 0))
@@ -686,12 +740,24 @@ def _as_likes(matrix: sparse.csr_matrix) -> Likes:
     return Likes(coo.row.astype(np.int64), coo.col.astype(np.int64), [""] * matrix.shape[1], matrix.shape[0])
 
 
-def _best_weight(totals: Sequence[_Accumulator], weights: Sequence[float] = HYBRID_WEIGHTS) -> tuple[float, dict]:
+def _best_weight(totals: Sequence[_Accumulator], weights: Sequence[float] = HYBRID_WEIGHTS,
+                 incumbent: float | None = None) -> tuple[float, dict]:
     """The weight whose NDCG@10 is best (ties: the lower weight), from ``rank_users``'s totals
-    for ``weights``."""
+    for ``weights``; ``incumbent`` (yesterday's) is kept unless the best beats it by more than
+    the standard error."""
     by_weight = {w: total.result()["ndcg@10"] for w, total in zip(weights, totals, strict=True)}
     best = max(by_weight, key=lambda w: (by_weight[w], -w))
-    return best, {"weights": by_weight, "chosen": best}
+    users = {w: total for w, total in zip(weights, totals, strict=True)}
+    kept = _keep_incumbent(best, incumbent, lambda w: users[w].user_ndcg(10)) if incumbent in users else best
+    return kept, {"weights": by_weight, "chosen": kept, **({"best": best} if kept != best else {})}
+
+
+def _keep_incumbent(best, incumbent, per_user: Callable[[Any], np.ndarray]):
+    """``incumbent`` unless ``best`` beats it by more than the standard error of their paired
+    difference (``significance.beats``)."""
+    if incumbent is None or best == incumbent or beats(per_user(best), per_user(incumbent)):
+        return best
+    return incumbent
 
 
 def validation_split(train: sparse.csr_matrix, config: EvaluationConfig) -> Validation:
@@ -699,11 +765,11 @@ def validation_split(train: sparse.csr_matrix, config: EvaluationConfig) -> Vali
     inner = _as_likes(train)
     held = _holdout_mask(inner.users, config.holdout, rng)
     fit, valid = inner.matrix(~held), inner.matrix(held)
-    return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng))
+    return Validation(fit, valid, users_with(valid, fit, min(config.max_users, config.tune_users), rng))
 
 
-def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray, likes: str = "auto"
-                       ) -> tuple[str, float, dict]:
+def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray, likes: str = "auto",
+                       incumbent: Incumbent | None = None) -> tuple[str, float, dict]:
     """The hybrid's likes half and CF weight (0: visual only, 1: the likes only) with the best
     NDCG@10 on the validation split: ``rows``, the likes rows of an ALS fit on its fit likes, and
     ItemKNN's cosines on them, each at every weight from one pass; ``likes`` "als" or "itemknn"
@@ -717,10 +783,18 @@ def tune_hybrid_weight(validation: Validation, unit, rows: np.ndarray, likes: st
                         halves=len(halves))  # one pass: the visual product shared by the halves
     width = len(HYBRID_WEIGHTS)
     tried: dict[str, tuple[float, dict]] = {}
+    per_user: dict[tuple[str, float], _Accumulator] = {}
     for slot, half in enumerate(halves):  # ItemKNN's totals at w = 1 (its last) are not a candidate
         weights = KNN_WEIGHTS if half == "itemknn" else HYBRID_WEIGHTS
         tried[half] = _best_weight(totals[slot * width:slot * width + len(weights)], weights)
+        per_user |= {(half, w): total for w, total in zip(weights, totals[slot * width:], strict=False)}
     best = max(tried, key=lambda half: (tried[half][1]["weights"][tried[half][0]], half == "als"))
+    served = None if incumbent is None else (incumbent.likes or "als", incumbent.cf_weight)
+    choice = _keep_incumbent((best, tried[best][0]), served if served in per_user else None,
+                             lambda key: per_user[key].user_ndcg(10))
+    if choice != (best, tried[best][0]):  # the served half and weight: not beaten by more than the noise
+        best = choice[0]
+        tried[best] = (choice[1], {**tried[best][1], "chosen": choice[1], "best": tried[best][0]})
     weight, tuning = tried[best]
     return best, weight, {**tuning, "likes": best,
                           "by_likes": {half: t[1]["weights"][t[0]] for half, t in tried.items()}}
@@ -739,7 +813,7 @@ def cold_validation(train: sparse.csr_matrix, config: EvaluationConfig) -> tuple
     inner = _as_likes(train)
     is_cold = np.isin(inner.items, cold)
     fit, valid = inner.matrix(~is_cold), inner.matrix(is_cold)
-    return Validation(fit, valid, _users_with(valid, fit, min(config.max_users, config.tune_users), rng)), cold
+    return Validation(fit, valid, users_with(valid, fit, min(config.max_users, config.tune_users), rng)), cold
 
 
 def tune_cold_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig, params: AlsParams
@@ -759,7 +833,7 @@ def tune_cold_weight(train: sparse.csr_matrix, unit, config: EvaluationConfig, p
     del rows
     totals = rank_users(_parts_scorer(validation.fit, validation.users, unit, factors), validation.users,
                         validation.valid, None, Candidates(cold, train.shape[1]), ks=(10,), blend=HYBRID_WEIGHTS)
-    return _best_weight(totals)
+    return _best_weight(totals, incumbent=None if config.incumbent is None else config.incumbent.cold_cf_weight)
 
 
 def _visual_and_hybrid(scorer: Scorer, users: np.ndarray, test: sparse.csr_matrix,
@@ -815,7 +889,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     if unit is not None:
         half, weight, tuning = tune_hybrid_weight(validation, unit,
                                                   likes_rows(choice.item_factors, choice.params.regularization),
-                                                  halves)
+                                                  halves, config.incumbent)
         progress(f"evaluate: hybrid likes half {half} (validation NDCG@10 {tuning['by_likes']}), CF weight {weight} "
                  f"(validation NDCG@10 by weight: {tuning['weights']}) after {time.monotonic() - started:.1f} s")
     choice = replace(choice, item_factors=choice.item_factors[:0])  # its N x f no longer needed: not held to the end
@@ -830,7 +904,7 @@ def evaluate(likes: Likes, unit, config: EvaluationConfig | None = None,
     als = _fit_als(split.train, config, choice.params)  # once: the warm methods and the cold start share it
     rows = likes_rows(als[1], choice.params.regularization)
     warm_items = np.setdiff1d(np.arange(len(likes.item_ids)), split.cold_items)
-    users = _users_with(split.test, split.train, config.max_users, rng)
+    users = users_with(split.test, split.train, config.max_users, rng)
     results = {"random": rank_at_random(users, split.test, split.train, warm_items, config.ks,
                                         np.random.default_rng(config.seed + 1)),
                "popularity": rank_by_popularity(split.train, users, split.test, warm_items, config.ks)}
@@ -869,7 +943,7 @@ def _cold_start(split: Split, unit, config: EvaluationConfig, weight: float, rng
     """Cold models ranked among themselves for the users who liked them: visual, and hybrid at the
     cold-start weight: with ALS's half, likes rows predicted from the visual embedding (ridge
     fitted on the warm models' ``rows``); with ItemKNN's, their cosines (none: nobody liked them)."""
-    users = _users_with(split.cold_test, split.train, config.max_users, rng)
+    users = users_with(split.cold_test, split.train, config.max_users, rng)
     random = rank_at_random(users, split.cold_test, None, split.cold_items, config.ks,
                             np.random.default_rng(config.seed + 4))
     if half == "itemknn":

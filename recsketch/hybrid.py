@@ -205,6 +205,17 @@ class BlendedRows:
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
         return hybrid_embedding(self.unit[key], self.factors[key], self.cf_weight)
 
+    def exact_scores(self, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """The hybrid score of each (query row, column) pair in float64, ``(1 - w) v + w c`` with
+        the visual cosine ``v`` as the visual lists hold it (``kernel.exact_scores``) and the
+        factors' dot product ``c``: what ties are settled by, on every path."""
+        from recsketch.similarity import _exact_pair_scores
+
+        visual = _exact_pair_scores(self.unit, queries, columns).astype(np.float64)
+        likes = np.einsum("ij,ij->i", self.factors[queries].astype(np.float64),
+                          self.factors[columns].astype(np.float64))
+        return (1 - self.cf_weight) * visual + self.cf_weight * likes
+
     def product(self, query: np.ndarray, start: int, stop: int) -> np.ndarray:
         """``query @ self[start:stop].T`` for blended query rows, as two products over the
         visual and the factor rows as read: no blended copy of the candidates is made."""
@@ -424,7 +435,7 @@ def _settle(unit, factors: np.ndarray, w: float, kk: int, row_ids: np.ndarray, s
             pair_cols: np.ndarray, pair_cf: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> None:
     """Rows ``span`` (shard-local) that the bound settles: their pairs' visual cosines read,
     the pairs merged with the listed models, exactly by (-score, index)."""
-    from recsketch.similarity import _rescore_near_one, merge_lists
+    from recsketch.similarity import merge_lists, settle_ties
 
     lo, hi = span
     settled = lo + np.flatnonzero(~fallback[lo:hi])
@@ -441,8 +452,7 @@ def _settle(unit, factors: np.ndarray, w: float, kk: int, row_ids: np.ndarray, s
     rank = np.arange(len(slot)) - np.searchsorted(slot, slot)
     extra[slot, rank], extra_scores[slot, rank] = column, value
     best, best_scores = merge_lists(visual_indices[settled], listed_scores[settled], extra, extra_scores, kk)
-    indices[settled], scores[settled] = _rescore_near_one(BlendedRows(unit, factors, w), row_ids[settled], best,
-                                                          best_scores)
+    indices[settled], scores[settled] = settle_ties(BlendedRows(unit, factors, w), row_ids[settled], best, best_scores)
 
 
 def pair_visual(unit, query_rows: np.ndarray, pair_rows: np.ndarray, pair_cols: np.ndarray,

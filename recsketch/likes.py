@@ -75,3 +75,25 @@ def threshold_likes(pairs: Iterable[tuple[str, str]] | pd.DataFrame, min_likes: 
     survivors = pd.DataFrame({"mid": pd.Categorical.from_codes(mids[keep], pd.Index(np.asarray(mid_names))),
                               "uid": pd.Categorical.from_codes(uids[keep], pd.Index(np.asarray(uid_names)))})
     return ThresholdResult(survivors, passes, *before)
+
+
+def like_hashes(likes: pd.DataFrame) -> np.ndarray:
+    """A 64-bit hash of each row's (uid, mid) of a (mid, uid) frame: the same like hashes the
+    same on every day, in every process (each name hashed once)."""
+    if not len(likes):
+        return np.zeros(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # the mix wraps around 2^64 by design
+        return _hashed(likes["uid"]) * np.uint64(0x9E3779B97F4A7C15) ^ _hashed(likes["mid"])
+
+
+def _hashed(column: pd.Series) -> np.ndarray:
+    names, codes = names_and_codes(column)
+    return pd.util.hash_array(np.asarray(names, dtype=object))[codes]
+
+
+def names_and_codes(column: pd.Series) -> tuple[list[str], np.ndarray]:
+    """A column's distinct names and each row's code into them (categories kept as they are)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [str(name) for name in column.cat.categories], column.cat.codes.to_numpy().astype(np.int64)
+    codes, names = pd.factorize(column.astype(str).to_numpy(), sort=True)
+    return [str(name) for name in names], codes.astype(np.int64)

@@ -29,38 +29,22 @@ from scipy import sparse
 from recsketch import storage
 from recsketch.contracts import TopK
 from recsketch.hybrid import DEFAULT_REGULARIZATION, fit_als, whitening
+from recsketch.likes import like_hashes, names_and_codes
 from recsketch.storage import Location
 
 LATEST_FILE = "hybrid-latest.npz"  # in the backbone's features folder, beside the visual latest lists
 
 
-
 def like_keys(likes: pd.DataFrame) -> np.ndarray:
     """The sorted unique 64-bit hashes of a (mid, uid) frame's likes (each name hashed once)."""
-    if not len(likes):
-        return np.zeros(0, dtype=np.uint64)
-    with np.errstate(over="ignore"):  # the mix wraps around 2^64 by design
-        mixed = _hashed(likes["uid"]) * np.uint64(0x9E3779B97F4A7C15) ^ _hashed(likes["mid"])
+    mixed = like_hashes(likes)
     mixed.sort()  # then the runs' firsts: np.unique (numpy 2.4) took 2.1 s on 2 M keys here, this 0.03 s
-    return mixed[np.r_[True, mixed[1:] != mixed[:-1]]]
-
-
-def _hashed(column: pd.Series) -> np.ndarray:
-    names, codes = _names_and_codes(column)
-    return pd.util.hash_array(np.asarray(names, dtype=object))[codes]
-
-
-def _names_and_codes(column: pd.Series) -> tuple[list[str], np.ndarray]:
-    """A column's distinct names and each row's code into them (categories kept as they are)."""
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return [str(name) for name in column.cat.categories], column.cat.codes.to_numpy().astype(np.int64)
-    codes, names = pd.factorize(column.astype(str).to_numpy(), sort=True)
-    return [str(name) for name in names], codes.astype(np.int64)
+    return mixed[np.r_[True, mixed[1:] != mixed[:-1]]] if len(mixed) else mixed
 
 
 def liked_models(likes: pd.DataFrame) -> set[str]:
     """The models a (mid, uid) frame has a like of."""
-    names, codes = _names_and_codes(likes["mid"])
+    names, codes = names_and_codes(likes["mid"])
     return {names[code] for code in np.flatnonzero(np.bincount(codes, minlength=len(names)))}
 
 
@@ -179,10 +163,10 @@ def refit_reason(latest: HybridLatest | None, params: dict[str, float], backbone
 def _codes(likes: pd.DataFrame, mids: list[str], users: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(user codes, model codes, the users) of the likes of ``mids``: the given users first, in
     their order, then the others sorted."""
-    mid_names, mid_codes = _names_and_codes(likes["mid"])
+    mid_names, mid_codes = names_and_codes(likes["mid"])
     items = pd.Index(mids).get_indexer(mid_names)[mid_codes]
     keep = items >= 0
-    uid_names, uid_codes = _names_and_codes(likes["uid"])
+    uid_names, uid_codes = names_and_codes(likes["uid"])
     present = np.flatnonzero(np.bincount(uid_codes[keep], minlength=len(uid_names)))
     known = pd.Index(users).get_indexer([uid_names[code] for code in present])
     others = sorted(uid_names[code] for code, at in zip(present, known, strict=True) if at < 0)

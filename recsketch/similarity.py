@@ -68,8 +68,8 @@ def top_k_cosine(
     kk, indices, scores = _empty_lists(last - first, n, k)
     if kk <= 0:
         return indices, scores
-    if not sparse.issparse(unit) and kernel.product_precision(unit.shape[1], kk) == "bf16":
-        return top_k_tiled(unit, k, (first, last))  # the kernel's exact scores, as every bfloat16 list holds them
+    if not sparse.issparse(unit):
+        return top_k_tiled(unit, k, (first, last))  # the kernel's exact scores, as every list holds them
     step = block_rows or block_rows_for(n)
     for start in range(first, last, step):
         stop = min(last, start + step)
@@ -90,8 +90,8 @@ def _empty_lists(rows: int, n: int, k: int) -> tuple[int, np.ndarray, np.ndarray
 def _select(block: np.ndarray, kk: int, features, start: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ``kk`` best columns of each row of ``block`` (scores of rows ``start``.., or of the
     rows an index array names, vs all items), ordered by (-score, index); identical vectors
-    rescored to exactly 1.0."""
-    return _rescore_near_one(features, start, *exact_largest(block, kk))
+    rescored to exactly 1.0 and near-ties settled in float64 (``settle_ties``)."""
+    return settle_ties(features, start, *exact_largest(block, kk))
 
 
 def largest(block: np.ndarray, kk: int, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +163,9 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
     kk, indices, scores = _empty_lists(len(queries), n, k)
     if kk <= 0:
         return indices, scores
-    if product is None and kernel.product_precision(unit.shape[1], kk) == "bf16":
-        return _top_k_kernel(unit, kk, queries, query_block, candidate_block)
+    if _scored_exactly(unit):
+        return _top_k_kernel(unit, kk, queries, query_block, candidate_block,
+                             kernel.product_precision(unit.shape[1], kk))
     for q_first in range(0, len(queries), query_block):
         q_rows = queries[q_first : q_first + query_block]
         query = _query_rows(unit, q_rows)
@@ -180,8 +181,16 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
             candidates, values = exact_largest(tile, take)
             best, best_scores = merge_lists(best, best_scores, candidates + c_start, values, kk)
         out = slice(q_first, q_first + len(q_rows))
-        indices[out], scores[out] = _rescore_near_one(unit, q_rows, best, best_scores)
+        indices[out], scores[out] = settle_ties(unit, q_rows, best, best_scores)
     return indices, scores
+
+
+def _scored_exactly(unit) -> bool:
+    """Whether ``unit``'s lists go through ``recsketch.kernel`` (unit rows, read as they are):
+    every score the float64 dot product rounded once, ties by the lower index, on every path.
+    Rows made on demand (the hybrid's ``BlendedRows``) are scored by their own product and
+    settled by :func:`settle_ties`."""
+    return getattr(unit, "product", None) is None and getattr(unit, "cosine", True)
 
 
 def _query_rows(unit, q_rows: np.ndarray) -> np.ndarray:
@@ -193,10 +202,11 @@ def _query_rows(unit, q_rows: np.ndarray) -> np.ndarray:
 QUERY_SPAN = 16384  # query rows that share one read of the candidates (their float32 and bfloat16 copies in memory)
 
 
-def _top_k_kernel(unit, kk: int, queries: np.ndarray, query_block: int,
-                  candidate_block: int) -> tuple[np.ndarray, np.ndarray]:
-    """``top_k_tiled`` through ``recsketch.kernel`` (bfloat16 candidates, float64 scores): up to
-    ``QUERY_SPAN`` query rows at a time, each candidate block read and rounded once for them."""
+def _top_k_kernel(unit, kk: int, queries: np.ndarray, query_block: int, candidate_block: int,
+                  precision: str = "bf16") -> tuple[np.ndarray, np.ndarray]:
+    """``top_k_tiled`` through ``recsketch.kernel`` (candidates found in ``precision``, float64
+    scores): up to ``QUERY_SPAN`` query rows at a time, each candidate block read (and rounded)
+    once for them."""
     n = unit.shape[0]
     indices = np.full((len(queries), kk), -1, dtype=np.int64)
     scores = np.full((len(queries), kk), -np.inf, dtype=np.float32)
@@ -205,10 +215,10 @@ def _top_k_kernel(unit, kk: int, queries: np.ndarray, query_block: int,
         sides = []
         for q_first in range(0, len(span), query_block):
             q_rows = span[q_first : q_first + query_block]
-            sides.append((q_first, q_rows, kernel.Side(_query_rows(unit, q_rows), "bf16")))
+            sides.append((q_first, q_rows, kernel.Side(_query_rows(unit, q_rows), precision)))
         for c_start in range(0, n, candidate_block):
             c_stop = min(n, c_start + candidate_block)
-            block = kernel.Side(np.asarray(unit[c_start:c_stop], dtype=np.float32), "bf16")
+            block = kernel.Side(np.asarray(unit[c_start:c_stop], dtype=np.float32), precision)
             ids = np.arange(c_start, c_stop)
             for q_first, q_rows, side in sides:
                 out = slice(span_first + q_first, span_first + q_first + len(q_rows))
@@ -233,25 +243,46 @@ def exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(candidates[:, :kk]), np.ascontiguousarray(values[:, :kk])
 
 
-def _rescore_near_one(unit, start: int | np.ndarray, best: np.ndarray,
-                      best_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Identical vectors score a hair off 1.0 in float32: rescore those in float64 and re-sort.
-    ``start``: the first query row (contiguous queries), or the query rows themselves. Rows
-    that are not unit vectors (``unit.cosine`` False: the hybrid's blended rows) are rescored
-    as the dot products they are."""
-    rows_near_one, cols = np.nonzero(best_scores > 1.0 - 1e-5)
-    if len(rows_near_one):
-        queries = start + rows_near_one if isinstance(start, int) else np.asarray(start)[rows_near_one]
-        a = _dense_rows(unit, queries).astype(np.float64)
-        b = _dense_rows(unit, best[rows_near_one, cols]).astype(np.float64)
-        exact = np.einsum("ij,ij->i", a, b)
-        if getattr(unit, "cosine", True):
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            exact = np.minimum(exact / np.where(norms > 0, norms, 1.0), 1.0)
-        best_scores[rows_near_one, cols] = exact
-        order = np.lexsort((best, -best_scores), axis=1)
-        best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
-    return best, best_scores
+TIE_TOLERANCE = 4e-6  # relative: float32 products of equal pairs may differ by a few units of the last place
+
+
+def settle_ties(unit, start: int | np.ndarray, best: np.ndarray,
+                best_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lists scored by a float32 product made canonical where it matters: scores near 1.0, and
+    each pair of neighbours in a list within rounding of each other, are rescored in float64
+    (``unit.exact_scores`` where the rows define it, else the dot product, divided by the norms
+    near 1.0 for unit rows) and rounded once, then each list is sorted by (-score, index). So
+    identical rows score exactly equal and come by the lower index, whichever product, tile or
+    path found them. ``start``: the first query row (contiguous queries), or the query rows."""
+    valid = best >= 0
+    close = np.zeros(best.shape, dtype=bool)
+    close[:, 1:] = np.abs(best_scores[:, 1:] - best_scores[:, :-1]) <= TIE_TOLERANCE * np.maximum(
+        1.0, np.abs(best_scores[:, 1:]))
+    close[:, :-1] |= close[:, 1:]
+    close |= best_scores > 1.0 - 1e-5
+    rows, cols = np.nonzero(close & valid & np.isfinite(best_scores))
+    if not len(rows):
+        return best, best_scores
+    queries = start + rows if isinstance(start, int) else np.asarray(start)[rows]
+    best_scores = best_scores.copy()
+    best_scores[rows, cols] = _exact_pair_scores(unit, queries, best[rows, cols])
+    order = np.lexsort((np.where(valid, best, np.iinfo(np.int64).max), -best_scores), axis=1)
+    return np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
+
+
+def _exact_pair_scores(unit, queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The float64 score of each (query row, column) pair, rounded to float32 once."""
+    exact = getattr(unit, "exact_scores", None)
+    if exact is not None:
+        return np.asarray(exact(queries, columns), dtype=np.float32)
+    a = _dense_rows(unit, queries).astype(np.float64)
+    b = _dense_rows(unit, columns).astype(np.float64)
+    dots = np.einsum("ij,ij->i", a, b)
+    if getattr(unit, "cosine", True):
+        near = dots >= kernel.NEAR_ONE
+        norms = np.linalg.norm(a[near], axis=1) * np.linalg.norm(b[near], axis=1)
+        dots[near] = np.minimum(dots[near] / np.where(norms > 0, norms, 1.0), 1.0)
+    return dots.astype(np.float32)
 
 
 def merge_new_items(
@@ -318,10 +349,11 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
             top_k_tiled(unit, kk, dirty_rows) if dirty is None else dirty(dirty_rows)
     fresh = np.sort(fresh)
     tiles = [fresh[i : i + candidate_block] for i in range(0, len(fresh), candidate_block)]
-    exact = kernel.product_precision(unit.shape[1], kk) == "bf16"  # the kernel's scores, as the dirty rows' are
+    exact = _scored_exactly(unit)  # the kernel's scores, as the dirty rows' are
+    precision = kernel.product_precision(unit.shape[1], kk)
 
-    def side(rows: np.ndarray):  # a kernel side in bfloat16, plain rows in float32
-        return kernel.Side(rows, "bf16") if exact else rows
+    def side(rows: np.ndarray):  # a kernel side, or plain rows in float32 (rows made on demand)
+        return kernel.Side(rows, precision) if exact else rows
 
     loaded = [side(np.asarray(unit[tile], dtype=np.float32)) for tile in tiles] if len(tiles) == 1 else None
     for start in range(first, last, block_rows):  # one read of each row range; its clean rows picked from it
@@ -341,7 +373,7 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
         beyond = np.arange(kk)[None, :] >= refresh.limit[block][:, None]  # past a row's limit nothing is known
         best, best_scores = np.where(beyond, -1, best), np.where(beyond, -np.inf, best_scores).astype(np.float32)
         indices[block - first], scores[block - first] = (best, best_scores) if exact else \
-            _rescore_near_one(unit, block, best, best_scores)
+            settle_ties(unit, block, best, best_scores)
     return indices, scores
 
 

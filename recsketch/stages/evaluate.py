@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from recsketch.config import Settings
 from recsketch.contracts import PRIMARY_METRIC, EvaluationReport, ValidModels
+from recsketch.db import store as db_store
 from recsketch.errors import RecsketchError
-from recsketch.evaluation import EvaluationConfig, Likes, evaluate
+from recsketch.evaluation import EvaluationConfig, Incumbent, Likes, evaluate
 from recsketch.features.chunks import ChunkStore, NpyFileRows
 from recsketch.features.keys import backbone_key
+from recsketch.ids import run_folder_name
 from recsketch.similarity import NpyRows
 from recsketch.stages.common import Progress, log, run_likes, thresholded_likes
 from recsketch.storage import Location
@@ -27,6 +30,8 @@ def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: P
     store = ChunkStore(settings.features_dir, backbone_key(settings))
     config = config or EvaluationConfig(max_users=settings.eval_max_users, threads=settings.effective_threads,
                                         hybrid_likes=settings.hybrid_likes)
+    if config.incumbent is None and (incumbent := served_choices(settings, progress)) is not None:
+        config = replace(config, incumbent=incumbent)
     with tempfile.TemporaryDirectory(prefix="recsketch-evaluate-") as scratch:  # local: read by blocks
         path = Path(scratch) / "unit.npy"
         sink = NpyFileRows(path)
@@ -41,6 +46,25 @@ def evaluate_catalogue(settings: Settings, versions: dict[str, str], progress: P
             return evaluate(Likes.from_frame(likes, mids), unit, config, progress)
         finally:
             unit.close()
+
+
+def served_choices(settings: Settings, progress: Progress = log.info) -> Incumbent | None:
+    """The choices the live run's lists were made with, if it was made with this backbone: the
+    tunings keep each unless an alternative validates better by more than its noise."""
+    try:
+        live = db_store.live_run(db_store.connect(settings.resolved_database_url, read_only=True))
+    except RecsketchError:
+        return None
+    if live is None or live["backbone"] != backbone_key(settings):
+        return None
+    report = EvaluationReport.read(settings.run_dir(run_folder_name(live["run_id"])))
+    if report is None:
+        return None
+    choices = Incumbent(report.als_params, report.hybrid_likes, report.cf_weight, report.cold_cf_weight)
+    progress(f"evaluate: the live run {live['run_id']}'s choices are kept unless beaten by more than their "
+             f"standard error: ALS {choices.als}, likes half {choices.likes}, CF weight {choices.cf_weight}, "
+             f"cold start {choices.cold_cf_weight}")
+    return choices
 
 
 def evaluate_stage(settings: Settings, folder: Location, progress: Progress = log.info,

@@ -33,10 +33,11 @@ def kept_served_lists(settings: Settings, engine: Engine, run_id: str,
 
 
 def quality_gate(settings: Settings, engine: Engine, folder: Location, candidate: dict[str, TopK], run_id: str,
-                 force: bool, progress: Progress) -> dict[str, float]:
-    """Refuse the run if a method it serves scores below max(RECSKETCH_GATE_MIN_RATIO x the best
-    kept served run's, RECSKETCH_GATE_MIN_NDCG), every run's lists scored on the same held-out
-    likes (``recsketch.gate``); returns the candidate's scores (stored with its metrics)."""
+                 force: bool, progress: Progress) -> dict[str, dict[str, float]]:
+    """Refuse the run if a method it serves scores below RECSKETCH_GATE_MIN_RATIO x a kept served
+    run's (or RECSKETCH_GATE_MIN_NDCG) with 95 % confidence, every run's lists scored on the same
+    held-out likes (``recsketch.gate``); returns the comparison per method (stored with its
+    metrics)."""
     if settings.gate_min_ratio <= 0 and settings.gate_min_ndcg <= 0:
         progress("gate: off (RECSKETCH_GATE_MIN_RATIO=0, no RECSKETCH_GATE_MIN_NDCG); loaded without a gate")
         return {}
@@ -46,16 +47,17 @@ def quality_gate(settings: Settings, engine: Engine, folder: Location, candidate
         return {}
     kept = kept_served_lists(settings, engine, run_id, progress)
     verdict = gate.judge(likes, candidate, kept, min_ratio=settings.gate_min_ratio, min_ndcg=settings.gate_min_ndcg,
+                         min_users=settings.gate_min_users,
                          config=EvaluationConfig(cold_items=0.0, max_users=settings.eval_max_users))
     for line in verdict.lines:
         progress(f"gate: {line}")
     if verdict.passed:
-        return verdict.scores
+        return verdict.metrics()
     failed = "; ".join(line for line in verdict.lines if line.endswith("FAILED"))
     live = store.live_run(engine)
     if force:
         progress(f"gate: FAILED but forced: {failed}; loaded because force is set")
-        return verdict.scores
+        return verdict.metrics()
     raise QualityGateFailed(f"quality gate: run {run_id}: {failed}: not loaded, "
                             f"{live['run_id'] if live else 'nothing'} stays served. Rerun load with the param "
                             "force=true (or RECSKETCH_GATE_MIN_RATIO=0) to serve it anyway")
@@ -75,8 +77,8 @@ def load_stage(settings: Settings, folder: Location, run_id: str, progress: Prog
     candidate = {Method.VISUAL.value: topk, **({Method.HYBRID.value: hybrid} if hybrid is not None else {})}
     served = quality_gate(settings, engine, folder, candidate, run_id, force, progress)
     metrics = (report.metric_rows() if report else []) + [
-        {"method": method, "metric": gate.METRIC, "split": gate.SPLIT, "value": value}
-        for method, value in served.items()]
+        {"method": method, "metric": metric, "split": gate.SPLIT, "value": value}
+        for method, values in served.items() for metric, value in values.items()]
     store.load_recommendations(engine, run_id, topk.backbone_key, topk.k, topk,  # streamed from the arrays
                                metrics=metrics,
                                more={Method.HYBRID.value: hybrid} if hybrid is not None else None)

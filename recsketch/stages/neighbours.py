@@ -37,6 +37,7 @@ from recsketch.errors import RecsketchError
 from recsketch.evaluation import Likes
 from recsketch.features.chunks import ChunkStore, Gathered, NpyFileRows, RowSink
 from recsketch.features.keys import backbone_key
+from recsketch.heldout import fitting_likes
 from recsketch.hybrid import (
     BlendedRows,
     bounded_top_k,
@@ -302,7 +303,7 @@ class HybridSource:
         started = time.monotonic()
         if report.hybrid_likes == "itemknn":
             return self._itemknn_rows(settings, folder, visual, weight, scratch, progress)
-        likes = run_likes(settings, folder, progress)
+        likes = fitting_likes(run_likes(settings, folder, progress))  # never the held-out likes the gate scores on
         limit_threads(settings.effective_threads)
         kinds = (("factors", int), ("regularization", float), ("alpha", float), ("iterations", int))
         chosen: dict[str, float] = {name: cast(params[name]) for name, cast in kinds if name in params}
@@ -444,7 +445,8 @@ class HybridSource:
     @staticmethod
     def _itemknn_shard(settings: Settings, folder: Location, plan: SimilarityPlan, visual: TopK, weight: float,
                        first: int, last: int) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
-        columns = like_columns(Likes.from_frame(run_likes(settings, folder, log.info), visual.mids).matrix())
+        columns = like_columns(Likes.from_frame(fitting_likes(run_likes(settings, folder, log.info)),
+                                                visual.mids).matrix())
         location = visual_rows(settings, folder, visual, None)
         with storage.local_copy(location) as path:
             unit = _rows_of(path, visual.mids, location)
