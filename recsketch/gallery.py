@@ -124,18 +124,23 @@ def _link(mid: str, label: str, method: str = "visual") -> str:
 
 
 def metrics_table(history: list[dict]) -> str:
-    """Each run's warm metrics at 10, the cold-start hybrid NDCG and what the gate scored its
-    served lists (``recsketch.gate``: the bar is the best kept run's), newest first."""
+    """Each run's warm metrics at 10, the cold-start hybrid NDCG and the gate's comparison of its
+    served lists (``recsketch.gate``: its NDCG@10 and the kept run's it was held to, the paired
+    difference ± its standard error, and the held-out users), newest first."""
     columns = [(f"warm/{m}/{TREND_METRIC}", f"{m} NDCG@10") for m, _ in TREND]
     columns += [("warm/visual/coverage@10", "visual coverage@10"),
-                ("cold_start/hybrid/ndcg@10", "cold-start hybrid NDCG@10"),
-                ("served/visual/ndcg@10", "gate: served visual NDCG@10"),
-                ("served/hybrid/ndcg@10", "gate: served hybrid NDCG@10")]
-    head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
+                ("cold_start/hybrid/ndcg@10", "cold-start hybrid NDCG@10")]
+    gate = [("visual", "gate: served visual NDCG@10 / kept, difference ± s.e. (users)"),
+            ("hybrid", "gate: served hybrid NDCG@10 / kept, difference ± s.e. (users)")]
+    from recsketch.gate import comparison_cell
+
+    head = "".join(f"<th>{escape(label)}</th>" for _, label in columns + gate)
     rows = []
     for run in reversed(history):
         cells = "".join(f'<td class="num">{run["metrics"][key]:.4f}</td>' if key in run["metrics"] else "<td>–</td>"
                         for key, _ in columns)
+        cells += "".join(f'<td class="num">{escape(comparison_cell(run["metrics"], method))}</td>'
+                         for method, _ in gate)
         live = ' class="live"' if run["is_live"] else ""
         rows.append(f'<tr{live} data-run="{escape(run["run_id"])}"><td><code>{escape(run["run_id"])}</code>'
                     f'{" (live)" if run["is_live"] else ""}</td>{cells}</tr>')

@@ -154,28 +154,31 @@ def judge(likes: pd.DataFrame, candidate: Mapping[str, TopK], kept: Mapping[str,
     return verdict
 
 
+def comparison_cell(metrics: Mapping[str, float], method: str) -> str:
+    """The gate's comparison of a method as stored with a run (``served/{method}/...``): its
+    NDCG@10 / the kept run's, the difference ± its standard error (users)."""
+    value = metrics.get(f"{SPLIT}/{method}/{METRIC}")
+    if value is None:
+        return "-"
+    cell = f"{value:.4f}"
+    reference = metrics.get(f"{SPLIT}/{method}/reference_{METRIC}")
+    cell += f" / {reference:.4f}" if reference is not None else " / -"
+    difference, se = metrics.get(f"{SPLIT}/{method}/difference"), metrics.get(f"{SPLIT}/{method}/difference_se")
+    if difference is not None and se is not None:
+        cell += f", {difference:+.4f} ± {se:.4f}"
+    if (users := metrics.get(f"{SPLIT}/{method}/users")) is not None:
+        cell += f" ({int(users)})"
+    return cell
+
+
 def trend(history: list[dict], methods: tuple[str, ...] = ("visual", "hybrid")) -> list[str]:
     """Lines of each loaded run's gate comparison at its load (``store.metrics_history``, oldest
-    first), per method: its served NDCG@10, the kept run's it was held to, the difference
-    (candidate − ratio × reference) with its standard error, and the held-out users."""
-    width = 34
-    lines = [f"{'at load':<40}" + "".join(f"{m + ': served / reference, difference ± s.e. (users)':<{width + 24}}"
+    first), per method: ``comparison_cell``."""
+    width = 58
+    lines = [f"{'at load':<40}" + "".join(f"{m + ': served / kept, difference ± s.e. (users)':<{width}}"
                                           for m in methods).rstrip()]
     for run in history:
-        cells = []
-        for method in methods:
-            value = run["metrics"].get(f"{SPLIT}/{method}/{METRIC}")
-            reference = run["metrics"].get(f"{SPLIT}/{method}/reference_{METRIC}")
-            difference = run["metrics"].get(f"{SPLIT}/{method}/difference")
-            se = run["metrics"].get(f"{SPLIT}/{method}/difference_se")
-            users = run["metrics"].get(f"{SPLIT}/{method}/users")
-            cell = "-" if value is None else f"{value:.4f}"
-            cell += f" / {reference:.4f}" if reference is not None else " / -"
-            if difference is not None and se is not None:
-                cell += f", {difference:+.4f} ± {se:.4f}"
-            if users is not None:
-                cell += f" ({int(users)})"
-            cells.append(f"{cell:<{width + 24}}")
         name = run["run_id"] + (" (live)" if run["is_live"] else "")
-        lines.append((f"{name[:39]:<40}" + "".join(cells)).rstrip())
+        cells = "".join(f"{comparison_cell(run['metrics'], method):<{width}}" for method in methods)
+        lines.append(f"{name[:39]:<40}{cells}".rstrip())
     return lines

@@ -15,13 +15,17 @@ from recsketch.demo import taste_model_likes
 from recsketch.evaluation import (
     HYBRID_WEIGHTS,
     EvaluationConfig,
+    Incumbent,
     Likes,
+    _Accumulator,
+    _best_weight,
     _holdout_mask,
     evaluate,
     rank_metrics,
     split_likes,
 )
 from recsketch.heldout import fitting_likes
+from recsketch.significance import beats
 
 
 def test_metrics_of_a_known_ranking() -> None:
@@ -217,7 +221,7 @@ def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_pa
     from recsketch.errors import QualityGateFailed
     from recsketch.stages import hybrid_stage, similarity_stage
     from recsketch.stages.common import run_dir
-    from recsketch.stages.evaluate import evaluate_stage
+    from recsketch.stages.evaluate import evaluate_stage, served_choices
     from recsketch.stages.load import load_stage
     from recsketch.stages.threshold import threshold_stage
 
@@ -267,7 +271,14 @@ def test_every_run_is_measured_and_a_worse_run_is_not_served(db_url: str, tmp_pa
     third = run_dir(good, "good-again")
     threshold_stage(good, third)
     similarity_stage(good, third)
-    evaluate_stage(good, third)
+    assert served_choices(good) is None  # the live run is of another backbone: nothing to keep
+    load_stage(good, first, "good", force=True)  # the good run served again
+    choices = served_choices(good)
+    report = EvaluationReport.require(first)
+    assert choices == Incumbent(report.als_params, report.hybrid_likes, report.cf_weight, report.cold_cf_weight)
+    lines: list[str] = []
+    evaluate_stage(good, third, progress=lines.append)
+    assert any("the live run good's choices are kept unless beaten" in line for line in lines), lines
     load_stage(good, third, "good-again")
     assert store.live_run(engine)["run_id"] == "good-again"
     fourth = run_dir(broken, "broken-again")
@@ -702,3 +713,31 @@ def test_the_cold_start_weight_is_tuned_apart_and_the_cold_hybrid_keeps_up_with_
     assert EvaluationReport(report).cold_cf_weight == hybrid["cold_cf_weight"]
     rows = {(r["method"], r["metric"]): r["value"] for r in EvaluationReport(report).metric_rows()}
     assert rows[("hybrid", "cold_cf_weight")] == hybrid["cold_cf_weight"]
+
+
+def _scored(values: np.ndarray) -> _Accumulator:
+    """An accumulator as rank_users leaves it, for users whose NDCG@10 are ``values``."""
+    total = _Accumulator((10,), 10)
+    total.per_user[10].append(np.asarray(values, dtype=np.float64))
+    total.totals["ndcg@10"] = float(np.sum(values))
+    total.users = len(values)
+    return total
+
+
+def test_yesterdays_weight_is_kept_unless_beaten_by_more_than_its_standard_error() -> None:
+    """A choice that flips on noise reblends every served list (issue 36 part 3): the served
+    weight stays unless another validates better by more than the paired difference's s.e."""
+    rng = np.random.default_rng(0)
+    served = rng.random(400)
+    noisy = served + rng.normal(0.002, 0.3, 400)  # better on average, by much less than its s.e. (0.015)
+    assert noisy.mean() > served.mean() and not beats(noisy, served)
+    clearly = served + np.abs(rng.normal(0.05, 0.02, 400))
+    weights = (0.0, 0.5, 1.0)
+    assert _best_weight([_scored(served), _scored(noisy), _scored(served * 0.9)], weights) == \
+        (0.5, {"weights": {0.0: pytest.approx(served.mean(), abs=1e-5), 0.5: pytest.approx(noisy.mean(), abs=1e-5),
+                           1.0: pytest.approx(0.9 * served.mean(), abs=1e-5)}, "chosen": 0.5})
+    kept, tuning = _best_weight([_scored(served), _scored(noisy), _scored(served * 0.9)], weights, incumbent=0.0)
+    assert kept == 0.0 and tuning["chosen"] == 0.0 and tuning["best"] == 0.5  # noise: the served weight stays
+    moved, tuning = _best_weight([_scored(served), _scored(clearly), _scored(served * 0.9)], weights, incumbent=0.0)
+    assert moved == 0.5 and "best" not in tuning  # a real gain: it moves
+    assert _best_weight([_scored(served), _scored(noisy)], (0.0, 0.5), incumbent=0.7)[0] == 0.5  # not a candidate

@@ -290,3 +290,35 @@ def test_signal_free_days_are_refused_no_more_often_than_the_bound_allows(tmp_pa
     assert judged == 80 and refused <= 0.05 * judged, honest
     leaky = [signal_free_days(tmp_path, seed, 5, fit_on_held_out=True) for seed in range(20)]
     assert sum(r for r, _ in leaky) > refused + 5, (honest, leaky)
+
+
+def test_two_configurations_of_equal_honest_quality_pass_each_others_gate(tmp_path: Path) -> None:
+    """Lists of the same quality drawn twice (as two likes halves or weights of equal honest
+    quality would make): whichever is served first, the other passes against it."""
+    mids, group, likes = catalogue()
+    first = (lists(mids, group, 0.8, 1), lists(mids, group, 0.8, 2, hybrid=True))
+    second = (lists(mids, group, 0.8, 3), lists(mids, group, 0.8, 4, hybrid=True))
+    for name, order in (("ab", (first, second)), ("ba", (second, first))):
+        settings = Settings(data_dir=tmp_path / name, gate_min_ratio=0.9)
+        lines: list[str] = []
+        for day, (visual, hybrid) in enumerate(order):
+            load_stage(settings, prepare(settings, f"day-{day}", likes, visual, hybrid), f"day-{day}",
+                       progress=lines.append)
+        assert store.live_run(store.connect(settings.resolved_database_url))["run_id"] == "day-1"
+        judged = [line for line in lines if "against kept run day-0" in line]
+        assert len(judged) == 2 and all(line.endswith("passed") for line in judged), judged
+
+
+def test_too_few_held_out_users_warn_and_load(tmp_path: Path) -> None:
+    mids, group, likes = catalogue()
+    settings = Settings(data_dir=tmp_path / "data", gate_min_ratio=0.9, gate_min_users=10_000)
+    load_stage(settings, prepare(settings, "good", likes, lists(mids, group, 0.95, 1)), "good",
+               progress=lambda _: None)
+    lines: list[str] = []
+    load_stage(settings, prepare(settings, "bad", likes, lists(mids, group, 0.0, 2)), "bad", progress=lines.append)
+    assert store.live_run(store.connect(settings.resolved_database_url))["run_id"] == "bad"
+    assert any("fewer than RECSKETCH_GATE_MIN_USERS 10000 held-out users, not judged: WARNING, loaded" in line
+               for line in lines), lines
+    with pytest.raises(QualityGateFailed):  # the same run, judged on enough users, is refused
+        load_stage(settings.with_overrides(gate_min_users=30), settings.run_dir("bad"), "bad-again",
+                   progress=lambda _: None)

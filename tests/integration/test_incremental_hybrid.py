@@ -47,6 +47,11 @@ class LikedWorld(World):
         super().add(count)
         self.like(sorted(set(self.features) - before))
 
+    def duplicate(self, count: int, new: int = 0) -> None:
+        before = set(self.features)
+        super().duplicate(count, new)
+        self.like(sorted(set(self.features) - before))
+
     def next_day(self) -> tuple[dict, object]:
         _, folder = self.run()
         alive = [(mid, uid) for mid, uid in sorted(self.likes) if mid in self.features]
@@ -95,11 +100,12 @@ def test_every_day_equals_the_exact_blend_and_kept_models_keep_their_rows(tmp_pa
     previous = served_equals_the_exact_blend(world, folder)
     modes, plans = [], []
     for _ in range(7):
-        change = world.rng.integers(0, 4, size=4)  # new, replaced, removed models, new users: any mix
+        change = world.rng.integers(0, 4, size=6)  # new, replaced, removed models, new users, re-uploads: any mix
         world.new_users(int(change[3]))
         world.add(int(change[0]))
         world.replace(int(change[1]))
         world.remove(int(change[2]))
+        world.duplicate(int(change[4]), new=int(change[5]))  # identical pictures made (and unmade)
         summary, folder = world.next_day()
         modes.append(summary["mode"])
         fit = served_equals_the_exact_blend(world, folder)

@@ -14,6 +14,7 @@ from recsketch.config import Settings
 from recsketch.contracts import SimilarityPlan, TopKStore
 from recsketch.features.chunks import Chunk, ChunkStore
 from recsketch.features.keys import backbone_key
+from recsketch.kernel import NEAR_ONE
 from recsketch.similarity import normalise, top_k_cosine
 from recsketch.stages import similarity_stage
 from recsketch.stages.common import run_dir
@@ -48,6 +49,19 @@ class World:
         for mid in self.rng.choice(sorted(self.features), count, replace=False):
             self.features[str(mid)], self.versions[str(mid)] = self._vector(), f"v{self.day}-{mid[-4:]}"
 
+    def duplicate(self, count: int, new: int = 0) -> None:
+        """Re-uploads: ``count`` models take another model's picture, and ``new`` new models copy
+        one, exactly (identical rows: their scores tie)."""
+        mids = sorted(self.features)
+        for mid in self.rng.choice(mids, min(count, len(mids)), replace=False):
+            source = str(self.rng.choice(mids))
+            self.features[str(mid)], self.versions[str(mid)] = self.features[source].copy(), f"v{self.day}-{mid[-4:]}"
+        for _ in range(new):
+            source = str(self.rng.choice(mids))
+            mid = f"{self.made:032x}"
+            self.made += 1
+            self.features[mid], self.versions[mid] = self.features[source].copy(), f"v{self.day}"
+
     def remove(self, count: int) -> None:  # deleted from Sketchfab, or fallen below the threshold
         for mid in self.rng.choice(sorted(self.features), count, replace=False):
             del self.features[str(mid)], self.versions[str(mid)]
@@ -70,9 +84,26 @@ class World:
 def assert_equals_a_full_recompute(world: World, folder: Path, k: int) -> None:
     served = TopKStore.for_run(folder).require("similarity")
     assert sorted(served.mids) == sorted(world.features)
-    exact_indices, exact_scores = top_k_cosine(np.stack([world.features[m] for m in served.mids]), k)
+    features = np.stack([world.features[m] for m in served.mids])
+    exact_indices, exact_scores = top_k_cosine(features, k)
     assert (served.indices == exact_indices).all()
     assert np.abs(served.scores - exact_scores).max() <= 1e-6
+    oracle_indices, oracle_scores = oracle(features, k)  # float64, independent of every path
+    assert (served.indices == oracle_indices).all() and (served.scores == oracle_scores).all()
+
+
+def oracle(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top-k by the float64 cosine of the unit rows rounded once to float32 (identical
+    rows: exactly 1.0), ties by the lower index."""
+    unit = normalise(features).astype(np.float64)
+    dots = unit @ unit.T
+    norms = np.linalg.norm(unit, axis=1)
+    near = dots >= NEAR_ONE
+    dots[near] = np.minimum((dots / np.outer(norms, norms))[near], 1.0)
+    scores = dots.astype(np.float32)
+    np.fill_diagonal(scores, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(scores)), scores.shape), -scores), axis=1)[:, :k]
+    return order, np.take_along_axis(scores, order, 1)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -85,10 +116,11 @@ def test_every_day_equals_a_full_recompute(tmp_path: Path, seed: int) -> None:
     assert_equals_a_full_recompute(world, folder, k)
     modes = []
     for _ in range(8):
-        change = world.rng.integers(0, 4, size=3)  # new, replaced, removed: any mix, none included
+        change = world.rng.integers(0, 4, size=5)  # new, replaced, removed, re-uploads: any mix, none included
         world.add(int(change[0]))
         world.replace(int(change[1]))
         world.remove(int(change[2]))
+        world.duplicate(int(change[3]), new=int(change[4]))  # identical pictures made (and unmade by replace, remove)
         summary, folder = world.run()
         modes.append(summary["mode"])
         assert_equals_a_full_recompute(world, folder, k)
