@@ -126,6 +126,45 @@ def main() -> None:
     pca_recall()
     day_refresh(20_000 if args.quick else 100_000, 256)
     against_faiss(4096, 20_000 if args.quick else 100_000, 1280)
+    exact_against_plain(1024, 32_768 if args.quick else 262_144, 1280, 100)
+
+
+class _PlainRows:
+    """Unit rows scored by their own float32 product (``product``): ``top_k_tiled``'s plain path,
+    which every list took before issue 36 where bfloat16 was not chosen."""
+
+    cosine = True
+
+    def __init__(self, unit: np.ndarray) -> None:
+        self.unit, self.shape, self.dtype = unit, unit.shape, unit.dtype
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        return self.unit[key]
+
+    def product(self, query: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return query @ self.unit[start:stop].T
+
+
+def exact_against_plain(queries: int, n: int, d: int, k: int, rounds: int = 2) -> None:
+    """What the exact float32 kernel (float64 scores, ties by index on every path) costs over the
+    plain float32 path it replaced, at the visual lists' depth: the same rows, best of rounds."""
+    from recsketch.similarity import normalise, top_k_tiled
+
+    unit = normalise(np.random.default_rng(6).standard_normal((n, d), dtype=np.float32))
+    before = os.environ.get("RECSKETCH_KERNEL")
+    os.environ["RECSKETCH_KERNEL"] = "fp32"
+    times: dict[str, list[float]] = {"kernel": [], "plain": []}
+    try:
+        for _ in range(rounds):
+            for name, rows in (("kernel", unit), ("plain", _PlainRows(unit))):
+                started = time.perf_counter()
+                top_k_tiled(rows, k, (0, queries))
+                times[name].append(time.perf_counter() - started)
+    finally:
+        os.environ.pop("RECSKETCH_KERNEL", None) if before is None else os.environ.update(RECSKETCH_KERNEL=before)
+    kernel, plain = min(times["kernel"]), min(times["plain"])
+    print(f"exact float32 kernel vs the plain float32 path, top-{k} of {queries:,} queries x {n:,} x {d}: "
+          f"{kernel:.2f} s vs {plain:.2f} s = {kernel / plain:.2f}x the time (the price of ties broken alike)")
 
 
 def against_faiss(queries: int, n: int, d: int, rounds: int = 3) -> None:

@@ -435,7 +435,7 @@ def _settle(unit, factors: np.ndarray, w: float, kk: int, row_ids: np.ndarray, s
             pair_cols: np.ndarray, pair_cf: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> None:
     """Rows ``span`` (shard-local) that the bound settles: their pairs' visual cosines read,
     the pairs merged with the listed models, exactly by (-score, index)."""
-    from recsketch.similarity import merge_lists, settle_ties
+    from recsketch.similarity import TIE_SPARE, merge_lists, settle_ties
 
     lo, hi = span
     settled = lo + np.flatnonzero(~fallback[lo:hi])
@@ -451,8 +451,10 @@ def _settle(unit, factors: np.ndarray, w: float, kk: int, row_ids: np.ndarray, s
     extra_scores = np.full(extra.shape, -np.inf, dtype=np.float32)
     rank = np.arange(len(slot)) - np.searchsorted(slot, slot)
     extra[slot, rank], extra_scores[slot, rank] = column, value
-    best, best_scores = merge_lists(visual_indices[settled], listed_scores[settled], extra, extra_scores, kk)
-    indices[settled], scores[settled] = settle_ties(BlendedRows(unit, factors, w), row_ids[settled], best, best_scores)
+    wide = kk + TIE_SPARE  # every model tied with the k-th is a candidate (c >= tau): ties settled among them
+    best, best_scores = merge_lists(visual_indices[settled], listed_scores[settled], extra, extra_scores, wide)
+    best, best_scores = settle_ties(BlendedRows(unit, factors, w), row_ids[settled], best, best_scores)
+    indices[settled], scores[settled] = best[:, :kk], best_scores[:, :kk]
 
 
 def pair_visual(unit, query_rows: np.ndarray, pair_rows: np.ndarray, pair_cols: np.ndarray,
@@ -520,13 +522,16 @@ def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visu
     deletions) gets its exact visual top-k first. Cost: the pairs of co-liked models, each read
     once (``pair_visual``); memory holds about ``pair_block`` pairs (rows grouped by how many
     co-liked models they can have; a row past it alone)."""
-    from recsketch.similarity import _empty_lists, top_k_tiled
+    from recsketch.similarity import TIE_SPARE, _empty_lists, settle_ties, top_k_tiled
 
     first, last = rows
     n = columns.shape[0]
     kk, indices, scores = _empty_lists(last - first, n, k)
     if kk <= 0:
         return indices, scores, 0
+    wide = min(kk + TIE_SPARE, n - 1)  # ties at the k-th place settled among a few more
+    indices = np.full((last - first, wide), -1, dtype=np.int64)
+    scores = np.full((last - first, wide), -np.inf, dtype=np.float32)
     pairs = 0
     listed, listed_scores = np.asarray(visual_indices), np.asarray(visual_scores, dtype=np.float32)
     short = np.flatnonzero((listed >= 0).sum(axis=1) < kk)
@@ -572,8 +577,28 @@ def knn_top_k(unit, columns: sparse.csr_matrix, visual_indices: np.ndarray, visu
         order = np.lexsort((pair_cols, -pair_scores, pair_rows))
         pair_rows, pair_cols, pair_scores = pair_rows[order], pair_cols[order], pair_scores[order]
         rank = np.arange(len(pair_rows)) - np.searchsorted(pair_rows, pair_rows)
-        top = rank < kk
+        top = rank < wide
         indices[r_first + pair_rows[top], rank[top]] = pair_cols[top]
         scores[r_first + pair_rows[top], rank[top]] = pair_scores[top]
         r_first = r_last
-    return indices, scores, pairs
+    indices, scores = settle_ties(KnnBlend(unit, columns, cf_weight), first, indices, scores)
+    return np.ascontiguousarray(indices[:, :kk]), np.ascontiguousarray(scores[:, :kk]), pairs
+
+
+class KnnBlend:
+    """ItemKNN's hybrid score of any pair in float64, ``(1 - w) v + w c`` with the visual cosine
+    ``v`` as the lists hold it and the likers' cosine ``c`` (``like_columns``): what its ties
+    are settled by (``similarity.settle_ties``)."""
+
+    cosine = False
+
+    def __init__(self, unit, columns: sparse.csr_matrix, cf_weight: float) -> None:
+        self.unit, self.columns, self.cf_weight = unit, columns, cf_weight
+
+    def exact_scores(self, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        from recsketch.similarity import _exact_pair_scores
+
+        visual = _exact_pair_scores(self.unit, queries, candidates).astype(np.float64)
+        likes = np.asarray(self.columns[queries].astype(np.float64).multiply(
+            self.columns[candidates].astype(np.float64)).sum(axis=1)).ravel()
+        return (1 - self.cf_weight) * visual + self.cf_weight * likes

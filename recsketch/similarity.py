@@ -166,6 +166,7 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
     if _scored_exactly(unit):
         return _top_k_kernel(unit, kk, queries, query_block, candidate_block,
                              kernel.product_precision(unit.shape[1], kk))
+    wide = min(kk + TIE_SPARE, n - 1)  # ties at the k-th place settled among a few more
     for q_first in range(0, len(queries), query_block):
         q_rows = queries[q_first : q_first + query_block]
         query = _query_rows(unit, q_rows)
@@ -177,11 +178,12 @@ def top_k_tiled(unit, k: int, rows: tuple[int, int] | np.ndarray, query_block: i
                     else query @ np.asarray(unit[c_start:c_stop], dtype=np.float32).T)
             own = np.flatnonzero((q_rows >= c_start) & (q_rows < c_stop))
             tile[own, q_rows[own] - c_start] = -np.inf  # never recommend a model to itself
-            take = min(kk, c_stop - c_start)
+            take = min(wide, c_stop - c_start)
             candidates, values = exact_largest(tile, take)
-            best, best_scores = merge_lists(best, best_scores, candidates + c_start, values, kk)
+            best, best_scores = merge_lists(best, best_scores, candidates + c_start, values, wide)
         out = slice(q_first, q_first + len(q_rows))
-        indices[out], scores[out] = settle_ties(unit, q_rows, best, best_scores)
+        settled, settled_scores = settle_ties(unit, q_rows, best, best_scores)
+        indices[out], scores[out] = settled[:, :kk], settled_scores[:, :kk]
     return indices, scores
 
 
@@ -244,6 +246,7 @@ def exact_largest(block: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 TIE_TOLERANCE = 4e-6  # relative: float32 products of equal pairs may differ by a few units of the last place
+TIE_SPARE = 4  # neighbours kept past the k-th until ties are settled: a tie at the k-th place decided by index
 
 
 def settle_ties(unit, start: int | np.ndarray, best: np.ndarray,
@@ -256,8 +259,9 @@ def settle_ties(unit, start: int | np.ndarray, best: np.ndarray,
     path found them. ``start``: the first query row (contiguous queries), or the query rows."""
     valid = best >= 0
     close = np.zeros(best.shape, dtype=bool)
-    close[:, 1:] = np.abs(best_scores[:, 1:] - best_scores[:, :-1]) <= TIE_TOLERANCE * np.maximum(
-        1.0, np.abs(best_scores[:, 1:]))
+    with np.errstate(invalid="ignore"):  # -inf pads: never close to anything
+        close[:, 1:] = np.abs(best_scores[:, 1:] - best_scores[:, :-1]) <= TIE_TOLERANCE * np.maximum(
+            1.0, np.abs(best_scores[:, 1:]))
     close[:, :-1] |= close[:, 1:]
     close |= best_scores > 1.0 - 1e-5
     rows, cols = np.nonzero(close & valid & np.isfinite(best_scores))
@@ -363,17 +367,20 @@ def refresh_top_k(unit, depth: int, refresh: Refresh, rows: tuple[int, int] | No
             continue
         query = side(np.asarray(unit[start:stop], dtype=np.float32)[block - start])
         best, best_scores = known_indices[block, :kk], known_scores[block, :kk]
+        wide = kk if exact else min(kk + TIE_SPARE, n - 1)  # float32 scores: ties at the k-th settled among more
         for number, tile in enumerate(tiles):  # the fresh models, a tile at a time, merged into the lists
             rows_of_tile = loaded[number] if loaded is not None else side(np.asarray(unit[tile], dtype=np.float32))
             if exact:
                 best, best_scores = kernel.merge_tile(query, rows_of_tile, tile, best, best_scores, kk)
             else:
-                candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(kk, len(tile)))
-                best, best_scores = merge_lists(best, best_scores, tile[candidates], values, kk)
-        beyond = np.arange(kk)[None, :] >= refresh.limit[block][:, None]  # past a row's limit nothing is known
+                candidates, values = exact_largest((query @ rows_of_tile.T).astype(np.float32), min(wide, len(tile)))
+                best, best_scores = merge_lists(best, best_scores, tile[candidates], values, wide)
+        if not exact:
+            best, best_scores = settle_ties(unit, block, best, best_scores)
+            best, best_scores = best[:, :kk], best_scores[:, :kk]
+        beyond = np.arange(best.shape[1])[None, :] >= refresh.limit[block][:, None]  # past a row's limit: unknown
         best, best_scores = np.where(beyond, -1, best), np.where(beyond, -np.inf, best_scores).astype(np.float32)
-        indices[block - first], scores[block - first] = (best, best_scores) if exact else \
-            settle_ties(unit, block, best, best_scores)
+        indices[block - first, :best.shape[1]], scores[block - first, :best.shape[1]] = best, best_scores
     return indices, scores
 
 

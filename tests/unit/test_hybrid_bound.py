@@ -141,3 +141,31 @@ def test_measured_mode_serves_unproven_rows_from_their_candidates_only_while_the
     assert proven.unproven_rows == 0 and proven.checked_recall is None
     assert_same_lists(unit, factors, 0.6, rows, proven.indices, proven.scores, exact_indices, exact_scores)
 
+
+
+@pytest.mark.parametrize("w", [0.3, 0.7])
+def test_identical_rows_tie_exactly_and_come_by_index_on_every_hybrid_path(w: float) -> None:
+    """Re-uploads: models whose picture and likes row are another's score exactly equal in the
+    bound, the blended full pass and a refresh, and are listed by the lower index (issue 36)."""
+    unit, factors = catalogue(4)
+    rng = np.random.default_rng(4)
+    copies = rng.choice(np.arange(2, len(unit)), size=(60, 2), replace=False)
+    for source, copy in copies:  # each a copy of another: ties everywhere, at every rank
+        unit[copy], factors[copy] = unit[source], factors[source]
+    k, rows = 5, np.arange(len(unit))
+    visual_indices, visual_scores = top_k_cosine(unit, 30, normalised=True)
+    bounded = bounded_top_k(unit, factors, visual_indices, visual_scores, (0, len(unit)), w, k, query_block=64,
+                            candidate_block=97, max_candidates=60, pair_budget=500)
+    full_indices, full_scores = top_k_tiled(BlendedRows(unit, factors, w), k, (0, len(unit)), candidate_block=97)
+    assert (bounded.indices == full_indices).all()  # the same models in the same order, ties included
+    assert np.abs(bounded.scores - full_scores).max() <= 1e-6  # each path's float32 rounding elsewhere
+    identical = {(int(a), int(b)) for a, b in copies} | {(int(b), int(a)) for a, b in copies}
+    tied_pairs = 0
+    for indices, scores in ((full_indices, full_scores), (bounded.indices, bounded.scores)):
+        for row in rows:  # identical rows listed side by side score bit-equal, the lower index first
+            for rank in range(k - 1):
+                if (int(indices[row, rank]), int(indices[row, rank + 1])) in identical:
+                    tied_pairs += 1
+                    assert scores[row, rank] == scores[row, rank + 1]
+                    assert indices[row, rank] < indices[row, rank + 1]
+    assert tied_pairs > 100

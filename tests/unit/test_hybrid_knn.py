@@ -69,3 +69,26 @@ def test_auto_leaves_itemknn_out_where_most_pairs_share_a_liker() -> None:
     assert knn_pairs_bound(sparse_likes) == int((np.diff(sparse_likes.indptr) ** 2).sum())
     dense = sparse.csr_matrix(np.ones((3000, 2000), dtype=np.float32))  # 3,000 users liking all 2,000 models
     assert knn_affordable(sparse_likes) and not knn_affordable(dense)
+
+
+def test_identical_models_tie_exactly_and_come_by_index() -> None:
+    """Re-uploads liked by the same users: their ItemKNN hybrid scores are bit-equal and the
+    lower index comes first, the same models as the exact float64 blend (issue 36)."""
+    unit, likes = catalogue(3)
+    likes = likes.tolil()
+    rng = np.random.default_rng(3)
+    copies = rng.choice(np.arange(1, 400, 9) + 1, size=(20, 2), replace=False)  # liked models only
+    for source, copy in copies:
+        unit[copy] = unit[source]
+        likes[:, copy] = likes[:, source]
+    likes = likes.tocsr()
+    visual_indices, visual_scores = top_k_cosine(unit, 30, normalised=True)
+    indices, scores, _ = knn_top_k(unit, like_columns(likes), visual_indices, visual_scores, (0, 400), 0.5, 5)
+    expected, _ = exact(unit, likes, 0.5, 5)
+    assert (indices == expected).all()
+    identical = {(int(a), int(b)) for a, b in copies} | {(int(b), int(a)) for a, b in copies}
+    tied = [(row, rank) for row in range(400) for rank in range(4)
+            if (int(indices[row, rank]), int(indices[row, rank + 1])) in identical]
+    assert len(tied) > 10
+    assert all(scores[row, rank] == scores[row, rank + 1] and indices[row, rank] < indices[row, rank + 1]
+               for row, rank in tied)
