@@ -7,7 +7,6 @@ naming the file and line, so one malformed line costs one row and is reported.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,60 +50,109 @@ class ReadResult:
     duplicates: int = 0
 
 
-def _read_text(path: Path) -> str:
+def _records(path: Path, header: Sequence[str], *, stream: bool = True) -> Iterator[tuple[int, list[str] | str]]:
+    """Yield (line number, fields) or (line number, problem) for each data row, the file read
+    line by line (memory: one row; ``stream`` is kept for callers, every read streams). A bad
+    line costs that line: one that is not UTF-8, or whose ``\\`` quotes do not close (which
+    would swallow every row after it), is a problem naming its line; a lone CR inside a field is a
+    space (it would split the row)."""
     try:
-        return path.read_bytes().decode("utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise BadInputError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise BadInputError(f"{path}:{line}: not UTF-8 ({exc.reason})") from None
-
-
-def _records(path: Path, header: Sequence[str], *, stream: bool = False) -> Iterator[tuple[int, list[str] | str]]:
-    """Yield (line number, fields) or (line number, problem) for each data row. ``stream``: read
-    the file as it is parsed (memory: one row), for files too large to hold as one string."""
-    if not stream:
-        yield from _parse(io.StringIO(_read_text(path), newline=""), path, header)
-        return
-    try:
-        handle = path.open(encoding="utf-8", newline="")
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{path}: a folder, not a file") from None
     with handle:
         yield from _parse(handle, path, header)
 
 
-def _parse(lines: Iterable[str], path: Path, header: Sequence[str]) -> Iterator[tuple[int, list[str] | str]]:
-    reader = csv.reader(lines, RecASketchDialect)
+MAX_RECORD_LINES = 4  # a quoted field may span lines (the seed's data has names with a newline), this many at most
+
+
+def _lines(handle: Iterable[bytes], path: Path, problems: list[tuple[int, str]], current: list[int]
+           ) -> Iterator[str]:
+    """The records of a binary file as text, each whole (its quotes balanced, no CR): a quoted
+    field may span up to ``MAX_RECORD_LINES`` lines; a line whose quote does not close within
+    them, or that is not UTF-8, goes to ``problems`` and the lines after it are read as usual.
+    ``current[0]`` is the number of the record's first line."""
+    quote = RecASketchDialect.quotechar
+    decoded: list[tuple[int, str | None]] = []  # lines read ahead: (number, text or None if not UTF-8)
+    source = enumerate(handle, 1)
+
+    def fill(count: int) -> None:
+        while len(decoded) < count:
+            try:
+                number, raw = next(source)
+            except StopIteration:
+                return
+            try:
+                text: str | None = raw.decode("utf-8").removesuffix("\n").removesuffix("\r").replace("\r", " ")
+            except UnicodeDecodeError as exc:
+                problems.append((number, f"{path}:{number}: not UTF-8 ({exc.reason})"))
+                text = None
+            decoded.append((number, text))
+
+    while True:
+        fill(1)
+        if not decoded:
+            return
+        number, text = decoded.pop(0)
+        if text is None:
+            continue
+        parts, quotes = [text], text.count(quote)
+        while quotes % 2 and len(parts) < MAX_RECORD_LINES:  # an open quote: the record goes on
+            fill(len(parts))
+            if len(decoded) < len(parts) or decoded[len(parts) - 1][1] is None:
+                break
+            parts.append(str(decoded[len(parts) - 1][1]))
+            quotes += parts[-1].count(quote)
+        if quotes % 2:
+            problems.append((number, f"{path}:{number}: a {quote} quote that does not close"))
+            continue
+        del decoded[:len(parts) - 1]
+        current[0] = number
+        yield "\n".join(parts)
+
+
+def _parse(handle: Iterable[bytes], path: Path, header: Sequence[str]) -> Iterator[tuple[int, list[str] | str]]:
+    problems: list[tuple[int, str]] = []
+    current = [0]
+    reader = csv.reader(_lines(handle, path, problems, current), RecASketchDialect)  # one reader: 6x per-line's
     try:
         first = next(reader)
     except StopIteration:
-        raise BadInputError(f"{path}: empty file, expected header {'|'.join(header)}") from None
-    except UnicodeDecodeError as exc:  # a streamed file is decoded as it is read
-        raise BadInputError(f"{path}:1: not UTF-8 ({exc.reason})") from None
+        first = None
     except csv.Error as exc:
         raise BadInputError(f"{path}:1: unreadable header ({exc}), expected {'|'.join(header)}") from None
+    if problems and problems[0][0] == 1:
+        raise BadInputError(f"{problems[0][1]}: the header is unreadable, expected {'|'.join(header)}")
+    if first is None:
+        raise BadInputError(f"{path}: empty file, expected header {'|'.join(header)}")
     if [f.strip() for f in first[: len(header)]] != list(header):
         raise BadInputError(f"{path}:1: header {'|'.join(first)!r}, expected {'|'.join(header)}")
     width = len(first)
     while True:
-        line = reader.line_num + 1
         try:
-            fields = next(reader)
+            fields: list[str] | None = next(reader)
+            error = None
         except StopIteration:
-            return
-        except UnicodeDecodeError as exc:
-            raise BadInputError(f"{path}: not UTF-8 ({exc.reason}) at or after line {line}") from None
+            fields, error = None, None
         except csv.Error as exc:
-            yield line, f"{path}:{line}: {exc}"
+            fields, error = None, str(exc)
+        line = current[0]
+        yield from problems  # the bad lines before this one, in order
+        problems.clear()
+        if error is not None:
+            yield line, f"{path}:{line}: {error}"
             continue
+        if fields is None:
+            return
         if not fields:
             continue
         if len(fields) != width:
             yield line, f"{path}:{line}: {len(fields)} fields, expected {width}"
             continue
-        yield line, [f.strip("\r") for f in fields]
+        yield line, fields
 
 
 def _optional_time(fields: list[str], index: int, column: str, where: str) -> datetime | str | None:

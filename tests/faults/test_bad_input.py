@@ -142,9 +142,22 @@ def test_psv_specific_bad_lines_are_named_and_the_rest_kept(tmp_path: Path) -> N
     assert len(result.problems) >= 2 and all(str(path) in p for p in result.problems)
     assert any(":3: 4 fields, expected 2" in p for p in result.problems)
     assert any(":4: '../../etc/passwd' is not a model id" in p for p in result.problems)
-    path.write_bytes(b"name|mid\n" + "caf\xe9".encode("latin-1") + b"|" + MID.encode() + b"\n")
-    with pytest.raises(BadInputError, match=r"model_urls.psv:2: not UTF-8"):
-        read_models(path)
+    assert any(":7: a \\ quote that does not close" in p for p in result.problems)
+    # a bad row costs that row (issue 37): an invalid UTF-8 byte, a quote opened at a name's start
+    # (it swallowed every row after it), a lone CR inside a name (it split the row)
+    other = "fedcba9876543210fedcba9876543210"
+    path.write_bytes(b"name|mid\n" + "caf\xe9".encode("latin-1") + b"|" + MID.encode() + b"\n"
+                     + b"\\starts with a quote|" + MID.encode() + b"\n"
+                     + b"Lone\rCR|" + other.encode() + b"\n"
+                     + b"Good|" + b"0" * 32 + b"\n")
+    result = read_models(path)
+    assert [(row.name, row.mid) for row in result.rows] == [("Lone CR", other), ("Good", "0" * 32)]
+    assert [p.split(": ", 1)[0] for p in result.problems] == [f"{path}:2", f"{path}:3"]
+    assert "not UTF-8" in result.problems[0] and "does not close" in result.problems[1]
+    header = tmp_path / "bad-header.psv"
+    header.write_bytes(b"n\xe9me|mid\n")
+    with pytest.raises(BadInputError, match=r"bad-header.psv:1: not UTF-8"):
+        read_models(header)
 
 
 def test_images_that_are_not_images_or_are_bombs_are_refused() -> None:

@@ -71,8 +71,9 @@ def test_likes_duplicates_dropped_and_header_checked(tmp_path: Path) -> None:
         read_likes(path)
 
 
-def test_non_utf8_file_is_named_with_its_line(tmp_path: Path) -> None:
+def test_a_non_utf8_line_is_named_and_the_rest_read(tmp_path: Path) -> None:
     path = tmp_path / "model_urls.psv"
-    path.write_bytes(b"name|mid\nok|" + HEX.encode() + b"\n\xff\xfe|" + HEX.encode() + b"\n")
-    with pytest.raises(BadInputError, match=r"model_urls.psv:3: not UTF-8"):
-        read_models(path)
+    path.write_bytes(b"name|mid\nok|" + HEX.encode() + b"\n\xff\xfe|" + HEX.encode() + b"\nafter|" + b"1" * 32 + b"\n")
+    result = read_models(path)
+    assert [row.name for row in result.rows] == ["ok", "after"]
+    assert len(result.problems) == 1 and result.problems[0].startswith(f"{path}:3: not UTF-8")
