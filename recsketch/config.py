@@ -52,20 +52,37 @@ def _choices(field: str) -> tuple[str, ...]:
 SUPPORTED_DATABASES = ("postgresql", "sqlite")
 
 
+POSTGRES_DRIVER = "psycopg2"  # the driver whose COPY (copy_expert) the loads and the import use
+
+
+def normalise_database_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` as users type them, with the driver the project uses
+    (SQLAlchemy 2.1 picks psycopg 3 for a bare ``postgresql://``, which has no ``copy_expert``)."""
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return f"postgresql+{POSTGRES_DRIVER}://" + url.removeprefix(bare)
+    return url
+
+
 def check_database_url(url: str) -> None:
-    """Only PostgreSQL and SQLite can hold the recommendations (COPY and the atomic swap, or
-    SQLite's one transaction); anything else is refused at start, naming the setting."""
+    """Only PostgreSQL (through psycopg2) and SQLite can hold the recommendations (COPY and the
+    atomic swap, or SQLite's one transaction); anything else is refused at start, naming the
+    setting."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        backend = make_url(url).get_backend_name()
+        parsed = make_url(normalise_database_url(url))
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     except ArgumentError:
         raise ConfigError("the recommendations DB URL (RECSKETCH_DATABASE_URL or the recsketch_db connection) "
                           "is not a SQLAlchemy URL") from None
     if backend not in SUPPORTED_DATABASES:
         raise ConfigError(f"the recommendations DB is {backend!r} (RECSKETCH_DATABASE_URL or the recsketch_db "
                           f"connection): only {' and '.join(SUPPORTED_DATABASES)} are supported")
+    if backend == "postgresql" and driver != POSTGRES_DRIVER:
+        raise ConfigError(f"the recommendations DB URL names the driver {driver!r} (RECSKETCH_DATABASE_URL or the "
+                          f"recsketch_db connection): use postgresql:// or postgresql+{POSTGRES_DRIVER}://")
 
 
 Backbone = Literal["efficientnet_lite0", "vgg16"]
@@ -137,6 +154,11 @@ class Settings(BaseModel):
     @classmethod
     def _no_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str | None) -> str | None:
+        return normalise_database_url(value) if value else value
 
     @model_validator(mode="after")
     def _supported_database(self) -> Settings:

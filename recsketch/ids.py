@@ -11,6 +11,20 @@ from recsketch.errors import InvalidModelId
 _MODEL_ID = re.compile(r"[0-9a-f]{32}|[0-9A-Za-z]{26,27}")
 
 
+MAX_UID_LENGTH = 64  # the likes table's uid column (recsketch.db.schema)
+
+
+def uid_problem(uid: str) -> str | None:
+    """Why a liker's uid cannot be stored (the DB holds at most 64 characters, and no NUL), or None."""
+    if not uid:
+        return "empty uid"
+    if len(uid) > MAX_UID_LENGTH:
+        return f"a uid of {len(uid)} characters, over the {MAX_UID_LENGTH} the DB holds"
+    if any(ord(c) < 32 for c in uid):
+        return f"a uid with control characters ({uid[:20]!r})"
+    return None
+
+
 def is_model_id(value: object) -> bool:
     return isinstance(value, str) and _MODEL_ID.fullmatch(value) is not None
 

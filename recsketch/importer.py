@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, text
 
 from recsketch import storage
 from recsketch.config import Settings
@@ -79,7 +79,8 @@ def _thumbnail(settings: Settings, folder: Path, mid: str) -> tuple[str, str | N
 
 
 def import_folder(settings: Settings, folder: Path, progress: Callable[[str], None] = log.info) -> ImportStats:
-    """Import ``folder``; raises BadInputError only when a file is missing or unreadable as a whole."""
+    """Import ``folder`` in one transaction: a failure leaves the catalogue as it was. Raises
+    BadInputError only when a file is missing or unreadable as a whole; a bad row costs that row."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInputError(f"{folder} is not a folder")
@@ -92,8 +93,9 @@ def import_folder(settings: Settings, folder: Path, progress: Callable[[str], No
     for problem in models.problems:
         _bad_row(stats, problem)
     now = datetime.now(UTC)
-    progress(f"import: {len(models.rows)} models from {folder}; thumbnails, then likes")
-    with ThreadPoolExecutor(max(1, settings.crawl_workers), thread_name_prefix="import") as pool:
+    progress(f"import: {len(models.rows)} models from {folder}; thumbnails, then likes (one transaction)")
+    with engine.begin() as conn, ThreadPoolExecutor(max(1, settings.crawl_workers),
+                                                    thread_name_prefix="import") as pool:
         for batch in _batches(models.rows, BATCH_MODELS):
             thumbnails = list(pool.map(lambda row: _thumbnail(settings, folder, row.mid), batch))
             rows = []
@@ -113,10 +115,11 @@ def import_folder(settings: Settings, folder: Path, progress: Callable[[str], No
                     stats.thumbnails_failed += 1
                     stats.problems.append(f"thumbnail of {row.mid}: {detail}")
                     log.warning("thumbnail of %s: %s", row.mid, detail)
-            store.upsert_models(engine, rows)
+            store.upsert_models(conn, rows)
             stats.models += len(batch)
             progress(f"import: {stats.models}/{len(models.rows)} models, {stats.thumbnails_ok} thumbnails")
-    _import_likes(engine, folder / "model_likes_anon.psv", [row.mid for row in models.rows], now, stats, progress)
+        _import_likes(conn, folder / "model_likes_anon.psv", [row.mid for row in models.rows], now, stats,
+                      progress)
     progress(f"import done: {stats.models} models, {stats.likes} likes, thumbnails ok={stats.thumbnails_ok} "
              f"missing={stats.thumbnails_missing} failed={stats.thumbnails_failed}, {stats.bad_rows} bad rows, "
              f"{stats.duplicates} duplicates dropped")
@@ -133,41 +136,40 @@ def _bad_row(stats: ImportStats, problem: str) -> None:
     log.warning("%s", problem)
 
 
-def _import_likes(engine: Engine, path: Path, mids: list[str], now: datetime, stats: ImportStats,
+def _import_likes(conn: Connection, path: Path, mids: list[str], now: datetime, stats: ImportStats,
                   progress: Callable[[str], None]) -> None:
     """Stream the likes file into a temp table, then, in the same transaction, make each listed
     model's likers exactly the file's (deduplicated; likes of unlisted models counted and left
     out) and count them into ``like_count``."""
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TEMPORARY TABLE import_models (mid VARCHAR(32) PRIMARY KEY)"))
-        conn.execute(text("CREATE TEMPORARY TABLE import_likes (mid VARCHAR(32) NOT NULL, uid VARCHAR(64) NOT NULL)"))
-        _stage(conn, "import_models", ((mid,) for mid in mids))
-        block: list[tuple[str, str]] = []
-        staged = 0
-        for row in iter_likes(path, stream=True):
-            if isinstance(row, str):
-                _bad_row(stats, row)
-                continue
-            block.append((row.mid, row.uid))
-            if len(block) >= LIKES_BLOCK:
-                staged += _stage(conn, "import_likes", block)
-                block = []
-                progress(f"import: {staged} likes read")
-        staged += _stage(conn, "import_likes", block)
-        unknown = conn.execute(text("SELECT count(*) FROM import_likes s WHERE NOT EXISTS "
-                                    "(SELECT 1 FROM import_models m WHERE m.mid = s.mid)")).scalar_one()
-        distinct = conn.execute(text("SELECT count(*) FROM (SELECT DISTINCT mid, uid FROM import_likes) d"))\
-            .scalar_one()
-        conn.execute(text("DELETE FROM likes WHERE mid IN (SELECT mid FROM import_models)"))
-        conn.execute(text("INSERT INTO likes (mid, uid) SELECT DISTINCT s.mid, s.uid FROM import_likes s "
-                          "JOIN import_models m ON m.mid = s.mid"))
-        conn.execute(text("UPDATE models SET like_count = (SELECT count(*) FROM likes l WHERE l.mid = models.mid), "
-                          "likes_complete = :done, likes_reason = NULL, likes_fetched_at = :now "
-                          "WHERE mid IN (SELECT mid FROM import_models)"), {"done": True, "now": now})
-        stats.likes = conn.execute(text("SELECT count(*) FROM likes WHERE mid IN (SELECT mid FROM import_models)"))\
-            .scalar_one()
-        conn.execute(text("DROP TABLE import_likes"))
-        conn.execute(text("DROP TABLE import_models"))
+    conn.execute(text("CREATE TEMPORARY TABLE import_models (mid VARCHAR(32) PRIMARY KEY)"))
+    conn.execute(text("CREATE TEMPORARY TABLE import_likes (mid VARCHAR(32) NOT NULL, uid VARCHAR(64) NOT NULL)"))
+    _stage(conn, "import_models", ((mid,) for mid in mids))
+    block: list[tuple[str, str]] = []
+    staged = 0
+    for row in iter_likes(path, stream=True):
+        if isinstance(row, str):
+            _bad_row(stats, row)
+            continue
+        block.append((row.mid, row.uid))
+        if len(block) >= LIKES_BLOCK:
+            staged += _stage(conn, "import_likes", block)
+            block = []
+            progress(f"import: {staged} likes read")
+    staged += _stage(conn, "import_likes", block)
+    unknown = conn.execute(text("SELECT count(*) FROM import_likes s WHERE NOT EXISTS "
+                                "(SELECT 1 FROM import_models m WHERE m.mid = s.mid)")).scalar_one()
+    distinct = conn.execute(text("SELECT count(*) FROM (SELECT DISTINCT mid, uid FROM import_likes) d"))\
+        .scalar_one()
+    conn.execute(text("DELETE FROM likes WHERE mid IN (SELECT mid FROM import_models)"))
+    conn.execute(text("INSERT INTO likes (mid, uid) SELECT DISTINCT s.mid, s.uid FROM import_likes s "
+                      "JOIN import_models m ON m.mid = s.mid"))
+    conn.execute(text("UPDATE models SET like_count = (SELECT count(*) FROM likes l WHERE l.mid = models.mid), "
+                      "likes_complete = :done, likes_reason = NULL, likes_fetched_at = :now "
+                      "WHERE mid IN (SELECT mid FROM import_models)"), {"done": True, "now": now})
+    stats.likes = conn.execute(text("SELECT count(*) FROM likes WHERE mid IN (SELECT mid FROM import_models)"))\
+        .scalar_one()
+    conn.execute(text("DROP TABLE import_likes"))
+    conn.execute(text("DROP TABLE import_models"))
     stats.duplicates += staged - distinct
     stats.likes_of_unknown_models = int(unknown)
     if unknown:

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from recsketch.errors import BadInputError
-from recsketch.ids import is_model_id
+from recsketch.ids import is_model_id, uid_problem
 from recsketch.timestamps import parse_utc
 
 
@@ -173,7 +173,7 @@ def read_models(path: Path) -> ReadResult:
         if isinstance(fields, str):
             result.problems.append(fields)
             continue
-        name, mid = fields[0], fields[1]
+        name, mid = fields[0].replace("\x00", ""), fields[1]  # PostgreSQL's text holds no NUL
         if not is_model_id(mid):
             result.problems.append(f"{path}:{line}: {mid!r} is not a model id")
             continue
@@ -200,8 +200,8 @@ def iter_likes(path: Path, *, stream: bool = False) -> Iterator[LikeRow | str]:
         if not is_model_id(mid):
             yield f"{path}:{line}: {mid!r} is not a model id"
             continue
-        if not uid:
-            yield f"{path}:{line}: empty uid"
+        if (problem := uid_problem(uid)) is not None:
+            yield f"{path}:{line}: {problem}"
             continue
         liked_at = _optional_time(fields, 3, "liked_at", f"{path}:{line}")
         if isinstance(liked_at, str):

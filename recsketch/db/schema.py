@@ -19,6 +19,8 @@ from sqlalchemy import (
     Text,
 )
 
+from recsketch.ids import MAX_UID_LENGTH
+
 metadata = MetaData()
 
 models = Table(
@@ -46,7 +48,7 @@ likes = Table(
     "likes",
     metadata,
     Column("mid", String(32), nullable=False),
-    Column("uid", String(64), nullable=False),
+    Column("uid", String(MAX_UID_LENGTH), nullable=False),
     PrimaryKeyConstraint("mid", "uid", name="likes_pkey"),
 )
 

@@ -6,6 +6,7 @@ import csv
 import io
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -16,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from recsketch.config import normalise_database_url
 from recsketch.db import migrate
 from recsketch.db.schema import (
     SIMILAR_MODELS_VIEW,
@@ -131,7 +133,9 @@ class _BlockStream(io.RawIOBase):
 
 
 def engine_for(url: str) -> Engine:
-    """An engine, nothing checked or created. SQLite gets WAL so readers never block a load."""
+    """An engine, nothing checked or created. SQLite gets WAL so readers never block a load;
+    a bare ``postgresql://`` gets the driver the project uses (``config.normalise_database_url``)."""
+    url = normalise_database_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60})
@@ -182,14 +186,20 @@ def _batches(rows: Sequence[dict], size: int = BATCH_ROWS) -> Iterable[Sequence[
         yield rows[start : start + size]
 
 
-def upsert_models(engine: Engine, rows: Sequence[dict]) -> None:
+def transaction(bind: Engine | Connection) -> AbstractContextManager[Connection]:
+    """A transaction of its own on an engine, or the caller's on a connection (which commits or
+    rolls back everything it did together: ``recsketch import``)."""
+    return nullcontext(bind) if isinstance(bind, Connection) else bind.begin()
+
+
+def upsert_models(bind: Engine | Connection, rows: Sequence[dict]) -> None:
     """Insert or update models by mid; columns absent from a row are left as stored."""
     if not rows:
         return
     by_columns: dict[tuple[str, ...], list[dict]] = {}
     for row in rows:  # a multi-row INSERT needs the same columns in every row
         by_columns.setdefault(tuple(sorted(row)), []).append(row)
-    with engine.begin() as conn:
+    with transaction(bind) as conn:
         insert = insert_for(conn)
         for columns, group in by_columns.items():
             for batch in _batches(group):

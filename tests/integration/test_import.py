@@ -141,3 +141,47 @@ def test_importing_likes_holds_a_block_not_the_file(tmp_path: Path, pg_url: str,
         tracemalloc.stop()
     assert stats.likes == 200_000 and stats.models == len(mids)
     assert streamed < whole / 4, f"streamed import peak {streamed / 1e6:.1f} MB, whole file {whole / 1e6:.1f} MB"
+
+
+def test_a_postgresql_url_as_users_type_it_imports_whole_and_a_failed_import_changes_nothing(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``postgresql://`` (SQLAlchemy 2.1 gives it psycopg 3, without copy_expert: it stored the
+    models, then died before the likes) works; an import that fails half-way leaves the catalogue
+    as it was; a liker the DB cannot hold costs its row (issue 37)."""
+    from sqlalchemy.engine import make_url
+
+    import recsketch.importer as importer
+
+    typed = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    assert typed.startswith("postgresql://")
+    folder = tmp_path / "catalog"
+    a, b = (f"{i:032x}" for i in range(2))
+    _write_folder(folder, 2, [(a, "u1"), (a, "x" * 65), (b, "u2"), (b, "bell\x07")])
+    settings = Settings(data_dir=tmp_path / "data", database_url=typed)
+    assert settings.resolved_database_url.startswith("postgresql+psycopg2://")
+    stats = import_folder(settings, folder, progress=lambda _: None)
+    assert (stats.models, stats.likes, stats.bad_rows) == (2, 2, 2)
+    assert any("65 characters, over the 64" in p for p in stats.problems)
+    assert any("control characters" in p for p in stats.problems)
+    engine = store.connect(pg_url)
+    before = sorted(store.read_likes(engine))
+    assert before == [(a, "u1"), (b, "u2")]
+    _write_folder(folder, 3, [(a, "u3"), (f"{2:032x}", "u4")])  # a third model, other likes
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(importer, "_import_likes", broken)
+    with pytest.raises(RuntimeError, match="disk filled"):
+        import_folder(settings, folder, progress=lambda _: None)
+    with engine.connect() as conn:  # the third model's upsert went back with the rest
+        assert conn.execute(select(func.count()).select_from(models)).scalar_one() == 2
+    assert sorted(store.read_likes(engine)) == before
+
+
+def test_other_postgresql_drivers_are_refused_in_one_line() -> None:
+    from recsketch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"names the driver 'psycopg'.*use postgresql://"):
+        Settings(database_url="postgresql+psycopg://u@127.0.0.1/x")
+    assert Settings(database_url="postgres://u@127.0.0.1/x").database_url == "postgresql+psycopg2://u@127.0.0.1/x"
