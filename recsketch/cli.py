@@ -19,6 +19,7 @@ from typing import Any
 
 from recsketch.config import BACKBONES, Settings
 from recsketch.errors import ConfigError, InvalidModelId, RecsketchError, UnknownModel
+from recsketch.ids import printable
 from recsketch.stages import STEPS, Option, Step, run_options
 from recsketch.timestamps import parse_utc
 
@@ -200,7 +201,7 @@ def _similar(settings: Settings, mid: str, top_k: int | None, as_json: bool, met
         print(json.dumps(results))
     else:
         for row in results:
-            print(f"{row['rank']:3d}  {row['score']:.4f}  {row['mid']}  {row['name']}")
+            print(f"{row['rank']:3d}  {row['score']:.4f}  {row['mid']}  {printable(row['name'])}")
     return 0
 
 
@@ -307,9 +308,9 @@ def _show(settings: Settings, models: int, top_k: int) -> int:
                      "ORDER BY r.mid LIMIT :n")  # mids are random: a spread of models
         picked = conn.execute(query, {"n": models}).all()
     for mid, name in picked:
-        print(f"\n{name}  [{mid}]")
+        print(f"\n{printable(name).replace(chr(10), ' ')}  [{mid}]")
         for row in store.similar(engine, mid, top_k):
-            print(f"  {row['rank']}. {row['score']:.3f}  {row['name']}")
+            print(f"  {row['rank']}. {row['score']:.3f}  {printable(row['name']).replace(chr(10), ' ')}")
     return 0
 
 
@@ -364,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         handler, kwargs = invocation(args)
         return handler(**kwargs)
     except (UnknownModel, InvalidModelId, ConfigError) as exc:
-        print(f"recsketch: {exc}", file=sys.stderr)
+        print(f"recsketch: {printable(exc)}", file=sys.stderr)
         return 2
     except RecsketchError as exc:
-        print(f"recsketch: error: {exc}", file=sys.stderr)
+        print(f"recsketch: error: {printable(exc)}", file=sys.stderr)
         return 1
 
 

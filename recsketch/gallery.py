@@ -30,7 +30,7 @@ from recsketch.crawl import thumbnail_path
 from recsketch.db import store
 from recsketch.db.schema import models, runs
 from recsketch.errors import InvalidModelId, RecsketchError, UnknownModel
-from recsketch.ids import is_model_id, validate_model_id
+from recsketch.ids import is_model_id, validate_model_id, viewer_url
 from recsketch.storage import local_path
 
 MAX_TOP_K = 100
@@ -90,7 +90,9 @@ class Gallery:
         return store.models_with_recommendations(self.engine, limit)
 
     def similar(self, mid: str, top_k: int, method: str = "visual") -> list[dict]:
-        return store.similar(self.engine, mid, top_k, links=True, method=method)
+        """The live run's list, each model's Sketchfab page a link we trust (``ids.viewer_url``)."""
+        return [{**row, "viewer_url": viewer_url(row.get("viewer_url"), row["mid"])}
+                for row in store.similar(self.engine, mid, top_k, links=True, method=method)]
 
     def metrics(self, limit: int = 30) -> list[dict]:
         return store.metrics_history(self.engine, limit)
@@ -117,6 +119,18 @@ def _page(title: str, body: str) -> str:
 def _thumb(mid: str, name: str, size: int = 200) -> str:
     return (f'<img src="thumbs/{quote(mid)}.jpg" alt="{escape(name)}" width="{size}" height="{size}" '
             f'loading="lazy" data-mid="{escape(mid)}">')
+
+
+IMAGE_TYPES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
+               (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
+
+
+def image_type(head: bytes) -> str:
+    """A stored thumbnail's real type from its first bytes (any format the crawl accepts is
+    stored as it came); a type no browser should render is served as bytes."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in IMAGE_TYPES if head.startswith(magic)), "application/octet-stream")
 
 
 def _link(mid: str, label: str, method: str = "visual") -> str:
@@ -219,14 +233,13 @@ def render_gallery(gallery: Gallery, q: str | None, top_k: int, method: str = "v
         return 404, _page("recsketch", form + run_line + f'<p class="error">{escape(str(exc))}</p>')
     model = gallery.model(mid) or {"name": mid, "viewer_url": None}
     title = escape(model["name"])
-    if model.get("viewer_url"):
-        title = f'<a href="{escape(model["viewer_url"])}" target="_blank" rel="noopener">{title}</a>'
+    title = f'<a href="{escape(viewer_url(model.get("viewer_url"), mid))}" target="_blank" rel="noopener">{title}</a>'
     query = (f'<div class="query">{_thumb(mid, model["name"])}<div><h2>{title}</h2>'
              f'<code>{escape(mid)}</code></div></div>')
     cells = []
     for r in results:
-        sketchfab = (f' · <a href="{escape(r["viewer_url"])}" target="_blank" rel="noopener">Sketchfab</a>'
-                     if r.get("viewer_url") else "")
+        sketchfab = (f' · <a href="{escape(viewer_url(r.get("viewer_url"), r["mid"]))}" target="_blank" '
+                     'rel="noopener">Sketchfab</a>')
         cells.append(f'<figure class="rec" data-rank="{r["rank"]}">{_thumb(r["mid"], r["name"] or r["mid"])}'
                      f'<figcaption>{r["rank"]}. {_link(r["mid"], r["name"] or r["mid"], method)}{sketchfab}<br>'
                      f'<span class="score">score {r["score"]:.3f}</span></figcaption></figure>')
@@ -270,16 +283,18 @@ def create_app(settings_factory: Callable[[], Settings], authenticate: Callable[
             path = thumbnail_path(gallery.settings, validate_model_id(mid, source="thumbnail name"))
         except InvalidModelId as exc:
             raise HTTPException(400, str(exc)) from None
-        headers = {"Cache-Control": "private, max-age=3600"}
+        headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
         if (local := local_path(path)) is not None:
             if not local.is_file():
                 raise HTTPException(404, f"no thumbnail stored for {mid}")
-            return FileResponse(local, media_type="image/jpeg", headers=headers)
+            with local.open("rb") as handle:
+                head = handle.read(16)
+            return FileResponse(local, media_type=image_type(head), headers=headers)
         try:  # an object store: one GET, off the event loop
             body = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             raise HTTPException(404, f"no thumbnail stored for {mid}") from None
-        return Response(body, media_type="image/jpeg", headers=headers)
+        return Response(body, media_type=image_type(body[:16]), headers=headers)
 
     @app.exception_handler(RecsketchError)
     async def recsketch_error(_request: Any, exc: RecsketchError) -> HTMLResponse:

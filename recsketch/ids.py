@@ -41,3 +41,32 @@ def run_folder_name(run_id: str) -> str:
     """A run's folder name under ``<data dir>/runs/``: its id reduced to characters that are
     safe in a path or an object key (an Airflow run id holds ``:`` and ``+``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._") or "run"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but tab and newline), DEL, C1: escapes, bells
+
+
+def printable(text: object) -> str:
+    """Text from the API or a data file made safe for a terminal: control characters (escape
+    sequences, bells, carriage returns) become U+FFFD, so a model name cannot drive the screen."""
+    return _CONTROL.sub("\ufffd", str(text))
+
+
+SKETCHFAB_MODEL_URL = "https://sketchfab.com/3d-models/{mid}"
+
+
+def viewer_url(stored: str | None, mid: str) -> str:
+    """The model's page to link to: the stored ``viewerUrl`` only when it is an https URL on
+    sketchfab.com (the API's word is not trusted for a link: ``javascript:`` and ``data:`` were
+    rendered as links), else the page built from its id."""
+    from urllib.parse import urlsplit
+
+    if stored:
+        try:
+            parts = urlsplit(stored)
+        except ValueError:
+            parts = None
+        if parts is not None and parts.scheme == "https" and parts.hostname == "sketchfab.com" \
+                and parts.port is None and not parts.username and not parts.password:
+            return stored
+    return SKETCHFAB_MODEL_URL.format(mid=validate_model_id(mid))

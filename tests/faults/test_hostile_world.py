@@ -98,3 +98,53 @@ def test_a_batch_with_hostile_pictures_embeds_the_rest(tmp_path: Path) -> None:
     assert set(failed) == {"strip", "dds", "html"} and "is a strip" in failed["strip"]
     assert "decoder failed" in failed["dds"] and "not a decodable image" in failed["html"]
     assert set(versions) == set(files)
+
+
+A, B = "a" * 32, "b" * 32
+
+
+def test_the_gallery_links_only_to_sketchfab_and_serves_thumbnails_as_what_they_are(tmp_path: Path) -> None:
+    """A stored viewerUrl of javascript: or data: was rendered as a link; every thumbnail was
+    served as image/jpeg, without nosniff (issue 37 part 8)."""
+    from fastapi.testclient import TestClient
+
+    from recsketch.config import Settings
+    from recsketch.crawl import thumbnail_path
+    from recsketch.db import store
+    from recsketch.gallery import create_app
+
+    engine = store.connect(f"sqlite:///{tmp_path / 'recsketch.sqlite'}")
+    store.upsert_models(engine, [{"mid": A, "name": "A", "viewer_url": "javascript:alert(document.domain)"},
+                                 {"mid": B, "name": "B", "viewer_url": "data:text/html,<b>x</b>"}])
+    store.load_recommendations(engine, "run", "bb", 1, [(A, 1, B, 0.9), (B, 1, A, 0.9)])
+    settings = Settings(data_dir=tmp_path)
+    client = TestClient(create_app(lambda: settings, authenticate=lambda: None))
+    page = client.get("/", params={"q": A}).text
+    assert "javascript:" not in page and "data:text" not in page
+    assert all(f'href="https://sketchfab.com/3d-models/{mid}"' in page for mid in (A, B))
+    assert client.get(f"/api/similar/{A}").json()[0]["viewer_url"] == f"https://sketchfab.com/3d-models/{B}"
+    stored = thumbnail_path(settings, A)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(png(64, 64))  # a PNG stored under .jpg, as the crawl keeps what came
+    answer = client.get(f"/thumbs/{A}.jpg")
+    assert answer.headers["content-type"] == "image/png" and answer.headers["x-content-type-options"] == "nosniff"
+    stored.write_bytes(b"<html><script>alert(1)</script></html>")
+    assert client.get(f"/thumbs/{A}.jpg").headers["content-type"] == "application/octet-stream"
+
+
+def test_names_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    """``similar`` and ``show`` printed escape and bell sequences from names raw."""
+    import os
+
+    from recsketch.db import store
+
+    engine = store.connect(f"sqlite:///{tmp_path / 'recsketch.sqlite'}")
+    store.upsert_models(engine, [{"mid": A, "name": "\x1b]0;pwned\x07\x1b[2J clear"}, {"mid": B, "name": "b\rB"}])
+    store.load_recommendations(engine, "run", "bb", 1, [(A, 1, B, 0.9), (B, 1, A, 0.9)])
+    env = {**os.environ, "RECSKETCH_DATA_DIR": str(tmp_path)}
+    for command in (["similar", B], ["show", "--models", "2"]):
+        done = subprocess.run([sys.executable, "-m", "recsketch.cli", *command], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\r" not in done.stdout
+        assert "pwned" in done.stdout  # the name is shown, its controls are not
