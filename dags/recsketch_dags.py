@@ -60,6 +60,10 @@ PARAMS = {
 # not a setting: load this run even if it fails the quality gate
 FORCE = Param(False, type="boolean", description="load even if the run measures worse than the live one "
                                                  "(the quality gate, RECSKETCH_GATE_MIN_RATIO)")
+# not a setting: an operator's word that a mass deletion the crawl refused is real
+CONFIRM_DELETIONS = Param(False, type="boolean",
+                          description="delete the models the listing no longer shows even if they are more than "
+                                      "RECSKETCH_MAX_DELETION_SHARE of the catalogue")
 
 
 def _run(task: stages.Task, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
@@ -98,6 +102,7 @@ def _run(task: stages.Task, *args: object, **kwargs: object):  # type: ignore[no
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     tags=["recsketch", "sketchfab", "crawl"],
+    params={"confirm_deletions": CONFIRM_DELETIONS},
     doc_md=__doc__,
 )
 def recsketch() -> None:
@@ -112,7 +117,7 @@ def recsketch() -> None:
         if getattr(run_type, "value", run_type) == "backfill":
             return _run(stages.CRAWL, published_since=context["data_interval_start"],
                               published_before=context["data_interval_end"])
-        return _run(stages.CRAWL)
+        return _run(stages.CRAWL, confirm_deletions=bool(context["params"].get("confirm_deletions")))
 
     @task(outlets=[CATALOGUE])
     def publish_catalogue(stats: dict) -> dict:

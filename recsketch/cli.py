@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
     serve.add_argument("--now", type=parse_utc, default=None,
                        help="the server's clock: models and likes after it are hidden (POST /_clock?now= moves it)")
+    serve.add_argument("--test-controls", action="store_true",
+                       help="allow the test controls: the fault switches, POST /_clock and POST /_reload (never on a "
+                            "server anyone else can reach)")
     serve.add_argument("--thumbnail-url", default=None,
                        help="base URL of another host that serves the thumbnails (e.g. a second serve-sketchfab)")
 
@@ -149,14 +152,20 @@ def settings_for(backbone: str | None = None, top_k: int | None = None, min_like
 
 def _serve(folder: Path, host: str, port: int, fault_429: float, retry_after: float | None, fault_5xx: float,
            fault_truncate: float, fault_bad_json: float, latency_ms: float, seed: int, now: datetime | None,
-           thumbnail_url: str | None) -> int:
+           thumbnail_url: str | None, test_controls: bool = False) -> int:
     from recsketch.sketchfab.server import Catalog, Faults, SketchfabServer
 
+    switched = [name for name, value in (("--fault-429", fault_429), ("--fault-5xx", fault_5xx),
+                                         ("--fault-truncate", fault_truncate), ("--fault-bad-json", fault_bad_json),
+                                         ("--latency-ms", latency_ms)) if value]
+    if switched and not test_controls:
+        raise ConfigError(f"{', '.join(switched)} are test controls: start the server with --test-controls too")
     faults = Faults(rate_429=fault_429, retry_after=retry_after, rate_5xx=fault_5xx, rate_truncate=fault_truncate,
                     rate_bad_json=fault_bad_json, latency_s=latency_ms / 1000.0, seed=seed)
     catalog = Catalog(folder)
     server = SketchfabServer(catalog, (host, port), faults, now=now,
-                             thumbnail_url=thumbnail_url.rstrip("/") if thumbnail_url else None)
+                             thumbnail_url=thumbnail_url.rstrip("/") if thumbnail_url else None,
+                             test_controls=test_controls)
     print(f"serving {len(catalog.models)} models from {folder} at {server.url}", flush=True)
     try:
         server.serve_forever()

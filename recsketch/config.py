@@ -136,6 +136,7 @@ class Settings(BaseModel):
     gate_min_ratio: float = Field(0.9, ge=0)  # load refuses a method below this x a kept run's (95 %); 0: off
     gate_min_ndcg: float = Field(0.0, ge=0)  # and below this served NDCG@10 (0: no absolute floor)
     gate_min_users: int = Field(30, ge=0)  # with fewer held-out users the gate warns and loads
+    max_deletion_share: float = Field(0.05, ge=0, le=1)  # a crawl that would delete more of the catalogue deletes none
     eval_max_users: int = Field(10_000, ge=1)  # users the evaluate stage ranks for (sampled)
     keep_runs: int = Field(7, ge=1)  # run folders of each kind retention keeps (recsketch gc), beside live/in flight
     compaction_grace_s: float = Field(3600.0, ge=0)  # a retired chunk file outlives any reader of the manifest

@@ -61,6 +61,7 @@ class CrawlStats:
     bad_model_entries: int = 0
     models_deleted: int = 0  # gone from a full listing and 404 on their own page: deleted with their likes
     deletions_unconfirmed: int = 0  # gone from the listing, but their page did not answer 404 (kept)
+    deletions_refused: int = 0  # gone from the listing, too many to be real (RECSKETCH_MAX_DELETION_SHARE): kept
     likes: int = 0
     likes_failed: int = 0
     thumbnails_ok: int = 0
@@ -188,6 +189,7 @@ def crawl(
     run_dir: Location | None = None,
     progress: Callable[[str], None] = log.info,
     now: datetime | None = None,
+    confirm_deletions: bool = False,
 ) -> CrawlStats:
     """Crawl the models published in [since, before) (all models when no window is given).
 
@@ -195,7 +197,9 @@ def crawl(
     end, so a past day costs its own models plus at most one page. After each page is stored,
     the next page's URL is saved, so a crawl killed mid-way goes on from the page it was on.
     Models of the window whose likes or thumbnail failed in an earlier crawl are retried at
-    the end. ``now`` (default: the clock) dates the fetched likers.
+    the end. ``now`` (default: the clock) dates the fetched likers. A whole listing that no
+    longer shows more than RECSKETCH_MAX_DELETION_SHARE of the stored models deletes none of
+    them unless ``confirm_deletions`` (an outage answering an empty listing looks like that).
     """
     started = time.monotonic()
     now = now or datetime.now(UTC)
@@ -256,7 +260,7 @@ def crawl(
                 break
         _repair(settings, engine, client, pool, index, published_since, published_before, seen, stats, now)
     if full_listing:  # a backfill or a resumed crawl saw part of the catalogue: it deletes nothing
-        _delete_vanished(settings, engine, client, listed, stats, progress)
+        _delete_vanished(settings, engine, client, listed, stats, progress, confirm_deletions)
     stats.http = client.stats.as_dict()
     stats.duration_s = round(time.monotonic() - started, 3)
     refreshed = ", ".join(f"{reason}={n}" for reason, n in sorted(stats.likes_refreshed.items())) or "none"
@@ -273,13 +277,29 @@ def crawl(
     return stats
 
 
+MIN_DELETIONS_ALLOWED = 10  # a small catalogue may always lose this many models in a day
+
+
 def _delete_vanished(settings: Settings, engine: Engine, client: SketchfabClient, listed: set[str],
-                     stats: CrawlStats, progress: Callable[[str], None]) -> None:
+                     stats: CrawlStats, progress: Callable[[str], None], confirmed: bool = False) -> None:
     """Stored models that a whole listing no longer shows are asked for by their own page;
     those that answer 404 are deleted with their likes and their thumbnail file (by its exact
-    key). Any other answer keeps the model."""
-    vanished = sorted(store.stored_model_ids(engine) - listed)
+    key). Any other answer keeps the model. More of them than RECSKETCH_MAX_DELETION_SHARE of
+    the catalogue (at least ``MIN_DELETIONS_ALLOWED``) deletes nothing unless ``confirmed``."""
+    stored = store.stored_model_ids(engine)
+    vanished = sorted(stored - listed)
     if not vanished:
+        return
+    allowed = max(MIN_DELETIONS_ALLOWED, settings.max_deletion_share * len(stored))
+    if len(vanished) > allowed and not confirmed:
+        stats.deletions_refused = len(vanished)
+        message = (f"crawl: {len(vanished)} of the {len(stored)} stored models are no longer listed, more than "
+                   f"RECSKETCH_MAX_DELETION_SHARE={settings.max_deletion_share} of the catalogue: NOTHING was "
+                   "deleted (an outage or an API answering an empty listing looks like this). If Sketchfab really "
+                   "deleted them, crawl again with --confirm-deletions (the DAG param confirm_deletions)")
+        log.error("%s", message)
+        stats.problems.append(message)
+        progress(message)
         return
     gone = []
     for mid in vanished:

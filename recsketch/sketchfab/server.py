@@ -284,6 +284,8 @@ class SketchfabHandler(BaseHTTPRequestHandler):
         from the folder then answers 404). Neither is Sketchfab's."""
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if not self.server.test_controls:  # one unauthenticated POST /_clock emptied a crawl's listing
+            return self._error(HTTPStatus.NOT_FOUND, "Not found.")
         if url.path == "/_reload":
             try:
                 self.server.catalog = Catalog(self.server.catalog.folder)
@@ -425,9 +427,10 @@ class SketchfabServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, catalog: Catalog, address: tuple[str, int], faults: Faults = Faults(), *,
-                 now: datetime | None = None, thumbnail_url: str | None = None):
+                 now: datetime | None = None, thumbnail_url: str | None = None, test_controls: bool = False):
         super().__init__(address, SketchfabHandler)
         self.catalog = catalog
+        self.test_controls = test_controls  # POST /_clock and /_reload answer only when started to allow them
         self.faults = faults
         self.now = now  # the server's clock: models and likes after it are hidden; None: show all
         self.thumbnail_url = thumbnail_url  # another host that serves the thumbnails, if any
@@ -468,9 +471,10 @@ class SketchfabServer(ThreadingHTTPServer):
 
 def start_in_thread(folder: Path | Catalog, host: str = "127.0.0.1", port: int = 0,
                     faults: Faults = Faults(), *, now: datetime | None = None,
-                    thumbnail_url: str | None = None) -> SketchfabServer:
+                    thumbnail_url: str | None = None, test_controls: bool = False) -> SketchfabServer:
     """Start a server on a background thread (tests, the demo); ``server.shutdown()`` stops it."""
     catalog = folder if isinstance(folder, Catalog) else Catalog(folder)
-    server = SketchfabServer(catalog, (host, port), faults, now=now, thumbnail_url=thumbnail_url)
+    server = SketchfabServer(catalog, (host, port), faults, now=now, thumbnail_url=thumbnail_url,
+                             test_controls=test_controls)
     threading.Thread(target=server.serve_forever, name="sketchfab-server", daemon=True).start()
     return server

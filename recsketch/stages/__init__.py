@@ -109,9 +109,13 @@ PUBLISHED_SINCE = Option("--published-since", "published_since",
 PUBLISHED_BEFORE = Option("--published-before", "published_before",
                           "crawl only models published before this time (ISO 8601, UTC)", "timestamp")
 
+CONFIRM_DELETIONS = Option("--confirm-deletions", "confirm_deletions",
+                           "delete the models a whole listing no longer shows even if they are more than "
+                           "RECSKETCH_MAX_DELETION_SHARE of the catalogue", "flag")
+
 STEPS: tuple[Step, ...] = (
     Step("crawl", "stage 1: crawl the API into the catalogue", finish=CRAWL,
-         options=(PUBLISHED_SINCE, PUBLISHED_BEFORE), needs_db=True),
+         options=(PUBLISHED_SINCE, PUBLISHED_BEFORE, CONFIRM_DELETIONS), needs_db=True),
     Step("threshold", "stage 2: the like threshold", finish=THRESHOLD, needs_db=True),
     Step("plan", "stage 3a: plan feature chunks", plan=PLAN_CHUNKS),
     Step("extract", "stage 3b: extract planned chunks", plan=PLANNED_EXTRACT_TASKS, each=EXTRACT,

@@ -16,7 +16,7 @@ from recsketch.storage import Location
 
 def crawl_stage(settings: Settings, folder: Location, *, published_since: datetime | None = None,
                 published_before: datetime | None = None, progress: Progress = log.info,
-                now: datetime | None = None) -> dict:
+                now: datetime | None = None, confirm_deletions: bool = False) -> dict:
     """Crawl the API within the deployment's one request budget (RECSKETCH_RATE_LIMIT, shared
     through the catalogue DB by every worker); ``published_since``/``before`` bound the models
     listed (a backfill's day). Returns the crawl's statistics, without the problem list."""
@@ -33,7 +33,8 @@ def crawl_stage(settings: Settings, folder: Location, *, published_since: dateti
                              allow_private_addresses=settings.allow_private_addresses)
     try:
         stats = crawl(settings, engine, client, published_since=published_since,
-                      published_before=published_before, run_dir=folder, progress=progress, now=now)
+                      published_before=published_before, run_dir=folder, progress=progress, now=now,
+                      confirm_deletions=confirm_deletions)
     finally:
         client.close()
     return {k: v for k, v in stats.as_dict().items() if k != "problems"}

@@ -61,3 +61,30 @@ def test_a_deleted_model_is_served_nowhere_and_nothing_else_is_deleted(demo_cata
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_outage_that_lists_nothing_deletes_nothing_until_an_operator_confirms(demo_catalog: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 37: an API answering an empty listing and 404s (one POST /_clock did it) deleted the
+    whole catalogue. More than RECSKETCH_MAX_DELETION_SHARE gone in one crawl deletes nothing
+    and says so; --confirm-deletions (the DAG param confirm_deletions) deletes them."""
+    catalog = Catalog(demo_catalog)
+    server = start_in_thread(catalog)
+    try:
+        settings = Settings(data_dir=tmp_path / "data", sketchfab_url=server.url, http_retries=1)
+        crawl_stage(settings, run_dir(settings, "day-1"), progress=lambda _: None)
+        engine = store.connect(settings.resolved_database_url)
+        before = store.stored_model_ids(engine)
+        gone = sorted(before)[:20]  # 20 of ~75: past 5 % and past the 10 always allowed
+        for mid in gone:
+            catalog.remove(mid)
+        lines: list[str] = []
+        stats = crawl_stage(settings, run_dir(settings, "day-2"), progress=lines.append)
+        assert stats["models_deleted"] == 0 and stats["deletions_refused"] == 20
+        assert store.stored_model_ids(engine) == before
+        assert any("NOTHING was deleted" in line and "--confirm-deletions" in line for line in lines), lines
+        stats = crawl_stage(settings, run_dir(settings, "day-3"), progress=lambda _: None, confirm_deletions=True)
+        assert stats["models_deleted"] == 20 and store.stored_model_ids(engine) == before - set(gone)
+    finally:
+        server.shutdown()
+        server.server_close()

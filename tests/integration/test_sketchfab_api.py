@@ -172,7 +172,10 @@ def test_the_clock_hides_later_models_and_likes(tmp_path: Path, serve) -> None:
               [("A", a, "2026-01-01T10:00:00"), ("B", b, "2026-01-03T10:00:00")])
     write_psv(tmp_path / "model_likes_anon.psv", ("modelname", "mid", "uid", "liked_at"),
               [("A", a, "u1", "2026-01-01T12:00:00"), ("A", a, "u2", "2026-01-02T12:00:00"), ("B", b, "u1", "")])
-    server = serve(tmp_path, now=datetime(2026, 1, 2, tzinfo=UTC))
+    locked = serve(tmp_path, now=datetime(2026, 1, 2, tzinfo=UTC))  # started without --test-controls
+    assert requests.post(f"{locked.url}/_clock", params={"now": "2000-01-01"}, timeout=10).status_code == 404
+    assert requests.post(f"{locked.url}/_reload", timeout=10).status_code == 404
+    server = serve(tmp_path, now=datetime(2026, 1, 2, tzinfo=UTC), test_controls=True)
     client = SketchfabClient(server.url)
     listed = [m for page, _ in client.model_pages() for m in page]
     assert [(m["uid"], m["likeCount"]) for m in listed] == [(a, 1)]
@@ -222,7 +225,7 @@ def test_reload_reads_the_folder_again_a_removed_model_answers_404_and_a_new_thu
 
     folder = tmp_path / "catalog"
     shutil.copytree(demo_catalog, folder)
-    server = start_in_thread(folder)
+    server = start_in_thread(folder, test_controls=True)
     try:
         rows = read_models(folder / "model_urls.psv").rows
         gone, redrawn = rows[0].mid, rows[1].mid
