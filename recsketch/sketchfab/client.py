@@ -7,6 +7,7 @@ host, never along a redirect. Log lines and errors carry URLs, never headers.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -24,13 +25,16 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from recsketch.errors import ApiError, BadInputError, PermanentApiError, RetryAfterTooLong
-from recsketch.ids import validate_model_id
+from recsketch.ids import printable, uid_problem, validate_model_id
 from recsketch.timestamps import parse_utc
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 MAX_REDIRECTS = 5
+MAX_JSON_BYTES = 16 * 2**20  # an API answer, after decompression: a page of 24 models is ~100 KB
+MAX_MODEL_PAGES = 2_000_000  # listing pages one crawl reads (Sketchfab's catalogue: ~100 k at 24 a page)
+MAX_LIKES_PAGES = 20_000  # likers pages of one model (~480 k likers)
 USER_AGENT = "recsketch/0.1 (+https://github.com/recsketch)"
 
 
@@ -143,7 +147,11 @@ def parse_model(entry: object, thumbnail_min_side: int = 224) -> ModelInfo:
     name = entry.get("name")
     if not isinstance(name, str):
         raise BadInputError(f"model {mid}: name is {name!r}, expected a string")
+    if problem := _unstorable(name):
+        raise BadInputError(f"model {mid}: its name {problem}: quarantined")
     like_count = entry.get("likeCount")
+    if isinstance(like_count, int) and not isinstance(like_count, bool) and not 0 <= like_count < 2**31:
+        raise BadInputError(f"model {mid}: likeCount {like_count:.3g} is no count of likes: quarantined")
     thumbnails = entry.get("thumbnails") or {}
     images = thumbnails.get("images") if isinstance(thumbnails, dict) else None
     return ModelInfo(
@@ -151,10 +159,26 @@ def parse_model(entry: object, thumbnail_min_side: int = 224) -> ModelInfo:
         name=name,
         published_at=_timestamp(entry, "publishedAt", mid),
         like_count=like_count if isinstance(like_count, int) and not isinstance(like_count, bool) else None,
-        viewer_url=entry.get("viewerUrl") if isinstance(entry.get("viewerUrl"), str) else None,
+        viewer_url=entry.get("viewerUrl") if isinstance(entry.get("viewerUrl"), str) \
+        and not _unstorable(entry["viewerUrl"]) else None,
         thumbnail_url=pick_thumbnail(images if isinstance(images, list) else [], thumbnail_min_side),
         created_at=_timestamp(entry, "createdAt", mid),
     )
+
+
+MAX_NAME_LENGTH = 10_000  # a model name longer than this is no name
+
+
+def _unstorable(text: str) -> str | None:
+    """Why a text from the API cannot be stored (PostgreSQL's text holds no NUL; UTF-8 holds no
+    lone surrogate), or None."""
+    if "\x00" in text:
+        return "holds a NUL character"
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        return "holds a lone surrogate (not Unicode text)"
+    if len(text) > MAX_NAME_LENGTH:
+        return f"is {len(text):,} characters long"
+    return None
 
 
 def parse_page(payload: object, source: str) -> tuple[list[Any], str | None]:
@@ -186,13 +210,30 @@ def parse_likes_page(payload: object, mid: str) -> tuple[list[str], str | None]:
                                 f"{sorted(entry)[:8]}")
         if not isinstance(uid, str) or not uid:
             raise BadInputError(f"likes of {mid}: liker entry without a uid: {entry!r:.80}")
+        if (problem := uid_problem(uid) or _unstorable(uid)) is not None:
+            log.warning("likes of %s: a liker quarantined: %s", mid, printable(problem))
+            continue
         uids.append(uid)
     return uids, next_url
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL; a malformed port is None (no origin of ours has one)."""
     parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or ""), parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port
+    except ValueError:
+        return parts.scheme, (parts.hostname or ""), None
+    return parts.scheme, (parts.hostname or ""), port or (443 if parts.scheme == "https" else 80)
+
+
+def _allowed_origin(entry: str) -> tuple[str, str, int | None]:
+    """An allowed thumbnail host: ``scheme://host[:port]``, or a bare host name for https on 443."""
+    return _origin(entry) if "://" in entry else ("https", entry.lower(), 443)
+
+
+def _named(origin: tuple[str, str, int | None]) -> str:
+    return f"{origin[0]}://{origin[1]}:{origin[2]}"
 
 
 class SketchfabClient:
@@ -209,6 +250,7 @@ class SketchfabClient:
         backoff_cap: float = 30.0,
         retry_after_max: float = 300.0,
         timeout: float = 30.0,
+        deadline: float = 120.0,
         rate_limit: float | None = None,
         limiter: Limiter | None = None,
         pool_size: int = 16,
@@ -219,9 +261,9 @@ class SketchfabClient:
         self.api_url = api_url.rstrip("/")
         self.likes_url = (likes_url or api_url).rstrip("/")
         # the API's own hosts were configured by the operator: they may be private (a local server)
-        self.own_hosts = frozenset(h for h in (urlsplit(self.api_url).hostname, urlsplit(self.likes_url).hostname)
-                                   if h)
-        self.thumbnail_hosts = frozenset(thumbnail_hosts or ()) | self.own_hosts
+        self._api_origins = frozenset(_origin(u) for u in (self.api_url, self.likes_url))
+        # thumbnails: from the API's own origins, or the allowed hosts' (scheme, host and port all match)
+        self.thumbnail_origins = frozenset(_allowed_origin(h) for h in thumbnail_hosts or ()) | self._api_origins
         self.thumbnail_min_side = thumbnail_min_side
         self.allow_private_addresses = allow_private_addresses
         self.retries = retries
@@ -229,6 +271,7 @@ class SketchfabClient:
         self.backoff_cap = backoff_cap
         self.retry_after_max = retry_after_max
         self.timeout = timeout
+        self.deadline = deadline  # a whole request, however slowly its body drips in
         self.stats = ClientStats()
         self._limiter: Limiter = limiter or RateLimiter(rate_limit)
         self._session = requests.Session()
@@ -239,7 +282,6 @@ class SketchfabClient:
         self._session.trust_env = False  # no ~/.netrc credentials or proxies slipping into requests
         # the token is never a session header: it is added per request, to the API's origins only
         self._token = token
-        self._api_origins = frozenset(_origin(u) for u in (self.api_url, self.likes_url))
 
     def close(self) -> None:
         self._session.close()
@@ -260,10 +302,14 @@ class SketchfabClient:
             response = self._session.get(url, params=params, timeout=self.timeout, stream=True,
                                          allow_redirects=False, headers=self._headers(url, hop, authorize))
             if not (follow_redirects and response.is_redirect and response.headers.get("Location")):
-                _read_body(response, max_bytes)
+                _read_body(response, max_bytes, self.deadline)
                 return response
             response.close()
-            url, params = urljoin(response.url, response.headers["Location"]), None
+            target = urljoin(response.url, response.headers["Location"])
+            if _origin(target) not in self._api_origins:  # a listing answer comes from the API, or not at all
+                raise PermanentApiError(f"GET {url}: a redirect to {target[:200]!r}, outside the API's origins "
+                                        f"({', '.join(sorted(map(_named, self._api_origins)))}), refused")
+            url, params = target, None
         raise ApiError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 
     def get(self, url: str, params: dict[str, Any] | None = None, *, max_bytes: int | None = None,
@@ -319,8 +365,9 @@ class SketchfabClient:
         raise AssertionError("unreachable")
 
     def get_json(self, url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """GET a JSON object. A 4xx other than 429 is permanent (PermanentApiError, no retry)."""
-        response, payload = self._request(url, params, None, True, True, expect_json=True)
+        """GET a JSON object of at most MAX_JSON_BYTES (decompressed). A 4xx other than 429 is
+        permanent (PermanentApiError, no retry)."""
+        response, payload = self._request(url, params, MAX_JSON_BYTES, True, True, expect_json=True)
         if 400 <= response.status_code < 500:
             raise PermanentApiError(f"GET {response.url}: HTTP {response.status_code} {_detail(response)}")
         if response.status_code != 200:
@@ -345,18 +392,29 @@ class SketchfabClient:
             params["published_since"] = published_since.astimezone(UTC).date().isoformat()
         url: str | None = f"{self.api_url}/v3/models"
         if start_url:
-            url, params = start_url, None
+            url, params = self._next_link(f"{self.api_url}/v3/models", start_url, "the saved listing position"), None
+        pages = _Pagination(f"the listing {self.api_url}/v3/models", MAX_MODEL_PAGES)
         while url:
+            pages.read(url)
             results, next_url = parse_page(self.get_json(url, params), f"GET {url}")
+            next_url = self._next_link(url, next_url, "the listing's next page") if next_url else None
             yield results, next_url
             url, params = next_url, None
+
+    def _next_link(self, current: str, link: str, what: str) -> str:
+        """A ``next`` link (or a saved one), followed only to the API's own origins."""
+        if _origin(link) not in self._api_origins:
+            raise PermanentApiError(f"GET {current}: {what} {link[:200]!r} is outside the API's origins "
+                                    f"({', '.join(sorted(map(_named, self._api_origins)))}): not followed")
+        return link
 
     def model_exists(self, mid: str) -> bool:
         """Whether ``GET /v3/models/{uid}`` finds the model: False on 404 (deleted), True on 200.
         Anything else (5xx after the retries, a timeout, another 4xx) raises: a transient error
         is never read as a deletion."""
         validate_model_id(mid)
-        response, _ = self._request(f"{self.api_url}/v3/models/{mid}", None, None, True, True, expect_json=True)
+        response, _ = self._request(f"{self.api_url}/v3/models/{mid}", None, MAX_JSON_BYTES, True, True,
+                                    expect_json=True)
         if response.status_code == 404:
             return False
         if response.status_code == 200:
@@ -369,9 +427,12 @@ class SketchfabClient:
         uids: list[str] = []
         url: str | None = f"{self.likes_url}/i/likes"
         params: dict[str, Any] | None = {"model": mid, "count": 24, "offset": 0}
+        pages = _Pagination(f"the likers of {mid}", MAX_LIKES_PAGES)
         while url:
-            page, url = parse_likes_page(self.get_json(url, params), mid)
+            pages.read(url)
+            page, next_url = parse_likes_page(self.get_json(url, params), mid)
             uids += page
+            url = self._next_link(url, next_url, f"the likers of {mid}'s next page") if next_url else None
             params = None
         return uids
 
@@ -384,11 +445,12 @@ class SketchfabClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise BadInputError(f"thumbnail URL {url!r}: only http(s) is allowed")
-        if parts.hostname not in self.thumbnail_hosts:
-            raise BadInputError(f"thumbnail URL {url!r}: host {parts.hostname!r} is not allowed "
-                                f"(allowed: {', '.join(sorted(self.thumbnail_hosts))})")
-        if parts.hostname not in self.own_hosts and not self.allow_private_addresses:
-            _refuse_private_address(url, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        origin = _origin(url)
+        if origin not in self.thumbnail_origins:
+            raise BadInputError(f"thumbnail URL {url!r}: host {parts.hostname!r} is not allowed as {_named(origin)} "
+                                f"(allowed: {', '.join(sorted(map(_named, self.thumbnail_origins)))})")
+        if origin not in self._api_origins and not self.allow_private_addresses:
+            _refuse_private_address(url, origin[1], origin[2] or 443)
         response = self.get(url, max_bytes=max_bytes, allow_redirects=False, authorize=False)
         if response.is_redirect:
             raise BadInputError(f"GET {url}: redirect to {response.headers.get('Location')!r} refused")
@@ -424,18 +486,62 @@ class BodyTooLarge(BadInputError):
     """A response body above the caller's byte limit."""
 
 
-def _read_body(response: requests.Response, max_bytes: int | None) -> None:
-    """Read a streamed body into ``response._content``, stopping past ``max_bytes``."""
+class _Pagination:
+    """The pages of one paged answer read so far: a ``next`` link seen before (a loop) or more
+    than ``budget`` pages stop it with a clear error instead of reading for ever."""
+
+    def __init__(self, what: str, budget: int) -> None:
+        self.what, self.budget, self.seen = what, budget, set[str]()
+
+    def read(self, url: str) -> None:
+        if url in self.seen:
+            raise PermanentApiError(f"{self.what}: the next page {url[:200]!r} was already read "
+                                    f"({len(self.seen)} pages in): the pagination loops, stopped")
+        if len(self.seen) >= self.budget:
+            raise PermanentApiError(f"{self.what}: more than {self.budget} pages, stopped")
+        self.seen.add(url)
+
+
+def _read_body(response: requests.Response, max_bytes: int | None, deadline: float | None = None) -> None:
+    """Read a streamed body into ``response._content``, stopping past ``max_bytes`` (counted
+    after decompression: a gzip bomb stops there too) or past ``deadline`` seconds in all (a
+    body that drips a byte at a time would hold the request for as long as the server likes:
+    the socket is shut and the request counts as timed out)."""
     declared = response.headers.get("Content-Length")
     if max_bytes is not None and declared and declared.isdigit() and int(declared) > max_bytes:
         response.close()
         raise BodyTooLarge(f"GET {response.url}: {declared} bytes, above the {max_bytes} byte limit")
+    expired = threading.Event()
+
+    def cut() -> None:  # a blocked read returns only when its socket is shut
+        expired.set()
+        raw = getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(raw, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(deadline, cut) if deadline else None
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
     chunks, size = [], 0
-    for chunk in response.iter_content(64 * 1024):
-        size += len(chunk)
-        if max_bytes is not None and size > max_bytes:
+    try:
+        for chunk in response.iter_content(64 * 1024):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                response.close()
+                raise BodyTooLarge(f"GET {response.url}: more than {max_bytes} bytes, above the limit")
+            chunks.append(chunk)
+    except (requests.RequestException, OSError):
+        if expired.is_set():
             response.close()
-            raise BodyTooLarge(f"GET {response.url}: more than {max_bytes} bytes, above the limit")
-        chunks.append(chunk)
+            raise requests.Timeout(f"GET {response.url}: the answer took more than {deadline:g} s") from None
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+    if expired.is_set():
+        raise requests.Timeout(f"GET {response.url}: the answer took more than {deadline:g} s")
     response._content = b"".join(chunks)
     response._content_consumed = True

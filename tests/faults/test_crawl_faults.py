@@ -186,7 +186,8 @@ def test_thumbnail_safety(real_catalog, serve) -> None:
     with pytest.raises(BadInputError, match="only http"):
         client.download("file:///etc/passwd", 10**6)
     allowed = SketchfabClient(server.url, thumbnail_hosts=("media.sketchfab.com",))
-    assert allowed.thumbnail_hosts == {"media.sketchfab.com", "127.0.0.1"}
+    port = server.server_address[1]
+    assert allowed.thumbnail_origins == {("https", "media.sketchfab.com", 443), ("http", "127.0.0.1", port)}
 
 
 def test_token_goes_in_the_header_and_never_into_logs(real_catalog, serve, settings_for, caplog,

@@ -3,6 +3,7 @@ quarantined with a named reason, within a bounded peak RSS, and the rest of the 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -148,3 +149,206 @@ def test_names_cannot_drive_the_terminal(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\r" not in done.stdout
         assert "pwned" in done.stdout  # the name is shown, its controls are not
+
+
+class _Hostile:
+    """An API on 127.0.0.1 that answers what each test plans: ``routes`` maps a path (with its
+    query) to a function that writes the answer; anything else is a 404. Every request is kept."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.routes: dict[str, object] = {}
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests.append(self.path)
+                route = owner.routes.get(self.path) or owner.routes.get(self.path.split("?")[0])
+                if route is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                    route(self)  # type: ignore[operator]
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _json(payload: object, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    body = json.dumps(payload).encode()
+
+    def write(handler) -> None:  # type: ignore[no-untyped-def]
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+    return write
+
+
+@pytest.fixture
+def hostile():  # type: ignore[no-untyped-def]
+    servers = [_Hostile(), _Hostile()]  # the API, and a canary that fails the test if it is ever asked
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def test_pagination_that_loops_or_leaves_the_api_stops_with_one_clear_error(hostile) -> None:  # type: ignore[no-untyped-def]
+    from recsketch.errors import PermanentApiError
+    from recsketch.sketchfab.client import SketchfabClient
+
+    api, canary = hostile
+    client = SketchfabClient(api.url, retries=0)
+    listing = "/v3/models?count=24&sort_by=createdAt"
+    api.routes[listing] = _json({"results": [], "next": f"{api.url}/v3/models?cursor=1"})
+    api.routes["/v3/models?cursor=1"] = _json({"results": [], "next": f"{api.url}/v3/models?cursor=1"})
+    with pytest.raises(PermanentApiError, match=r"was already read \(2 pages in\): the pagination loops"):
+        list(client.model_pages())
+    assert len(api.requests) == 2  # it was 653 requests in 30 s, and never ended
+    for target in (f"{canary.url}/v3/models?cursor=2", "file:///etc/passwd", f"https://{api.url[7:]}/v3/models"):
+        api.routes[listing] = _json({"results": [], "next": target})
+        with pytest.raises(PermanentApiError, match=r"outside the API's origins.*not followed"):
+            list(client.model_pages())
+    mid = "a" * 32
+    api.routes["/i/likes"] = _json({"results": [{"uid": "u1", "username": "u1"}], "next": f"{api.url}/i/likes?again"})
+    api.routes["/i/likes?again"] = _json({"results": [], "next": f"{api.url}/i/likes?again"})
+    with pytest.raises(PermanentApiError, match=rf"the likers of {mid}: the next page .* already read"):
+        client.likers(mid)
+
+    def redirect(handler) -> None:  # type: ignore[no-untyped-def]
+        handler.send_response(302)
+        handler.send_header("Location", f"{canary.url}/v3/models")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    api.routes[listing] = redirect
+    with pytest.raises(PermanentApiError, match=r"a redirect to .* outside the API's origins"):
+        list(client.model_pages())
+    assert canary.requests == []  # the canary was never asked
+
+
+def test_unbounded_answers_are_cut_at_their_limits(hostile) -> None:  # type: ignore[no-untyped-def]
+    import resource
+    import time
+    import zlib
+
+    import requests
+
+    from recsketch.errors import ApiError
+    from recsketch.sketchfab.client import MAX_JSON_BYTES, BodyTooLarge, SketchfabClient
+
+    api, _ = hostile
+
+    def endless(handler) -> None:  # type: ignore[no-untyped-def]
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()  # no length: read until the server hangs up, which it never does
+        block = b"[" * 65536
+        for _ in range(40_000):  # 2.6 GB if nobody stopped reading
+            handler.wfile.write(block)
+
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: ~200 KB that inflates to 200 MB, made a MB at a time
+    megabyte = b" " * 2**20
+    bomb = b"".join([deflate.compress(megabyte) for _ in range(200)] + [deflate.flush()])
+
+    def inflating(handler) -> None:  # type: ignore[no-untyped-def]
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Encoding", "gzip")
+        handler.send_header("Content-Length", str(len(bomb)))
+        handler.end_headers()
+        handler.wfile.write(bomb)
+
+    def drip(handler) -> None:  # type: ignore[no-untyped-def]
+        handler.send_response(200)
+        handler.send_header("Content-Length", "1000")
+        handler.end_headers()
+        for _ in range(1000):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            time.sleep(0.2)
+
+    client = SketchfabClient(api.url, retries=0, deadline=1.5)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for path, route in (("/endless", endless), ("/bomb", inflating)):
+        api.routes[path] = route
+        with pytest.raises(BodyTooLarge, match=f"more than {MAX_JSON_BYTES} bytes"):
+            client.get_json(f"{api.url}{path}")
+    api.routes["/drip"] = drip
+    started = time.monotonic()
+    with pytest.raises(ApiError, match="failed after 1 attempts: Timeout"):
+        client.get_json(f"{api.url}/drip")
+    assert time.monotonic() - started < 5  # the deadline, not the server, ended it
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    assert grown < 100, grown  # a 16 MiB cap and its chunks: never the 2.6 GB or the 200 MB
+    assert isinstance(requests.Timeout("x"), requests.RequestException)
+
+
+def test_hostile_model_data_is_quarantined_and_the_crawl_goes_on(hostile, tmp_path: Path, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    """A lone surrogate or a NUL in a name, a likeCount of 10^30, a liker uid over 64 characters:
+    each was a traceback that stopped the crawl (and the rerun hit the same page)."""
+    from recsketch.config import Settings
+    from recsketch.db import store
+    from recsketch.stages.crawl import crawl_stage
+
+    api, _ = hostile
+    good, surrogate, huge, nul = "a" * 32, "b" * 32, "c" * 32, "d" * 32
+    thumb = io.BytesIO()
+    Image.new("RGB", (400, 300), (10, 200, 30)).save(thumb, "JPEG")
+
+    def entry(mid: str, name: str, likes: int = 5) -> dict:
+        return {"uid": mid, "name": name, "likeCount": likes, "viewerUrl": f"https://sketchfab.com/3d-models/{mid}",
+                "publishedAt": "2026-01-01T00:00:00", "createdAt": "2026-01-01T00:00:00",
+                "thumbnails": {"images": [{"url": f"{api.url}/t/{mid}.jpg", "width": 400, "height": 300}]}}
+
+    page = json.dumps({"results": [entry(good, "fine"), entry(surrogate, "x"), entry(huge, "big", 0),
+                                   entry(nul, "nul\x00name")], "next": None})
+    page = page.replace('"name": "x"', '"name": "bad \\ud800 name"')
+    page = page.replace('"likeCount": 0', '"likeCount": 1' + "0" * 30)
+
+    def listing(handler) -> None:  # type: ignore[no-untyped-def]
+        body = page.encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    api.routes["/v3/models"] = listing
+    api.routes["/i/likes"] = _json({"results": [{"uid": f"u{n}", "username": f"u{n}"} for n in range(5)]
+                                    + [{"uid": "x" * 65, "username": "long"}], "next": None})
+    api.routes[f"/t/{good}.jpg"] = _json(None)  # replaced below: the picture's bytes
+
+    def picture(handler) -> None:  # type: ignore[no-untyped-def]
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/jpeg")
+        handler.send_header("Content-Length", str(len(thumb.getvalue())))
+        handler.end_headers()
+        handler.wfile.write(thumb.getvalue())
+    api.routes[f"/t/{good}.jpg"] = picture
+    settings = Settings(data_dir=tmp_path / "data", sketchfab_url=api.url, database_url=db_url, http_retries=0)
+    stats = crawl_stage(settings, tmp_path / "run", progress=lambda _: None)
+    assert stats["models"] == 1 and stats["bad_model_entries"] == 3 and stats["thumbnails_ok"] == 1
+    engine = store.connect(db_url)
+    assert store.stored_model_ids(engine) == {good}
+    assert sorted(uid for _, uid in store.read_likes(engine)) == [f"u{n}" for n in range(5)]
+    from recsketch.contracts import CrawlReport
+
+    problems = " ".join(CrawlReport.read(tmp_path / "run")["problems"])  # each named
+    assert "lone surrogate" in problems and "NUL character" in problems and "likeCount 1e+30" in problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from recsketch.config import Settings
 from recsketch.crawl import crawl, refresh_age
 from recsketch.db import store
 from recsketch.demo import build_daily_catalog
+from recsketch.errors import PermanentApiError
 from recsketch.likes import threshold_likes
 from recsketch.sketchfab.client import SketchfabClient
 from recsketch.sketchfab.server import Catalog, Faults
@@ -151,8 +153,10 @@ def test_a_backfilled_day_lists_its_own_models_plus_at_most_one_page(tmp_path: P
 
 
 def test_the_token_goes_to_the_api_host_only(month, serve, tmp_path: Path) -> None:
-    """The API answers behind a redirect, and thumbnails come from a host on their own port:
-    both record every request's headers, and neither ever sees the token."""
+    """Thumbnails come from a host on their own port (allowed by its origin): it records every
+    request's headers and never sees the token. An API that redirects to another origin is not
+    followed at all (issue 37): the crawl stops with one clear error and the other origin is
+    never asked."""
     folder, _ = month
     catalog = Catalog(folder)
     thumbnails = serve(catalog)
@@ -174,16 +178,22 @@ def test_the_token_goes_to_the_api_host_only(month, serve, tmp_path: Path) -> No
     threading.Thread(target=front.serve_forever, daemon=True).start()
     try:
         front_url = f"http://127.0.0.1:{front.server_address[1]}"
-        settings = Settings(data_dir=tmp_path / "data", sketchfab_url=front_url, sketchfab_token="tok-SECRET",
-                            thumbnail_hosts=("127.0.0.1",))
+        redirected = Settings(data_dir=tmp_path / "front", sketchfab_url=front_url, sketchfab_token="tok-SECRET",
+                              thumbnail_hosts=(thumbnails.url,), allow_private_addresses=True)
+        with pytest.raises(PermanentApiError, match=rf"a redirect to '{re.escape(api.url)}/v3/models.*outside the "
+                                                    "API's origins.*refused"):
+            crawl_stage(redirected, tmp_path / "front-run")
+        assert not api.arrivals  # the other origin was never asked
+        settings = Settings(data_dir=tmp_path / "data", sketchfab_url=api.url, sketchfab_token="tok-SECRET",
+                            thumbnail_hosts=(thumbnails.url,), allow_private_addresses=True)
         stats = crawl_stage(settings, tmp_path / "run")
     finally:
         front.shutdown()
         front.server_close()
     assert stats["models"] == 90 and stats["thumbnails_ok"] == 90 and stats["likes_failed"] == 0
-    assert seen and set(seen) == {"Token tok-SECRET"}  # the API's own host got it on every request
+    assert seen and set(seen) == {"Token tok-SECRET"}  # the API's own origin got it
+    assert api.arrivals and {auth for _, _, auth in api.arrivals} == {"Token tok-SECRET"}
     assert thumbnails.arrivals and {auth for _, _, auth in thumbnails.arrivals} == {None}
-    assert api.arrivals and {auth for _, _, auth in api.arrivals} == {None}  # the redirect target
 
 
 def test_four_concurrent_crawls_share_one_budget(tmp_path: Path, serve, pg_url: str) -> None:

@@ -127,12 +127,16 @@ def test_thumbnail_urls_are_limited_to_allowed_public_hosts(serve, demo_catalog:
     server = serve(demo_catalog)
     port = server.server_address[1]
     mid = next((demo_catalog / "model_thumbs").iterdir()).name.removesuffix("_thumb200.jpg")
-    client = SketchfabClient(server.url, thumbnail_hosts=("localhost",))
+    client = SketchfabClient(server.url, thumbnail_hosts=(f"http://localhost:{port}",))
     # the API's own host (configured by the operator) may be private; another host may not
     assert client.download(f"{server.url}/thumbs/{mid}_thumb200.jpg", 10**6)[0][:2] == b"\xff\xd8"
     with pytest.raises(BadInputError, match=r"'localhost' resolves to the non-public address 127\.0\.0\.1"):
         client.download(f"http://localhost:{port}/thumbs/{mid}_thumb200.jpg", 10**6)
-    trusting = SketchfabClient(server.url, thumbnail_hosts=("localhost",), allow_private_addresses=True)
+    trusting = SketchfabClient(server.url, thumbnail_hosts=(f"http://localhost:{port}",), allow_private_addresses=True)
+    with pytest.raises(BadInputError, match=r"host 'localhost' is not allowed as http://localhost:1"):
+        trusting.download(f"http://localhost:1/thumbs/{mid}_thumb200.jpg", 10**6)  # another port: not allowed
+    with pytest.raises(BadInputError, match=r"host '127\.0\.0\.1' is not allowed as http://127\.0\.0\.1:1"):
+        client.download(f"http://127.0.0.1:1/thumbs/{mid}_thumb200.jpg", 10**6)  # the API's host, another port
     assert trusting.download(f"http://localhost:{port}/thumbs/{mid}_thumb200.jpg", 10**6)[0][:2] == b"\xff\xd8"
     for url, message in (("file:///etc/passwd", "only http"), ("ftp://localhost/x.jpg", "only http"),
                          ("http://169.254.169.254/latest/meta-data/", "is not allowed"),
