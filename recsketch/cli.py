@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
     serve.add_argument("--now", type=parse_utc, default=None,
                        help="the server's clock: models and likes after it are hidden (POST /_clock?now= moves it)")
+    serve.add_argument("--public-url", default=None,
+                       help="the base URL its next links and thumbnails name (default: http://HOST:PORT; never the "
+                            "request's Host header)")
     serve.add_argument("--test-controls", action="store_true",
                        help="allow the test controls: the fault switches, POST /_clock and POST /_reload (never on a "
                             "server anyone else can reach)")
@@ -152,7 +155,7 @@ def settings_for(backbone: str | None = None, top_k: int | None = None, min_like
 
 def _serve(folder: Path, host: str, port: int, fault_429: float, retry_after: float | None, fault_5xx: float,
            fault_truncate: float, fault_bad_json: float, latency_ms: float, seed: int, now: datetime | None,
-           thumbnail_url: str | None, test_controls: bool = False) -> int:
+           thumbnail_url: str | None, test_controls: bool = False, public_url: str | None = None) -> int:
     from recsketch.sketchfab.server import Catalog, Faults, SketchfabServer
 
     switched = [name for name, value in (("--fault-429", fault_429), ("--fault-5xx", fault_5xx),
@@ -165,7 +168,7 @@ def _serve(folder: Path, host: str, port: int, fault_429: float, retry_after: fl
     catalog = Catalog(folder)
     server = SketchfabServer(catalog, (host, port), faults, now=now,
                              thumbnail_url=thumbnail_url.rstrip("/") if thumbnail_url else None,
-                             test_controls=test_controls)
+                             test_controls=test_controls, public_url=public_url)
     print(f"serving {len(catalog.models)} models from {folder} at {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -26,7 +26,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from PIL import Image
 
-from recsketch.errors import BadInputError
+from recsketch.errors import BadImageError, BadInputError
+from recsketch.features.images import check_size
 from recsketch.ids import is_model_id
 from recsketch.psv import read_likes, read_models
 from recsketch.timestamps import parse_utc
@@ -180,11 +181,15 @@ def _iso(moment: datetime) -> str:
 
 def letterboxed(square: Path, width: int, height: int) -> bytes:
     """A 16:9 JPEG of the square thumbnail: scaled to the height, centred on a grey canvas.
-    A file that is no image is served as it is (tests of the crawler's checks rely on that)."""
+    A file that is no image, or one past the decoding limits (``images.check_size``, from its
+    header: a 179 Mpx file took 1.26 GB a request), is served as it is, for the crawler's own
+    checks to refuse; a JPEG is decoded at the smallest scale that still covers the height."""
     try:
         with Image.open(square) as image:
+            check_size(*image.size, str(square))
+            image.draft("RGB", (height, height))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale where that suffices
             picture = image.convert("RGB").resize((height, height), Image.Resampling.BILINEAR)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, Image.DecompressionBombError, BadImageError):
         return square.read_bytes()
     canvas = Image.new("RGB", (width, height), LETTERBOX)
     canvas.paste(picture, ((width - height) // 2, 0))
@@ -203,8 +208,9 @@ class SketchfabHandler(BaseHTTPRequestHandler):
     # -- plumbing ---------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
-        return f"http://{host}"
+        """The server's own address: never the request's ``Host`` header, which a client could
+        set to send the next crawler anywhere."""
+        return self.server.url
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:
@@ -427,8 +433,10 @@ class SketchfabServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, catalog: Catalog, address: tuple[str, int], faults: Faults = Faults(), *,
-                 now: datetime | None = None, thumbnail_url: str | None = None, test_controls: bool = False):
+                 now: datetime | None = None, thumbnail_url: str | None = None, test_controls: bool = False,
+                 public_url: str | None = None):
         super().__init__(address, SketchfabHandler)
+        self.public_url = public_url.rstrip("/") if public_url else None  # what its links name, if not its address
         self.catalog = catalog
         self.test_controls = test_controls  # POST /_clock and /_reload answer only when started to allow them
         self.faults = faults
@@ -465,8 +473,13 @@ class SketchfabServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
+        """The base of every link it serves: ``public_url``, else its own address (a wildcard
+        address named as 127.0.0.1)."""
+        if self.public_url:
+            return self.public_url
         host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}" if isinstance(host, str) else f"http://{host.decode()}:{port}"
+        host = host if isinstance(host, str) else host.decode()
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
 def start_in_thread(folder: Path | Catalog, host: str = "127.0.0.1", port: int = 0,

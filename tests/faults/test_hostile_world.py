@@ -352,3 +352,39 @@ def test_hostile_model_data_is_quarantined_and_the_crawl_goes_on(hostile, tmp_pa
 
     problems = " ".join(CrawlReport.read(tmp_path / "run")["problems"])  # each named
     assert "lone surrogate" in problems and "NUL character" in problems and "likeCount 1e+30" in problems
+
+
+def test_the_local_server_bounds_its_decoding_and_names_only_its_own_address(tmp_path: Path) -> None:
+    """It decoded 179 Mpx thumbnails whole (1.26 GB for one request) and reflected the Host
+    header into its next and thumbnail links (issue 37 part 9)."""
+    import resource
+
+    import requests
+
+    from recsketch.psv import write_psv
+    from recsketch.sketchfab.server import start_in_thread
+
+    mid = "e" * 32
+    (tmp_path / "model_thumbs").mkdir()
+    big = tmp_path / "model_thumbs" / f"{mid}_thumb200.jpg"
+    subprocess.run([sys.executable, "-c", "import sys\nfrom PIL import Image\n"
+                    "Image.new('L', (20000, 9000), 128).save(sys.argv[1], 'PNG')", str(big)], check=True)
+    write_psv(tmp_path / "model_urls.psv", ("name", "mid"),
+              [("Huge", mid)] + [(f"m{i}", f"{i:032x}") for i in range(30)])
+    write_psv(tmp_path / "model_likes_anon.psv", ("modelname", "mid", "uid"), [])
+    server = start_in_thread(tmp_path)
+    try:
+        listing = requests.get(f"{server.url}/v3/models", params={"count": 24}, headers={"Host": "evil.example:1"},
+                               timeout=30).json()
+        assert listing["next"].startswith(server.url) and "evil" not in json.dumps(listing)
+        huge = requests.get(f"{server.url}/v3/models/{mid}", headers={"Host": "evil.example:1"}, timeout=30).json()
+        url = max(huge["thumbnails"]["images"], key=lambda image: image["width"])["url"]
+        assert url.startswith(server.url)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        answer = requests.get(url, timeout=60)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        assert answer.status_code == 200 and answer.content == big.read_bytes()  # served as it is, not decoded
+        assert grown < 100, grown
+    finally:
+        server.shutdown()
+        server.server_close()
