@@ -27,10 +27,20 @@ log = logging.getLogger("recsketch")
 SETTINGS_FLAGS = ("backbone", "top_k", "min_likes", "chunk_size")  # the pipeline options: Settings overrides
 
 
+MAX_COUNT = 1_000_000  # a count of models or recommendations on the command line
+
+
 def _positive(value: str) -> int:
     number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if not 1 <= number <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} must be between 1 and {MAX_COUNT:,}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is no TCP port (0 to 65535)")
     return number
 
 
@@ -71,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve-sketchfab", help="serve a rec-a-sketch data folder as the Sketchfab API")
     serve.add_argument("folder", type=Path, help="a folder with model_urls.psv, model_likes_anon.psv, model_thumbs/")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    serve.add_argument("--port", type=_port, default=8765, help="port to listen on (default 8765)")
     serve.add_argument("--fault-429", type=_rate, default=0.0, help="share of API requests answered 429")
     serve.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with 429s")
     serve.add_argument("--fault-5xx", type=_rate, default=0.0, help="share of API requests answered 503")
@@ -166,9 +176,12 @@ def _serve(folder: Path, host: str, port: int, fault_429: float, retry_after: fl
     faults = Faults(rate_429=fault_429, retry_after=retry_after, rate_5xx=fault_5xx, rate_truncate=fault_truncate,
                     rate_bad_json=fault_bad_json, latency_s=latency_ms / 1000.0, seed=seed)
     catalog = Catalog(folder)
-    server = SketchfabServer(catalog, (host, port), faults, now=now,
-                             thumbnail_url=thumbnail_url.rstrip("/") if thumbnail_url else None,
-                             test_controls=test_controls, public_url=public_url)
+    try:
+        server = SketchfabServer(catalog, (host, port), faults, now=now,
+                                 thumbnail_url=thumbnail_url.rstrip("/") if thumbnail_url else None,
+                                 test_controls=test_controls, public_url=public_url)
+    except OSError as exc:  # the port is taken, the address is not this machine's, ...
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     print(f"serving {len(catalog.models)} models from {folder} at {server.url}", flush=True)
     try:
         server.serve_forever()
@@ -378,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         return handler(**kwargs)
     except (UnknownModel, InvalidModelId, ConfigError) as exc:
         print(f"recsketch: {printable(exc)}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as exc:  # a path given wrong
+        print(f"recsketch: {printable(exc.filename)}: {exc.strerror} (check RECSKETCH_DATA_DIR and the paths given)",
+              file=sys.stderr)
         return 2
     except RecsketchError as exc:
         print(f"recsketch: error: {printable(exc)}", file=sys.stderr)

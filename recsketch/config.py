@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from recsketch.errors import ConfigError
@@ -111,7 +111,7 @@ class Settings(BaseModel):
     vgg16_precision: Precision = "float32"
     lite0_precision: Precision = "float32"  # bfloat16: ~2.7x faster where the CPU has AVX512-BF16
     runtime: Literal["auto", "onnxruntime", "openvino", "torch", "tensorflow"] = "auto"  # inference runtime
-    top_k: int = Field(10, ge=1)
+    top_k: int = Field(10, ge=1, le=10_000)
     neighbour_depth: int = Field(100, ge=1)  # exact visual neighbours kept per model: the hybrid's bound, deletions
     hybrid_exact: bool = False  # hybrid rows the bound cannot settle: computed in full (True) or measured (False)
     hybrid_likes: Literal["auto", "als", "itemknn"] = "auto"  # the hybrid's likes half; auto: the one validating best
@@ -153,8 +153,22 @@ class Settings(BaseModel):
 
     @field_validator("sketchfab_url", "sketchfab_web_url")
     @classmethod
-    def _no_trailing_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An http(s) URL with a host, without a trailing slash (``file:///etc``, ``example.com``
+        and ``http://[::1`` were tracebacks in the crawl)."""
+        if not value:
+            return value
+        from urllib.parse import urlsplit
+
+        name = f"RECSKETCH_{str(info.field_name).upper()}"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (a malformed port raises here)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={value!r} is not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name}={value!r} is not an http(s) URL with a host (e.g. http://127.0.0.1:8765)")
+        return value.rstrip("/")
 
     @field_validator("database_url")
     @classmethod

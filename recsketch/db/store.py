@@ -14,7 +14,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 from sqlalchemy import bindparam, create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from recsketch.config import normalise_database_url
@@ -155,13 +155,14 @@ def connect(url: str, *, read_only: bool = False) -> Engine:
     """An engine on a database at the code's schema revision; one behind is refused
     (SchemaBehind names `recsketch db upgrade`). Writers create the schema in an empty
     database; ``read_only`` runs no DDL at all, and never creates an SQLite file."""
-    engine = engine_for(url)
-    database = engine.url.database
-    if read_only and engine.dialect.name == "sqlite" and database and database != ":memory:" \
-            and not Path(database).exists():
+    parsed = make_url(normalise_database_url(url))
+    database = parsed.database
+    if read_only and parsed.get_backend_name() == "sqlite" and database and database != ":memory:" \
+            and not Path(database).is_file():  # checked before any engine: a reader creates no folder
         raise SchemaBehind(f"the recommendations DB at {database} is empty: run the pipeline first (`recsketch run`, "
                            "or `make demo`): there is no such file; or point RECSKETCH_DATA_DIR or "
                            "RECSKETCH_DATABASE_URL at the one it wrote (the demo's is demo-data/data)")
+    engine = engine_for(url)
     try:
         migrate.check(engine, initialise=not read_only)
     except SchemaBehind:

@@ -388,3 +388,45 @@ def test_the_local_server_bounds_its_decoding_and_names_only_its_own_address(tmp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_every_careless_invocation_gets_one_line_and_exit_2_and_readers_create_nothing(tmp_path: Path,
+                                                                                      demo_catalog: Path) -> None:
+    """Issue 37 part 10: each of these was a traceback (or created a data dir)."""
+    import os
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    mid = "a" * 32
+    cases = [  # (environment, arguments, what the line says)
+        ({"RECSKETCH_DATA_DIR": str(a_file)}, ["similar", mid], "is empty: run the pipeline first"),
+        ({"RECSKETCH_DATA_DIR": str(a_file / "under")}, ["show"], "is empty: run the pipeline first"),
+        ({"RECSKETCH_DATA_DIR": str(a_file / "under")}, ["crawl", "--run-id", "x"], "Not a directory"),
+        ({"RECSKETCH_DATA_DIR": str(tmp_path / "missing")}, ["similar", mid], "is empty"),
+        ({"RECSKETCH_DATA_DIR": str(tmp_path / "missing")}, ["similar", mid, "--top-k", "9" * 23],
+         "must be between 1 and 1,000,000"),
+        ({"RECSKETCH_SKETCHFAB_URL": "file:///etc"}, ["crawl", "--run-id", "x"], "is not an http(s) URL"),
+        ({"RECSKETCH_SKETCHFAB_URL": "example.com"}, ["crawl", "--run-id", "x"], "is not an http(s) URL"),
+        ({"RECSKETCH_SKETCHFAB_URL": "http://[::1"}, ["crawl", "--run-id", "x"], "is not a URL"),
+        ({}, ["serve-sketchfab", str(tmp_path), "--port", "99999"], "is no TCP port"),
+        ({}, ["demo-catalog", str(a_file)], "Not a directory"),
+    ]
+    for env, args, says in cases:
+        environment = {**os.environ, "RECSKETCH_DATA_DIR": str(tmp_path / "data"), **env}
+        done = subprocess.run([sys.executable, "-m", "recsketch.cli", *args], env=environment, capture_output=True,
+                              text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and says in lines[-1] and "Traceback" not in done.stderr, (args, done.stderr)
+        if not args[0].startswith("serve") and "--top-k" not in args:  # argparse's own: usage, then the line
+            assert len(lines) == 1, (args, done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no reader created anything
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "recsketch.cli", "serve-sketchfab", str(demo_catalog), "--port",
+                               str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"recsketch: cannot listen on 127.0.0.1:{port}: Address already in use"]

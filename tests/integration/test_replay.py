@@ -6,12 +6,14 @@ runs 30) sets how many days."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
 import shutil
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from sqlalchemy import select
 
@@ -20,12 +22,13 @@ from recsketch.contracts import run_folder_keys
 from recsketch.db import store
 from recsketch.db.schema import recommendations
 from recsketch.sketchfab.server import Catalog, start_in_thread
+from recsketch.stages import evaluate as evaluate_stage_module
 from recsketch.stages import run_pipeline
 
 DAYS = int(os.environ.get("RECSKETCH_REPLAY_DAYS", "4"))
 
 
-def served(settings: Settings) -> dict[tuple[str, str], list[tuple[str, float]]]:
+def served_lists(settings: Settings) -> dict[tuple[str, str], list[tuple[str, float]]]:
     """(method, model) -> its served list of (similar model, score), of the live run."""
     engine = store.connect(settings.resolved_database_url)
     try:
@@ -77,13 +80,18 @@ def assert_compacted(settings: Settings, kept: list[str], deleted: str | None) -
         assert deleted not in {line.split("\t")[0] for line in index.read_text().splitlines()}
 
 
+def _the(choices: object, *_: object, **__: object) -> object:
+    return choices
+
+
 def pytest_approx(value: float):  # type: ignore[no-untyped-def]
     import pytest
 
     return pytest.approx(value, abs=1e-5)
 
 
-def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Path, tmp_path: Path) -> None:
+def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "catalog"
     shutil.copytree(demo_catalog, folder)
     catalog = Catalog(folder)
@@ -111,6 +119,7 @@ def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Pa
                 catalog.replace_thumbnail(changed, picture.getvalue())  # a replaced thumbnail
                 catalog.remove(deleted)  # deleted from Sketchfab
                 catalog.keep_likers(dropped, 2)  # its likes withdrawn: below the threshold
+            served = evaluate_stage_module.served_choices(daily)  # what the day's evaluate keeps unless beaten
             summary = run_pipeline(daily, f"day-{day}", progress=lambda _: None)
             modes.append((summary["similarity"]["mode"], summary["hybrid"]["mode"]))
             folder = daily.run_dir(f"day-{day}")  # retention finds each file of an incremental day by name
@@ -120,8 +129,10 @@ def test_every_replayed_day_serves_what_a_fresh_full_run_serves(demo_catalog: Pa
             assert_compacted(daily, kept, deleted if day > 1 else None)
             fresh = Settings(data_dir=tmp_path / f"fresh-{day}", database_url=f"sqlite:///{tmp_path}/fresh-{day}.db",
                              **base)
-            run_pipeline(fresh, "fresh", progress=lambda _: None)
-            assert_same_service(served(daily), served(fresh), day)
+            with monkeypatch.context() as choices:  # a fresh data dir has no live run: the daily run's choices
+                choices.setattr(evaluate_stage_module, "served_choices", functools.partial(_the, served))
+                run_pipeline(fresh, "fresh", progress=lambda _: None)
+            assert_same_service(served_lists(daily), served_lists(fresh), day)
     finally:
         server.shutdown()
         server.server_close()

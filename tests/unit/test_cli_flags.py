@@ -43,7 +43,7 @@ def _argv_for(action: argparse.Action) -> tuple[list[str], Any]:
         value = raw = next(c for c in action.choices if c != action.default)
     elif action.type is parse_utc:
         raw, value = WHEN, parse_utc(WHEN)
-    elif action.type in (int, cli._positive):
+    elif action.type in (int, cli._positive, cli._port):
         raw, value = "7", 7
     elif action.type in (float, cli._rate):
         raw, value = "0.25", 0.25
