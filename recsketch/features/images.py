@@ -20,8 +20,9 @@ from recsketch.errors import BadImageError
 MAX_PIXELS = 16_000_000
 MIN_SIDE = 8
 # A 16:9 thumbnail is 1.8:1. A strip of 2,000,000 x 8 pixels is under the pixel limit, but resizing
-# its short side to 224 asks for ~50 GB: the aspect ratio is bounded before anything is decoded.
-MAX_ASPECT = 16
+# its short side to 224 asks for ~50 GB: the aspect ratio is bounded before anything is decoded (at
+# 64:1 the resize holds at most 224 x 14,336 pixels, ~10 MB).
+MAX_ASPECT = 64
 
 
 def _open(data: bytes, source: str) -> Image.Image:

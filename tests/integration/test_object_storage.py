@@ -220,9 +220,9 @@ def test_the_gallery_serves_thumbnails_from_the_object_store(s3_data_dir: str, p
 
     settings = Settings(data_dir=s3_data_dir, database_url=pg_url)
     mid = "c" * 32
-    storage.write_bytes(thumbnail_path(settings, mid), b"\xff\xd8 a jpeg")
+    storage.write_bytes(thumbnail_path(settings, mid), b"\xff\xd8\xff\xe0 a jpeg")
     client = TestClient(create_app(lambda: settings, authenticate=lambda: None))
     answer = client.get(f"/thumbs/{mid}.jpg")
-    assert answer.status_code == 200 and answer.content == b"\xff\xd8 a jpeg"
+    assert answer.status_code == 200 and answer.content == b"\xff\xd8\xff\xe0 a jpeg"
     assert answer.headers["content-type"] == "image/jpeg"
     assert client.get(f"/thumbs/{'d' * 32}.jpg").status_code == 404
